@@ -1,0 +1,542 @@
+"""Token sources: Pythia's training stream (Megatron MMapIndexedDataset), .npy arrays, text.
+
+The training stream is the pre-shuffled, pre-tokenized Pile in Megatron's
+"MMapIndexedDataset" format (PYTHIA.md, "Training data and the batch of a step"):
+
+- `<prefix>.idx`: magic `MMIDIDX\\x00\\x00` (9 bytes), version u64 LE (= 1), dtype code u8,
+  item count u64, doc count u64, then `sizes` int32[count], `pointers` int64[count] (byte
+  offsets into .bin), `doc_idx` int64[doc count].
+- `<prefix>.bin`: the tokens of all items back to back.
+
+Each item is one training sequence of `seq_len + 1` tokens and the batch of step s is items
+`s * sequences_per_step ...`. Files are memory-mapped: the Pile's .bin is hundreds of GB,
+so nothing here reads more than the items asked for.
+
+The sweep consumes every source through `TokenSource`: `batch(step, n)` is the training
+batch of a step (gradient metrics), `fixed_inputs(n)` the inputs every checkpoint's
+activations are taken on.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from jax_pythia.suite import FINAL_STEP, SEQUENCE_LENGTH, SEQUENCES_PER_STEP
+
+#: How many sequences of a batch the reference study feeds the model (METHOD.md).
+DEFAULT_N_SEQUENCES = 128
+
+MMAP_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+MMAP_INDEX_VERSION = 1
+# magic, version u64, dtype code u8, item count u64, doc count u64
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+
+#: dtype codes of the .idx header, as PYTHIA.md documents them. (Megatron-core's own enum
+#: has 6 = float64 and 7 = float32; float codes never occur in token files, and the
+#: reader refuses float tokens anyway, so the difference cannot bite.)
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float32),
+    7: np.dtype(np.float64),
+    8: np.dtype(np.uint16),
+}
+_CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
+
+_INT32_INFO = np.iinfo(np.int32)
+
+
+class DataError(ValueError):
+  """A token file or token array that cannot be used as documented; names the file."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+  """A token file (or its .idx/.bin companion) that does not exist."""
+
+
+# ----------------------------------------------------------------------------------------
+# Megatron MMapIndexedDataset
+
+
+def _dataset_prefix(path: str | os.PathLike) -> Path:
+  """`x.bin`, `x.idx` or `x` -> `x` (names like `pile_0.87_deduped` keep their dots)."""
+  text = os.fspath(path)
+  for suffix in (".bin", ".idx"):
+    if text.endswith(suffix):
+      return Path(text[: -len(suffix)])
+  return Path(text)
+
+
+class MMapIndexedDataset:
+  """Read-only, memory-mapped reader of a Megatron `<prefix>.idx` / `<prefix>.bin` pair.
+
+  `dataset[i]` is item i's tokens (a read-only view into the mapped .bin, in the file's
+  dtype). Opening checks the header and that the .bin holds the last item; reading an item
+  checks that item's bounds, so a corrupt index never yields garbage silently.
+  """
+
+  def __init__(self, prefix: str | os.PathLike):
+    self.prefix = _dataset_prefix(prefix)
+    self.idx_path = Path(f"{self.prefix}.idx")
+    self.bin_path = Path(f"{self.prefix}.bin")
+    for path in (self.idx_path, self.bin_path):
+      if not path.is_file():
+        raise DataFileNotFoundError(
+            f"Megatron dataset file {path} not found (a dataset is a <prefix>.idx and "
+            f"<prefix>.bin pair)"
+        )
+    self._read_index()
+    self._map_bin()
+
+  def _read_index(self) -> None:
+    idx_size = self.idx_path.stat().st_size
+    if idx_size < _INDEX_HEADER.size:
+      raise DataError(
+          f"index file {self.idx_path} is {idx_size} bytes, shorter than the "
+          f"{_INDEX_HEADER.size}-byte MMapIndexedDataset header"
+      )
+    with open(self.idx_path, "rb") as f:
+      magic, version, dtype_code, count, doc_count = _INDEX_HEADER.unpack(
+          f.read(_INDEX_HEADER.size)
+      )
+    if magic != MMAP_INDEX_MAGIC:
+      raise DataError(
+          f"index file {self.idx_path} does not start with the MMapIndexedDataset magic "
+          f"{MMAP_INDEX_MAGIC!r} (found {magic!r}); is it a Megatron .idx file?"
+      )
+    if version != MMAP_INDEX_VERSION:
+      raise DataError(
+          f"index file {self.idx_path} has format version {version}; only version "
+          f"{MMAP_INDEX_VERSION} is supported"
+      )
+    if dtype_code not in DTYPE_CODES:
+      raise DataError(
+          f"index file {self.idx_path} has unknown dtype code {dtype_code} "
+          f"(known: {sorted(DTYPE_CODES)})"
+      )
+    self.dtype = DTYPE_CODES[dtype_code]
+    sizes_offset = _INDEX_HEADER.size
+    pointers_offset = sizes_offset + 4 * count
+    doc_idx_offset = pointers_offset + 8 * count
+    needed = doc_idx_offset + 8 * doc_count
+    if idx_size < needed:
+      raise DataError(
+          f"index file {self.idx_path} is truncated: its header announces {count} items and "
+          f"{doc_count} documents, which need {needed} bytes, but the file has {idx_size}"
+      )
+    # np.memmap cannot map an empty region; a header-only file has nothing to map.
+    if needed > _INDEX_HEADER.size:
+      buffer = np.memmap(self.idx_path, dtype=np.uint8, mode="r", shape=(needed,))
+    else:
+      buffer = np.zeros(needed, np.uint8)
+    self._idx_buffer = buffer
+    self.sizes: np.ndarray = np.frombuffer(buffer, np.int32, count, sizes_offset)
+    self.pointers: np.ndarray = np.frombuffer(buffer, np.int64, count, pointers_offset)
+    self.doc_idx: np.ndarray = np.frombuffer(buffer, np.int64, doc_count, doc_idx_offset)
+
+  def _map_bin(self) -> None:
+    self.bin_size = self.bin_path.stat().st_size
+    if len(self) and self.bin_size:
+      self._bin_buffer = np.memmap(self.bin_path, dtype=np.uint8, mode="r")
+    else:
+      self._bin_buffer = np.zeros(0, np.uint8)
+    # Megatron writes items back to back, so the last item ends last; checking it is O(1)
+    # where checking every pointer would read gigabytes of index for the Pile.
+    if len(self):
+      self._check_item_bounds(len(self) - 1)
+
+  def _check_item_bounds(self, i: int) -> None:
+    size, pointer = int(self.sizes[i]), int(self.pointers[i])
+    end = pointer + size * self.dtype.itemsize
+    if size < 0 or pointer < 0 or end > self.bin_size:
+      raise DataError(
+          f"data file {self.bin_path} is too short or its index {self.idx_path} is corrupt: "
+          f"item {i} ({size} tokens at byte {pointer}) ends at byte {end}, but the .bin has "
+          f"{self.bin_size} bytes"
+      )
+
+  def __len__(self) -> int:
+    return len(self.sizes)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    i = int(i)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"item {i} is out of range: {self.bin_path} holds {len(self)} items")
+    i %= len(self)
+    self._check_item_bounds(i)
+    return np.frombuffer(
+        self._bin_buffer, self.dtype, int(self.sizes[i]), int(self.pointers[i])
+    )
+
+  def items(self, start: int, stop: int) -> list[np.ndarray]:
+    return [self[i] for i in range(start, stop)]
+
+  def __repr__(self) -> str:
+    return f"MMapIndexedDataset({str(self.prefix)!r}, items={len(self)}, dtype={self.dtype})"
+
+
+def write_mmap_indexed_dataset(
+    prefix: str | os.PathLike,
+    sequences: Iterable[np.ndarray],
+    dtype: DTypeLike = np.uint16,
+) -> int:
+  """Writes `sequences` (1-D integer arrays) as `<prefix>.bin` + `<prefix>.idx`.
+
+  Each sequence becomes one item and one document (doc_idx = 0, 1, ..., count). Both files
+  are written under temporary names and renamed into place, .bin first, so a reader never
+  sees an index without its complete data. Returns the number of items.
+  """
+  dtype = np.dtype(dtype)
+  if dtype not in _CODE_OF_DTYPE or dtype.kind not in "iu":
+    raise DataError(
+        f"cannot write tokens as {dtype}: use an integer dtype of "
+        f"{sorted(str(d) for d in DTYPE_CODES.values() if d.kind in 'iu')}"
+    )
+  prefix = _dataset_prefix(prefix)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+  tag = f".tmp-{os.getpid()}"
+  bin_tmp, idx_tmp = Path(f"{bin_path}{tag}"), Path(f"{idx_path}{tag}")
+  limits = np.iinfo(dtype)
+  sizes: list[int] = []
+  try:
+    with open(bin_tmp, "wb") as bin_file:
+      for i, sequence in enumerate(sequences):
+        tokens = np.asarray(sequence)
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+          raise DataError(
+              f"writing {bin_path}: sequence {i} must be a 1-D integer array, got "
+              f"shape {tokens.shape} dtype {tokens.dtype}"
+          )
+        if tokens.size and (tokens.min() < limits.min or tokens.max() > limits.max):
+          raise DataError(
+              f"writing {bin_path}: sequence {i} holds ids in [{tokens.min()}, "
+              f"{tokens.max()}], outside the range of {dtype}"
+          )
+        bin_file.write(tokens.astype(dtype).tobytes())
+        sizes.append(tokens.size)
+    count = len(sizes)
+    sizes_array = np.asarray(sizes, np.int32)
+    pointers = np.zeros(count, np.int64)
+    pointers[1:] = np.cumsum(sizes_array[:-1], dtype=np.int64) * dtype.itemsize
+    doc_idx = np.arange(count + 1, dtype=np.int64)
+    with open(idx_tmp, "wb") as idx_file:
+      idx_file.write(
+          _INDEX_HEADER.pack(
+              MMAP_INDEX_MAGIC, MMAP_INDEX_VERSION, _CODE_OF_DTYPE[dtype], count, len(doc_idx)
+          )
+      )
+      idx_file.write(sizes_array.astype("<i4").tobytes())
+      idx_file.write(pointers.astype("<i8").tobytes())
+      idx_file.write(doc_idx.astype("<i8").tobytes())
+    os.replace(bin_tmp, bin_path)
+    os.replace(idx_tmp, idx_path)
+  finally:
+    for leftover in (bin_tmp, idx_tmp):
+      leftover.unlink(missing_ok=True)
+  return count
+
+
+def _to_int32_tokens(tokens: np.ndarray, source_name: str) -> np.ndarray:
+  """Casts token ids to int32 (what the model's embedding lookup takes), refusing floats
+  and ids that int32 cannot hold rather than wrapping them around."""
+  if tokens.dtype.kind not in "iu":
+    raise DataError(f"{source_name} holds {tokens.dtype} values; token ids must be integers")
+  if tokens.dtype.itemsize >= 4 and tokens.size and tokens.dtype != np.int32:
+    low, high = tokens.min(), tokens.max()
+    if low < _INT32_INFO.min or high > _INT32_INFO.max:
+      raise DataError(f"{source_name} holds ids in [{low}, {high}], beyond int32")
+  return tokens.astype(np.int32)
+
+
+def batch_of_step(
+    dataset: MMapIndexedDataset,
+    step: int,
+    n_sequences: int = DEFAULT_N_SEQUENCES,
+    sequences_per_step: int = SEQUENCES_PER_STEP,
+) -> np.ndarray:
+  """The first `n_sequences` sequences of training step `step`: int32 [n, seq_len + 1].
+
+  Step s trained on items `s * sequences_per_step ... (s + 1) * sequences_per_step - 1`
+  (Pythia: 1024 a step, so step 142,999 is items 146,430,976 ...).
+  """
+  if step < 0:
+    raise DataError(f"step must be >= 0, got {step}")
+  if not 1 <= n_sequences <= sequences_per_step:
+    raise DataError(
+        f"n_sequences must be in 1..{sequences_per_step} (the sequences of one step), "
+        f"got {n_sequences}"
+    )
+  start = step * sequences_per_step
+  stop = start + n_sequences
+  if stop > len(dataset):
+    raise DataError(
+        f"data file {dataset.bin_path} holds {len(dataset)} items; step {step} needs items "
+        f"{start}..{stop - 1} ({sequences_per_step} sequences a step)"
+    )
+  sizes = np.asarray(dataset.sizes[start:stop])
+  if sizes.min() != sizes.max():
+    raise DataError(
+        f"data file {dataset.bin_path}: items {start}..{stop - 1} (step {step}) have unequal "
+        f"lengths ({sizes.min()}..{sizes.max()} tokens); training sequences must all have "
+        f"seq_len + 1 tokens"
+    )
+  tokens = np.stack(dataset.items(start, stop))
+  return _to_int32_tokens(tokens, f"data file {dataset.bin_path}")
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source_name: str) -> None:
+  """Raises DataError if any id is outside [0, vocab_size), naming the source and the id.
+
+  An embedding lookup (jnp.take) clamps or wraps out-of-range ids silently, so a tokenizer
+  or file that does not match the model would otherwise give plausible-looking nonsense.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.size and tokens.dtype.kind not in "iu":
+    raise DataError(f"{source_name}: token ids must be integers, got {tokens.dtype}")
+  if not tokens.size:
+    return
+  bad = (tokens < 0) | (tokens >= vocab_size)
+  if bad.any():
+    position = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise DataError(
+        f"{source_name}: token id {tokens[position]} at index {position} is outside the "
+        f"model's vocabulary [0, {vocab_size}) ({int(bad.sum())} ids out of range); does "
+        f"the data match the model's tokenizer?"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Token sources
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+  """Where the sweep takes its tokens from.
+
+  `seq_len` is the model's input length; `batch` rows carry one more token (the next-token
+  target of the last position), as Pythia's 2,049-token training sequences do.
+  """
+
+  name: str
+  seq_len: int
+  #: False when the source has no training order, so `batch` raises (check before a sweep).
+  has_training_steps: bool
+
+  def batch(self, step: int, n_sequences: int) -> np.ndarray:
+    """The batch of training step `step` (first `n_sequences`): int32 [n, seq_len + 1]."""
+    ...
+
+  def fixed_inputs(self, n_sequences: int) -> np.ndarray:
+    """The inputs activations are compared on, the same for every checkpoint: int32 [n, seq_len]."""
+    ...
+
+
+def _take_rows(rows: np.ndarray, n_sequences: int, source_name: str) -> np.ndarray:
+  if not 1 <= n_sequences <= len(rows):
+    raise DataError(f"{source_name} holds {len(rows)} sequences; {n_sequences} were requested")
+  return rows[:n_sequences]
+
+
+def _checked_seq_len(seq_len: int | None, available: int, source_name: str) -> int:
+  """`seq_len` if the source's sequences are long enough (they are cut to it), else error."""
+  if seq_len is None:
+    return available
+  if not 1 <= seq_len <= available:
+    raise DataError(
+        f"{source_name} has sequences of {available} input tokens; seq_len={seq_len} asks for "
+        f"more (or is < 1)"
+    )
+  return seq_len
+
+
+class MMapTokenSource:
+  """Pythia's training stream (or a toy suite's, written by `write_mmap_indexed_dataset`).
+
+  `batch(step, n)` is exactly what the model trained on at `step`. `fixed_inputs(n)` are the
+  inputs of the batch of `fixed_step`; by default the last step whose batch the file holds,
+  but never past Pythia's last training step 142,999 (the reference study's choice).
+  A `seq_len` shorter than the file's keeps the first `seq_len + 1` tokens of each sequence.
+  """
+
+  has_training_steps = True
+
+  def __init__(
+      self,
+      dataset: MMapIndexedDataset | str | os.PathLike,
+      sequences_per_step: int = SEQUENCES_PER_STEP,
+      seq_len: int | None = None,
+      fixed_step: int | None = None,
+  ):
+    self.dataset = dataset if isinstance(dataset, MMapIndexedDataset) else (
+        MMapIndexedDataset(dataset)
+    )
+    self.name = str(self.dataset.bin_path)
+    if sequences_per_step < 1:
+      raise DataError(f"sequences_per_step must be >= 1, got {sequences_per_step}")
+    self.sequences_per_step = sequences_per_step
+    if not len(self.dataset):
+      raise DataError(f"data file {self.name} holds no items")
+    # Item 0 stands for all: batch_of_step checks each batch's lengths when it reads it.
+    self.seq_len = _checked_seq_len(seq_len, int(self.dataset.sizes[0]) - 1, self.name)
+    self.n_steps = len(self.dataset) // sequences_per_step
+    if fixed_step is None:
+      fixed_step = min(self.n_steps, FINAL_STEP) - 1
+    self.fixed_step = fixed_step
+
+  def batch(self, step: int, n_sequences: int) -> np.ndarray:
+    tokens = batch_of_step(self.dataset, step, n_sequences, self.sequences_per_step)
+    return tokens[:, : self.seq_len + 1]
+
+  def fixed_inputs(self, n_sequences: int) -> np.ndarray:
+    if self.fixed_step < 0:
+      raise DataError(
+          f"data file {self.name} holds {len(self.dataset)} items, less than one step of "
+          f"{self.sequences_per_step} sequences"
+      )
+    return self.batch(self.fixed_step, n_sequences)[:, :-1]
+
+  def __repr__(self) -> str:
+    return (
+        f"MMapTokenSource({self.name!r}, sequences_per_step={self.sequences_per_step}, "
+        f"seq_len={self.seq_len}, fixed_step={self.fixed_step})"
+    )
+
+
+class _NoTrainingSteps:
+  """Shared by sources that are plain token arrays: they have no training order."""
+
+  has_training_steps = False
+  name: str
+
+  def batch(self, step: int, n_sequences: int) -> np.ndarray:
+    # Handing out some slice for every step would let gradient metrics run on batches that
+    # are not the step's, and look fine; refusing is the honest answer.
+    raise DataError(
+        f"token source {self.name} has no training-step order, so it has no batch of step "
+        f"{step}; gradient metrics need the training stream (a Megatron .bin/.idx pair, "
+        f"see write_mmap_indexed_dataset)"
+    )
+
+
+class ArrayTokenSource(_NoTrainingSteps):
+  """A `.npy` int array [n_sequences, seq_len] of input sequences, used as given.
+
+  `fixed_inputs(n)` is its first n rows (cut to `seq_len` columns if given); `batch` raises.
+  """
+
+  def __init__(self, path: str | os.PathLike, seq_len: int | None = None):
+    self.name = os.fspath(path)
+    try:
+      array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+      raise DataFileNotFoundError(f"token array {self.name} not found") from None
+    except ValueError as error:
+      raise DataError(f"token array {self.name} is not a readable .npy file: {error}") from None
+    if array.ndim != 2:
+      raise DataError(
+          f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len]"
+      )
+    self.tokens = _to_int32_tokens(np.asarray(array), f"token array {self.name}")
+    self.seq_len = _checked_seq_len(seq_len, self.tokens.shape[1], self.name)
+
+  def fixed_inputs(self, n_sequences: int) -> np.ndarray:
+    return _take_rows(self.tokens, n_sequences, self.name)[:, : self.seq_len]
+
+
+class TextTokenSource(_NoTrainingSteps):
+  """A text file tokenized whole with a `tokenizer.json`, cut into sequences.
+
+  The token stream is chopped into consecutive, non-overlapping rows of `seq_len + 1`
+  tokens (the tail that does not fill a row is dropped); `fixed_inputs(n)` is the first
+  `seq_len` tokens of the first n rows. No special tokens are added: Pythia trained on raw
+  concatenated text with no BOS. `batch` raises.
+  """
+
+  def __init__(
+      self,
+      path: str | os.PathLike,
+      tokenizer,
+      seq_len: int = SEQUENCE_LENGTH,
+  ):
+    self.name = os.fspath(path)
+    if seq_len < 1:
+      raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    self.seq_len = seq_len
+    if not Path(path).is_file():
+      raise DataFileNotFoundError(f"text file {self.name} not found")
+    self.tokenizer = load_tokenizer(tokenizer)
+    text = Path(path).read_text(encoding="utf-8")
+    ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    row_len = seq_len + 1
+    n_rows = len(ids) // row_len
+    if n_rows == 0:
+      raise DataError(
+          f"text file {self.name} tokenizes to {len(ids)} tokens, fewer than one sequence "
+          f"of seq_len + 1 = {row_len}"
+      )
+    self.rows = ids[: n_rows * row_len].reshape(n_rows, row_len)
+
+  def fixed_inputs(self, n_sequences: int) -> np.ndarray:
+    return _take_rows(self.rows, n_sequences, self.name)[:, :-1]
+
+
+def load_tokenizer(tokenizer):
+  """A `tokenizers.Tokenizer`, given one or the path of a `tokenizer.json`."""
+  import tokenizers
+
+  if isinstance(tokenizer, tokenizers.Tokenizer):
+    return tokenizer
+  if tokenizer is None:
+    raise DataError("a text token source needs a tokenizer (the model's tokenizer.json)")
+  path = Path(tokenizer)
+  if not path.is_file():
+    raise DataFileNotFoundError(f"tokenizer file {path} not found")
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as error:  # tokenizers raises a bare Exception for malformed files
+    raise DataError(f"tokenizer file {path} does not load: {error}") from None
+
+
+def open_token_source(
+    path: str | os.PathLike,
+    tokenizer=None,
+    seq_len: int | None = None,
+    sequences_per_step: int = SEQUENCES_PER_STEP,
+    fixed_step: int | None = None,
+) -> TokenSource:
+  """Opens a token source by its path.
+
+  - `<prefix>.bin`, `<prefix>.idx` or `<prefix>` (with `<prefix>.idx` beside it): the
+    training stream, `MMapTokenSource` (`sequences_per_step` and `fixed_step` apply).
+  - `*.npy`: an int array [n, seq_len] of inputs, `ArrayTokenSource`.
+  - `*.txt`: text plus `tokenizer` (a tokenizer.json path or Tokenizer), `TextTokenSource`
+    (`seq_len` defaults to Pythia's 2,048).
+  Only the training stream has `batch(step)`; the others raise there.
+  """
+  text = os.fspath(path)
+  if text.endswith(".npy"):
+    return ArrayTokenSource(path, seq_len)
+  if text.endswith(".txt"):
+    return TextTokenSource(path, tokenizer, SEQUENCE_LENGTH if seq_len is None else seq_len)
+  if text.endswith((".bin", ".idx")) or Path(f"{text}.idx").exists():
+    return MMapTokenSource(path, sequences_per_step, seq_len, fixed_step)
+  if not Path(text).exists():
+    raise DataFileNotFoundError(
+        f"token source {text} not found (nor {text}.idx): expected a Megatron <prefix>.bin/"
+        f".idx pair or its prefix, a .npy token array, or a .txt file"
+    )
+  raise DataError(
+      f"token source {text} is of an unknown kind: expected a Megatron <prefix>.bin/.idx "
+      f"pair or its prefix, a .npy token array, or a .txt file (with a tokenizer.json)"
+  )
