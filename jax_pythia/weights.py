@@ -1,0 +1,644 @@
+"""Hugging Face GPT-NeoX weights <-> the Flax parameter tree of this project.
+
+Reading is memory-mapped and torch-free for safetensors: the header is parsed here and
+every tensor is an `np.frombuffer` view over a read-only mmap of its file, so reading a
+checkpoint costs no copy; the one copy is the cast/transpose into the Flax layout done by
+`convert_state_dict`. Legacy `pytorch_model.bin` files go through
+`torch.load(weights_only=True, mmap=True)`, with torch imported only then.
+
+Flax layout (layer axis stacked first, kernels are (in, out): y = x @ kernel + bias):
+
+  embed_in.embedding [V, d]
+  layers.ln_1.{scale,bias} [L, d]; layers.ln_2.{scale,bias} [L, d]
+  layers.attn.{query,key,value}.kernel [L, d, H, dh], .bias [L, H, dh]
+  layers.attn.out.kernel [L, H, dh, d], .bias [L, d]
+  layers.mlp.fc_in.kernel [L, d, f], .bias [L, f]; layers.mlp.fc_out.kernel [L, f, d], .bias [L, d]
+  ln_f.{scale,bias} [d]
+  embed_out.kernel [d, V]
+
+The fused torch `query_key_value.weight` [3d, d] is laid out per head: its rows reshape
+to [H, 3, dh] (index 1: 0 query, 1 key, 2 value), so the value of head h is NOT the last
+third of the rows (PYTHIA.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.errors import CheckpointError
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG_FILE = "config.json"
+
+_SAFETENSORS_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_BIN_SHARD_RE = re.compile(r"^pytorch_model-\d{5}-of-\d{5}\.bin$")
+
+_ST_TO_NP: dict[str, np.dtype] = {
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype(np.float32),
+}
+_NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
+
+#: Compute dtypes a caller may ask for, by name.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+# Non-parameter buffers that old Pythia .bin files (transformers 4.x) carry: the causal
+# mask, its fill value and the rotary frequencies. The model recomputes all of them.
+_IGNORED_BUFFER_RE = re.compile(
+    r"(^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq"
+    r"|rotary_emb\.original_inv_freq)$"
+)
+
+
+class StateDict(dict):
+  """A `{name: np.ndarray}` dict that also remembers the file each tensor came from.
+
+  The file names make the errors of `convert_state_dict` point at the right shard.
+  """
+
+  def __init__(self, *args, sources: Mapping[str, str] | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.sources: dict[str, str] = dict(sources or {})
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+  """'float32' / 'bfloat16' / 'float16' (or an equivalent numpy/jax dtype) -> np.dtype."""
+  if isinstance(dtype, str):
+    if dtype.removeprefix("torch.") in DTYPES:
+      return DTYPES[dtype.removeprefix("torch.")]
+  else:
+    try:
+      resolved = np.dtype(dtype)
+    except TypeError:
+      resolved = None
+    if resolved in DTYPES.values():
+      return resolved
+  raise CheckpointError(f"dtype={dtype!r}: supported are {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype: Any) -> str:
+  resolved = resolve_dtype(dtype)
+  return next(name for name, d in DTYPES.items() if d == resolved)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of one safetensors file, as read-only views over an mmap of it."""
+  path = os.fspath(path)
+  try:
+    size = os.path.getsize(path)
+    f = open(path, "rb")
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+  with f:
+    if size < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    header_len = int.from_bytes(f.read(8), "little")
+    if header_len > size - 8:
+      raise CheckpointError(
+          f"{path}: safetensors header length {header_len} exceeds the file size {size} "
+          "(truncated or not a safetensors file)"
+      )
+    try:
+      header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    # The mmap outlives the file object; the arrays keep it alive through their base.
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+  data_start = 8 + header_len
+  data_len = size - data_start
+  tensors: dict[str, np.ndarray] = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    where = f"{path}: tensor {name!r}"
+    try:
+      st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+      shape = tuple(int(s) for s in shape)
+      begin, end = int(begin), int(end)
+    except (TypeError, KeyError, ValueError):
+      raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
+    if st_dtype not in _ST_TO_NP:
+      raise CheckpointError(
+          f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
+      )
+    dtype = _ST_TO_NP[st_dtype]
+    if any(s < 0 for s in shape) or not 0 <= begin <= end:
+      raise CheckpointError(f"{where}: invalid shape {shape} or data_offsets {[begin, end]}")
+    if end > data_len:
+      raise CheckpointError(
+          f"{where}: data_offsets [{begin}, {end}] run past the end of the data ({data_len} "
+          "bytes); the file is truncated"
+      )
+    count = math.prod(shape)
+    if count * dtype.itemsize != end - begin:
+      raise CheckpointError(
+          f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
+          f"data_offsets span {end - begin}"
+      )
+    if count == 0:
+      tensors[name] = np.empty(shape, dtype)
+    else:
+      tensors[name] = np.frombuffer(
+          mapped, dtype=dtype, count=count, offset=data_start + begin
+      ).reshape(shape)
+  return tensors
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `tensors` (F16/BF16/F32 numpy arrays) as one safetensors file, fsynced."""
+  entries, offset, arrays = {}, 0, []
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[name])
+    if arr.dtype not in _NP_TO_ST:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
+    entries[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
+                     "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    arrays.append(arr)
+  header = {"__metadata__": dict(metadata or {"format": "pt"}), **entries}
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  # Pad with spaces so the data starts 8-byte aligned (what the reference writer does).
+  raw += b" " * (-len(raw) % 8)
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for arr in arrays:
+      if arr.size:
+        f.write(arr.reshape(-1).view(np.uint8))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- torch .bin
+
+
+def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A legacy pytorch_model.bin, through torch's weights_only unpickler only."""
+  path = os.fspath(path)
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(
+        f"{path}: reading a legacy pytorch_model.bin needs torch, which is not installed; "
+        "`pip install torch==2.13.0` (the 'legacy' extra), or convert the checkpoint to "
+        "safetensors"
+    ) from None
+  import pickle
+
+  def load(use_mmap):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+
+  try:
+    try:
+      state = load(True)
+    except RuntimeError as e:
+      # Files from torch < 1.6 (not zip) cannot be mmapped; read them whole.
+      if "mmap" not in str(e):
+        raise
+      state = load(False)
+  except pickle.UnpicklingError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(
+        f"{path}: refused: the pickle needs more than torch's weights_only loader allows "
+        f"(it may run code); convert it to safetensors from a trusted copy ({first})"
+    ) from None
+  except (RuntimeError, OSError, EOFError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({e})") from None
+  if not isinstance(state, Mapping):
+    raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+  out = {}
+  for name, t in state.items():
+    if not isinstance(t, torch.Tensor):
+      raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+    t = t.detach()
+    if not t.is_contiguous():
+      t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+      # numpy has no bfloat16; reinterpret the bits (no copy).
+      out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    elif t.dtype in (torch.float16, torch.float32):
+      out[name] = t.numpy()
+    elif _IGNORED_BUFFER_RE.search(name):
+      out[name] = t.numpy()  # a buffer dropped later (bool/float mask); any dtype is fine
+    else:
+      raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {t.dtype}")
+  return out
+
+
+# --------------------------------------------------------------------------- directory
+
+
+def find_weight_files(directory: str | os.PathLike) -> tuple[str, list[str]]:
+  """('safetensors' | 'bin', [file names]) of the weights in a HF-format directory.
+
+  safetensors is preferred when both exist; a sharded checkpoint lists its index first,
+  then the shards it names.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such checkpoint directory")
+  for fmt, single, index in (("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX),
+                             ("bin", BIN_SINGLE, BIN_INDEX)):
+    if os.path.isfile(os.path.join(directory, single)):
+      return fmt, [single]
+    index_path = os.path.join(directory, index)
+    if os.path.isfile(index_path):
+      shards = _index_shards(index_path)
+      return fmt, [index, *shards]
+  raise CheckpointError(
+      f"{directory}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+      f"{BIN_SINGLE} or {BIN_INDEX})"
+  )
+
+
+def choose_weight_files(filenames: Iterable[str]) -> list[str]:
+  """From a revision's file listing, the weight files to fetch (one format only).
+
+  Same preference as `find_weight_files`; for a sharded checkpoint the index and every
+  shard listed next to it.
+  """
+  names = set(filenames)
+  for single, index, shard_re in ((SAFETENSORS_SINGLE, SAFETENSORS_INDEX, _SAFETENSORS_SHARD_RE),
+                                  (BIN_SINGLE, BIN_INDEX, _BIN_SHARD_RE)):
+    if single in names:
+      return [single]
+    if index in names:
+      return [index, *sorted(n for n in names if shard_re.match(n))]
+  return []
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{index_path}: cannot read the shard index ({e})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise CheckpointError(f"{index_path}: no weight_map {{tensor: shard file}} in the index")
+  for shard in set(weight_map.values()):
+    if os.path.basename(shard) != shard:
+      raise CheckpointError(f"{index_path}: shard {shard!r} is not a plain file name")
+  return weight_map
+
+
+def _index_shards(index_path: str) -> list[str]:
+  return sorted(set(_read_index(index_path).values()))
+
+
+def read_state_dict(directory: str | os.PathLike) -> StateDict:
+  """All tensors of the checkpoint in `directory`, by their stored (Hugging Face) names."""
+  directory = os.fspath(directory)
+  fmt, files = find_weight_files(directory)
+  reader = read_safetensors if fmt == "safetensors" else read_torch_bin
+  state = StateDict()
+  if len(files) == 1:
+    path = os.path.join(directory, files[0])
+    for name, arr in reader(path).items():
+      state[name] = arr
+      state.sources[name] = path
+    return state
+  index_path = os.path.join(directory, files[0])
+  weight_map = _read_index(index_path)
+  missing = [s for s in files[1:] if not os.path.isfile(os.path.join(directory, s))]
+  if missing:
+    raise CheckpointError(f"{index_path}: shard file(s) {missing} named in the index are missing")
+  for shard in files[1:]:
+    path = os.path.join(directory, shard)
+    for name, arr in reader(path).items():
+      if name in state:
+        raise CheckpointError(f"{path}: tensor {name!r} is also in {state.sources[name]}")
+      if weight_map.get(name, shard) != shard:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is here, but {index_path} places it in {weight_map[name]}"
+        )
+      state[name] = arr
+      state.sources[name] = path
+  absent = sorted(set(weight_map) - set(state))
+  if absent:
+    raise CheckpointError(
+        f"{index_path}: tensor(s) {_few(absent)} named in the index are not in their shard"
+    )
+  return state
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def hf_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
+  """Expected torch shapes, by HF name (with the `gpt_neox.` prefix), of a checkpoint."""
+  d, f, V = config.d_model, config.d_mlp, config.vocab_size
+  shapes = {"gpt_neox.embed_in.weight": (V, d)}
+  for l in range(config.n_layers):
+    p = f"gpt_neox.layers.{l}."
+    shapes.update({
+        p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,),
+        p + "post_attention_layernorm.weight": (d,), p + "post_attention_layernorm.bias": (d,),
+        p + "attention.query_key_value.weight": (3 * d, d),
+        p + "attention.query_key_value.bias": (3 * d,),
+        p + "attention.dense.weight": (d, d), p + "attention.dense.bias": (d,),
+        p + "mlp.dense_h_to_4h.weight": (f, d), p + "mlp.dense_h_to_4h.bias": (f,),
+        p + "mlp.dense_4h_to_h.weight": (d, f), p + "mlp.dense_4h_to_h.bias": (d,),
+    })
+  shapes["gpt_neox.final_layer_norm.weight"] = (d,)
+  shapes["gpt_neox.final_layer_norm.bias"] = (d,)
+  shapes["embed_out.weight"] = (V, d)
+  return shapes
+
+
+def param_shapes(config: GPTNeoXConfig) -> dict[str, Any]:
+  """The Flax parameter tree of `config`, with shape tuples as leaves."""
+  L, d, H, dh, f, V = (config.n_layers, config.d_model, config.n_heads, config.d_head,
+                       config.d_mlp, config.vocab_size)
+  qkv = {"kernel": (L, d, H, dh), "bias": (L, H, dh)}
+  return {
+      "embed_in": {"embedding": (V, d)},
+      "layers": {
+          "ln_1": {"scale": (L, d), "bias": (L, d)},
+          "attn": {"query": dict(qkv), "key": dict(qkv), "value": dict(qkv),
+                   "out": {"kernel": (L, H, dh, d), "bias": (L, d)}},
+          "ln_2": {"scale": (L, d), "bias": (L, d)},
+          "mlp": {"fc_in": {"kernel": (L, d, f), "bias": (L, f)},
+                  "fc_out": {"kernel": (L, f, d), "bias": (L, d)}},
+      },
+      "ln_f": {"scale": (d,), "bias": (d,)},
+      "embed_out": {"kernel": (d, V)},
+  }
+
+
+def _canonical(name: str) -> str:
+  """The HF name this project writes: `gpt_neox.` prefix, `embed_out.weight` head."""
+  if name == "lm_head.weight":  # transformers 5's in-memory name of embed_out
+    return "embed_out.weight"
+  if name == "embed_out.weight" or name.startswith("gpt_neox."):
+    return name
+  return "gpt_neox." + name
+
+
+def _few(names: list[str], n: int = 5) -> str:
+  shown = ", ".join(names[:n])
+  return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
+                       dtype: Any = "float32") -> dict[str, Any]:
+  """HF GPT-NeoX tensors -> the Flax parameter tree (numpy arrays of `dtype`).
+
+  Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
+  `embed_out.weight`); the mask and rotary buffers of old .bin files are ignored. Any
+  other unexpected tensor, a missing one, a shape that disagrees with `config` or a
+  non-finite value is a CheckpointError naming the tensor (and its file when known).
+  """
+  target = resolve_dtype(dtype)
+  sources = getattr(state_dict, "sources", {})
+
+  def where(name):
+    return f"{sources[name]}: tensor {name!r}" if name in sources else f"tensor {name!r}"
+
+  tensors: dict[str, tuple[str, np.ndarray]] = {}
+  for name, arr in state_dict.items():
+    if _IGNORED_BUFFER_RE.search(name):
+      continue
+    canon = _canonical(name)
+    if canon in tensors:
+      raise CheckpointError(f"{where(name)} duplicates {where(tensors[canon][0])}")
+    tensors[canon] = (name, arr)
+  expected = hf_shapes(config)
+  unexpected = sorted(tensors[c][0] for c in set(tensors) - set(expected))
+  if unexpected:
+    files = sorted({sources[n] for n in unexpected if n in sources})
+    raise CheckpointError(
+        f"{', '.join(files) + ': ' if files else ''}unexpected tensor(s) {_few(unexpected)} "
+        "that a GPT-NeoX of this config does not have"
+    )
+  missing = [c for c in expected if c not in tensors]
+  if missing:
+    files = sorted(set(sources.values()))
+    raise CheckpointError(
+        f"{', '.join(files[:3]) + ': ' if files else ''}missing tensor(s) {_few(missing)}"
+    )
+  for canon, shape in expected.items():
+    name, arr = tensors[canon]
+    if tuple(arr.shape) != shape:
+      raise CheckpointError(
+          f"{where(name)}: expected shape {list(shape)} from the config "
+          f"(d_model={config.d_model}, n_heads={config.n_heads}, d_mlp={config.d_mlp}, "
+          f"vocab_size={config.vocab_size}), found {list(arr.shape)}"
+      )
+
+  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
+
+  def src(canon):
+    return tensors[canon][1]
+
+  def finite(out, names):
+    """Checks one leaf is finite; on failure names the source tensor at fault.
+
+    `names` is the source tensor of the leaf, or a list of one per layer (stacked leaf).
+    """
+    if np.isfinite(out).all():
+      return out
+    parts = [(names, out)] if isinstance(names, str) else zip(names, out)
+    for canon, part in parts:
+      if not np.isfinite(part).all():
+        kind = "NaN" if np.isnan(part.astype(np.float32)).any() else "infinite"
+        cast = "" if src(canon).dtype == target else f" (in {dtype_name(target)})"
+        raise CheckpointError(f"{where(tensors[canon][0])}: holds {kind} values{cast}")
+    return out
+
+  def single(canon, transform=lambda w: w):
+    out = np.empty(transform(src(canon)).shape, target)
+    out[...] = transform(src(canon))
+    return finite(out, canon)
+
+  def stacked(suffix, transform=lambda w: w):
+    names = [f"gpt_neox.layers.{l}.{suffix}" for l in range(L)]
+    first = transform(src(names[0]))
+    out = np.empty((L, *first.shape), target)
+    for l, canon in enumerate(names):
+      # One pass per element: numpy casts and transposes while assigning.
+      out[l] = transform(src(canon))
+    return finite(out, names)
+
+  def qkv_part(j):
+    # Rows of the fused weight are [H, 3, dh]; j picks q/k/v inside each head.
+    kernel = stacked("attention.query_key_value.weight",
+                     lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1))
+    bias = stacked("attention.query_key_value.bias", lambda b: b.reshape(H, 3, dh)[:, j])
+    return {"kernel": kernel, "bias": bias}
+
+  return {
+      "embed_in": {"embedding": single("gpt_neox.embed_in.weight")},
+      "layers": {
+          "ln_1": {"scale": stacked("input_layernorm.weight"),
+                   "bias": stacked("input_layernorm.bias")},
+          "attn": {
+              "query": qkv_part(0), "key": qkv_part(1), "value": qkv_part(2),
+              "out": {"kernel": stacked("attention.dense.weight",
+                                        lambda w: w.T.reshape(H, dh, d)),
+                      "bias": stacked("attention.dense.bias")},
+          },
+          "ln_2": {"scale": stacked("post_attention_layernorm.weight"),
+                   "bias": stacked("post_attention_layernorm.bias")},
+          "mlp": {
+              "fc_in": {"kernel": stacked("mlp.dense_h_to_4h.weight", lambda w: w.T),
+                        "bias": stacked("mlp.dense_h_to_4h.bias")},
+              "fc_out": {"kernel": stacked("mlp.dense_4h_to_h.weight", lambda w: w.T),
+                         "bias": stacked("mlp.dense_4h_to_h.bias")},
+          },
+      },
+      "ln_f": {"scale": single("gpt_neox.final_layer_norm.weight"),
+               "bias": single("gpt_neox.final_layer_norm.bias")},
+      "embed_out": {"kernel": single("embed_out.weight", lambda w: w.T)},
+  }
+
+
+def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> dict[str, np.ndarray]:
+  """The inverse of `convert_state_dict`: HF names (as save_pretrained writes them) and
+  torch layout, C-contiguous numpy arrays in the dtype of `params`."""
+  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
+  expected = param_shapes(config)
+
+  def leaf(*path):
+    node, exp = params, expected
+    try:
+      for key in path:
+        node, exp = node[key], exp[key]
+    except (KeyError, TypeError):
+      raise CheckpointError(f"params: no leaf {'/'.join(path)}") from None
+    arr = np.asarray(node)
+    if arr.shape != exp:
+      raise CheckpointError(
+          f"params: leaf {'/'.join(path)} has shape {list(arr.shape)}, the config gives "
+          f"{list(exp)}"
+      )
+    return arr
+
+  c = np.ascontiguousarray
+  attn = ("layers", "attn")
+  out = {"gpt_neox.embed_in.weight": c(leaf("embed_in", "embedding"))}
+  q_k_v = [(leaf(*attn, n, "kernel"), leaf(*attn, n, "bias")) for n in ("query", "key", "value")]
+  for l in range(L):
+    p = f"gpt_neox.layers.{l}."
+    # [d, H, dh] x3 -> [H, 3, dh, d] -> [3d, d]: the per-head fused layout.
+    fused_w = np.stack([k[l].transpose(1, 2, 0) for k, _ in q_k_v], axis=1).reshape(3 * d, d)
+    fused_b = np.stack([b[l] for _, b in q_k_v], axis=1).reshape(3 * d)
+    out.update({
+        p + "input_layernorm.weight": c(leaf("layers", "ln_1", "scale")[l]),
+        p + "input_layernorm.bias": c(leaf("layers", "ln_1", "bias")[l]),
+        p + "post_attention_layernorm.weight": c(leaf("layers", "ln_2", "scale")[l]),
+        p + "post_attention_layernorm.bias": c(leaf("layers", "ln_2", "bias")[l]),
+        p + "attention.query_key_value.weight": c(fused_w),
+        p + "attention.query_key_value.bias": c(fused_b),
+        p + "attention.dense.weight": c(leaf(*attn, "out", "kernel")[l].reshape(H * dh, d).T),
+        p + "attention.dense.bias": c(leaf(*attn, "out", "bias")[l]),
+        p + "mlp.dense_h_to_4h.weight": c(leaf("layers", "mlp", "fc_in", "kernel")[l].T),
+        p + "mlp.dense_h_to_4h.bias": c(leaf("layers", "mlp", "fc_in", "bias")[l]),
+        p + "mlp.dense_4h_to_h.weight": c(leaf("layers", "mlp", "fc_out", "kernel")[l].T),
+        p + "mlp.dense_4h_to_h.bias": c(leaf("layers", "mlp", "fc_out", "bias")[l]),
+    })
+  out["gpt_neox.final_layer_norm.weight"] = c(leaf("ln_f", "scale"))
+  out["gpt_neox.final_layer_norm.bias"] = c(leaf("ln_f", "bias"))
+  out["embed_out.weight"] = c(leaf("embed_out", "kernel").T)
+  return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def replace_directory(tmp: str, directory: str) -> None:
+  """Moves the finished `tmp` onto `directory` so readers never see a partial one.
+
+  rename(2) is atomic but cannot replace a non-empty directory: an old one is first
+  renamed aside, then removed once the new one is in place.
+  """
+  old = None
+  if os.path.lexists(directory):
+    old = tempfile.mkdtemp(dir=os.path.dirname(directory),
+                           prefix=f".{os.path.basename(directory)}.old-")
+    os.replace(directory, os.path.join(old, "x"))
+  os.replace(tmp, directory)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any],
+                       config: GPTNeoXConfig, dtype: Any = "float32",
+                       shard_bytes: int | None = None) -> str:
+  """Writes `params` as a Hugging Face GPT-NeoX checkpoint (`from_pretrained` loads it).
+
+  `config.json` (transformers-5 layout plus the 4.x rotary keys, dtype set) and
+  `model.safetensors`, or shards of at most `shard_bytes` each (a tensor larger than
+  that gets a shard of its own) with `model.safetensors.index.json`. Everything is
+  written in a temporary sibling directory that replaces `directory` at the end.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  name = dtype_name(dtype)
+  target = DTYPES[name]
+  state = {k: v.astype(target, copy=False) for k, v in params_to_state_dict(params, config).items()}
+  for k, v in state.items():
+    if not np.isfinite(v).all():
+      raise CheckpointError(f"params: {k} is not finite in {name} (NaN, or overflow on cast)")
+  hf = config.to_hf_dict()
+  hf["dtype"] = name
+  hf["torch_dtype"] = name  # what transformers 4.x readers look for
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  try:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+      f.write("\n")
+    if shard_bytes is None:
+      write_safetensors(os.path.join(tmp, SAFETENSORS_SINGLE), state)
+    else:
+      if shard_bytes <= 0:
+        raise CheckpointError(f"shard_bytes={shard_bytes}: must be positive")
+      shards: list[dict[str, np.ndarray]] = [{}]
+      used = 0
+      for k in sorted(state):
+        if shards[-1] and used + state[k].nbytes > shard_bytes:
+          shards.append({})
+          used = 0
+        shards[-1][k] = state[k]
+        used += state[k].nbytes
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(tmp, fname), shard)
+        weight_map.update(dict.fromkeys(shard, fname))
+      with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.nbytes for v in state.values())},
+                   "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    replace_directory(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
