@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import DTypeLike
 
+from jax_pythia.errors import JaxPythiaError
 from jax_pythia.suite import FINAL_STEP, SEQUENCE_LENGTH, SEQUENCES_PER_STEP
 
 #: How many sequences of a batch the reference study feeds the model (METHOD.md).
@@ -56,7 +57,7 @@ _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 _INT32_INFO = np.iinfo(np.int32)
 
 
-class DataError(ValueError):
+class DataError(JaxPythiaError, ValueError):
   """A token file or token array that cannot be used as documented; names the file."""
 
 

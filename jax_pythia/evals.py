@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jax_pythia.errors import JaxPythiaError
 from jax_pythia.suite import SIZES, parse_model
 
 EVALS_COLUMNS = ("model", "step", "task", "metric", "value", "stderr")
@@ -44,7 +45,7 @@ _STDERR_SUFFIX = "_stderr"
 _DTYPE_DIR_SUFFIX = "-bf16"
 
 
-class EvalsError(ValueError):
+class EvalsError(JaxPythiaError, ValueError):
   """A results directory or file that cannot be read as documented; names the path."""
 
 

@@ -11,18 +11,19 @@ import pytest
 
 from jax_pythia import data
 from jax_pythia.data import (
-    ArrayTokenSource,
-    DataError,
-    DataFileNotFoundError,
-    MMapIndexedDataset,
-    MMapTokenSource,
-    TextTokenSource,
-    TokenSource,
-    batch_of_step,
-    check_token_ids,
-    open_token_source,
-    write_mmap_indexed_dataset,
+  ArrayTokenSource,
+  DataError,
+  DataFileNotFoundError,
+  MMapIndexedDataset,
+  MMapTokenSource,
+  TextTokenSource,
+  TokenSource,
+  batch_of_step,
+  check_token_ids,
+  open_token_source,
+  write_mmap_indexed_dataset,
 )
+from jax_pythia.errors import JaxPythiaError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER_JSON = SHARED / "data" / "20B_tokenizer.json"
@@ -200,6 +201,7 @@ def test_missing_companion_file(tmp_path):
     MMapIndexedDataset(tmp_path / "c")
   assert issubclass(DataFileNotFoundError, FileNotFoundError)
   assert issubclass(DataFileNotFoundError, ValueError)
+  assert issubclass(DataFileNotFoundError, JaxPythiaError)
 
 
 def test_mmap_token_source(tmp_path):
