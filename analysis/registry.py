@@ -1,0 +1,66 @@
+"""One name per metric: the registry the sweep iterates over.
+
+A metric is a pure JAX function; registering it under a plain string name is all it takes
+for the summary functions (e.g. `spectral_metrics`) to compute it and for the sweep to write
+a column with that name. Families group functions that share a call signature:
+
+- 'spectral':    fn(s [..., m]) or fn(s [..., m], k) -> [...]   (singular values, descending)
+- 'similarity':  fn(x [..., n, dx], y [..., n, dy]) -> [...]
+- 'sparsity':    fn(x [..., m]) -> [...]
+- 'gradient':    fn(g [G, ..., m]) -> [...]                      (G gradient batches first)
+- 'convergence': fn(values [..., C], steps [C]) -> [...]         (checkpoint axis last)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+FAMILIES = ('spectral', 'similarity', 'sparsity', 'gradient', 'convergence')
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """A registered metric: its name, family, function and whether it takes a rank bound k."""
+
+  name: str
+  family: str
+  fn: Callable
+  needs_rank_bound: bool = False
+  description: str = ''
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+_REGISTRY: dict[str, Metric] = {}
+# Read-only view so callers cannot bypass `register_metric` (and its duplicate check).
+METRICS: Mapping[str, Metric] = MappingProxyType(_REGISTRY)
+
+
+def register_metric(name: str, family: str, *, needs_rank_bound: bool = False,
+                    description: str = '') -> Callable[[Callable], Callable]:
+  """Decorator registering `fn` under `name`; returns `fn` unchanged.
+
+  Raises ValueError for an unknown family or a name that is already taken (two functions
+  silently sharing a column name would corrupt the sweep's table).
+  """
+  if family not in FAMILIES:
+    raise ValueError(f'unknown metric family {family!r}; expected one of {FAMILIES}')
+
+  def decorate(fn: Callable) -> Callable:
+    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+      raise ValueError(f'metric name {name!r} is already registered')
+    doc = description or (fn.__doc__ or '').strip().split('\n')[0]
+    _REGISTRY[name] = Metric(name, family, fn, needs_rank_bound, doc)
+    return fn
+
+  return decorate
+
+
+def metrics_in_family(family: str) -> dict[str, Metric]:
+  """All registered metrics of one family, in registration order."""
+  if family not in FAMILIES:
+    raise ValueError(f'unknown metric family {family!r}; expected one of {FAMILIES}')
+  return {name: m for name, m in _REGISTRY.items() if m.family == family}

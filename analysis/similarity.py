@@ -1,0 +1,476 @@
+"""Linear CKA (Kornblith et al. 2019): biased and debiased, one-shot, streaming, batched.
+
+Conventions. Activations are `x [..., n, dx]`, `y [..., n, dy]`: n samples (tokens) in the
+second-to-last axis, features last; leading axes broadcast (size-1 or missing axes are
+re-used, not copied). Rows of x and y must be the same inputs.
+
+Biased CKA (feature space; X, Y column-centred):
+  CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+which equals the Gram form <HKH, HLH> / (||HKH|| ||HLH||) with K = X X^T, L = Y Y^T.
+
+Debiased CKA replaces each HSIC by the unbiased U-statistic of Song et al. (2007):
+  HSIC_u(K, L) = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))
+with K~, L~ the Gram matrices with zeroed diagonals. For linear kernels every term is a
+function of X^T Y, X^T X, Y^T Y, row norms and column sums, so the debiased estimator is
+computed in feature space too (O(n d^2), no n x n matrix) and can be accumulated exactly over
+token batches (`cka_stream_*`). HSIC_u is invariant to adding a constant to all rows, so
+centring first changes nothing mathematically; it is done for float32 accuracy.
+
+Numerics (float32 throughout unless float64 inputs are given with x64 enabled): inputs are
+centred, then divided by their Frobenius norm (CKA is scale invariant; the fourth powers in
+||X^T Y||^2 would otherwise overflow float32 for large activations), and matmuls use
+HIGHEST precision (no TF32/bf16 passes on accelerators).
+
+Undefined cases: if x or y has zero variance in every feature (constant rows), CKA is 0/0
+and the result is NaN, by design. NaN/Inf inputs propagate to NaN. Debiased CKA needs
+n >= 4 and biased n >= 2; fewer samples raise ValueError at trace time. Debiased CKA can be
+slightly negative (it is an unbiased estimate of a quantity that is 0 for independent data).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from analysis.registry import register_metric
+from analysis.validation import require_ndim, require_nonempty
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _check_pair(x, y, debiased: bool) -> int:
+  require_ndim('x', x, 2)
+  require_ndim('y', y, 2)
+  if x.shape[-2] != y.shape[-2]:
+    raise ValueError(f'x and y need the same number of samples (axis -2): '
+                     f'x {x.shape}, y {y.shape}')
+  require_nonempty('x', x)
+  require_nonempty('y', y)
+  n = x.shape[-2]
+  min_n = 4 if debiased else 2
+  if n < min_n:
+    raise ValueError(f'{"debiased" if debiased else "biased"} CKA needs n >= {min_n} '
+                     f'samples, got x {x.shape}, y {y.shape}')
+  return n
+
+
+def _centre_and_scale(x):
+  """[n, d] -> [n, d] column-centred and scaled to unit Frobenius norm (NaN if constant)."""
+  x = x - jnp.mean(x, axis=0, keepdims=True)
+  return x / jnp.sqrt(jnp.sum(jnp.square(x)))
+
+
+def _unbiased_hsic_from_terms(trace_kl, sum_k, sum_l, k1_dot_l1, n):
+  """Song et al. U-statistic from tr(K~L~), 1'K~1, 1'L~1, 1'K~L~1 (scalars)."""
+  return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2))
+          - 2.0 * k1_dot_l1 / (n - 2)) / (n * (n - 3))
+
+
+def _feature_hsic(x, y, debiased: bool):
+  """HSIC numerator for centred x [n, dx], y [n, dy] (scale as given), feature space."""
+  n = x.shape[0]
+  cross = jnp.sum(jnp.square(_mm(x.T, y)))  # ||X^T Y||_F^2 = tr(K L)
+  if not debiased:
+    return cross
+  # Columns are centred, so X^T 1 = 0 and the terms reduce to row norms a_i = ||x_i||^2:
+  # tr(K~L~) = tr(KL) - a.b; 1'K~1 = -sum(a); K~1 = -a, so 1'K~L~1 = a.b.
+  a = jnp.sum(jnp.square(x), axis=1)
+  b = jnp.sum(jnp.square(y), axis=1)
+  a_dot_b = jnp.dot(a, b, precision=_HIGHEST)
+  return _unbiased_hsic_from_terms(cross - a_dot_b, -jnp.sum(a), -jnp.sum(b), a_dot_b, n)
+
+
+def _use_gram_form(n: int, dx: int, dy: int) -> bool:
+  # Pick whichever form does fewer flops: feature space costs ~n (dx dy + dx^2 + dy^2),
+  # Gram form ~n^2 (dx + dy) + 3 n^2.
+  return n * n * (dx + dy + 3) < n * (dx * dy + dx * dx + dy * dy)
+
+
+def _cka_single(x, y, debiased: bool):
+  """CKA of x [n, dx], y [n, dy] -> scalar."""
+  n = x.shape[0]
+  x = _centre_and_scale(x)
+  y = _centre_and_scale(y)
+  if _use_gram_form(n, x.shape[1], y.shape[1]):
+    return _gram_cka_single(_mm(x, x.T), _mm(y, y.T), debiased)
+  xy = _feature_hsic(x, y, debiased)
+  xx = _feature_hsic(x, x, debiased)
+  yy = _feature_hsic(y, y, debiased)
+  return xy / jnp.sqrt(xx * yy)
+
+
+def _broadcast_apply(fn, x, y, core_ndim: int):
+  """Apply fn(x_core, y_core) over broadcast leading axes with nested vmap (no copies)."""
+  lead_x, lead_y = x.shape[:-core_ndim], y.shape[:-core_ndim]
+  try:
+    batch = jnp.broadcast_shapes(lead_x, lead_y)
+  except ValueError as err:
+    raise ValueError(f'leading axes do not broadcast: x {x.shape}, y {y.shape}') from err
+  x = x.reshape((1,) * (len(batch) - len(lead_x)) + x.shape)
+  y = y.reshape((1,) * (len(batch) - len(lead_y)) + y.shape)
+
+  def rec(a, b, depth):
+    if depth == len(batch):
+      return fn(a, b)
+    if batch[depth] == 1:
+      return rec(a[0], b[0], depth + 1)[None]
+    a_axis = 0 if a.shape[0] != 1 else None
+    b_axis = 0 if b.shape[0] != 1 else None
+    a_in = a if a_axis == 0 else a[0]
+    b_in = b if b_axis == 0 else b[0]
+    return jax.vmap(lambda u, v: rec(u, v, depth + 1), in_axes=(a_axis, b_axis))(a_in, b_in)
+
+  return rec(x, y, 0)
+
+
+@register_metric('linear_cka', 'similarity')
+def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
+  """Linear CKA between activations of the same n inputs.
+
+  Args:
+    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast.
+    debiased: use the unbiased HSIC (Song et al. 2007) estimator.
+  Returns:
+    [broadcast(...)]; NaN where x or y is constant over samples.
+  Uses the feature-space form or the Gram form, whichever is cheaper for (n, dx, dy);
+  both give the same value.
+  """
+  _check_pair(x, y, debiased)
+  return _broadcast_apply(lambda a, b: _cka_single(a, b, debiased), x, y, 2)
+
+
+@register_metric('linear_cka_debiased', 'similarity')
+def linear_cka_debiased(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Debiased linear CKA; x [..., n, dx], y [..., n, dy] -> [...]. See `linear_cka`."""
+  return linear_cka(x, y, debiased=True)
+
+
+def _zero_diagonal(k):
+  return k - jnp.diag(jnp.diag(k))
+
+
+def _unbiased_centre_gram(k):
+  """Gram [n, n] -> [n, n] such that <U(K), U(L)> / (n(n-3)) = HSIC_u(K, L).
+
+  (Kornblith et al. 2019's `center_gram(unbiased=True)`; an inner-product form of the
+  Song et al. U-statistic, which makes pairwise matrices a single matmul.)
+  """
+  n = k.shape[0]
+  k = _zero_diagonal(k)
+  means = jnp.sum(k, axis=0) / (n - 2)
+  means = means - jnp.sum(means) / (2 * (n - 1))
+  k = k - means[:, None] - means[None, :]
+  return _zero_diagonal(k)
+
+
+def _centre_gram(k):
+  """H K H for K [n, n]."""
+  k = k - jnp.mean(k, axis=0, keepdims=True)
+  return k - jnp.mean(k, axis=1, keepdims=True)
+
+
+def _gram_cka_single(k, l, debiased: bool):
+  if debiased:
+    kc, lc = _unbiased_centre_gram(k), _unbiased_centre_gram(l)
+  else:
+    kc, lc = _centre_gram(k), _centre_gram(l)
+  # Normalise each Gram first: CKA is scale invariant and this keeps the products in range.
+  kc = kc / jnp.sqrt(jnp.sum(jnp.square(kc)))
+  lc = lc / jnp.sqrt(jnp.sum(jnp.square(lc)))
+  return jnp.sum(kc * lc) / jnp.sqrt(jnp.sum(kc * kc) * jnp.sum(lc * lc))
+
+
+def linear_cka_gram(k: jax.Array, l: jax.Array, debiased: bool = False) -> jax.Array:
+  """CKA from Gram matrices (any kernel; K = X X^T gives linear CKA).
+
+  Args:
+    k: [..., n, n]. l: [..., n, n]; leading axes broadcast. Need not be centred.
+    debiased: unbiased HSIC (Song et al. 2007) instead of tr(HKHL).
+  Returns:
+    [...]; NaN where a centred Gram matrix is zero.
+  """
+  require_ndim('k', k, 2)
+  require_ndim('l', l, 2)
+  if k.shape[-1] != k.shape[-2] or l.shape[-2:] != k.shape[-2:]:
+    raise ValueError(f'Gram matrices must be square and the same size: k {k.shape}, '
+                     f'l {l.shape}')
+  _check_pair(k, l, debiased)
+  return _broadcast_apply(lambda a, b: _gram_cka_single(a, b, debiased), k, l, 2)
+
+
+def hsic(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
+  """Linear-kernel HSIC (unnormalised CKA numerator) on the raw scale.
+
+  Biased: tr(K H L H) / (n-1)^2. Debiased: HSIC_u of Song et al. (2007).
+  Args:
+    x: [..., n, dx]. y: [..., n, dy].
+  Returns:
+    [...].
+  """
+  n = _check_pair(x, y, debiased)
+
+  def single(a, b):
+    a = a - jnp.mean(a, axis=0, keepdims=True)
+    b = b - jnp.mean(b, axis=0, keepdims=True)
+    value = _feature_hsic(a, b, debiased)
+    return value if debiased else value / (n - 1) ** 2
+
+  return _broadcast_apply(single, x, y, 2)
+
+
+def cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
+                     checkpoint_batch_size: int | None = 1) -> jax.Array:
+  """CKA of every layer at every checkpoint against a reference checkpoint.
+
+  Args:
+    acts: [C, L, n, d]. ref: [L, n, d] (e.g. the final checkpoint).
+    checkpoint_batch_size: checkpoints evaluated in parallel (lax.map batch size); bounds
+      memory to about batch * L * d^2 floats. None = all at once.
+  Returns:
+    [C, L].
+  """
+  require_ndim('acts', acts, 4)
+  require_ndim('ref', ref, 3)
+  if acts.shape[1:-1] != ref.shape[:-1]:
+    raise ValueError(f'acts [C, L, n, d] and ref [L, n, d] disagree: acts {acts.shape}, '
+                     f'ref {ref.shape}')
+  _check_pair(acts, ref, debiased)
+  per_checkpoint = lambda a: linear_cka(a, ref, debiased)  # noqa: E731
+  if checkpoint_batch_size is None:
+    return jax.vmap(per_checkpoint)(acts)
+  return jax.lax.map(per_checkpoint, acts, batch_size=checkpoint_batch_size)
+
+
+def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
+                              checkpoint_batch_size: int | None = 1) -> jax.Array:
+  """Per-head CKA against a reference, in the capture layout (hook_z, per-head OV outputs).
+
+  Args:
+    acts: [C, L, n, H, e]. ref: [L, n, H, e] (e = d_head for hook_z, d for per-head outputs).
+  Returns:
+    [C, L, H].
+  """
+  require_ndim('acts', acts, 5)
+  require_ndim('ref', ref, 4)
+  acts_heads = jnp.moveaxis(acts, -2, -3)  # [C, L, H, n, e]
+  ref_heads = jnp.moveaxis(ref, -2, -3)  # [L, H, n, e]
+  if acts_heads.shape[1:-1] != ref_heads.shape[:-1]:
+    raise ValueError(f'acts [C, L, n, H, e] and ref [L, n, H, e] disagree: acts {acts.shape},'
+                     f' ref {ref.shape}')
+  _check_pair(acts_heads, ref_heads, debiased)
+  per_checkpoint = lambda a: linear_cka(a, ref_heads, debiased)  # noqa: E731
+  if checkpoint_batch_size is None:
+    return jax.vmap(per_checkpoint)(acts_heads)
+  return jax.lax.map(per_checkpoint, acts_heads, batch_size=checkpoint_batch_size)
+
+
+def pairwise_cka(acts: jax.Array, debiased: bool = False) -> jax.Array:
+  """CKA between every pair of checkpoints (same layer, same inputs).
+
+  Args:
+    acts: [C, n, d] (vmap over a layer axis for [L, C, n, d]).
+  Returns:
+    [C, C], symmetric, ones on the diagonal (NaN rows for constant activations).
+  When n <= d each checkpoint's (unbiased-)centred, normalised Gram matrix is flattened and
+  the whole matrix is one [C, n^2] @ [n^2, C] product; otherwise pairs are evaluated in
+  feature space, one row of checkpoints at a time (memory ~C d^2).
+  """
+  require_ndim('acts', acts, 3)
+  _check_pair(acts, acts, debiased)
+  c, n, d = acts.shape
+  centred = jax.vmap(_centre_and_scale)(acts)
+  if n <= d:
+    grams = _mm(centred, jnp.swapaxes(centred, -1, -2))
+    centre = _unbiased_centre_gram if debiased else _centre_gram
+    flat = jax.vmap(centre)(grams).reshape(c, n * n)
+    flat = flat / jnp.linalg.norm(flat, axis=1, keepdims=True)
+    return _mm(flat, flat.T)
+  self_hsic = jax.vmap(lambda a: _feature_hsic(a, a, debiased))(centred)
+  row = lambda a: jax.vmap(lambda b: _feature_hsic(a, b, debiased))(centred)  # noqa: E731
+  cross = jax.lax.map(row, centred)
+  return cross / jnp.sqrt(self_hsic[:, None] * self_hsic[None, :])
+
+
+def cka_noise_floor(x: jax.Array, key: jax.Array, y: jax.Array | None = None,
+                    debiased: bool = False, num_permutations: int = 8) -> jax.Array:
+  """CKA against row-permuted activations: the value CKA takes when rows do not correspond.
+
+  METHOD.md asks every figure to show this floor: for biased CKA it is far above 0 when
+  n is small relative to d. Each permutation shuffles the n rows of y (default: x itself),
+  the same permutation for every leading index.
+  Args:
+    x: [..., n, dx]. key: PRNG key. y: [..., n, dy] or None (= x).
+    num_permutations: P independent permutations.
+  Returns:
+    [P, ...]; average over axis 0 for the floor, use the spread for its uncertainty.
+  """
+  y = x if y is None else y
+  _check_pair(x, y, debiased)
+  n = y.shape[-2]
+  keys = jax.random.split(key, num_permutations)
+
+  def one(k):
+    perm = jax.random.permutation(k, n)
+    return linear_cka(x, jnp.take(y, perm, axis=-2), debiased)
+
+  return jax.lax.map(one, keys)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming: accumulate over token batches, exact for both biased and debiased CKA.
+
+
+class CKAAccumulator(NamedTuple):
+  """Sufficient statistics of linear CKA over the rows seen so far (a jax pytree).
+
+  Rows are stored shifted by `shift_*` and divided by `scale_*` (both from the first batch):
+  HSIC is translation invariant, so subtracting a fixed shift is exact, and it avoids the
+  float32 cancellation of accumulating raw sums when activations have a large mean; the
+  scale keeps fourth powers in range. Shapes: dx, dy = feature dims.
+  """
+
+  count: jax.Array  # [] number of rows
+  shift_x: jax.Array  # [dx]
+  shift_y: jax.Array  # [dy]
+  scale_x: jax.Array  # []
+  scale_y: jax.Array  # []
+  sum_x: jax.Array  # [dx]   X^T 1
+  sum_y: jax.Array  # [dy]
+  xtx: jax.Array  # [dx, dx]
+  yty: jax.Array  # [dy, dy]
+  xty: jax.Array  # [dx, dy]
+  sum_a: jax.Array  # []  sum of a_i = ||x_i||^2
+  sum_b: jax.Array  # []
+  sum_aa: jax.Array  # []
+  sum_bb: jax.Array  # []
+  sum_ab: jax.Array  # []
+  xt_a: jax.Array  # [dx]  X^T a
+  xt_b: jax.Array  # [dx]
+  yt_a: jax.Array  # [dy]
+  yt_b: jax.Array  # [dy]
+
+
+def cka_stream_init(x_first: jax.Array, y_first: jax.Array) -> CKAAccumulator:
+  """Start an accumulator from the first batch (which it also accumulates).
+
+  Args:
+    x_first: [b, dx]. y_first: [b, dy], b >= 1.
+  Returns:
+    CKAAccumulator.
+  """
+  require_ndim('x_first', x_first, 2)
+  require_ndim('y_first', y_first, 2)
+  if x_first.shape[0] != y_first.shape[0]:
+    raise ValueError(f'x and y need the same rows: x {x_first.shape}, y {y_first.shape}')
+  require_nonempty('x_first', x_first)
+  require_nonempty('y_first', y_first)
+  dtype = jnp.result_type(x_first.dtype, y_first.dtype, jnp.float32)
+  x_first = x_first.astype(dtype)
+  y_first = y_first.astype(dtype)
+
+  def shift_and_scale(a):
+    shift = jnp.mean(a, axis=0)
+    rms = jnp.sqrt(jnp.mean(jnp.square(a - shift)))
+    # A constant first batch would give scale 0; fall back to 1 (the scale is arbitrary).
+    return shift, jnp.where(rms > 0, rms * jnp.sqrt(a.shape[1] * 1.0), 1.0)
+
+  shift_x, scale_x = shift_and_scale(x_first)
+  shift_y, scale_y = shift_and_scale(y_first)
+  dx, dy = x_first.shape[1], y_first.shape[1]
+  zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+  empty = CKAAccumulator(
+    count=jnp.zeros((), dtype), shift_x=shift_x, shift_y=shift_y, scale_x=scale_x,
+    scale_y=scale_y, sum_x=zeros(dx), sum_y=zeros(dy), xtx=zeros(dx, dx), yty=zeros(dy, dy),
+    xty=zeros(dx, dy), sum_a=zeros(), sum_b=zeros(), sum_aa=zeros(), sum_bb=zeros(),
+    sum_ab=zeros(), xt_a=zeros(dx), xt_b=zeros(dx), yt_a=zeros(dy), yt_b=zeros(dy))
+  return cka_stream_update(empty, x_first, y_first)
+
+
+def cka_stream_update(acc: CKAAccumulator, x: jax.Array, y: jax.Array) -> CKAAccumulator:
+  """Add a batch of rows. x: [b, dx], y: [b, dy] (b may differ between calls)."""
+  require_ndim('x', x, 2)
+  require_ndim('y', y, 2)
+  if x.shape[0] != y.shape[0] or x.shape[1] != acc.sum_x.shape[0] \
+      or y.shape[1] != acc.sum_y.shape[0]:
+    raise ValueError(f'batch shapes x {x.shape}, y {y.shape} do not match the accumulator '
+                     f'(dx={acc.sum_x.shape[0]}, dy={acc.sum_y.shape[0]})')
+  x = (x.astype(acc.xtx.dtype) - acc.shift_x) / acc.scale_x
+  y = (y.astype(acc.yty.dtype) - acc.shift_y) / acc.scale_y
+  a = jnp.sum(jnp.square(x), axis=1)
+  b = jnp.sum(jnp.square(y), axis=1)
+  return acc._replace(
+    count=acc.count + x.shape[0],
+    sum_x=acc.sum_x + jnp.sum(x, axis=0), sum_y=acc.sum_y + jnp.sum(y, axis=0),
+    xtx=acc.xtx + _mm(x.T, x), yty=acc.yty + _mm(y.T, y), xty=acc.xty + _mm(x.T, y),
+    sum_a=acc.sum_a + jnp.sum(a), sum_b=acc.sum_b + jnp.sum(b),
+    sum_aa=acc.sum_aa + jnp.dot(a, a, precision=_HIGHEST),
+    sum_bb=acc.sum_bb + jnp.dot(b, b, precision=_HIGHEST),
+    sum_ab=acc.sum_ab + jnp.dot(a, b, precision=_HIGHEST),
+    xt_a=acc.xt_a + _mm(x.T, a), xt_b=acc.xt_b + _mm(x.T, b),
+    yt_a=acc.yt_a + _mm(y.T, a), yt_b=acc.yt_b + _mm(y.T, b))
+
+
+def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
+  """CKA of all rows accumulated so far; exactly the one-shot value up to rounding.
+
+  Returns a scalar; NaN if fewer than 2 (biased) or 4 (debiased) rows were seen or if
+  x or y is constant (count is a traced value, so this cannot raise under jit).
+  """
+  n = acc.count
+  if not debiased:
+    xy = acc.xty - jnp.outer(acc.sum_x, acc.sum_y) / n
+    xx = acc.xtx - jnp.outer(acc.sum_x, acc.sum_x) / n
+    yy = acc.yty - jnp.outer(acc.sum_y, acc.sum_y) / n
+    value = jnp.sum(jnp.square(xy)) / jnp.sqrt(jnp.sum(jnp.square(xx)) *
+                                               jnp.sum(jnp.square(yy)))
+    return jnp.where(n >= 2, value, jnp.nan)
+
+  sx, sy = acc.sum_x, acc.sum_y
+  # General (uncentred) terms, K = X X^T, a = diag K, s = X^T 1:
+  #   tr(K~L~) = ||X^T Y||^2 - a.b ;  1'K~1 = ||s_x||^2 - sum a ;
+  #   1'K~L~1 = (X s_x - a).(Y s_y - b) = s_x' X'Y s_y - s_x' X'b - s_y' Y'a + a.b
+  def terms(xty, s1, s2, x1_b, y2_a, sum_a, sum_b, a_dot_b):
+    trace = jnp.sum(jnp.square(xty)) - a_dot_b
+    k_sum = jnp.dot(s1, s1) - sum_a
+    l_sum = jnp.dot(s2, s2) - sum_b
+    k1_l1 = (jnp.dot(s1, _mm(xty, s2)) - jnp.dot(s1, x1_b) - jnp.dot(s2, y2_a) + a_dot_b)
+    return _unbiased_hsic_from_terms(trace, k_sum, l_sum, k1_l1, n)
+
+  xy = terms(acc.xty, sx, sy, acc.xt_b, acc.yt_a, acc.sum_a, acc.sum_b, acc.sum_ab)
+  xx = terms(acc.xtx, sx, sx, acc.xt_a, acc.xt_a, acc.sum_a, acc.sum_a, acc.sum_aa)
+  yy = terms(acc.yty, sy, sy, acc.yt_b, acc.yt_b, acc.sum_b, acc.sum_b, acc.sum_bb)
+  return jnp.where(n >= 4, xy / jnp.sqrt(xx * yy), jnp.nan)
+
+
+def streaming_linear_cka(x_batches: jax.Array, y_batches: jax.Array,
+                         debiased: bool = False) -> jax.Array:
+  """CKA over B equally sized token batches with memory independent of B.
+
+  Args:
+    x_batches: [B, b, dx]. y_batches: [B, b, dy] (e.g. produced lazily by the caller and
+      fed to cka_stream_update instead, for data that does not fit at once).
+  Returns:
+    scalar, equal to linear_cka(x_batches.reshape(B*b, dx), ...).
+  """
+  require_ndim('x_batches', x_batches, 3)
+  require_ndim('y_batches', y_batches, 3)
+  if x_batches.shape[:2] != y_batches.shape[:2]:
+    raise ValueError(f'batch axes differ: x {x_batches.shape}, y {y_batches.shape}')
+  _check_pair(x_batches.reshape(-1, x_batches.shape[-1]),
+              y_batches.reshape(-1, y_batches.shape[-1]), debiased)
+  acc = cka_stream_init(x_batches[0], y_batches[0])
+  acc, _ = jax.lax.scan(lambda s, xy: (cka_stream_update(s, *xy), None), acc,
+                        (x_batches[1:], y_batches[1:]))
+  return cka_stream_result(acc, debiased)
+
+
+def minimum_samples(debiased: bool) -> int:
+  """Smallest n the estimators accept."""
+  return 4 if debiased else 2
+
