@@ -1,0 +1,35 @@
+"""Converts a Hugging Face-format GPT-NeoX checkpoint into an orbax cache.
+
+  python -m tools.convert --checkpoint=EleutherAI/pythia-410m@step143000 --out=cache/410m
+
+Later runs restore the cache with `jax_pythia.checkpoints.restore_converted`, straight onto
+a device sharding, skipping the read and conversion of the original weights.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tools import _cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Local Hugging Face-format directory, or "
+                    "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).")
+flags.DEFINE_string("out", None, "Directory of the orbax cache to write.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Dtype the converted parameters are stored in.")
+flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main(argv):
+  _cli.reject_extra_args(argv)
+  from jax_pythia import checkpoints
+
+  config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  checkpoints.save_converted(FLAGS.out, config, params)
+  print(f"wrote {FLAGS.out}: {config.n_layers} layers, d_model {config.d_model}, "
+        f"{FLAGS.dtype}")
+
+
+if __name__ == "__main__":
+  _cli.run(main)
