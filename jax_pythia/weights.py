@@ -475,16 +475,19 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConf
 
   def single(canon, transform=lambda w: w):
     out = np.empty(transform(src(canon)).shape, target)
-    out[...] = transform(src(canon))
+    with np.errstate(over="ignore"):
+      out[...] = transform(src(canon))
     return finite(out, canon)
 
   def stacked(suffix, transform=lambda w: w):
     names = [f"gpt_neox.layers.{l}.{suffix}" for l in range(L)]
     first = transform(src(names[0]))
     out = np.empty((L, *first.shape), target)
-    for l, canon in enumerate(names):
-      # One pass per element: numpy casts and transposes while assigning.
-      out[l] = transform(src(canon))
+    # Overflow on a narrowing cast is reported by `finite` with the tensor's name.
+    with np.errstate(over="ignore"):
+      for l, canon in enumerate(names):
+        # One pass per element: numpy casts and transposes while assigning.
+        out[l] = transform(src(canon))
     return finite(out, names)
 
   def qkv_part(j):
