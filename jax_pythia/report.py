@@ -1,0 +1,286 @@
+"""The study's figures and a short report.md, drawn from a sweep's stored tables.
+
+Nothing is recomputed from checkpoints: everything comes from metrics.parquet and
+pairwise_cka.parquet under the sweep's output directory (`tools.report` redraws them).
+Figures (PNG and PDF under <out>/figures):
+  cka_bands[_debiased]   CKA to the final checkpoint, 10/25/50/75/90th percentiles across
+                         layers per checkpoint (the paper's Figure 1), with the noise floor
+  per_over_training      PER of weights and gradients over training, a line per model
+  per_vs_convergence     each layer's PER against its convergence (CKA area over log-steps)
+  evals                  downstream accuracy on the same step axis (with --evals_dir)
+  pairwise_cka           CKA between every pair of checkpoints, mean over layers
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import matplotlib
+import numpy as np
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import analysis  # noqa: E402
+
+COMPONENT_LABELS = {"ov": "attention OV (whole layer)", "ov_head": "attention OV (per head)",
+                    "mlp": "MLP (dense_4h_to_h)", "resid": "residual stream"}
+BAND_COMPONENTS = ("ov", "mlp")
+EVAL_TASKS = ("lambada_openai", "arc_easy", "piqa", "sciq")
+
+
+def _save(fig, out_dir: str, name: str) -> list[str]:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for ext in ("png", "pdf"):
+    path = os.path.join(out_dir, f"{name}.{ext}")
+    tmp = os.path.join(out_dir, f".tmp-{name}.{ext}")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)
+    os.replace(tmp, path)
+    paths.append(path)
+  plt.close(fig)
+  return paths
+
+
+def _log_axis(ax):
+  ax.set_xscale("symlog", linthresh=1)
+  ax.set_xlabel("training step")
+
+
+def _model_order(metrics: pd.DataFrame) -> list[str]:
+  """Models smallest first (by layer count x width proxy: number of layer rows)."""
+  sizes = metrics[metrics.metric == "frobenius_norm"].groupby("model")["layer"].max()
+  names = list(dict.fromkeys(metrics["model"]))
+  return sorted(names, key=lambda n: (sizes.get(n, 0), n))
+
+
+def cka_table(metrics: pd.DataFrame, model: str, component: str, estimator: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(steps [C], CKA [C, L]) of whole-layer values."""
+  rows = metrics[(metrics.model == model) & (metrics.component == component)
+                 & (metrics.metric == estimator) & (metrics["head"] == -1)]
+  table = rows.pivot_table(index="step", columns="layer", values="value")
+  return table.index.to_numpy(), table.to_numpy()
+
+
+def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
+  models = _model_order(metrics)
+  fig, axes = plt.subplots(len(BAND_COMPONENTS), len(models), squeeze=False,
+                           figsize=(3.2 * len(models) + 1, 2.8 * len(BAND_COMPONENTS)),
+                           sharey=True)
+  for col, model in enumerate(models):
+    for row, component in enumerate(BAND_COMPONENTS):
+      ax = axes[row, col]
+      steps, values = cka_table(metrics, model, component, estimator)
+      if len(steps) == 0:
+        ax.set_visible(False)
+        continue
+      bands = np.asarray(analysis.percentile_bands(values.astype(np.float32)))  # [5, C]
+      ax.fill_between(steps, bands[0], bands[4], alpha=0.2, color="C0", label="10-90%")
+      ax.fill_between(steps, bands[1], bands[3], alpha=0.4, color="C0", label="25-75%")
+      ax.plot(steps, bands[2], color="C0", lw=1.5, label="median")
+      floor = metrics[(metrics.model == model) & (metrics.component == component)
+                      & (metrics.metric == estimator + "_floor") & (metrics["head"] == -1)]
+      if len(floor):
+        ax.axhline(floor.value.mean(), color="C3", ls="--", lw=1,
+                   label="noise floor (rows permuted)")
+      _log_axis(ax)
+      ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
+      if col == 0:
+        ax.set_ylabel(f"{'debiased ' if 'debiased' in estimator else ''}CKA to final")
+  axes[0, 0].legend(fontsize=7, loc="lower right")
+  fig.suptitle("Convergence of layer activations to the final checkpoint "
+               "(percentiles across layers)", fontsize=10)
+  return _save(fig, out_dir, "cka_bands" + ("_debiased" if "debiased" in estimator else ""))
+
+
+def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
+  models = _model_order(metrics)
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False)
+  for row, (metric, what) in enumerate((("per", "weights"), ("grad_per", "gradients"))):
+    for col, component in enumerate(("ov", "mlp")):
+      ax = axes[row, col]
+      for i, model in enumerate(models):
+        rows = metrics[(metrics.model == model) & (metrics.component == component)
+                       & (metrics.metric == metric)]
+        if rows.empty:
+          continue
+        curve = rows.groupby("step")["value"].mean()
+        ax.plot(curve.index, curve.values, marker=".", ms=3, color=f"C{i}", label=model)
+      _log_axis(ax)
+      ax.set_ylabel("PER (mean over layers)")
+      ax.set_title(f"{what}: {COMPONENT_LABELS[component]}", fontsize=9)
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle("Proportional effective rank over training", fontsize=10)
+  fig.tight_layout()
+  return _save(fig, out_dir, "per_over_training")
+
+
+def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str
+                           ) -> pd.DataFrame:
+  """One row per (model, layer): final-checkpoint PER and CKA area over log-steps."""
+  points = []
+  for model in _model_order(metrics):
+    steps, values = cka_table(metrics, model, component, estimator)
+    if len(steps) < 2:
+      continue
+    auc = np.asarray(analysis.area_under_log_step_curve(values.T.astype(np.float32), steps))
+    final = metrics[(metrics.model == model) & (metrics.component == component)
+                    & (metrics.metric == "per") & (metrics.step == steps.max())]
+    per = final.set_index("layer")["value"].sort_index().to_numpy()
+    points += [dict(model=model, layer=l, per=p, cka_auc=a) for l, (p, a) in
+               enumerate(zip(per, auc))]
+  return pd.DataFrame(points)
+
+
+def figure_per_vs_convergence(metrics: pd.DataFrame, out_dir: str, estimator: str
+                              ) -> tuple[list[str], dict]:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+  stats = {}
+  for col, component in enumerate(("ov", "mlp")):
+    ax = axes[0, col]
+    points = per_convergence_points(metrics, component, estimator)
+    if points.empty:
+      continue
+    for i, (model, group) in enumerate(points.groupby("model", sort=False)):
+      ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=model)
+    if len(points) >= 3:
+      corr = analysis.per_convergence_correlation(
+          jax.numpy.asarray(points.per.to_numpy(np.float32)),
+          jax.numpy.asarray(points.cka_auc.to_numpy(np.float32)),
+          jax.random.PRNGKey(0))
+      corr = {k: float(v) for k, v in corr.items()}
+      stats[component] = corr
+      ax.set_title(f"{COMPONENT_LABELS[component]}\nSpearman {corr['spearman']:.2f} "
+                   f"[{corr['spearman_low']:.2f}, {corr['spearman_high']:.2f}], Pearson "
+                   f"{corr['pearson']:.2f}", fontsize=9)
+    ax.set_xlabel("PER of the weights at the final checkpoint")
+    ax.set_ylabel(f"{estimator} to final, mean over log-steps")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, out_dir, "per_vs_convergence"), stats
+
+
+def figure_evals(evals: pd.DataFrame, metrics: pd.DataFrame, out_dir: str) -> list[str]:
+  models = [m for m in _model_order(metrics) if m in set(evals.model)]
+  tasks = [t for t in EVAL_TASKS if t in set(evals.task)]
+  if not models or not tasks:
+    return []
+  fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), squeeze=False)
+  for col, task in enumerate(tasks):
+    ax = axes[0, col]
+    for i, model in enumerate(models):
+      rows = evals[(evals.model == model) & (evals.task == task) & (evals.metric == "acc")]
+      rows = rows.sort_values("step")
+      ax.plot(rows.step, rows.value, marker=".", color=f"C{i}", label=model)
+    _log_axis(ax)
+    ax.set_title(task, fontsize=9)
+    ax.set_ylabel("accuracy (zero-shot)")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, out_dir, "evals")
+
+
+def figure_pairwise(pairwise: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
+  rows = pairwise[(pairwise.metric == estimator) & (pairwise["head"] == -1)
+                  & pairwise.component.isin(BAND_COMPONENTS)]
+  models = list(dict.fromkeys(rows.model))
+  if not models:
+    return []
+  fig, axes = plt.subplots(len(BAND_COMPONENTS), len(models), squeeze=False,
+                           figsize=(3.3 * len(models) + 1, 3 * len(BAND_COMPONENTS)))
+  for col, model in enumerate(models):
+    for row, component in enumerate(BAND_COMPONENTS):
+      ax = axes[row, col]
+      sel = rows[(rows.model == model) & (rows.component == component)]
+      matrix = sel.pivot_table(index="step", columns="other_step", values="value")
+      image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower")
+      ticks = np.linspace(0, len(matrix) - 1, min(len(matrix), 5)).astype(int)
+      labels = [str(matrix.index[t]) for t in ticks]
+      ax.set_xticks(ticks, labels, fontsize=6, rotation=45)
+      ax.set_yticks(ticks, labels, fontsize=6)
+      ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
+  fig.colorbar(image, ax=axes, shrink=0.6, label=f"{estimator}, mean over layers")
+  return _save(fig, out_dir, "pairwise_cka")
+
+
+def write_report(out_dir: str, evals_dir: str | None = None,
+                 estimators: Sequence[str] = ("cka", "cka_debiased")) -> list[str]:
+  """Draws every figure and report.md from <out_dir>'s tables; returns the paths written."""
+  from jax_pythia.sweep import SweepError  # the sweep's own error type
+
+  metrics_path = os.path.join(out_dir, "metrics.parquet")
+  if not os.path.exists(metrics_path):
+    raise SweepError(f"{metrics_path} not found: run tools.sweep with --out={out_dir} first")
+  metrics = pd.read_parquet(metrics_path)
+  pairwise_path = os.path.join(out_dir, "pairwise_cka.parquet")
+  pairwise = pd.read_parquet(pairwise_path) if os.path.exists(pairwise_path) else None
+  figures = os.path.join(out_dir, "figures")
+  written = []
+  for estimator in estimators:
+    written += figure_cka_bands(metrics, figures, estimator)
+  written += figure_per(metrics, figures)
+  paths, stats = figure_per_vs_convergence(metrics, figures, estimators[0])
+  written += paths
+  if pairwise is not None and not pairwise.empty:
+    written += figure_pairwise(pairwise, figures, estimators[-1])
+  evals_note = "no --evals_dir given"
+  if evals_dir:
+    from jax_pythia.evals import load_evals
+
+    drawn = figure_evals(load_evals(evals_dir), metrics, figures)
+    written += drawn
+    evals_note = "figures/evals.png" if drawn else f"no swept model has evaluations in {evals_dir}"
+  report_path = os.path.join(out_dir, "report.md")
+  text = _report_text(metrics, stats, estimators, evals_note)
+  tmp = report_path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, report_path)
+  return written + [report_path]
+
+
+def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str) -> str:
+  lines = ["# Sweep report", ""]
+  models = _model_order(metrics)
+  lines += [f"Models: {', '.join(models)}. Checkpoints per model: "
+            + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
+            + ".", ""]
+  lines += ["## Convergence (whole-layer CKA to the final checkpoint)", "",
+            "| model | component | estimator | median CKA at first step | first step with "
+            "median >= 0.9 | noise floor |", "|---|---|---|---|---|---|"]
+  for model in models:
+    for component in BAND_COMPONENTS:
+      for estimator in estimators:
+        steps, values = cka_table(metrics, model, component, estimator)
+        if not len(steps):
+          continue
+        median = np.median(values, axis=1)
+        above = np.flatnonzero(np.minimum.accumulate(median[::-1] >= 0.9)[::-1])
+        first = str(int(steps[above[0]])) if len(above) else "never"
+        floor = metrics[(metrics.model == model) & (metrics.component == component)
+                        & (metrics.metric == estimator + "_floor") & (metrics["head"] == -1)]
+        lines.append(f"| {model} | {component} | {estimator} | {median[0]:.3f} | {first} | "
+                     f"{floor.value.mean():.3f} |")
+  lines += ["", "## PER at the final checkpoint (mean over layers)", "",
+            "| model | component | weights | gradients |", "|---|---|---|---|"]
+  for model in models:
+    final = metrics[(metrics.model == model)]
+    final = final[final.step == final.step.max()]
+    for component in ("ov_head", "ov", "mlp"):
+      w = final[(final.component == component) & (final.metric == "per")].value.mean()
+      g = final[(final.component == component) & (final.metric == "grad_per")].value.mean()
+      lines.append(f"| {model} | {component} | {w:.3f} | {g:.3f} |")
+  lines += ["", "## PER vs convergence (layers pooled over models)", ""]
+  for component, s in stats.items():
+    lines.append(f"- {component}: Spearman {s['spearman']:.2f} (95% bootstrap "
+                 f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}]), Pearson "
+                 f"{s['pearson']:.2f} ([{s['pearson_low']:.2f}, {s['pearson_high']:.2f}])")
+  lines += ["", f"Downstream evaluations: {evals_note}.", "",
+            "Figures: figures/cka_bands.png, figures/cka_bands_debiased.png, "
+            "figures/per_over_training.png, figures/per_vs_convergence.png, "
+            "figures/pairwise_cka.png.", ""]
+  return "\n".join(lines)

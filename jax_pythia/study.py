@@ -1,0 +1,161 @@
+"""The study's per-checkpoint computations (METHOD.md), each one compiled call.
+
+Pure functions of (params, tokens) that wire the model's capture sites into the
+`analysis` kernels: activations for CKA, weight spectra, gradient statistics, loss. The
+sweep (`jax_pythia.sweep`) does the I/O around them.
+
+Activation components (`ACTIVATION_COMPONENTS`), with n = sequences x kept positions:
+  ov_head [L, H, n, dh]  a token's own value through head h's W_O (the paper's OV
+                         activation), stored in a d_head-dim basis that preserves every
+                         inner product (see `ov_head_features`), so CKA is unchanged
+  ov      [L, n, d]      the same summed over heads (whole-layer OV activation)
+  mlp     [L, n, d]      dense_4h_to_h output
+  resid   [L, n, d]      residual stream leaving the layer
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import analysis
+from jax_pythia import model as model_lib
+from jax_pythia.config import GPTNeoXConfig
+
+ACTIVATION_COMPONENTS = ("ov_head", "ov", "mlp", "resid")
+WEIGHT_COMPONENTS = analysis.COMPONENTS
+CKA_ESTIMATORS = {"cka": False, "cka_debiased": True}
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
+  """Per-head OV activations v_h @ W_O[h] in a d_head-dim orthonormal basis.
+
+  With W_O[h]^T = Q_h R_h (QR, Q_h [d, dh] orthonormal columns), v_h W_O[h] = v_h R_h^T
+  Q_h^T and Q_h^T preserves inner products, so every Gram matrix, hence every (debiased)
+  CKA, of the [n, d] activations equals that of the [n, dh] features v_h R_h^T: d/dh
+  times less to store and to multiply.
+
+  Args:
+    values: [L, n, H, dh]. out_kernel: [L, H, dh, d].
+  Returns:
+    [L, H, n, dh].
+  """
+  r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode="r")  # [L, H, dh, dh]
+  return jnp.einsum("lnhi,lhji->lhnj", values, r, precision=_HIGHEST)
+
+
+def activation_sites(value_slice: str) -> tuple[str, ...]:
+  sites = ("blocks.*.attn.hook_v", "blocks.*.hook_mlp_out", "blocks.*.hook_resid_post")
+  if value_slice == "reference":
+    sites += ("blocks.*.attn.hook_q", "blocks.*.attn.hook_k")
+  return sites
+
+
+@functools.cache
+def activation_fn(config: GPTNeoXConfig, value_slice: str):
+  """jit fn(params, tokens [b, s], idx [b, k] | None) -> {component: array} (module doc)."""
+  request = model_lib.SiteRequest.parse(activation_sites(value_slice), config)
+
+  @jax.jit
+  def fn(params, tokens, idx):
+    _, caps = model_lib.GPTNeoX(config, dtype=model_lib.params_dtype(params)).apply(
+        {"params": params}, tokens, idx, request, False)
+    # [L, b, k, ...] -> [L, n, ...] with n = b * k
+    flat = {name: x.reshape(x.shape[0], -1, *x.shape[3:]).astype(jnp.float32)
+            for name, x in caps.items()}
+    values = analysis.value_vectors(flat.get("blocks.*.attn.hook_q"),
+                                    flat.get("blocks.*.attn.hook_k"),
+                                    flat["blocks.*.attn.hook_v"], value_slice)
+    out_kernel = params["layers"]["attn"]["out"]["kernel"].astype(jnp.float32)
+    return {
+        "ov_head": ov_head_features(values, out_kernel),
+        "ov": analysis.ov_activations(values, out_kernel),
+        "mlp": flat["blocks.*.hook_mlp_out"],
+        "resid": flat["blocks.*.hook_resid_post"],
+    }
+
+  return fn
+
+
+@jax.jit
+def cka_against(acts: dict, ref: dict) -> dict:
+  """{(component, estimator): [L] or [L, H]}: CKA of each layer (head) against `ref`."""
+  return {(c, name): analysis.linear_cka(acts[c], ref[c], debiased=debiased)
+          for c in acts for name, debiased in CKA_ESTIMATORS.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("num_permutations",))
+def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dict:
+  """{(component, estimator): [L] or [L, H]}: mean CKA of `ref` against itself with rows
+  permuted: what CKA reads when the inputs do not correspond (METHOD.md)."""
+  out = {}
+  for c, x in ref.items():
+    for name, debiased in CKA_ESTIMATORS.items():
+      floors = analysis.cka_noise_floor(x, key, debiased=debiased,
+                                        num_permutations=num_permutations)
+      out[(c, name)] = floors.mean(0)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",))
+def weight_metrics(layers: dict, value_slice: str) -> dict:
+  """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra)."""
+  return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers),
+                                 value_slice)
+
+
+def gradient_weights(value_slice: str) -> tuple[str, ...]:
+  wrt = ("attn.value.kernel", "attn.out.kernel", "mlp.fc_out.kernel")
+  if value_slice == "reference":
+    wrt += ("attn.query.kernel", "attn.key.kernel")
+  return wrt
+
+
+@functools.cache
+def gradient_fn(config: GPTNeoXConfig, value_slice: str):
+  """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], {component: {metric: ...}}).
+
+  Each of the G batches (one training step's sequences, split into m microbatches of mb
+  so memory stays bounded) gives one gradient; metrics follow METHOD.md (mean singular
+  values over the G batches, norms, consecutive cosine).
+  """
+  wrt = gradient_weights(value_slice)
+
+  @jax.jit
+  def fn(params, batches):
+    def one_batch(microbatches):
+      def accumulate(total, tokens):
+        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt)
+        return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32),
+               model_lib.nest({p: jnp.zeros_like(model_lib._get(params["layers"], p))
+                               for p in wrt}))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+      m = microbatches.shape[0]
+      return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)
+
+    losses, grads = jax.lax.map(one_batch, batches)
+    layers = jax.tree.map(lambda x: x.astype(jnp.float32), params["layers"])
+    return losses, analysis.gradient_spectra(grads, layers, value_slice)
+
+  return fn
+
+
+@functools.cache
+def loss_fn(config: GPTNeoXConfig):
+  """jit fn(params, tokens [b, s+1]) -> mean next-token loss."""
+  return jax.jit(functools.partial(model_lib.lm_loss, config=config))
+
+
+@functools.partial(jax.jit, static_argnames=("debiased",))
+def pairwise_matrix(acts: jax.Array, debiased: bool) -> jax.Array:
+  """CKA between every pair of checkpoints: acts [C, *lead, n, e] -> [*lead, C, C]."""
+  x = jnp.moveaxis(acts, 0, -3)  # [*lead, C, n, e]
+  fn = functools.partial(analysis.pairwise_cka, debiased=debiased)
+  for _ in range(x.ndim - 3):
+    fn = jax.vmap(fn)
+  return fn(x)

@@ -1,0 +1,112 @@
+"""The study end to end: CKA convergence and effective rank over checkpoints.
+
+  python -m tools.sweep                      # the offline toy suite (built if missing)
+  python -m tools.sweep --models=pythia-70m-deduped,pythia-160m-deduped --steps=paper \
+      --data=/data/pile-deduped/document --out=runs/pythia
+
+For every model the final checkpoint goes first (the CKA reference), then the selected
+steps, the next one fetched while the current one computes. Results land under --out as
+they finish (rerun the same command to resume): metrics.parquet (model, step, layer,
+component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from tools import _cli
+
+DEFAULT_TOY_SUITE = os.path.join("runs", "toy_suite")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", [DEFAULT_TOY_SUITE],
+                  "Models: Pythia names (pythia-160m-deduped), Hub ids (org/name), "
+                  "directories of step<N>/ checkpoints, or a suite directory of such models. "
+                  f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
+                  "if missing.")
+flags.DEFINE_string("steps", "all", "Checkpoints: all, paper (the study's 27), a comma "
+                    "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
+                    "included: it is every CKA's reference.")
+flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
+flags.DEFINE_string("data", None, "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
+                    "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
+                    "Default: the data of the suite the models come from.")
+flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
+flags.DEFINE_integer("sequences_per_step", None, "Sequences per training batch in --data "
+                     "(Pythia: 1024; a suite's manifest says its own).")
+flags.DEFINE_integer("n_sequences", 128, "Sequences of the fixed batch activations are "
+                     "taken on (the paper: 128).")
+flags.DEFINE_string("positions", "last", "Token positions per sequence: last (the paper), "
+                    "all, or random:K.")
+flags.DEFINE_integer("data_step", None, "Training step whose batch gives the fixed inputs "
+                     "(default: the step before the final checkpoint, 142999 for Pythia).")
+flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
+flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
+flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
+flags.DEFINE_integer("gradient_microbatch", 0, "Split gradient batches into microbatches "
+                     "of this many sequences to bound memory (0: whole batch).")
+flags.DEFINE_enum("value_slice", "per_head", ["per_head", "reference"],
+                  "per_head: the true per-head values. reference: the reference code's "
+                  "last third of the fused qkv (METHOD.md's defect), only to reproduce "
+                  "published numbers.")
+flags.DEFINE_integer("loss_sequences", 0, "Also record the loss on this many sequences of "
+                     "the final step's batch, which no checkpoint trained on (0: off).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_integer("seed", 0, "Seed of random positions and the CKA noise floor.")
+flags.DEFINE_enum("on_error", "stop", ["stop", "skip"], "A checkpoint that fails to load: "
+                  "stop the run, or skip it and record it in checkpoints.parquet.")
+flags.DEFINE_bool("keep_checkpoints", False, "Keep fetched Hub weights in the cache after "
+                  "processing (default: evict them; 154 checkpoints of 12b are terabytes).")
+flags.DEFINE_string("evals_dir", None, "Published Pythia evaluations (Pythia's "
+                    "evals/pythia-v1) to draw downstream accuracy on the same step axis.")
+flags.DEFINE_bool("figures", True, "Draw the figures and report.md when done.")
+
+
+def main(argv):
+  _cli.reject_extra_args(argv)
+  from tqdm import tqdm
+
+  from jax_pythia import report, sweep
+
+  if FLAGS.models == [DEFAULT_TOY_SUITE] and not os.path.isdir(DEFAULT_TOY_SUITE):
+    from jax_pythia import toy_suite
+
+    print(f"building the offline toy suite in {DEFAULT_TOY_SUITE} (once)")
+    toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
+  models = sweep.resolve_models(FLAGS.models)
+  source = sweep.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
+  options = sweep.SweepOptions(
+      n_sequences=FLAGS.n_sequences, positions=FLAGS.positions, data_step=FLAGS.data_step,
+      gradients=FLAGS.gradients, gradient_window=FLAGS.gradient_window,
+      gradient_sequences=FLAGS.gradient_sequences,
+      gradient_microbatch=FLAGS.gradient_microbatch, value_slice=FLAGS.value_slice,
+      loss_sequences=FLAGS.loss_sequences, dtype=FLAGS.dtype, seed=FLAGS.seed)
+  bar = tqdm(unit="ckpt", dynamic_ncols=True, delay=0.5)
+
+  def progress(model, step):
+    bar.set_postfix_str(f"{model} step {step}")
+    bar.update(1)
+
+  runner = sweep.Sweep(models, FLAGS.steps, source, FLAGS.out, options,
+                       on_error=FLAGS.on_error, keep_checkpoints=FLAGS.keep_checkpoints,
+                       progress=progress)
+  pending = runner.pending()
+  todo = sum(map(len, pending.values()))
+  total = sum(map(len, runner.plan.values()))
+  print(f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
+        f"results in {FLAGS.out}")
+  bar.reset(total=todo)
+  with bar:
+    runner.run()
+  paths = sweep.finalize(FLAGS.out, [m.name for m in models])
+  for path in paths.values():
+    print(f"wrote {path}")
+  if FLAGS.figures:
+    for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
+      print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  _cli.run(main)
