@@ -332,9 +332,11 @@ def load_checkpoint(spec: str | os.PathLike | CheckpointSpec, dtype: Any = "floa
                                  local_files_only=local_files_only)
   config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
   state = weights.read_state_dict(directory)
-  params = weights.convert_state_dict(state, config, dtype)
-  del state  # drop the mmaps as soon as the converted copy exists
-  return config, jax.device_put(params, _shardings_like(params, sharding))
+  if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+    _shardings_like(weights.param_shapes(config), sharding)  # a clear error on a mismatch
+  params = weights.convert_state_dict_on_device(state, config, dtype, sharding)
+  del state  # drop the mmaps once the converted copy exists
+  return config, params
 
 
 # --------------------------------------------------------------------------- orbax cache

@@ -407,16 +407,9 @@ def _few(names: list[str], n: int = 5) -> str:
   return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
-                       dtype: Any = "float32") -> dict[str, Any]:
-  """HF GPT-NeoX tensors -> the Flax parameter tree (numpy arrays of `dtype`).
-
-  Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
-  `embed_out.weight`); the mask and rotary buffers of old .bin files are ignored. Any
-  other unexpected tensor, a missing one, a shape that disagrees with `config` or a
-  non-finite value is a CheckpointError naming the tensor (and its file when known).
-  """
-  target = resolve_dtype(dtype)
+def _validated(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig):
+  """({canonical name: (stored name, array)}, where(name) -> location text), after
+  checking names and shapes against `config`."""
   sources = getattr(state_dict, "sources", {})
 
   def where(name):
@@ -453,6 +446,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConf
           f"vocab_size={config.vocab_size}), found {list(arr.shape)}"
       )
 
+  return tensors, where
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
+                       dtype: Any = "float32") -> dict[str, Any]:
+  """HF GPT-NeoX tensors -> the Flax parameter tree (numpy arrays of `dtype`).
+
+  Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
+  `embed_out.weight`); the mask and rotary buffers of old .bin files are ignored. Any
+  other unexpected tensor, a missing one, a shape that disagrees with `config` or a
+  non-finite value is a CheckpointError naming the tensor (and its file when known).
+  """
+  target = resolve_dtype(dtype)
+  tensors, where = _validated(state_dict, config)
   L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
 
   def src(canon):
@@ -521,6 +528,104 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConf
                "bias": single("gpt_neox.final_layer_norm.bias")},
       "embed_out": {"kernel": single("embed_out.weight", lambda w: w.T)},
   }
+
+
+def _device_layout(config: GPTNeoXConfig, target: np.dtype):
+  """A jax function {canonical name: array} -> (params, finite flags), the same layout
+  as `convert_state_dict`, and [(flag path, source names)] to read the flags back."""
+  import jax.numpy as jnp
+
+  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
+  per_layer = lambda suffix: [f"gpt_neox.layers.{l}.{suffix}" for l in range(L)]  # noqa: E731
+  qkv_w = lambda j: lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1)  # noqa: E731
+  qkv_b = lambda j: lambda b: b.reshape(H, 3, dh)[:, j]  # noqa: E731
+  ident, T = (lambda w: w), (lambda w: w.T)
+  # (leaf path, source: one name or one per layer, transform of one source tensor)
+  table = [
+      (("embed_in", "embedding"), "gpt_neox.embed_in.weight", ident),
+      (("layers", "ln_1", "scale"), per_layer("input_layernorm.weight"), ident),
+      (("layers", "ln_1", "bias"), per_layer("input_layernorm.bias"), ident),
+      *[(("layers", "attn", n, "kernel"), per_layer("attention.query_key_value.weight"),
+         qkv_w(j)) for j, n in enumerate(("query", "key", "value"))],
+      *[(("layers", "attn", n, "bias"), per_layer("attention.query_key_value.bias"), qkv_b(j))
+        for j, n in enumerate(("query", "key", "value"))],
+      (("layers", "attn", "out", "kernel"), per_layer("attention.dense.weight"),
+       lambda w: w.T.reshape(H, dh, d)),
+      (("layers", "attn", "out", "bias"), per_layer("attention.dense.bias"), ident),
+      (("layers", "ln_2", "scale"), per_layer("post_attention_layernorm.weight"), ident),
+      (("layers", "ln_2", "bias"), per_layer("post_attention_layernorm.bias"), ident),
+      (("layers", "mlp", "fc_in", "kernel"), per_layer("mlp.dense_h_to_4h.weight"), T),
+      (("layers", "mlp", "fc_in", "bias"), per_layer("mlp.dense_h_to_4h.bias"), ident),
+      (("layers", "mlp", "fc_out", "kernel"), per_layer("mlp.dense_4h_to_h.weight"), T),
+      (("layers", "mlp", "fc_out", "bias"), per_layer("mlp.dense_4h_to_h.bias"), ident),
+      (("ln_f", "scale"), "gpt_neox.final_layer_norm.weight", ident),
+      (("ln_f", "bias"), "gpt_neox.final_layer_norm.bias", ident),
+      (("embed_out", "kernel"), "embed_out.weight", T),
+  ]
+
+  def layout(src):
+    params, flags = {}, {}
+    for path, names, fn in table:
+      if isinstance(names, str):
+        leaf = fn(src[names]).astype(target)
+        flag = jnp.isfinite(leaf).all()
+      else:
+        leaf = jnp.stack([fn(src[n]) for n in names]).astype(target)
+        flag = jnp.isfinite(leaf).reshape(L, -1).all(axis=1)
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = leaf
+      flags["/".join(path)] = flag
+    return params, flags
+
+  return layout, [("/".join(path), names) for path, names, _ in table]
+
+
+def convert_state_dict_on_device(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
+                                 dtype: Any = "float32", sharding: Any = None) -> dict[str, Any]:
+  """`convert_state_dict`, done by XLA: the stored tensors go to the device as they are
+  (fp16: half the bytes of fp32) and one jitted function casts, transposes, stacks and
+  checks finiteness there; the params come out as jax arrays on `sharding` (one Sharding
+  for all leaves or a matching pytree; None: the default device). Same checks, same
+  errors, bit-identical results; much faster than numpy's scalar fp16 casts.
+  """
+  import jax
+
+  target = resolve_dtype(dtype)
+  tensors, where = _validated(state_dict, config)
+  layout, flag_sources = _device_layout(config, target)
+  src = {canon: arr for canon, (_, arr) in tensors.items()}
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    fn = _jit_cached(config, dtype_name(target), sharding)
+  else:
+    fn = jax.jit(layout, out_shardings=(sharding, None))
+  params, flags = fn(src)
+  flags = jax.device_get(flags)
+  for path, names in flag_sources:
+    ok = np.atleast_1d(flags[path])
+    if not ok.all():
+      bad = names if isinstance(names, str) else names[int(np.argmin(ok))]
+      arr = np.asarray(tensors[bad][1], np.float32)
+      kind = "NaN" if np.isnan(arr).any() else "infinite"
+      # A finite source that is not finite after the cast overflowed the target dtype.
+      cast = "" if not np.isfinite(arr).all() else f" (in {dtype_name(target)})"
+      raise CheckpointError(f"{where(tensors[bad][0])}: holds {kind} values{cast}")
+  return params
+
+
+_JIT_CACHE: dict[Any, Any] = {}
+
+
+def _jit_cached(config: GPTNeoXConfig, dtype: str, sharding: Any):
+  """One compiled layout per (config, dtype, sharding): a sweep compiles once."""
+  import jax
+
+  key = (config, dtype, sharding)
+  if key not in _JIT_CACHE:
+    layout, _ = _device_layout(config, DTYPES[dtype])
+    _JIT_CACHE[key] = jax.jit(layout, out_shardings=(sharding, None) if sharding else None)
+  return _JIT_CACHE[key]
 
 
 def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> dict[str, np.ndarray]:

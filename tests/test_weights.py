@@ -355,3 +355,29 @@ def test_unsupported_config(ckpts, tmp_path):
 def test_unsupported_dtype_argument(ckpts):
   with pytest.raises(CheckpointError, match="dtype='int8'"):
     _load(ckpts["safetensors"].path, "int8")
+
+
+@pytest.mark.parametrize("form,dtype", [("safetensors", "float32"), ("hub", "bfloat16"),
+                                        ("hub", "float16"), ("bin", "float32")])
+def test_on_device_conversion_is_bit_identical(ckpts, form, dtype):
+  config, expected = _load(ckpts[form].path, dtype)
+  got = weights.convert_state_dict_on_device(weights.read_state_dict(ckpts[form].path),
+                                             config, dtype)
+  for (path, a), (_, b) in zip(_leaves(got), _leaves(expected)):
+    assert a.dtype == b.dtype, path
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8),
+                                  err_msg=path)
+
+
+def test_on_device_conversion_names_a_non_finite_tensor(ckpts, tmp_path):
+  d = _copy(ckpts["safetensors"].path, tmp_path / "d")
+  name = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
+
+  def poison(state):
+    state[name] = state[name].copy()
+    state[name][3, 4] = math.nan
+
+  _rewrite(d, poison)
+  config = GPTNeoXConfig.from_json_file(d / "config.json")
+  with pytest.raises(CheckpointError, match=rf"tensor '{name}': holds NaN"):
+    weights.convert_state_dict_on_device(weights.read_state_dict(d), config)
