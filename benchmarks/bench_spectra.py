@@ -1,0 +1,224 @@
+"""Batched JAX spectra vs the reference's per-matrix loops, on random Pythia-shaped weights.
+
+Run: python -m benchmarks.bench_spectra [--sizes 70m,410m] [--grad-batches 11]
+     [--grad-layers-410m 2]
+
+"Reference way" = what pretraining-playground's checkpoint_metric_computation.py does:
+loop over layers and heads, build each d x d OV matrix (and the chain-rule gradient),
+scipy.linalg.svdvals it, PER in Python. "Batched" = analysis.weight_spectra /
+analysis.gradient_spectra under jit (per-head spectra from QR cores). Same random inputs;
+the max relative difference is over every PER value both produce. Compile time is
+reported separately; timings are single warm runs (the machine may be shared, so the
+load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+if __package__ in (None, ''):  # allow `python benchmarks/bench_spectra.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import analysis  # noqa: E402
+
+SHAPES = {  # PYTHIA.md
+  '70m': dict(layers=6, d=512, heads=8, head_dim=64),
+  '410m': dict(layers=24, d=1024, heads=16, head_dim=64),
+}
+
+
+def random_checkpoint(shape, grad_batches, seed=0):
+  """Flax-layout layers params and G gradient batches (value, out, fc_out kernels)."""
+  rng = np.random.default_rng(seed)
+  num_layers, d, heads, head_dim = (shape[k] for k in ('layers', 'd', 'heads', 'head_dim'))
+  f = 4 * d
+
+  def w(scale, *dims):
+    return (scale * rng.standard_normal(dims)).astype(np.float32)
+
+  layers = {'attn': {'value': {'kernel': w(0.02, num_layers, d, heads, head_dim)},
+                     'out': {'kernel': w(0.02, num_layers, heads, head_dim, d)}},
+            'mlp': {'fc_out': {'kernel': w(0.02, num_layers, f, d)}}}
+  grads = {'attn': {'value': {'kernel': w(1e-3, grad_batches, num_layers, d, heads, head_dim)},
+                    'out': {'kernel': w(1e-3, grad_batches, num_layers, heads, head_dim, d)}},
+           'mlp': {'fc_out': {'kernel': w(1e-3, grad_batches, num_layers, f, d)}}}
+  return layers, grads
+
+
+# ----- the reference's way -----------------------------------------------------------------
+
+
+def python_per(s, k):
+  s = sorted((float(v) for v in s), reverse=True)[:k]
+  total = sum(s)
+  entropy = -sum(v / total * np.log(v / total) for v in s if v > 0)
+  return float(np.exp(entropy)) / k
+
+
+def torch_factors(layers, layer):
+  """W_O [d, D] and W_V [D, d] of one layer in torch (out, in) layout."""
+  value = layers['attn']['value']['kernel'][layer]  # [d, H, dh]
+  out = layers['attn']['out']['kernel'][layer]  # [H, dh, d]
+  d = value.shape[0]
+  return out.reshape(-1, d).T, value.reshape(d, -1).T
+
+
+def reference_weights(layers, shape):
+  heads, head_dim, d = shape['heads'], shape['head_dim'], shape['d']
+  timings = {'ov_head': 0.0, 'ov': 0.0, 'mlp': 0.0}
+  per = {'ov_head': [], 'ov': [], 'mlp': []}
+  for layer in range(shape['layers']):
+    w_o, w_v = torch_factors(layers, layer)
+    start = time.perf_counter()
+    row = []
+    for h in range(heads):
+      cols = slice(h * head_dim, (h + 1) * head_dim)
+      row.append(python_per(scipy.linalg.svdvals(w_o[:, cols] @ w_v[cols, :]), head_dim))
+    per['ov_head'].append(row)
+    timings['ov_head'] += time.perf_counter() - start
+    start = time.perf_counter()
+    per['ov'].append(python_per(scipy.linalg.svdvals(w_o @ w_v), d))
+    timings['ov'] += time.perf_counter() - start
+    start = time.perf_counter()
+    dense_4h_to_h = layers['mlp']['fc_out']['kernel'][layer].T
+    per['mlp'].append(python_per(scipy.linalg.svdvals(dense_4h_to_h), d))
+    timings['mlp'] += time.perf_counter() - start
+  return {k: np.array(v) for k, v in per.items()}, timings
+
+
+def reference_gradients(layers, grads, shape, num_layers):
+  heads, head_dim, d = shape['heads'], shape['head_dim'], shape['d']
+  num_batches = grads['mlp']['fc_out']['kernel'].shape[0]
+  timings = {'ov_head': 0.0, 'ov': 0.0, 'mlp': 0.0}
+  per = {'ov_head': [], 'ov': [], 'mlp': []}
+  for layer in range(num_layers):
+    w_o, w_v = torch_factors(layers, layer)
+    grad_factors = [torch_factors(jax.tree.map(lambda g, t=t: g[t], grads), layer)
+                    for t in range(num_batches)]
+    start = time.perf_counter()
+    row = []
+    for h in range(heads):
+      cols = slice(h * head_dim, (h + 1) * head_dim)
+      spectra = [scipy.linalg.svdvals(dw_o[:, cols] @ w_v[cols, :] + w_o[:, cols] @ dw_v[cols, :])
+                 for dw_o, dw_v in grad_factors]
+      row.append(python_per(np.mean(spectra, axis=0), 2 * head_dim))
+    per['ov_head'].append(row)
+    timings['ov_head'] += time.perf_counter() - start
+    start = time.perf_counter()
+    spectra = [scipy.linalg.svdvals(dw_o @ w_v + w_o @ dw_v) for dw_o, dw_v in grad_factors]
+    per['ov'].append(python_per(np.mean(spectra, axis=0), d))
+    timings['ov'] += time.perf_counter() - start
+    start = time.perf_counter()
+    spectra = [scipy.linalg.svdvals(grads['mlp']['fc_out']['kernel'][t, layer].T)
+               for t in range(num_batches)]
+    per['mlp'].append(python_per(np.mean(spectra, axis=0), d))
+    timings['mlp'] += time.perf_counter() - start
+  return {k: np.array(v) for k, v in per.items()}, timings
+
+
+# ----- batched ----------------------------------------------------------------------------
+
+
+def timed_jit(fn, *args):
+  """(compile seconds, warm run seconds, output) for jax.jit(fn)(*args)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))  # warm-up run
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return compile_s, time.perf_counter() - start, out
+
+
+def batched_component_fns(shape):
+  """Per-component jitted pieces, to report the split (the sweep calls weight_spectra)."""
+  d, head_dim = shape['d'], shape['head_dim']
+  return {
+    'ov_head': lambda layers: analysis.proportional_effective_rank(
+      analysis.ov_head_singular_values(layers['attn']), head_dim),
+    'ov': lambda layers: analysis.proportional_effective_rank(
+      analysis.ov_singular_values(layers['attn']), d),
+    'mlp': lambda layers: analysis.proportional_effective_rank(
+      analysis.mlp_singular_values(layers['mlp']), d),
+  }
+
+
+def max_relative_difference(ours, reference):
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  return float(np.max(np.abs(ours - reference) / np.abs(reference)))
+
+
+def report(label, ref_s, ours_s, compile_s, rel):
+  ratio = ref_s / ours_s if ours_s > 0 else float('inf')
+  print(f'  {label:<22} reference {ref_s:9.3f} s   batched {ours_s:8.3f} s   '
+        f'ratio {ratio:8.1f}x   compile {compile_s:6.2f} s   max rel diff {rel:.2e}')
+  return rel
+
+
+def bench_size(name, grad_batches, grad_layers):
+  shape = SHAPES[name]
+  print(f'\n== pythia-{name}: L={shape["layers"]} d={shape["d"]} H={shape["heads"]} '
+        f'dh={shape["head_dim"]}  (load average {os.getloadavg()[0]:.1f}, '
+        f'{os.cpu_count()} cores)')
+  layers_np, grads_np = random_checkpoint(shape, grad_batches)
+  layers = jax.tree.map(jnp.asarray, layers_np)
+  worst = 0.0
+
+  ref_per, ref_times = reference_weights(layers_np, shape)
+  print(' weights (one checkpoint):')
+  ours_total = 0.0
+  for component, fn in batched_component_fns(shape).items():
+    compile_s, run_s, per = timed_jit(fn, layers)
+    ours_total += run_s
+    worst = max(worst, report(component, ref_times[component], run_s, compile_s,
+                              max_relative_difference(per, ref_per[component])))
+  compile_s, run_s, spectra = timed_jit(analysis.weight_spectra, layers)
+  rel = max(max_relative_difference(spectra[c]['per'], ref_per[c]) for c in ref_per)
+  worst = max(worst, report('all (weight_spectra)', sum(ref_times.values()), run_s, compile_s,
+                            rel))
+
+  num_layers = grad_layers or shape['layers']
+  subset = lambda tree, axis: jax.tree.map(  # noqa: E731
+    lambda a: np.take(a, np.arange(num_layers), axis=axis), tree)
+  layers_sub, grads_sub = subset(layers_np, 0), subset(grads_np, 1)
+  ref_per, ref_times = reference_gradients(layers_sub, grads_sub, shape, num_layers)
+  note = '' if num_layers == shape['layers'] else \
+    f', measured on {num_layers} of {shape["layers"]} layers (both ways)'
+  print(f' gradients ({grad_batches} gradient batches{note}):')
+  compile_s, run_s, spectra = timed_jit(analysis.gradient_spectra,
+                                        jax.tree.map(jnp.asarray, grads_sub),
+                                        jax.tree.map(jnp.asarray, layers_sub))
+  rel = max(max_relative_difference(spectra[c]['per'], ref_per[c]) for c in ref_per)
+  worst = max(worst, report('all (gradient_spectra)', sum(ref_times.values()), run_s,
+                            compile_s, rel))
+  print('   reference split: ' + ', '.join(f'{c} {t:.2f} s' for c, t in ref_times.items()))
+  return worst
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--sizes', default='70m,410m')
+  parser.add_argument('--grad-batches', type=int, default=11)
+  parser.add_argument('--grad-layers-410m', type=int, default=2,
+                      help='layers of 410m used for the gradient comparison (0 = all 24)')
+  args = parser.parse_args(argv)
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; float32')
+  worst = 0.0
+  for name in args.sizes.split(','):
+    grad_layers = args.grad_layers_410m if name == '410m' else 0
+    worst = max(worst, bench_size(name, args.grad_batches, grad_layers))
+  print(f'\nmax relative difference of PER over everything: {worst:.2e} '
+        f'({"ok" if worst <= 1e-4 else "ABOVE 1e-4"})')
+  return 0 if worst <= 1e-4 else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
