@@ -270,29 +270,31 @@ def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = 
   return jax.lax.map(per_checkpoint, acts_heads, batch_size=checkpoint_batch_size)
 
 
-def pairwise_cka(acts: jax.Array, debiased: bool = False) -> jax.Array:
+def pairwise_cka(acts: jax.Array, debiased: bool = False,
+                 gram_budget: int = 2**27) -> jax.Array:
   """CKA between every pair of checkpoints (same layer, same inputs).
 
   Args:
     acts: [C, n, d] (vmap over a layer axis for [L, C, n, d]).
   Returns:
     [C, C], symmetric, ones on the diagonal (NaN rows for constant activations).
-  When n <= d each checkpoint's (unbiased-)centred, normalised Gram matrix is flattened and
-  the whole matrix is one [C, n^2] @ [n^2, C] product; otherwise pairs are evaluated in
-  feature space, one row of checkpoints at a time (memory ~C d^2).
+  When n <= d and the C Gram matrices fit in `gram_budget` floats, each checkpoint's
+  (unbiased-)centred, normalised Gram matrix is flattened and the whole matrix is one
+  [C, n^2] @ [n^2, C] product; otherwise pairs are evaluated in feature space one at a
+  time (compiled loop; memory ~d^2 beyond the inputs).
   """
   require_ndim('acts', acts, 3)
   _check_pair(acts, acts, debiased)
   c, n, d = acts.shape
   centred = jax.vmap(_centre_and_scale)(acts)
-  if n <= d:
+  if n <= d and c * n * n <= gram_budget:
     grams = _mm(centred, jnp.swapaxes(centred, -1, -2))
     centre = _unbiased_centre_gram if debiased else _centre_gram
     flat = jax.vmap(centre)(grams).reshape(c, n * n)
     flat = flat / jnp.linalg.norm(flat, axis=1, keepdims=True)
     return _mm(flat, flat.T)
   self_hsic = jax.vmap(lambda a: _feature_hsic(a, a, debiased))(centred)
-  row = lambda a: jax.vmap(lambda b: _feature_hsic(a, b, debiased))(centred)  # noqa: E731
+  row = lambda a: jax.lax.map(lambda b: _feature_hsic(a, b, debiased), centred)  # noqa: E731
   cross = jax.lax.map(row, centred)
   return cross / jnp.sqrt(self_hsic[:, None] * self_hsic[None, :])
 

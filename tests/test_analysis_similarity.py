@@ -199,3 +199,21 @@ def test_float64_path():
     got = analysis.linear_cka(jnp.asarray(x), jnp.asarray(y), debiased=True)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, np_debiased_cka(x, y), rtol=1e-10)
+
+
+def test_jit_and_vmap_compose():
+  x = jnp.asarray(rand(20, 3, 16, 5), jnp.float32)
+  y = jnp.asarray(rand(21, 3, 16, 4), jnp.float32)
+  expected = np.array([np_feature_cka(np.asarray(x[i], np.float64), np.asarray(y[i], np.float64))
+                       for i in range(3)])
+  vmapped = jax.vmap(analysis.linear_cka)(x, y)
+  jitted = jax.jit(analysis.linear_cka, static_argnames='debiased')(x, y)
+  np.testing.assert_allclose(vmapped, expected, rtol=1e-5)
+  np.testing.assert_allclose(jitted, expected, rtol=1e-5)
+  acts = jnp.stack([x[:, :, :4], y])  # [C=2, L=3, n, d]
+  got = jax.jit(analysis.cka_to_reference, static_argnames=('debiased',))(acts, y, debiased=True)
+  assert got.shape == (2, 3)
+  np.testing.assert_allclose(got[1], 1.0, rtol=1e-5)
+  pair_feature = analysis.pairwise_cka(y, gram_budget=0)  # forced feature-space loop
+  pair_gram = analysis.pairwise_cka(y)
+  np.testing.assert_allclose(pair_feature, pair_gram, rtol=1e-5)

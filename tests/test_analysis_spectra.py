@@ -228,3 +228,20 @@ def test_weight_spectra_summary():
   assert float(out['ov']['per'][0]) == pytest.approx(np_per(whole_s, 16), rel=1e-4)
   mlp_s = np.linalg.svd(np.asarray(layers['mlp']['fc_out']['kernel'][1]), compute_uv=False)
   assert float(out['mlp']['per'][1]) == pytest.approx(np_per(mlp_s, 16), rel=1e-4)
+
+
+def test_reference_slice_on_gradients_and_summaries():
+  layers = random_layers(10, layers=2, d=12, heads=3, head_dim=4)
+  grads = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a + 0.1]), random_layers(11, 2, 12, 3, 4))
+  ref = analysis.gradient_spectra(grads, layers, 'reference')
+  true = analysis.gradient_spectra(grads, layers)
+  assert ref['ov_head']['per'].shape == (2, 3)
+  assert float(jnp.max(jnp.abs(ref['ov']['per'] - true['ov']['per']))) > 1e-4
+  # The reference value kernel is the fused W[-d:, :] regrouped into the Flax layout.
+  fused = np_fused_qkv(layers['attn'], 1)
+  np.testing.assert_array_equal(
+    analysis.value_kernel(layers['attn'], 'reference')[1].reshape(12, 12), fused[-12:, :].T)
+  weights_ref = analysis.weight_spectra(layers, 'reference')
+  s = np.linalg.svd(np.asarray(layers['attn']['out']['kernel'][1]).reshape(12, 12).T
+                    @ fused[-12:, :], compute_uv=False)
+  assert float(weights_ref['ov']['per'][1]) == pytest.approx(np_per(s, 12), rel=1e-4)
