@@ -60,8 +60,14 @@ def _check_pair(x, y, debiased: bool) -> int:
   return n
 
 
+def _at_least_float32(x):
+  # Checkpoints are stored in float16/bfloat16; their sums of squares need float32 at least.
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _centre_and_scale(x):
   """[n, d] -> [n, d] column-centred and scaled to unit Frobenius norm (NaN if constant)."""
+  x = _at_least_float32(x)
   x = x - jnp.mean(x, axis=0, keepdims=True)
   return x / jnp.sqrt(jnp.sum(jnp.square(x)))
 
@@ -176,6 +182,7 @@ def _centre_gram(k):
 
 
 def _gram_cka_single(k, l, debiased: bool):
+  k, l = _at_least_float32(k), _at_least_float32(l)
   if debiased:
     kc, lc = _unbiased_centre_gram(k), _unbiased_centre_gram(l)
   else:

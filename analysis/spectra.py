@@ -31,6 +31,8 @@ def singular_values(matrices: jax.Array) -> jax.Array:
   """
   require_ndim('matrices', matrices, 2)
   require_nonempty('matrices', matrices)
+  # float16/bfloat16 weights (as stored on the Hub) are decomposed in float32.
+  matrices = matrices.astype(jnp.promote_types(matrices.dtype, jnp.float32))
   *lead, a, b = matrices.shape
   count = math.prod(lead)
   if count <= 1 or min(a, b) < _SEQUENTIAL_SVD_MIN_DIM:
@@ -70,6 +72,8 @@ def product_singular_values(left: jax.Array, right: jax.Array,
   require_ndim('right', right, 2)
   if left.shape[-1] != right.shape[-2]:
     raise ValueError(f'inner dims differ: left {left.shape} @ right {right.shape}')
+  dtype = jnp.promote_types(jnp.result_type(left, right), jnp.float32)
+  left, right = left.astype(dtype), right.astype(dtype)
   m, r = left.shape[-2:]
   n = right.shape[-1]
   if method == 'auto':

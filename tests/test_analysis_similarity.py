@@ -217,3 +217,12 @@ def test_jit_and_vmap_compose():
   pair_feature = analysis.pairwise_cka(y, gram_budget=0)  # forced feature-space loop
   pair_gram = analysis.pairwise_cka(y)
   np.testing.assert_allclose(pair_feature, pair_gram, rtol=1e-5)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+  x, y = rand(22, 40, 6), rand(23, 40, 5) + rand(22, 40, 6)[:, :5]
+  got = analysis.linear_cka(jnp.asarray(x, jnp.float16), jnp.asarray(y, jnp.bfloat16))
+  assert got.dtype == jnp.float32
+  x16 = np.asarray(jnp.asarray(x, jnp.float16), np.float64)
+  y16 = np.asarray(jnp.asarray(y, jnp.bfloat16).astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(got, np_feature_cka(x16, y16), rtol=1e-5)
