@@ -210,7 +210,9 @@ class ToySuiteOptions:
   # batch must hold them; at 2 CPU cores that leaves ~200 steps for ~5 minutes.
   sequences_per_step: int = 128
   n_steps: int = 200
-  checkpoint_every: int = 10
+  # 19 checkpoints: the sweep computes gradients on 11 batches around each one, so more
+  # checkpoints would cost the sweep more than the training itself.
+  checkpoint_every: int = 20
   log_checkpoints_until: int = 128
   seed: int = 0
   lr_scale: float = 1.0
@@ -585,6 +587,21 @@ def _load_train_state(path: str, params_like, opt_state_like):
   return step, params, opt_state, losses
 
 
+def _remove_stale_temporaries(directory: str) -> None:
+  """Drops what a killed build left half-written (`.<name>.tmp-*`, `.<name>.old-*`)."""
+  import shutil
+
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+      path = os.path.join(directory, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.unlink(path)
+
+
 def _saved_step(path: str) -> int | None:
   """The step of a resume state, reading only that field; None if absent or unreadable."""
   try:
@@ -614,6 +631,26 @@ def _loss_csv(losses: Sequence[float], lrs: np.ndarray) -> bytes:
 ProgressFn = Callable[[str, int, int, float | None], None]
 
 
+class TqdmProgress:
+  """A ProgressFn drawing one tqdm bar per model (rate, ETA, latest loss) on stderr."""
+
+  def __init__(self):
+    self.bars = {}
+
+  def __call__(self, name: str, done: int, total: int, loss: float | None) -> None:
+    from tqdm import tqdm
+
+    bar = self.bars.get(name)
+    if bar is None:
+      bar = self.bars[name] = tqdm(total=total, initial=done, desc=name, unit="step",
+                                   dynamic_ncols=True)
+    bar.update(done - bar.n)
+    if loss is not None and (done % 10 == 0 or done == total):
+      bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    if done == total:
+      bar.close()
+
+
 @dataclasses.dataclass
 class _RunBudget:
   """Steps this run may still take (None: unlimited); simulates an interruption."""
@@ -641,6 +678,7 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
   budget = budget or _RunBudget(None)
   log = log or (lambda message: None)
   model_dir = os.path.join(os.fspath(out_dir), size.name)
+  _remove_stale_temporaries(model_dir)
   state_path = os.path.join(model_dir, TRAIN_STATE_FILE)
   loss_path = os.path.join(model_dir, TRAIN_LOSS_FILE)
   steps = options.checkpoint_steps()
@@ -911,13 +949,16 @@ def _final_loss(path: str, last: int = 10) -> float:
   return float(np.mean(losses[-last:]))
 
 
-def ensure_toy_suite(out_dir: str | os.PathLike, *, progress: ProgressFn | None = None,
+def ensure_toy_suite(out_dir: str | os.PathLike, *, progress: ProgressFn | str | None = "bars",
                      log: Callable[[str], None] | None = None, **options) -> dict[str, Any]:
   """The manifest of the toy suite in `out_dir`, building or resuming it first if needed.
 
   `options` override fields of `ToySuiteOptions` (e.g. `n_steps=200`, `sizes="2x32,4x64"`).
-  Returns at once (reading suite.json) when the suite is complete.
+  Returns at once (reading suite.json) when the suite is complete. A build shows tqdm bars
+  unless `progress` is None or another ProgressFn.
   """
+  if progress == "bars":
+    progress = TqdmProgress()
   result = build_toy_suite(out_dir, ToySuiteOptions.from_overrides(**options),
                            progress=progress, log=log)
   return result.manifest

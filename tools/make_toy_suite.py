@@ -38,26 +38,6 @@ _OPTION_FLAGS = ("sizes", "seq_len", "sequences_per_step", "n_steps", "checkpoin
                  "log_checkpoints_until", "seed", "lr_scale")
 
 
-class _ProgressBars:
-  """One tqdm bar per model, with its latest training loss."""
-
-  def __init__(self):
-    self.bars = {}
-
-  def __call__(self, name: str, done: int, total: int, loss: float | None) -> None:
-    from tqdm import tqdm
-
-    bar = self.bars.get(name)
-    if bar is None:
-      bar = self.bars[name] = tqdm(total=total, initial=done, desc=name, unit="step",
-                                   dynamic_ncols=True)
-    bar.update(done - bar.n)
-    if loss is not None and (done % 10 == 0 or done == total):
-      bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    if done == total:
-      bar.close()
-
-
 def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import toy_suite
@@ -68,7 +48,7 @@ def main(argv):
   options = toy_suite.ToySuiteOptions.from_overrides(**{**preset.to_dict(), **overrides})
   result = toy_suite.build_toy_suite(FLAGS.out, options,
                                      max_steps_this_run=FLAGS.max_steps_this_run,
-                                     progress=_ProgressBars(), log=logging.info)
+                                     progress=toy_suite.TqdmProgress(), log=logging.info)
   if not result.complete:
     print(f"stopped early (--max_steps_this_run={FLAGS.max_steps_this_run}); rerun the same "
           f"command to resume {FLAGS.out}")
