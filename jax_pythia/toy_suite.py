@@ -27,6 +27,12 @@ Everything is built from what every machine with a given CPython already has:
   step=N)` and `transformers.GPTNeoXForCausalLM.from_pretrained` read. Checkpoint step N
   holds the parameters after N updates; update s used the batch of step s.
 
+Defaults (`DEFAULT_OPTIONS`, about 5 minutes on 2 idle CPU cores): models `toy-2l-32d`,
+`toy-3l-48d`, `toy-4l-64d`, `toy-4l-96d` (d_head 16), 200 steps of 128 sequences x 64
+tokens (128 because the study takes the first 128 sequences of a step's batch), peak lr
+4.19e-3, 3.01e-3, 2.38e-3, 1.91e-3, checkpoints 0, 1, 2, 4, ..., 128 and every 20 steps
+(19 per model). `TINY_OPTIONS` builds two models in seconds, for tests.
+
 Layout of a suite directory `<out>`::
 
   suite.json                      the manifest, written last (only a complete suite has it)
@@ -42,7 +48,9 @@ Layout of a suite directory `<out>`::
 Every file is written under a temporary name and renamed into place, and a model's resume
 state is written only after its checkpoint, so a build killed at any moment resumes (rerun
 the same command) from its last saved state and ends with the same bits as an
-uninterrupted build: the compiled float32 step is deterministic on XLA CPU.
+uninterrupted build: the compiled float32 step is deterministic on XLA CPU. (Bits are
+equal for one machine type and one jax/XLA version; another CPU may compile to other
+instructions and round differently.)
 """
 
 from __future__ import annotations

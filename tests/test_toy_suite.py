@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,7 +41,7 @@ def _saved_state(root: Path, name: str):
   """(step, params) of a model's resume state, restored onto a freshly built tree."""
   size = next(s for s in OPTIONS.sizes if s.name == name)
   init_params, init_opt, _, _ = toy_suite.compiled_programs(size, OPTIONS)
-  params = init_params(__import__("jax").random.PRNGKey(OPTIONS.seed))
+  params = init_params(jax.random.PRNGKey(OPTIONS.seed))
   step, params, _, _ = toy_suite._load_train_state(str(root / name / toy_suite.TRAIN_STATE_FILE),
                                                     params, init_opt(params))
   return step, params
@@ -165,8 +166,7 @@ def test_checkpoints_load_in_transformers_with_the_trained_logits(built):
         expected = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
       config, params = checkpoints.load_checkpoint(str(directory))
       if s == 40:  # the checkpoint holds exactly the params training ended with
-        for a, b in zip(__import__("jax").tree.leaves(params),
-                        __import__("jax").tree.leaves(trained)):
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
           np.testing.assert_array_equal(np.asarray(a), b)
       forward = forward or model.make_forward(config)
       logits, _ = forward(params, tokens)
