@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jax_pythia import checkpoints, data, study, suite, weights
+from jax_pythia import checkpoints, data, sharding, study, suite, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
@@ -300,12 +300,16 @@ class Sweep:
   def __init__(self, models: Sequence[ModelSource], steps: str, source: data.TokenSource,
                out_dir: str, options: SweepOptions = SweepOptions(), *,
                on_error: str = "stop", keep_checkpoints: bool = True,
-               progress: Callable[[str, int], Any] | None = None):
+               progress: Callable[[str, int], Any] | None = None,
+               placement: sharding.Placement | None = None):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
     self.models, self.source, self.out_dir = list(models), source, out_dir
     self.options, self.on_error, self.keep = options, on_error, keep_checkpoints
     self.progress = progress
+    # Mesh and process split (jax_pythia.sharding); the default is one device.
+    self.placement = placement or sharding.Placement()
+    self._references: dict[str, dict[str, np.ndarray]] = {}
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
     self._check_output_dir()
     self._check_data()
@@ -381,8 +385,12 @@ class Sweep:
 
   def run(self) -> None:
     pending = self.pending()
+    everything = [(m, s) for m in self.models for s in pending[m.name]]
+    for queue in self.placement.schedule(everything):  # this process's share, in phases
+      self._run_queue(queue)
+
+  def _run_queue(self, queue: list[tuple[ModelSource, int]]) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      queue = [(m, s) for m in self.models for s in pending[m.name]]
       future = pool.submit(self._load, *queue[0]) if queue else None
       for i, (m, step) in enumerate(queue):
         loaded = future.result()
@@ -394,6 +402,11 @@ class Sweep:
   def _load(self, m: ModelSource, step: int) -> Loaded:
     start = time.perf_counter()
     try:
+      local = None if m.is_hub else os.path.join(m.location, suite.revision(step))
+      if local and checkpoints.is_converted(local):
+        # An orbax cache: restored in compute, straight onto the mesh's shardings.
+        return Loaded(step, sharding.converted_config(local), sharding.Converted(local),
+                      local, seconds=time.perf_counter() - start)
       directory = checkpoints.resolve_checkpoint(m.spec(step))
       config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
       params = weights.convert_state_dict(weights.read_state_dict(directory), config,
@@ -403,6 +416,8 @@ class Sweep:
       return Loaded(step, error=str(e), seconds=time.perf_counter() - start)
 
   def _reference(self, m: ModelSource) -> dict[str, np.ndarray]:
+    if m.name in self._references:  # computed here (split=shard: only process 0 writes)
+      return self._references[m.name]
     return load_activations(self.paths(m.name, m.final_step)[1])
 
   def _process(self, m: ModelSource, loaded: Loaded) -> None:
@@ -418,6 +433,8 @@ class Sweep:
       return
     start = time.perf_counter()
     rows, acts = self.compute(m, loaded)
+    if not self.placement.is_writer:
+      return
     _save_npz(acts_path, acts)
     write_parquet(rows, metrics_path)  # last: its existence marks the step done
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
@@ -428,15 +445,20 @@ class Sweep:
   def compute(self, m: ModelSource, loaded: Loaded) -> tuple[pd.DataFrame, dict]:
     """All metrics of one checkpoint: (tidy rows, activations to store)."""
     o, config, step = self.options, loaded.config, loaded.step
-    params = jax.device_put(loaded.params)
+    place = self.placement
+    params = place.params(loaded.params, config)
     tokens = self.inputs(m)
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
     idx = position_index(o.positions, len(tokens), tokens.shape[1], o.seed)
-    acts = study.activation_fn(config, o.value_slice)(params, tokens, idx)
-    acts = {k: np.asarray(v) for k, v in acts.items()}
+    acts = study.activation_fn(config, o.value_slice)(
+        params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
+    acts = {k: place.host(v) for k, v in acts.items()}
+    if step == m.final_step:
+      self._references[m.name] = acts
     reference = acts if step == m.final_step else self._reference(m)
     frames = []
-    add = lambda c, metric, v: frames.append(metric_rows(m.name, step, c, metric, v))  # noqa: E731
+    add = lambda c, metric, v: frames.append(  # noqa: E731
+        metric_rows(m.name, step, c, metric, place.host(v)))
 
     for (component, estimator), value in study.cka_against(acts, reference).items():
       add(component, estimator, value)
@@ -453,15 +475,17 @@ class Sweep:
       mb = o.gradient_microbatch or o.gradient_sequences
       batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
       data.check_token_ids(batches, config.vocab_size, self.source.name)
-      losses, grad_metrics = study.gradient_fn(config, o.value_slice)(params, batches)
+      losses, grad_metrics = study.gradient_fn(config, o.value_slice)(
+          params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)"))
       for component, metrics in grad_metrics.items():
         for metric, value in metrics.items():
           name = metric if metric.startswith("grad_") else "grad_" + metric
           add(component, name, value)
-      add("model", "train_loss", np.mean(np.asarray(losses)))
+      add("model", "train_loss", np.mean(place.host(losses)))
     if o.loss_sequences:
       heldout = self.heldout_tokens(m)
-      add("model", "heldout_loss", study.loss_fn(config)(params, heldout))
+      add("model", "heldout_loss",
+          study.loss_fn(config)(params, place.batch(heldout, 0, "--loss_sequences")))
     return pd.concat(frames, ignore_index=True), acts
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:

@@ -62,19 +62,43 @@ flags.DEFINE_bool("keep_checkpoints", False, "Keep fetched Hub weights in the ca
 flags.DEFINE_string("evals_dir", None, "Published Pythia evaluations (Pythia's "
                     "evals/pythia-v1) to draw downstream accuracy on the same step axis.")
 flags.DEFINE_bool("figures", True, "Draw the figures and report.md when done.")
+# Scale-out (jax_pythia.sharding): a device mesh and JAX's multi-process runtime.
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:4,model:2 (a size -1 takes the "
+                    "rest): token batches split over data, layer weights over model (by "
+                    "heads and MLP units). Default: one device (split=shard: data over all).")
+flags.DEFINE_enum("split", "checkpoints", ["checkpoints", "shard"], "With several "
+                  "processes: checkpoints (each process sweeps its own checkpoints on its "
+                  "local devices; process 0 does the final ones first) or shard (all "
+                  "processes run every checkpoint on one global mesh; process 0 writes).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() without "
+                  "arguments (TPU pods and clusters it detects).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, "
+                    "for jax.distributed.initialize elsewhere (with --num_processes and "
+                    "--process_id).")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (with "
+                     "--coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-1.")
 
 
 def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import report, sweep
+  from jax_pythia import report, sharding, sweep
 
-  if FLAGS.models == [DEFAULT_TOY_SUITE] and not os.path.isdir(DEFAULT_TOY_SUITE):
-    from jax_pythia import toy_suite
+  # Before anything touches a device: the runtime must know every process first.
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, auto=FLAGS.distributed)
+  placement = sharding.Placement.create(FLAGS.mesh, FLAGS.split)
+  lead = placement.process_index == 0
 
-    print(f"building the offline toy suite in {DEFAULT_TOY_SUITE} (once)")
-    toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
+  if FLAGS.models == [DEFAULT_TOY_SUITE]:
+    if lead and not os.path.isdir(DEFAULT_TOY_SUITE):
+      from jax_pythia import toy_suite
+
+      print(f"building the offline toy suite in {DEFAULT_TOY_SUITE} (once)")
+      toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
+    placement.barrier("toy_suite")  # the others read it once process 0 has built it
   models = sweep.resolve_models(FLAGS.models)
   source = sweep.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
@@ -91,15 +115,19 @@ def main(argv):
 
   runner = sweep.Sweep(models, FLAGS.steps, source, FLAGS.out, options,
                        on_error=FLAGS.on_error, keep_checkpoints=FLAGS.keep_checkpoints,
-                       progress=progress)
+                       progress=progress, placement=placement)
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
   print(f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
-        f"results in {FLAGS.out}")
+        f"results in {FLAGS.out}; {placement.describe()}")
   bar.reset(total=todo)
   with bar:
     runner.run()
+  # Every process's files are on the shared --out before process 0 gathers them.
+  placement.barrier("done")
+  if not lead:
+    return
   paths = sweep.finalize(FLAGS.out, [m.name for m in models])
   for path in paths.values():
     print(f"wrote {path}")
