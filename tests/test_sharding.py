@@ -36,7 +36,7 @@ def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG,
   """A suite directory: random checkpoints step<N>/ of one model, a token stream and
   suite.json (`resolve_models` and `open_data` read it as they read the toy suite)."""
   rng = np.random.default_rng(0)
-  seqs = [rng.integers(0, config.vocab_size, SEQ + 1) for _ in range(SEQUENCES_PER_STEP * 8)]
+  seqs = [rng.integers(0, config.vocab_size, SEQ + 1) for _ in range(SEQUENCES_PER_STEP * 12)]
   data.write_mmap_indexed_dataset(os.path.join(out, "data", "train"), seqs)
   for s in steps:
     params = model.init_params(config, jax.random.PRNGKey(s))
