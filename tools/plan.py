@@ -1,0 +1,84 @@
+"""The plan a user reads before spending a pod: bytes, FLOPs, memory, time per model.
+
+  python -m tools.plan --models=pythia-6.9b-deduped,pythia-12b-deduped --steps=all \
+      --devices=64 --mesh=data:8,model:8 --flops_per_device=197e12 --utilisation=0.4
+  python -m tools.plan --models=runs/toy_suite --measure   # this machine's devices
+
+Throughput is either measured (--measure: a small forward on this machine's devices) or
+given (--flops_per_device in FLOP/s, times --utilisation). See jax_pythia/plan.py for the
+formulas.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tools import _cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["pythia-70m-deduped"], "Pythia names, or local suite/model "
+                  "directories (their config.json gives the shapes).")
+flags.DEFINE_string("steps", "all", "Checkpoints: all, paper, a comma list or "
+                    "START:STOP[:EVERY] (the final one is always added).")
+flags.DEFINE_integer("devices", None, "Devices the sweep will run on (default: this "
+                     "machine's).")
+flags.DEFINE_integer("hosts", 1, "Hosts fetching checkpoints in parallel "
+                     "(--split=checkpoints).")
+flags.DEFINE_string("mesh", None, "Mesh for the memory estimate, e.g. data:8,model:8 "
+                    "(default: data over all devices).")
+flags.DEFINE_bool("measure", False, "Measure FLOP/s of one local device (a small forward) "
+                  "and assume every device reaches it.")
+flags.DEFINE_float("flops_per_device", None, "Peak FLOP/s of one device (e.g. 197e12 for a "
+                   "TPU v5e in bf16), used with --utilisation.")
+flags.DEFINE_float("utilisation", 0.4, "Fraction of --flops_per_device the sweep reaches.")
+flags.DEFINE_float("bandwidth", 200e6, "Download bytes/s of one host from the Hub.")
+flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: 2048 for Pythia, "
+                     "max_seq_len of a local config).")
+flags.DEFINE_integer("n_sequences", 128, "As in tools.sweep.")
+flags.DEFINE_bool("gradients", True, "As in tools.sweep.")
+flags.DEFINE_integer("gradient_window", 5, "As in tools.sweep.")
+flags.DEFINE_integer("gradient_sequences", 128, "As in tools.sweep.")
+flags.DEFINE_integer("gradient_microbatch", 0, "As in tools.sweep.")
+flags.DEFINE_integer("loss_sequences", 0, "As in tools.sweep.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "As in "
+                  "tools.sweep.")
+
+
+def main(argv):
+  _cli.reject_extra_args(argv)
+  from jax_pythia import plan, sharding
+
+  devices = FLAGS.devices
+  if devices is None or FLAGS.measure:
+    import jax
+    devices = devices or jax.device_count()
+  if FLAGS.measure:
+    per_device = plan.measure_flops_per_device()
+    source = f"measured {per_device / 1e9:.3g} GFLOP/s on one local device"
+  elif FLAGS.flops_per_device:
+    per_device = FLAGS.flops_per_device * FLAGS.utilisation
+    source = f"{FLAGS.flops_per_device:.3g} FLOP/s x {FLAGS.utilisation} utilisation"
+  else:
+    raise plan.PlanError("give --measure or --flops_per_device (FLOP/s of one device)")
+  mesh = sharding.parse_mesh(FLAGS.mesh) or {"data": devices}
+  if -1 in mesh.values():
+    known = 1
+    for v in mesh.values():
+      known *= v if v != -1 else 1
+    mesh = {k: (devices // known if v == -1 else v) for k, v in mesh.items()}
+  product = 1
+  for v in mesh.values():
+    product *= v
+  if product != devices:
+    raise plan.PlanError(f"--mesh={FLAGS.mesh} has {product} devices, --devices={devices}")
+  work = plan.Work(FLAGS.n_sequences, FLAGS.gradients, FLAGS.gradient_window,
+                   FLAGS.gradient_sequences, FLAGS.gradient_microbatch, FLAGS.loss_sequences,
+                   FLAGS.dtype)
+  shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
+  plans = [plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices,
+                          FLAGS.bandwidth) for s in shapes]
+  print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source))
+
+
+if __name__ == "__main__":
+  _cli.run(main)
