@@ -1,0 +1,77 @@
+"""The pre-flight plan (jax_pythia.plan, tools.plan): shapes, FLOPs, memory, output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_pythia import plan, suite
+from tests.test_sharding import CONFIG, ROOT, STEPS, make_suite
+
+
+def test_pythia_parameter_counts():
+  # Published totals of the sizes with vocab 50,304 (the Hub's 6.9b and 12b configs pad
+  # the vocab further than suite.VOCAB_SIZE says; their counts here are ~0.02% low).
+  counts = {"70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016,
+            "1.4b": 1_414_647_808}
+  for size, expected in counts.items():
+    assert plan.from_suite(f"pythia-{size}").params == expected
+
+
+def test_flops_follow_the_formulas():
+  shape = plan.from_suite("pythia-410m-deduped")
+  work = plan.Work(n_sequences=128, gradient_window=5, gradient_sequences=128)
+  f = plan.flops_per_checkpoint(shape, work)
+  s, L, d = 2048, 24, 1024
+  attn = 4 * L * s * s * d
+  assert f["capture"] == pytest.approx(2 * shape.layer_params * 128 * s + 128 * attn)
+  grad_tokens = 11 * 128 * s
+  assert f["gradients"] == pytest.approx(
+      6 * (shape.layer_params + d * suite.VOCAB_SIZE) * grad_tokens + 3 * 11 * 128 * attn)
+  assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
+  no_grad = plan.flops_per_checkpoint(shape, plan.Work(gradients=False))
+  assert no_grad["gradients"] == 0 and no_grad["total"] < f["total"] / 10
+
+
+def test_memory_shrinks_under_the_mesh():
+  shape = plan.from_suite("pythia-12b")
+  work = plan.Work(gradient_microbatch=8)
+  one = plan.memory_per_device(shape, work, {"data": 1, "model": 1})
+  split = plan.memory_per_device(shape, work, {"data": 2, "model": 8})
+  assert one["params"] == pytest.approx(4 * shape.params, rel=1e-6)  # float32
+  assert split["params"] < one["params"] / 7
+  assert split["activations"] < one["activations"] / 2
+  assert split["grads"] == pytest.approx(one["grads"] / 8)
+
+
+def test_plan_steps_and_time():
+  shape = plan.from_suite("pythia-70m")
+  p = plan.make_plan(shape, "paper", plan.Work(), {"data": 4}, 1e15, 1e8)
+  assert len(p.steps) == 27 and p.fetch_bytes == 27 * 2 * shape.params
+  assert p.compute_s == pytest.approx(p.flops["total"] / 1e15)
+  assert p.total_s(hosts=1) == pytest.approx(27 * max(p.compute_s, p.fetch_s))
+  with pytest.raises(plan.PlanError):
+    plan.make_plan(shape, "7", plan.Work(), {"data": 1}, 1e15, 1e8)
+
+
+def test_local_suite_and_cli(tmp_path):
+  suite_dir = make_suite(str(tmp_path / "suite"))
+  [shape] = plan.from_directory(suite_dir, seq_len=16)
+  assert (shape.d_model, shape.n_heads, shape.vocab, shape.steps) == (
+      CONFIG.d_model, CONFIG.n_heads, CONFIG.vocab_size, STEPS)
+  assert shape.checkpoint_bytes > 2 * shape.params  # config.json and fp16 weights
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, "-m", "tools.plan", f"--models={suite_dir},pythia-6.9b-deduped",
+       "--devices=8", "--mesh=data:2,model:4", "--flops_per_device=1e12"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert "mini-h8" in proc.stdout and "pythia-6.9b-deduped" in proc.stdout
+  assert "8 device(s)" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "tools.plan", "--models=pythia-7m",
+                        "--flops_per_device=1e12", "--devices=1"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
