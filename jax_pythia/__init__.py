@@ -1,0 +1,12 @@
+"""jax-pythia: Pythia's training dynamics, layer by layer, in JAX."""
+
+import os
+
+# XLA's CPU "concurrency optimized" scheduler runs independent LAPACK calls (the batched
+# QR and SVD of the spectra) at the same time; each parallelises over its batch on the
+# same intra-op pool, and on a 2-core machine both can wait forever for threads the
+# other holds (seen with jaxlib 0.10). Scheduling them one after another avoids it. Only
+# effective when set before JAX creates its CPU backend, hence at package import.
+_XLA_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}".strip()
