@@ -93,10 +93,10 @@ def main(argv):
   lead = placement.process_index == 0
 
   if FLAGS.models == [DEFAULT_TOY_SUITE]:
-    if lead and not os.path.isdir(DEFAULT_TOY_SUITE):
+    if lead:
       from jax_pythia import toy_suite
 
-      print(f"building the offline toy suite in {DEFAULT_TOY_SUITE} (once)")
+      # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
   models = sweep.resolve_models(FLAGS.models)
