@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ import pandas as pd
 from jax_pythia import checkpoints, data, sharding, study, suite, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
+from jax_pythia.files import atomic_write, save_npz
 
 METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric",
@@ -254,26 +254,7 @@ def metric_rows(model: str, step: int, component: str, metric: str,
 
 
 def write_parquet(frame: pd.DataFrame, path: str) -> None:
-  _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False), ".parquet")
-
-
-def _atomic(path: str, write: Callable[[str], None], suffix: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-  _atomic(path, write, ".npz")
+  atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False), ".parquet")
 
 
 def load_activations(path: str) -> dict[str, np.ndarray]:
@@ -337,7 +318,7 @@ class Sweep:
         raise SweepError(f"--out={self.out_dir} holds results computed with other options "
                          f"(old, new: {diff}); use another --out or remove it")
     else:
-      _atomic(path, lambda tmp: _write_json(tmp, record), ".json")
+      atomic_write(path, lambda tmp: _write_json(tmp, record), ".json")
 
   def _check_data(self):
     o = self.options
@@ -428,17 +409,17 @@ class Sweep:
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step \
             else ""
         raise SweepError(f"{m.name} step {loaded.step}: {loaded.error}{why}")
-      _atomic(status_path, lambda tmp: _write_json(
+      atomic_write(status_path, lambda tmp: _write_json(
           tmp, {**status, "status": "failed", "message": loaded.error}), ".json")
       return
     start = time.perf_counter()
     rows, acts = self.compute(m, loaded)
     if not self.placement.is_writer:
       return
-    _save_npz(acts_path, acts)
+    save_npz(acts_path, acts)
     write_parquet(rows, metrics_path)  # last: its existence marks the step done
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
-    _atomic(status_path, lambda tmp: _write_json(tmp, status), ".json")
+    atomic_write(status_path, lambda tmp: _write_json(tmp, status), ".json")
     if not self.keep and m.is_hub and loaded.directory:
       evict_snapshot(loaded.directory)
 

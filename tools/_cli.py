@@ -1,10 +1,9 @@
-"""What every entry point shares: one-line errors, atomic output files, progress."""
+"""What every entry point shares: one-line errors for bad input."""
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -41,17 +40,3 @@ def run(main: Callable[[list[str]], None]) -> None:
 def reject_extra_args(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}: every option is a --flag (see --help)")
-
-
-def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
-  """Calls write(tmp_path) and renames it onto path, so a crash never leaves half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)

@@ -45,7 +45,7 @@ def _positions(spec: str):
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import checkpoints, model
+  from jax_pythia import checkpoints, files, model
   from jax_pythia.data import ArrayTokenSource, check_token_ids
 
   if not FLAGS.out.endswith(".npz"):
@@ -74,7 +74,7 @@ def main(argv):
       name: np.concatenate(parts, axis=1 if name.startswith("blocks.*.") else 0)
       for name, parts in chunks.items()
   }
-  _cli.atomic_write(FLAGS.out, lambda tmp: np.savez(open(tmp, "wb"), **arrays), ".npz")
+  files.save_npz(FLAGS.out, arrays)
   shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
   print(f"wrote {FLAGS.out}: {shapes}")
 

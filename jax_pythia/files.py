@@ -1,0 +1,36 @@
+"""Atomic file writes: a crash or a kill never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
+                 suffix: str = "") -> None:
+  """Calls write(tmp_path) beside `path`, then renames the result onto `path`.
+
+  Temporary files are named `.tmp-*` in the target directory (same file system, so the
+  rename is atomic); a failed write removes its temporary file.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """np.savez, atomically."""
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  atomic_write(path, write, ".npz")
