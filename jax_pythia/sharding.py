@@ -347,6 +347,13 @@ class Placement:
   def host(self, x: Any) -> np.ndarray:
     return to_host(x)
 
+  def single_device(self, tree: Any) -> Any:
+    """A pytree of (possibly sharded) arrays gathered onto this process's first device."""
+    if self.mesh is None:
+      return tree
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda x: jax.device_put(to_host(x), device), tree)
+
   def describe(self) -> str:
     where = "1 device" if self.mesh is None else \
         f"mesh {_fmt(mesh_sizes(self.mesh))} ({self.mesh.devices.size} devices)"

@@ -116,11 +116,10 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
 
 @functools.cache
 def gradient_fn(config: GPTNeoXConfig, value_slice: str):
-  """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], {component: {metric: ...}}).
+  """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]).
 
   Each of the G batches (one training step's sequences, split into m microbatches of mb
-  so memory stays bounded) gives one gradient; metrics follow METHOD.md (mean singular
-  values over the G batches, norms, consecutive cosine).
+  so memory stays bounded) gives one gradient of the weights `gradient_weights` names.
   """
   wrt = gradient_weights(value_slice)
 
@@ -138,11 +137,22 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
       m = microbatches.shape[0]
       return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)
 
-    losses, grads = jax.lax.map(one_batch, batches)
-    layers = jax.tree.map(lambda x: x.astype(jnp.float32), params["layers"])
-    return losses, analysis.gradient_spectra(grads, layers, value_slice)
+    return jax.lax.map(one_batch, batches)
 
   return fn
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",))
+def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+  """{component: {metric: ...}} of G gradients (METHOD.md: mean singular values over the
+  batches, norms, consecutive cosine).
+
+  A compiled call of its own, apart from `gradient_fn`: on a device mesh the gradients
+  need collectives and the spectra LAPACK calls, and XLA:CPU can deadlock running both in
+  one program; the sweep runs this one on a single device.
+  """
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  return analysis.gradient_spectra(grads, layers, value_slice)
 
 
 @functools.cache

@@ -447,7 +447,10 @@ class Sweep:
       key = jax.random.PRNGKey(o.seed)
       for (component, estimator), value in study.cka_noise_floor(acts, key).items():
         add(component, estimator + "_floor", value)
-    for component, metrics in study.weight_metrics(params["layers"], o.value_slice).items():
+    # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
+    # repeat them), and they are small next to the forward and backward passes.
+    layers = place.single_device(params["layers"])
+    for component, metrics in study.weight_metrics(layers, o.value_slice).items():
       for metric, value in metrics.items():
         add(component, metric, value)
     if o.gradients:
@@ -456,8 +459,10 @@ class Sweep:
       mb = o.gradient_microbatch or o.gradient_sequences
       batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
       data.check_token_ids(batches, config.vocab_size, self.source.name)
-      losses, grad_metrics = study.gradient_fn(config, o.value_slice)(
+      losses, grads = study.gradient_fn(config, o.value_slice)(
           params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)"))
+      grad_metrics = study.gradient_metrics(place.single_device(grads), layers,
+                                            o.value_slice)
       for component, metrics in grad_metrics.items():
         for metric, value in metrics.items():
           name = metric if metric.startswith("grad_") else "grad_" + metric

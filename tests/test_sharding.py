@@ -47,8 +47,9 @@ def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG,
   return out
 
 
-#: Options of the CPU sweeps: gradients are off in mesh runs (see test_sharded_sweep).
-SWEEP_ARGS = ("--n_sequences=8", "--loss_sequences=8", "--nofigures", "--nogradients")
+#: Options of the CPU sweeps (small, gradients included).
+SWEEP_ARGS = ("--n_sequences=8", "--loss_sequences=8", "--nofigures", "--gradient_window=1",
+              "--gradient_sequences=8")
 
 
 def sweep_cmd(suite: str, out: str, *extra: str) -> list[str]:
@@ -76,6 +77,8 @@ def assert_same_table(expected_dir: str, actual_dir: str) -> None:
 
   condition_number gets 1e-3: it divides by the smallest singular value, which float32
   rounding moves by ~1e-4 relative when reductions run in another order on other shards.
+  grad_condition_number is not compared: a gradient of T tokens has rank <= T, so its
+  smallest kept singular value is rounding noise (the metric is ~1e7 and meaningless).
   """
   a = pd.read_parquet(os.path.join(expected_dir, "metrics.parquet"))
   b = pd.read_parquet(os.path.join(actual_dir, "metrics.parquet"))
@@ -83,6 +86,7 @@ def assert_same_table(expected_dir: str, actual_dir: str) -> None:
   assert len(a) == len(b)
   merged = a.merge(b, on=KEY, how="outer", indicator=True)
   assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head()
+  merged = merged[merged.metric != "grad_condition_number"]
   loose = merged.metric == "condition_number"
   np.testing.assert_allclose(merged.value_y[~loose], merged.value_x[~loose], rtol=1e-5,
                              atol=1e-6)
