@@ -65,7 +65,7 @@ class Shape:
 def from_suite(name: str, seq_len: int | None = None) -> Shape:
   m = suite.parse_model(name)
   s = m.size
-  return Shape(m.name, s.n_layers, s.d_model, s.n_heads, s.d_mlp, suite.VOCAB_SIZE,
+  return Shape(m.name, s.n_layers, s.d_model, s.n_heads, s.d_mlp, s.vocab_size,
                seq_len or suite.SEQUENCE_LENGTH, suite.ALL_STEPS)
 
 

@@ -30,6 +30,7 @@ class Size:
   has_deduped: bool = True
   has_seeds: bool = False
   train_dtype: str = "float16"
+  vocab_size: int = VOCAB_SIZE  # the tokenizer's 50,277 entries padded for the model
 
   @property
   def d_mlp(self) -> int:
@@ -47,8 +48,8 @@ SIZES: dict[str, Size] = {
         Size("1b", 16, 2048, 8, 256, 3.0e-4, train_dtype="bfloat16"),
         Size("1.4b", 24, 2048, 16, 128, 2.0e-4),
         Size("2.8b", 32, 2560, 32, 80, 1.6e-4),
-        Size("6.9b", 32, 4096, 32, 128, 1.2e-4),
-        Size("12b", 36, 5120, 40, 128, 1.2e-4),
+        Size("6.9b", 32, 4096, 32, 128, 1.2e-4, vocab_size=50_432),
+        Size("12b", 36, 5120, 40, 128, 1.2e-4, vocab_size=50_688),
     ]
 }
 

@@ -13,10 +13,9 @@ from tests.test_sharding import CONFIG, ROOT, STEPS, make_suite
 
 
 def test_pythia_parameter_counts():
-  # Published totals of the sizes with vocab 50,304 (the Hub's 6.9b and 12b configs pad
-  # the vocab further than suite.VOCAB_SIZE says; their counts here are ~0.02% low).
+  # Published totals (6.9b and 12b pad the vocab to 50,432 and 50,688).
   counts = {"70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016,
-            "1.4b": 1_414_647_808}
+            "1.4b": 1_414_647_808, "6.9b": 6_857_302_016, "12b": 11_846_072_320}
   for size, expected in counts.items():
     assert plan.from_suite(f"pythia-{size}").params == expected
 
