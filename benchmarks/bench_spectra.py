@@ -35,8 +35,9 @@ SHAPES = {  # PYTHIA.md
 }
 
 
-def random_checkpoint(shape, grad_batches, seed=0):
-  """Flax-layout layers params and G gradient batches (value, out, fc_out kernels)."""
+def random_checkpoint(shape, grad_batches, grad_layers, seed=0):
+  """Flax-layout layers params and G gradient batches (value, out, fc_out kernels) for the
+  first `grad_layers` layers (410m gradients of all 24 layers x 11 batches would be ~7 GB)."""
   rng = np.random.default_rng(seed)
   num_layers, d, heads, head_dim = (shape[k] for k in ('layers', 'd', 'heads', 'head_dim'))
   f = 4 * d
@@ -47,9 +48,9 @@ def random_checkpoint(shape, grad_batches, seed=0):
   layers = {'attn': {'value': {'kernel': w(0.02, num_layers, d, heads, head_dim)},
                      'out': {'kernel': w(0.02, num_layers, heads, head_dim, d)}},
             'mlp': {'fc_out': {'kernel': w(0.02, num_layers, f, d)}}}
-  grads = {'attn': {'value': {'kernel': w(1e-3, grad_batches, num_layers, d, heads, head_dim)},
-                    'out': {'kernel': w(1e-3, grad_batches, num_layers, heads, head_dim, d)}},
-           'mlp': {'fc_out': {'kernel': w(1e-3, grad_batches, num_layers, f, d)}}}
+  grads = {'attn': {'value': {'kernel': w(1e-3, grad_batches, grad_layers, d, heads, head_dim)},
+                    'out': {'kernel': w(1e-3, grad_batches, grad_layers, heads, head_dim, d)}},
+           'mlp': {'fc_out': {'kernel': w(1e-3, grad_batches, grad_layers, f, d)}}}
   return layers, grads
 
 
@@ -174,7 +175,8 @@ def bench_size(name, grad_batches, grad_layers):
   print(f'\n== pythia-{name}: L={shape["layers"]} d={shape["d"]} H={shape["heads"]} '
         f'dh={shape["head_dim"]}  (load average {os.getloadavg()[0]:.1f}, '
         f'{os.cpu_count()} cores)')
-  layers_np, grads_np = random_checkpoint(shape, grad_batches)
+  num_layers = grad_layers or shape['layers']
+  layers_np, grads_np = random_checkpoint(shape, grad_batches, num_layers)
   layers = jax.tree.map(jnp.asarray, layers_np)
   worst = 0.0
 
@@ -191,10 +193,8 @@ def bench_size(name, grad_batches, grad_layers):
   worst = max(worst, report('all (weight_spectra)', sum(ref_times.values()), run_s, compile_s,
                             rel))
 
-  num_layers = grad_layers or shape['layers']
-  subset = lambda tree, axis: jax.tree.map(  # noqa: E731
-    lambda a: np.take(a, np.arange(num_layers), axis=axis), tree)
-  layers_sub, grads_sub = subset(layers_np, 0), subset(grads_np, 1)
+  layers_sub = jax.tree.map(lambda a: a[:num_layers], layers_np)
+  grads_sub = grads_np
   ref_per, ref_times = reference_gradients(layers_sub, grads_sub, shape, num_layers)
   note = '' if num_layers == shape['layers'] else \
     f', measured on {num_layers} of {shape["layers"]} layers (both ways)'
