@@ -46,7 +46,9 @@ def _save(fig, out_dir: str, name: str) -> list[str]:
 
 
 def _log_axis(ax):
+  # symlog: step 0 (initialisation) stays on a log-like axis.
   ax.set_xscale("symlog", linthresh=1)
+  ax.set_xlim(left=0)
   ax.set_xlabel("training step")
 
 
@@ -69,8 +71,8 @@ def cka_table(metrics: pd.DataFrame, model: str, component: str, estimator: str
 def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
   models = _model_order(metrics)
   fig, axes = plt.subplots(len(BAND_COMPONENTS), len(models), squeeze=False,
-                           figsize=(3.2 * len(models) + 1, 2.8 * len(BAND_COMPONENTS)),
-                           sharey=True)
+                           figsize=(3.2 * len(models) + 1, 3.0 * len(BAND_COMPONENTS)),
+                           sharey=True, constrained_layout=True)
   for col, model in enumerate(models):
     for row, component in enumerate(BAND_COMPONENTS):
       ax = axes[row, col]
@@ -99,7 +101,7 @@ def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> lis
 
 def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
   models = _model_order(metrics)
-  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False)
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False, constrained_layout=True)
   for row, (metric, what) in enumerate((("per", "weights"), ("grad_per", "gradients"))):
     for col, component in enumerate(("ov", "mlp")):
       ax = axes[row, col]
@@ -115,7 +117,6 @@ def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
       ax.set_title(f"{what}: {COMPONENT_LABELS[component]}", fontsize=9)
   axes[0, 0].legend(fontsize=7)
   fig.suptitle("Proportional effective rank over training", fontsize=10)
-  fig.tight_layout()
   return _save(fig, out_dir, "per_over_training")
 
 
