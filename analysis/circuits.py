@@ -241,6 +241,23 @@ def ov_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   return jnp.einsum('...nhi,...hid->...nd', values, out_kernel, precision=_HIGHEST)
 
 
+def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
+  """Per-head OV activations v_h @ W_O[h] in a d_head-dim orthonormal basis.
+
+  With W_O[h]^T = Q_h R_h (QR, Q_h [d, dh] orthonormal columns), v_h W_O[h] = v_h R_h^T
+  Q_h^T and Q_h^T preserves inner products, so every Gram matrix, hence every (debiased)
+  CKA, of the [n, d] activations equals that of the [n, dh] features v_h R_h^T: d/dh
+  times less to store and to multiply.
+
+  Args:
+    values: [L, n, H, dh]. out_kernel: [L, H, dh, d].
+  Returns:
+    [L, H, n, dh].
+  """
+  r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode='r')  # [L, H, dh, dh]
+  return jnp.einsum('lnhi,lhji->lhnj', values, r, precision=_HIGHEST)
+
+
 def head_outputs(z: jax.Array, out_kernel: jax.Array) -> jax.Array:
   """Attention-mixed per-head output z_h @ W_O[:, h]^T (= hook_result). [..., n, H, d]."""
   return ov_head_activations(z, out_kernel)

@@ -7,7 +7,7 @@ sweep (`jax_pythia.sweep`) does the I/O around them.
 Activation components (`ACTIVATION_COMPONENTS`), with n = sequences x kept positions:
   ov_head [L, H, n, dh]  a token's own value through head h's W_O (the paper's OV
                          activation), stored in a d_head-dim basis that preserves every
-                         inner product (see `ov_head_features`), so CKA is unchanged
+                         inner product (see `analysis.ov_head_features`), so CKA is unchanged
   ov      [L, n, d]      the same summed over heads (whole-layer OV activation)
   mlp     [L, n, d]      dense_4h_to_h output
   resid   [L, n, d]      residual stream leaving the layer
@@ -27,24 +27,6 @@ from jax_pythia.config import GPTNeoXConfig
 ACTIVATION_COMPONENTS = ("ov_head", "ov", "mlp", "resid")
 WEIGHT_COMPONENTS = analysis.COMPONENTS
 CKA_ESTIMATORS = {"cka": False, "cka_debiased": True}
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
-  """Per-head OV activations v_h @ W_O[h] in a d_head-dim orthonormal basis.
-
-  With W_O[h]^T = Q_h R_h (QR, Q_h [d, dh] orthonormal columns), v_h W_O[h] = v_h R_h^T
-  Q_h^T and Q_h^T preserves inner products, so every Gram matrix, hence every (debiased)
-  CKA, of the [n, d] activations equals that of the [n, dh] features v_h R_h^T: d/dh
-  times less to store and to multiply.
-
-  Args:
-    values: [L, n, H, dh]. out_kernel: [L, H, dh, d].
-  Returns:
-    [L, H, n, dh].
-  """
-  r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode="r")  # [L, H, dh, dh]
-  return jnp.einsum("lnhi,lhji->lhnj", values, r, precision=_HIGHEST)
 
 
 def activation_sites(value_slice: str) -> tuple[str, ...]:
@@ -71,7 +53,7 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
                                     flat["blocks.*.attn.hook_v"], value_slice)
     out_kernel = params["layers"]["attn"]["out"]["kernel"].astype(jnp.float32)
     return {
-        "ov_head": ov_head_features(values, out_kernel),
+        "ov_head": analysis.ov_head_features(values, out_kernel),
         "ov": analysis.ov_activations(values, out_kernel),
         "mlp": flat["blocks.*.hook_mlp_out"],
         "resid": flat["blocks.*.hook_resid_post"],

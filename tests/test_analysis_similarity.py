@@ -226,3 +226,16 @@ def test_half_precision_inputs_are_computed_in_float32():
   x16 = np.asarray(jnp.asarray(x, jnp.float16), np.float64)
   y16 = np.asarray(jnp.asarray(y, jnp.bfloat16).astype(jnp.float32), np.float64)
   np.testing.assert_allclose(got, np_feature_cka(x16, y16), rtol=1e-5)
+
+
+def test_ov_head_features_keep_every_gram_matrix_of_the_per_head_ov_activations():
+  rng = np.random.default_rng(7)
+  values = rng.normal(size=(2, 10, 3, 4)).astype(np.float32)  # [L, n, H, dh]
+  out_kernel = rng.normal(size=(2, 3, 4, 16)).astype(np.float32)  # [L, H, dh, d]
+  features = np.asarray(analysis.ov_head_features(values, out_kernel))
+  assert features.shape == (2, 3, 10, 4)
+  for l in range(2):
+    for h in range(3):
+      full = values[l, :, h] @ out_kernel[l, h]  # [n, d]: the token's own value through W_O
+      np.testing.assert_allclose(features[l, h] @ features[l, h].T, full @ full.T,
+                                 rtol=1e-4, atol=1e-4)
