@@ -14,7 +14,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
   """Calls write(tmp_path) beside `path`, then renames the result onto `path`.
 
   Temporary files are named `.tmp-*` in the target directory (same file system, so the
-  rename is atomic); a failed write removes its temporary file.
+  rename is atomic); a failed write removes its temporary file. The data and the rename
+  are fsynced, so a power loss cannot leave a complete-looking but empty file.
   """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -22,10 +23,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
   os.close(fd)
   try:
     write(tmp)
+    _fsync(tmp, os.O_RDONLY)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+  _fsync(directory, os.O_RDONLY)
+
+
+def _fsync(path: str, flags: int) -> None:
+  try:
+    fd = os.open(path, flags)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # some file systems cannot fsync a directory
+  finally:
+    os.close(fd)
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:

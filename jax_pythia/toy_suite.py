@@ -65,7 +65,6 @@ import math
 import os
 import platform
 import sysconfig
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +76,7 @@ import numpy as np
 from jax_pythia import suite
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
+from jax_pythia.files import atomic_write
 
 MANIFEST_FILE = "suite.json"
 PARTIAL_MANIFEST_FILE = "suite.partial.json"
@@ -285,35 +285,9 @@ TINY_OPTIONS = ToySuiteOptions(sizes=parse_sizes("1x16x2,2x32x2"), seq_len=32,
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: str) -> None:
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-  """Writes `payload` to a temporary sibling, fsyncs it and renames it onto `path`."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  _fsync_dir(directory)
+  """Writes `payload` onto `path` atomically and durably (jax_pythia.files)."""
+  atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def _json_bytes(obj: Any) -> bytes:
