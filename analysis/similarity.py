@@ -247,11 +247,7 @@ def cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
   if acts.shape[1:-1] != ref.shape[:-1]:
     raise ValueError(f'acts [C, L, n, d] and ref [L, n, d] disagree: acts {acts.shape}, '
                      f'ref {ref.shape}')
-  _check_pair(acts, ref, debiased)
-  per_checkpoint = lambda a: linear_cka(a, ref, debiased)  # noqa: E731
-  if checkpoint_batch_size is None:
-    return jax.vmap(per_checkpoint)(acts)
-  return jax.lax.map(per_checkpoint, acts, batch_size=checkpoint_batch_size)
+  return _each_checkpoint_against(acts, ref, debiased, checkpoint_batch_size)
 
 
 def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
@@ -270,11 +266,16 @@ def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = 
   if acts_heads.shape[1:-1] != ref_heads.shape[:-1]:
     raise ValueError(f'acts [C, L, n, H, e] and ref [L, n, H, e] disagree: acts {acts.shape},'
                      f' ref {ref.shape}')
-  _check_pair(acts_heads, ref_heads, debiased)
-  per_checkpoint = lambda a: linear_cka(a, ref_heads, debiased)  # noqa: E731
+  return _each_checkpoint_against(acts_heads, ref_heads, debiased, checkpoint_batch_size)
+
+
+def _each_checkpoint_against(acts, ref, debiased, checkpoint_batch_size):
+  """linear_cka(acts[c], ref) for every c: vmapped, or lax.map'd to bound memory."""
+  _check_pair(acts, ref, debiased)
+  per_checkpoint = lambda a: linear_cka(a, ref, debiased)  # noqa: E731
   if checkpoint_batch_size is None:
-    return jax.vmap(per_checkpoint)(acts_heads)
-  return jax.lax.map(per_checkpoint, acts_heads, batch_size=checkpoint_batch_size)
+    return jax.vmap(per_checkpoint)(acts)
+  return jax.lax.map(per_checkpoint, acts, batch_size=checkpoint_batch_size)
 
 
 def pairwise_cka(acts: jax.Array, debiased: bool = False,

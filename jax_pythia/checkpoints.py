@@ -299,6 +299,21 @@ def resolve_checkpoint(spec: str | os.PathLike | CheckpointSpec, step: int | Non
                         local_files_only=local_files_only)
 
 
+def evict_snapshot(directory: str) -> None:
+  """Deletes a fetched Hub snapshot (its files and the cache blobs they link to)."""
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if os.path.islink(path):
+      target = os.path.realpath(path)
+      if os.path.isfile(target):
+        os.unlink(target)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+      os.unlink(path)
+  shutil.rmtree(directory, ignore_errors=True)
+
+
 def _default_sharding():
   import jax
 

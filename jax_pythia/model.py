@@ -390,7 +390,8 @@ def lm_loss(params: Params, tokens: Array, config: GPTNeoXConfig) -> Array:
   return -target_logp.mean()
 
 
-def _get(tree, path):
+def get_path(tree, path):
+  """tree["a"]["b"]["c"] for path "a.b.c"."""
   for part in path.split("."):
     tree = tree[part]
   return tree
@@ -426,10 +427,10 @@ def loss_and_grads(params: Params, tokens: Array, config: GPTNeoXConfig,
   """
   for path in wrt:
     try:
-      _get(params["layers"], path)
+      get_path(params["layers"], path)
     except (KeyError, TypeError):
       raise ValueError(f"no layer weight {path!r}; choose from {GRADIENT_WEIGHTS}") from None
-  chosen = {path: _get(params["layers"], path) for path in wrt}
+  chosen = {path: get_path(params["layers"], path) for path in wrt}
 
   def loss_of(chosen):
     layers = params["layers"]

@@ -113,7 +113,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
         return jax.tree.map(jnp.add, total, (loss, grads)), None
 
       zeros = (jnp.zeros((), jnp.float32),
-               model_lib.nest({p: jnp.zeros_like(model_lib._get(params["layers"], p))
+               model_lib.nest({p: jnp.zeros_like(model_lib.get_path(params["layers"], p))
                                for p in wrt}))
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
       m = microbatches.shape[0]

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -291,6 +290,7 @@ class Sweep:
     # Mesh and process split (jax_pythia.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
     self._references: dict[str, dict[str, np.ndarray]] = {}
+    self._inputs: dict[str, np.ndarray] = {}
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
     self._check_output_dir()
     self._check_data()
@@ -348,10 +348,15 @@ class Sweep:
         else max(m.final_step - 1, 0)
 
   def inputs(self, m: ModelSource) -> np.ndarray:
-    o = self.options
-    if self.source.has_training_steps:
-      return self.source.batch(self.data_step(m), o.n_sequences)[:, :-1]
-    return self.source.fixed_inputs(o.n_sequences)
+    """The fixed inputs every checkpoint of `m` is run on (read once per model)."""
+    if m.name not in self._inputs:
+      o = self.options
+      if self.source.has_training_steps:
+        tokens = self.source.batch(self.data_step(m), o.n_sequences)[:, :-1]
+      else:
+        tokens = self.source.fixed_inputs(o.n_sequences)
+      self._inputs[m.name] = tokens
+    return self._inputs[m.name]
 
   def paths(self, model: str, step: int) -> tuple[str, str, str]:
     base = os.path.join(self.out_dir, "{}", model, f"step{step}")
@@ -421,7 +426,7 @@ class Sweep:
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
     atomic_write(status_path, lambda tmp: _write_json(tmp, status), ".json")
     if not self.keep and m.is_hub and loaded.directory:
-      evict_snapshot(loaded.directory)
+      checkpoints.evict_snapshot(loaded.directory)
 
   def compute(self, m: ModelSource, loaded: Loaded) -> tuple[pd.DataFrame, dict]:
     """All metrics of one checkpoint: (tidy rows, activations to store)."""
@@ -482,21 +487,6 @@ class Sweep:
 def _write_json(path: str, obj: Any) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
-
-
-def evict_snapshot(directory: str) -> None:
-  """Deletes a fetched Hub snapshot (its files and the cache blobs they link to)."""
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if os.path.islink(path):
-      target = os.path.realpath(path)
-      if os.path.isfile(target):
-        os.unlink(target)
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-      os.unlink(path)
-  shutil.rmtree(directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- finalize
