@@ -28,12 +28,12 @@ import jax.numpy as jnp
 from analysis.spectra import product_singular_values, singular_values
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-VALUE_SLICES = ('per_head', 'reference')
+VALUE_SLICES = ("per_head", "reference")
 
 
 def _check_slice(value_slice: str) -> None:
   if value_slice not in VALUE_SLICES:
-    raise ValueError(f'value_slice must be one of {VALUE_SLICES}, got {value_slice!r}')
+    raise ValueError(f"value_slice must be one of {VALUE_SLICES}, got {value_slice!r}")
 
 
 def _fuse_heads(q, k, v, head_axis: int):
@@ -41,7 +41,7 @@ def _fuse_heads(q, k, v, head_axis: int):
   fused = jnp.stack([q, k, v], axis=head_axis + 1 if head_axis >= 0 else head_axis)
   # After stacking, axes (H, 3, dh) sit together; merging them gives index h*3dh + j*dh + i.
   axis = head_axis if head_axis >= 0 else fused.ndim + head_axis - 1
-  shape = fused.shape[:axis] + (-1,) + fused.shape[axis + 3:]
+  shape = fused.shape[:axis] + (-1,) + fused.shape[axis + 3 :]
   return fused.reshape(shape)
 
 
@@ -53,12 +53,12 @@ def fused_qkv_weight(attn: dict) -> jax.Array:
   Returns:
     [..., 3*H*dh, d], row index h*3*dh + j*dh + i with j in (q, k, v).
   """
-  kernels = [attn[name]['kernel'] for name in ('query', 'key', 'value')]
+  kernels = [attn[name]["kernel"] for name in ("query", "key", "value")]
   fused = _fuse_heads(*kernels, head_axis=-2)  # [..., d, 3*H*dh] (in, out)
   return jnp.swapaxes(fused, -1, -2)
 
 
-def value_kernel(attn: dict, value_slice: str = 'per_head') -> jax.Array:
+def value_kernel(attn: dict, value_slice: str = "per_head") -> jax.Array:
   """The value kernel [..., d, H, dh] (Flax layout), true or as the reference slices it.
 
   'reference': the last third of the fused weight's rows (torch `W[-d:, :]`), regrouped
@@ -66,8 +66,8 @@ def value_kernel(attn: dict, value_slice: str = 'per_head') -> jax.Array:
   Works on gradient dicts too (the slice of the fused gradient).
   """
   _check_slice(value_slice)
-  kernel = attn['value']['kernel']
-  if value_slice == 'per_head':
+  kernel = attn["value"]["kernel"]
+  if value_slice == "per_head":
     return kernel
   *lead, d_in, heads, head_dim = kernel.shape
   fused_t = fused_qkv_weight(attn)  # [..., 3D, d]
@@ -78,8 +78,8 @@ def value_kernel(attn: dict, value_slice: str = 'per_head') -> jax.Array:
 
 def reference_value_weight(attn: dict) -> jax.Array:
   """The reference's "value" weight, torch layout: fused W[-d:, :]. [..., d, d]."""
-  kernel = attn['value']['kernel']
-  return fused_qkv_weight(attn)[..., -kernel.shape[-2] * kernel.shape[-1]:, :]
+  kernel = attn["value"]["kernel"]
+  return fused_qkv_weight(attn)[..., -kernel.shape[-2] * kernel.shape[-1] :, :]
 
 
 def reference_value_activation(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -92,19 +92,20 @@ def reference_value_activation(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.
     [..., H*dh] (read as [..., H, dh] it is what the reference calls head h's value).
   """
   if not (q.shape == k.shape == v.shape):
-    raise ValueError(f'q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}')
+    raise ValueError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
   fused = _fuse_heads(q, k, v, head_axis=-2)  # [..., 3*H*dh]
-  return fused[..., -q.shape[-2] * q.shape[-1]:]
+  return fused[..., -q.shape[-2] * q.shape[-1] :]
 
 
-def value_vectors(q: jax.Array | None, k: jax.Array | None, v: jax.Array,
-                  value_slice: str = 'per_head') -> jax.Array:
+def value_vectors(
+  q: jax.Array | None, k: jax.Array | None, v: jax.Array, value_slice: str = "per_head"
+) -> jax.Array:
   """Value vectors [..., H, dh]: v itself, or the reference's slice regrouped into heads.
 
   q and k are only needed (and checked) for value_slice='reference'.
   """
   _check_slice(value_slice)
-  if value_slice == 'per_head':
+  if value_slice == "per_head":
     return v
   if q is None or k is None:
     raise ValueError("value_slice='reference' needs q and k (hook_q, hook_k)")
@@ -115,7 +116,7 @@ def _ov_factors(attn: dict, value_slice: str):
   """Per-head W_O[:, h] [..., H, d, dh] and W_V[h, :] [..., H, dh, d] (torch)."""
   w_v = jnp.moveaxis(value_kernel(attn, value_slice), -2, -3)  # [..., H, d, dh]
   w_v = jnp.swapaxes(w_v, -1, -2)  # [..., H, dh, d]
-  w_o = jnp.swapaxes(attn['out']['kernel'], -1, -2)  # [..., H, d, dh]
+  w_o = jnp.swapaxes(attn["out"]["kernel"], -1, -2)  # [..., H, d, dh]
   return w_o, w_v
 
 
@@ -128,20 +129,21 @@ def _whole_factors(attn: dict, value_slice: str):
   return w_o_full, w_v_full
 
 
-def ov_head_weights(attn: dict, value_slice: str = 'per_head') -> jax.Array:
+def ov_head_weights(attn: dict, value_slice: str = "per_head") -> jax.Array:
   """Per-head OV matrices W_OV,h = W_O[:, h] @ W_V[h, :] (torch). [..., H, d, d]."""
   w_o, w_v = _ov_factors(attn, value_slice)
   return jnp.matmul(w_o, w_v, precision=_HIGHEST)
 
 
-def ov_weights(attn: dict, value_slice: str = 'per_head') -> jax.Array:
+def ov_weights(attn: dict, value_slice: str = "per_head") -> jax.Array:
   """Whole-layer OV matrix W_O @ W_V (torch). [..., d, d]."""
   w_o, w_v = _whole_factors(attn, value_slice)
   return jnp.matmul(w_o, w_v, precision=_HIGHEST)
 
 
-def ov_head_singular_values(attn: dict, value_slice: str = 'per_head',
-                            method: str = 'auto') -> jax.Array:
+def ov_head_singular_values(
+  attn: dict, value_slice: str = "per_head", method: str = "auto"
+) -> jax.Array:
   """Singular values of every head's OV matrix from its dh x dh QR core. [..., H, dh].
 
   method: see `product_singular_values` ('auto' = core, 'direct' = d x d SVD for checks).
@@ -150,8 +152,9 @@ def ov_head_singular_values(attn: dict, value_slice: str = 'per_head',
   return product_singular_values(w_o, w_v, method)
 
 
-def ov_singular_values(attn: dict, value_slice: str = 'per_head',
-                       method: str = 'auto') -> jax.Array:
+def ov_singular_values(
+  attn: dict, value_slice: str = "per_head", method: str = "auto"
+) -> jax.Array:
   """Singular values of the whole-layer OV matrix. [..., d].
 
   The factors are d x D and D x d with D = d, so the QR core is itself d x d and saves
@@ -176,7 +179,7 @@ def ov_head_gradient_factors(attn, grads_attn, value_slice):
   return left, right
 
 
-def ov_head_gradients(attn: dict, grads_attn: dict, value_slice: str = 'per_head') -> jax.Array:
+def ov_head_gradients(attn: dict, grads_attn: dict, value_slice: str = "per_head") -> jax.Array:
   """Chain rule dW_OV,h = dW_O[:, h] @ W_V[h, :] + W_O[:, h] @ dW_V[h, :]. [..., H, d, d].
 
   Args:
@@ -187,17 +190,16 @@ def ov_head_gradients(attn: dict, grads_attn: dict, value_slice: str = 'per_head
   return jnp.matmul(left, right, precision=_HIGHEST)
 
 
-def ov_gradients(attn: dict, grads_attn: dict, value_slice: str = 'per_head') -> jax.Array:
+def ov_gradients(attn: dict, grads_attn: dict, value_slice: str = "per_head") -> jax.Array:
   """Whole-layer OV gradient dW_O @ W_V + W_O @ dW_V (torch). [..., d, d]."""
   w_o, w_v = _whole_factors(attn, value_slice)
   dw_o, dw_v = _whole_factors(grads_attn, value_slice)
-  return (jnp.matmul(dw_o, w_v, precision=_HIGHEST)
-          + jnp.matmul(w_o, dw_v, precision=_HIGHEST))
+  return jnp.matmul(dw_o, w_v, precision=_HIGHEST) + jnp.matmul(w_o, dw_v, precision=_HIGHEST)
 
 
-def ov_head_gradient_singular_values(attn: dict, grads_attn: dict,
-                                     value_slice: str = 'per_head',
-                                     method: str = 'auto') -> jax.Array:
+def ov_head_gradient_singular_values(
+  attn: dict, grads_attn: dict, value_slice: str = "per_head", method: str = "auto"
+) -> jax.Array:
   """Singular values of each head's OV gradient from a 2dh x 2dh QR core. [..., H, 2dh].
 
   dW_OV,h is a sum of two rank-dh products, i.e. one product of rank <= 2dh.
@@ -206,20 +208,21 @@ def ov_head_gradient_singular_values(attn: dict, grads_attn: dict,
   return product_singular_values(left, right, method)
 
 
-def ov_gradient_singular_values(attn: dict, grads_attn: dict,
-                                value_slice: str = 'per_head') -> jax.Array:
+def ov_gradient_singular_values(
+  attn: dict, grads_attn: dict, value_slice: str = "per_head"
+) -> jax.Array:
   """Singular values of the whole-layer OV gradient (d x d SVD). [..., d]."""
   return singular_values(ov_gradients(attn, grads_attn, value_slice))
 
 
 def mlp_weight(mlp: dict) -> jax.Array:
   """The study's MLP matrix dense_4h_to_h (torch, d x 4d) = fc_out.kernel^T. [..., d, f]."""
-  return jnp.swapaxes(mlp['fc_out']['kernel'], -1, -2)
+  return jnp.swapaxes(mlp["fc_out"]["kernel"], -1, -2)
 
 
 def mlp_singular_values(mlp: dict) -> jax.Array:
   """Singular values of dense_4h_to_h. [..., d] (the Flax kernel [.., f, d] has the same)."""
-  return singular_values(mlp['fc_out']['kernel'])
+  return singular_values(mlp["fc_out"]["kernel"])
 
 
 def ov_head_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
@@ -232,13 +235,13 @@ def ov_head_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
     [..., n, H, d]. No output bias (the paper's v(x) @ W_O^T).
   """
   _check_head_dims(values, out_kernel)
-  return jnp.einsum('...nhi,...hid->...nhd', values, out_kernel, precision=_HIGHEST)
+  return jnp.einsum("...nhi,...hid->...nhd", values, out_kernel, precision=_HIGHEST)
 
 
 def ov_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   """Whole-layer OV activation v(x) @ W_O^T = sum over heads. [..., n, H, dh] -> [..., n, d]."""
   _check_head_dims(values, out_kernel)
-  return jnp.einsum('...nhi,...hid->...nd', values, out_kernel, precision=_HIGHEST)
+  return jnp.einsum("...nhi,...hid->...nd", values, out_kernel, precision=_HIGHEST)
 
 
 def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
@@ -254,8 +257,8 @@ def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   Returns:
     [L, H, n, dh].
   """
-  r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode='r')  # [L, H, dh, dh]
-  return jnp.einsum('lnhi,lhji->lhnj', values, r, precision=_HIGHEST)
+  r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode="r")  # [L, H, dh, dh]
+  return jnp.einsum("lnhi,lhji->lhnj", values, r, precision=_HIGHEST)
 
 
 def head_outputs(z: jax.Array, out_kernel: jax.Array) -> jax.Array:
@@ -265,8 +268,12 @@ def head_outputs(z: jax.Array, out_kernel: jax.Array) -> jax.Array:
 
 def _check_head_dims(values, out_kernel):
   if values.ndim < 3 or out_kernel.ndim < 3:
-    raise ValueError(f'expected values [..., n, H, dh] and out_kernel [..., H, dh, d], got '
-                     f'{values.shape} and {out_kernel.shape}')
+    raise ValueError(
+      f"expected values [..., n, H, dh] and out_kernel [..., H, dh, d], got "
+      f"{values.shape} and {out_kernel.shape}"
+    )
   if values.shape[-2:] != out_kernel.shape[-3:-1]:
-    raise ValueError(f'head dims differ: values {values.shape} (.., n, H, dh) vs out_kernel '
-                     f'{out_kernel.shape} (.., H, dh, d)')
+    raise ValueError(
+      f"head dims differ: values {values.shape} (.., n, H, dh) vs out_kernel "
+      f"{out_kernel.shape} (.., H, dh, d)"
+    )

@@ -16,11 +16,12 @@ PAPER_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
 
 
 def _check_steps(values, steps):
-  require_ndim('values', values, 1)
-  require_nonempty('values', values)
+  require_ndim("values", values, 1)
+  require_nonempty("values", values)
   if steps.ndim != 1 or steps.shape[0] != values.shape[-1]:
-    raise ValueError(f'steps must be [C] matching values [..., C]: values {values.shape}, '
-                     f'steps {steps.shape}')
+    raise ValueError(
+      f"steps must be [C] matching values [..., C]: values {values.shape}, steps {steps.shape}"
+    )
 
 
 def percentile_bands(values: jax.Array, percentiles=PAPER_PERCENTILES) -> jax.Array:
@@ -32,12 +33,12 @@ def percentile_bands(values: jax.Array, percentiles=PAPER_PERCENTILES) -> jax.Ar
   Returns:
     [P, C]; linear interpolation (numpy's default). NaN in a row propagates to its bands.
   """
-  require_ndim('values', values, 2)
-  require_nonempty('values', values)
+  require_ndim("values", values, 2)
+  require_nonempty("values", values)
   return jnp.percentile(values, jnp.asarray(percentiles, dtype=values.dtype), axis=-1)
 
 
-@register_metric('convergence_step', 'convergence')
+@register_metric("convergence_step", "convergence")
 def convergence_step(values: jax.Array, steps: jax.Array, threshold: float = 0.9) -> jax.Array:
   """The first step from which the value stays >= threshold at every later checkpoint.
 
@@ -61,9 +62,10 @@ def log_step_axis(steps: jax.Array) -> jax.Array:
   return jnp.log1p(jnp.asarray(steps, dtype=jnp.float32))
 
 
-@register_metric('cka_auc', 'convergence')
-def area_under_log_step_curve(values: jax.Array, steps: jax.Array,
-                              normalise: bool = True) -> jax.Array:
+@register_metric("cka_auc", "convergence")
+def area_under_log_step_curve(
+  values: jax.Array, steps: jax.Array, normalise: bool = True
+) -> jax.Array:
   """Trapezoidal area under the curve over x = log(1 + step) (step 0 maps to x = 0).
 
   Args:
@@ -75,7 +77,7 @@ def area_under_log_step_curve(values: jax.Array, steps: jax.Array,
   """
   _check_steps(values, steps)
   if values.shape[-1] < 2:
-    raise ValueError(f'need at least 2 checkpoints, got values {values.shape}')
+    raise ValueError(f"need at least 2 checkpoints, got values {values.shape}")
   x = log_step_axis(steps).astype(values.dtype)
   widths = x[1:] - x[:-1]
   area = jnp.sum(widths * (values[..., 1:] + values[..., :-1]) / 2, axis=-1)
@@ -86,8 +88,7 @@ def pearson(x: jax.Array, y: jax.Array) -> jax.Array:
   """Pearson correlation over the last axis. x, y: [..., m] -> [...]; NaN if constant."""
   xc = x - jnp.mean(x, axis=-1, keepdims=True)
   yc = y - jnp.mean(y, axis=-1, keepdims=True)
-  return jnp.sum(xc * yc, axis=-1) / jnp.sqrt(jnp.sum(xc * xc, axis=-1) *
-                                               jnp.sum(yc * yc, axis=-1))
+  return jnp.sum(xc * yc, axis=-1) / jnp.sqrt(jnp.sum(xc * xc, axis=-1) * jnp.sum(yc * yc, axis=-1))
 
 
 def average_ranks(x: jax.Array) -> jax.Array:
@@ -105,9 +106,13 @@ def spearman(x: jax.Array, y: jax.Array) -> jax.Array:
   return pearson(average_ranks(x), average_ranks(y))
 
 
-def per_convergence_correlation(per: jax.Array, convergence: jax.Array, key: jax.Array,
-                                 num_bootstrap: int = 1000,
-                                 confidence: float = 0.95) -> dict[str, jax.Array]:
+def per_convergence_correlation(
+  per: jax.Array,
+  convergence: jax.Array,
+  key: jax.Array,
+  num_bootstrap: int = 1000,
+  confidence: float = 0.95,
+) -> dict[str, jax.Array]:
   """Correlation between a layer's PER and its convergence, with a bootstrap over layers.
 
   Args:
@@ -120,12 +125,11 @@ def per_convergence_correlation(per: jax.Array, convergence: jax.Array, key: jax
      'spearman_high'}: scalars. Resamples that draw a constant vector (undefined
     correlation) are ignored by the interval (nanpercentile); NaN layers propagate.
   """
-  require_ndim('per', per, 1)
+  require_ndim("per", per, 1)
   if per.shape != convergence.shape:
-    raise ValueError(f'per and convergence must be [L] alike: {per.shape} vs '
-                     f'{convergence.shape}')
+    raise ValueError(f"per and convergence must be [L] alike: {per.shape} vs {convergence.shape}")
   if per.shape[0] < 3:
-    raise ValueError(f'need at least 3 layers to correlate, got {per.shape}')
+    raise ValueError(f"need at least 3 layers to correlate, got {per.shape}")
   n = per.shape[0]
   idx = jax.random.randint(key, (num_bootstrap, n), 0, n)
   boot_pearson = pearson(per[idx], convergence[idx])
@@ -134,6 +138,11 @@ def per_convergence_correlation(per: jax.Array, convergence: jax.Array, key: jax
   bounds = jnp.asarray([tail, 100 - tail])
   p_lo, p_hi = jnp.nanpercentile(boot_pearson, bounds)
   s_lo, s_hi = jnp.nanpercentile(boot_spearman, bounds)
-  return {'pearson': pearson(per, convergence), 'spearman': spearman(per, convergence),
-          'pearson_low': p_lo, 'pearson_high': p_hi,
-          'spearman_low': s_lo, 'spearman_high': s_hi}
+  return {
+    "pearson": pearson(per, convergence),
+    "spearman": spearman(per, convergence),
+    "pearson_low": p_lo,
+    "pearson_high": p_hi,
+    "spearman_low": s_lo,
+    "spearman_high": s_hi,
+  }

@@ -19,8 +19,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _flatten_features(g, feature_ndim: int):
   if g.ndim < feature_ndim:
-    raise ValueError(f'expected at least {feature_ndim} feature dims, got shape {g.shape}')
-  lead = g.shape[:g.ndim - feature_ndim]
+    raise ValueError(f"expected at least {feature_ndim} feature dims, got shape {g.shape}")
+  lead = g.shape[: g.ndim - feature_ndim]
   return g.reshape(lead + (-1,))
 
 
@@ -30,7 +30,7 @@ def gradient_norms(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
 
 
-@register_metric('grad_norm', 'gradient')
+@register_metric("grad_norm", "gradient")
 def mean_gradient_norm(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   """Mean over G batches of the Frobenius norm. [G, ..., *f] -> [...]."""
   return jnp.mean(gradient_norms(grads, feature_ndim), axis=0)
@@ -43,7 +43,7 @@ def cosine_similarity(a: jax.Array, b: jax.Array, feature_ndim: int = 2) -> jax.
   return dot / (jnp.linalg.norm(fa, axis=-1) * jnp.linalg.norm(fb, axis=-1))
 
 
-@register_metric('grad_cosine', 'gradient')
+@register_metric("grad_cosine", "gradient")
 def mean_consecutive_cosine(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   """Mean cosine similarity of consecutive gradients g_t, g_{t+1} over t = 0..G-2.
 
@@ -52,20 +52,20 @@ def mean_consecutive_cosine(grads: jax.Array, feature_ndim: int = 2) -> jax.Arra
   Returns:
     [...].
   """
-  require_ndim('grads', grads, feature_ndim + 1)
+  require_ndim("grads", grads, feature_ndim + 1)
   if grads.shape[0] < 2:
-    raise ValueError(f'need at least 2 gradient batches on axis 0, got shape {grads.shape}')
+    raise ValueError(f"need at least 2 gradient batches on axis 0, got shape {grads.shape}")
   return jnp.mean(cosine_similarity(grads[:-1], grads[1:], feature_ndim), axis=0)
 
 
 def mean_singular_values(s: jax.Array) -> jax.Array:
   """Singular values averaged over G batches (each sorted descending first). [G, ..., m] ->
   [..., m]."""
-  require_ndim('s', s, 2)
+  require_ndim("s", s, 2)
   return jnp.mean(-jnp.sort(-s, axis=-1), axis=0)
 
 
-@register_metric('grad_per', 'gradient', needs_rank_bound=True)
+@register_metric("grad_per", "gradient", needs_rank_bound=True)
 def mean_singular_value_per(s: jax.Array, k: int) -> jax.Array:
   """PER of the mean singular values over G gradient batches. s: [G, ..., m] -> [...]."""
   k = require_rank_bound(k)

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-FAMILIES = ('spectral', 'similarity', 'sparsity', 'gradient', 'convergence')
+FAMILIES = ("spectral", "similarity", "sparsity", "gradient", "convergence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Metric:
   family: str
   fn: Callable
   needs_rank_bound: bool = False
-  description: str = ''
+  description: str = ""
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -39,20 +39,21 @@ _REGISTRY: dict[str, Metric] = {}
 METRICS: Mapping[str, Metric] = MappingProxyType(_REGISTRY)
 
 
-def register_metric(name: str, family: str, *, needs_rank_bound: bool = False,
-                    description: str = '') -> Callable[[Callable], Callable]:
+def register_metric(
+  name: str, family: str, *, needs_rank_bound: bool = False, description: str = ""
+) -> Callable[[Callable], Callable]:
   """Decorator registering `fn` under `name`; returns `fn` unchanged.
 
   Raises ValueError for an unknown family or a name that is already taken (two functions
   silently sharing a column name would corrupt the sweep's table).
   """
   if family not in FAMILIES:
-    raise ValueError(f'unknown metric family {family!r}; expected one of {FAMILIES}')
+    raise ValueError(f"unknown metric family {family!r}; expected one of {FAMILIES}")
 
   def decorate(fn: Callable) -> Callable:
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-      raise ValueError(f'metric name {name!r} is already registered')
-    doc = description or (fn.__doc__ or '').strip().split('\n')[0]
+      raise ValueError(f"metric name {name!r} is already registered")
+    doc = description or (fn.__doc__ or "").strip().split("\n")[0]
     _REGISTRY[name] = Metric(name, family, fn, needs_rank_bound, doc)
     return fn
 
@@ -62,5 +63,5 @@ def register_metric(name: str, family: str, *, needs_rank_bound: bool = False,
 def metrics_in_family(family: str) -> dict[str, Metric]:
   """All registered metrics of one family, in registration order."""
   if family not in FAMILIES:
-    raise ValueError(f'unknown metric family {family!r}; expected one of {FAMILIES}')
+    raise ValueError(f"unknown metric family {family!r}; expected one of {FAMILIES}")
   return {name: m for name, m in _REGISTRY.items() if m.family == family}

@@ -45,18 +45,19 @@ def _mm(a, b):
 
 
 def _check_pair(x, y, debiased: bool) -> int:
-  require_ndim('x', x, 2)
-  require_ndim('y', y, 2)
+  require_ndim("x", x, 2)
+  require_ndim("y", y, 2)
   if x.shape[-2] != y.shape[-2]:
-    raise ValueError(f'x and y need the same number of samples (axis -2): '
-                     f'x {x.shape}, y {y.shape}')
-  require_nonempty('x', x)
-  require_nonempty('y', y)
+    raise ValueError(f"x and y need the same number of samples (axis -2): x {x.shape}, y {y.shape}")
+  require_nonempty("x", x)
+  require_nonempty("y", y)
   n = x.shape[-2]
   min_n = 4 if debiased else 2
   if n < min_n:
-    raise ValueError(f'{"debiased" if debiased else "biased"} CKA needs n >= {min_n} '
-                     f'samples, got x {x.shape}, y {y.shape}')
+    raise ValueError(
+      f"{'debiased' if debiased else 'biased'} CKA needs n >= {min_n} "
+      f"samples, got x {x.shape}, y {y.shape}"
+    )
   return n
 
 
@@ -74,8 +75,9 @@ def _centre_and_scale(x):
 
 def _unbiased_hsic_from_terms(trace_kl, sum_k, sum_l, k1_dot_l1, n):
   """Song et al. U-statistic from tr(K~L~), 1'K~1, 1'L~1, 1'K~L~1 (scalars)."""
-  return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2))
-          - 2.0 * k1_dot_l1 / (n - 2)) / (n * (n - 3))
+  return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * k1_dot_l1 / (n - 2)) / (
+    n * (n - 3)
+  )
 
 
 def _feature_hsic(x, y, debiased: bool):
@@ -117,7 +119,7 @@ def _broadcast_apply(fn, x, y, core_ndim: int):
   try:
     batch = jnp.broadcast_shapes(lead_x, lead_y)
   except ValueError as err:
-    raise ValueError(f'leading axes do not broadcast: x {x.shape}, y {y.shape}') from err
+    raise ValueError(f"leading axes do not broadcast: x {x.shape}, y {y.shape}") from err
   x = x.reshape((1,) * (len(batch) - len(lead_x)) + x.shape)
   y = y.reshape((1,) * (len(batch) - len(lead_y)) + y.shape)
 
@@ -135,7 +137,7 @@ def _broadcast_apply(fn, x, y, core_ndim: int):
   return rec(x, y, 0)
 
 
-@register_metric('linear_cka', 'similarity')
+@register_metric("linear_cka", "similarity")
 def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   """Linear CKA between activations of the same n inputs.
 
@@ -151,7 +153,7 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   return _broadcast_apply(lambda a, b: _cka_single(a, b, debiased), x, y, 2)
 
 
-@register_metric('linear_cka_debiased', 'similarity')
+@register_metric("linear_cka_debiased", "similarity")
 def linear_cka_debiased(x: jax.Array, y: jax.Array) -> jax.Array:
   """Debiased linear CKA; x [..., n, dx], y [..., n, dy] -> [...]. See `linear_cka`."""
   return linear_cka(x, y, debiased=True)
@@ -202,11 +204,10 @@ def linear_cka_gram(k: jax.Array, l: jax.Array, debiased: bool = False) -> jax.A
   Returns:
     [...]; NaN where a centred Gram matrix is zero.
   """
-  require_ndim('k', k, 2)
-  require_ndim('l', l, 2)
+  require_ndim("k", k, 2)
+  require_ndim("l", l, 2)
   if k.shape[-1] != k.shape[-2] or l.shape[-2:] != k.shape[-2:]:
-    raise ValueError(f'Gram matrices must be square and the same size: k {k.shape}, '
-                     f'l {l.shape}')
+    raise ValueError(f"Gram matrices must be square and the same size: k {k.shape}, l {l.shape}")
   _check_pair(k, l, debiased)
   return _broadcast_apply(lambda a, b: _gram_cka_single(a, b, debiased), k, l, 2)
 
@@ -231,8 +232,9 @@ def hsic(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   return _broadcast_apply(single, x, y, 2)
 
 
-def cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
-                     checkpoint_batch_size: int | None = 1) -> jax.Array:
+def cka_to_reference(
+  acts: jax.Array, ref: jax.Array, debiased: bool = False, checkpoint_batch_size: int | None = 1
+) -> jax.Array:
   """CKA of every layer at every checkpoint against a reference checkpoint.
 
   Args:
@@ -242,16 +244,18 @@ def cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
   Returns:
     [C, L].
   """
-  require_ndim('acts', acts, 4)
-  require_ndim('ref', ref, 3)
+  require_ndim("acts", acts, 4)
+  require_ndim("ref", ref, 3)
   if acts.shape[1:-1] != ref.shape[:-1]:
-    raise ValueError(f'acts [C, L, n, d] and ref [L, n, d] disagree: acts {acts.shape}, '
-                     f'ref {ref.shape}')
+    raise ValueError(
+      f"acts [C, L, n, d] and ref [L, n, d] disagree: acts {acts.shape}, ref {ref.shape}"
+    )
   return _each_checkpoint_against(acts, ref, debiased, checkpoint_batch_size)
 
 
-def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = False,
-                              checkpoint_batch_size: int | None = 1) -> jax.Array:
+def per_head_cka_to_reference(
+  acts: jax.Array, ref: jax.Array, debiased: bool = False, checkpoint_batch_size: int | None = 1
+) -> jax.Array:
   """Per-head CKA against a reference, in the capture layout (hook_z, per-head OV outputs).
 
   Args:
@@ -259,13 +263,14 @@ def per_head_cka_to_reference(acts: jax.Array, ref: jax.Array, debiased: bool = 
   Returns:
     [C, L, H].
   """
-  require_ndim('acts', acts, 5)
-  require_ndim('ref', ref, 4)
+  require_ndim("acts", acts, 5)
+  require_ndim("ref", ref, 4)
   acts_heads = jnp.moveaxis(acts, -2, -3)  # [C, L, H, n, e]
   ref_heads = jnp.moveaxis(ref, -2, -3)  # [L, H, n, e]
   if acts_heads.shape[1:-1] != ref_heads.shape[:-1]:
-    raise ValueError(f'acts [C, L, n, H, e] and ref [L, n, H, e] disagree: acts {acts.shape},'
-                     f' ref {ref.shape}')
+    raise ValueError(
+      f"acts [C, L, n, H, e] and ref [L, n, H, e] disagree: acts {acts.shape}, ref {ref.shape}"
+    )
   return _each_checkpoint_against(acts_heads, ref_heads, debiased, checkpoint_batch_size)
 
 
@@ -278,8 +283,7 @@ def _each_checkpoint_against(acts, ref, debiased, checkpoint_batch_size):
   return jax.lax.map(per_checkpoint, acts, batch_size=checkpoint_batch_size)
 
 
-def pairwise_cka(acts: jax.Array, debiased: bool = False,
-                 gram_budget: int = 2**27) -> jax.Array:
+def pairwise_cka(acts: jax.Array, debiased: bool = False, gram_budget: int = 2**27) -> jax.Array:
   """CKA between every pair of checkpoints (same layer, same inputs).
 
   Args:
@@ -291,7 +295,7 @@ def pairwise_cka(acts: jax.Array, debiased: bool = False,
   [C, n^2] @ [n^2, C] product; otherwise pairs are evaluated in feature space one at a
   time (compiled loop; memory ~d^2 beyond the inputs).
   """
-  require_ndim('acts', acts, 3)
+  require_ndim("acts", acts, 3)
   _check_pair(acts, acts, debiased)
   c, n, d = acts.shape
   centred = jax.vmap(_centre_and_scale)(acts)
@@ -307,8 +311,13 @@ def pairwise_cka(acts: jax.Array, debiased: bool = False,
   return cross / jnp.sqrt(self_hsic[:, None] * self_hsic[None, :])
 
 
-def cka_noise_floor(x: jax.Array, key: jax.Array, y: jax.Array | None = None,
-                    debiased: bool = False, num_permutations: int = 8) -> jax.Array:
+def cka_noise_floor(
+  x: jax.Array,
+  key: jax.Array,
+  y: jax.Array | None = None,
+  debiased: bool = False,
+  num_permutations: int = 8,
+) -> jax.Array:
   """CKA against row-permuted activations: the value CKA takes when rows do not correspond.
 
   METHOD.md asks every figure to show this floor: for biased CKA it is far above 0 when
@@ -374,12 +383,12 @@ def cka_stream_init(x_first: jax.Array, y_first: jax.Array) -> CKAAccumulator:
   Returns:
     CKAAccumulator.
   """
-  require_ndim('x_first', x_first, 2)
-  require_ndim('y_first', y_first, 2)
+  require_ndim("x_first", x_first, 2)
+  require_ndim("y_first", y_first, 2)
   if x_first.shape[0] != y_first.shape[0]:
-    raise ValueError(f'x and y need the same rows: x {x_first.shape}, y {y_first.shape}')
-  require_nonempty('x_first', x_first)
-  require_nonempty('y_first', y_first)
+    raise ValueError(f"x and y need the same rows: x {x_first.shape}, y {y_first.shape}")
+  require_nonempty("x_first", x_first)
+  require_nonempty("y_first", y_first)
   dtype = jnp.result_type(x_first.dtype, y_first.dtype, jnp.float32)
   x_first = x_first.astype(dtype)
   y_first = y_first.astype(dtype)
@@ -395,35 +404,61 @@ def cka_stream_init(x_first: jax.Array, y_first: jax.Array) -> CKAAccumulator:
   dx, dy = x_first.shape[1], y_first.shape[1]
   zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
   empty = CKAAccumulator(
-    count=jnp.zeros((), dtype), shift_x=shift_x, shift_y=shift_y, scale_x=scale_x,
-    scale_y=scale_y, sum_x=zeros(dx), sum_y=zeros(dy), xtx=zeros(dx, dx), yty=zeros(dy, dy),
-    xty=zeros(dx, dy), sum_a=zeros(), sum_b=zeros(), sum_aa=zeros(), sum_bb=zeros(),
-    sum_ab=zeros(), xt_a=zeros(dx), xt_b=zeros(dx), yt_a=zeros(dy), yt_b=zeros(dy))
+    count=jnp.zeros((), dtype),
+    shift_x=shift_x,
+    shift_y=shift_y,
+    scale_x=scale_x,
+    scale_y=scale_y,
+    sum_x=zeros(dx),
+    sum_y=zeros(dy),
+    xtx=zeros(dx, dx),
+    yty=zeros(dy, dy),
+    xty=zeros(dx, dy),
+    sum_a=zeros(),
+    sum_b=zeros(),
+    sum_aa=zeros(),
+    sum_bb=zeros(),
+    sum_ab=zeros(),
+    xt_a=zeros(dx),
+    xt_b=zeros(dx),
+    yt_a=zeros(dy),
+    yt_b=zeros(dy),
+  )
   return cka_stream_update(empty, x_first, y_first)
 
 
 def cka_stream_update(acc: CKAAccumulator, x: jax.Array, y: jax.Array) -> CKAAccumulator:
   """Add a batch of rows. x: [b, dx], y: [b, dy] (b may differ between calls)."""
-  require_ndim('x', x, 2)
-  require_ndim('y', y, 2)
-  if x.shape[0] != y.shape[0] or x.shape[1] != acc.sum_x.shape[0] \
-      or y.shape[1] != acc.sum_y.shape[0]:
-    raise ValueError(f'batch shapes x {x.shape}, y {y.shape} do not match the accumulator '
-                     f'(dx={acc.sum_x.shape[0]}, dy={acc.sum_y.shape[0]})')
+  require_ndim("x", x, 2)
+  require_ndim("y", y, 2)
+  if (
+    x.shape[0] != y.shape[0] or x.shape[1] != acc.sum_x.shape[0] or y.shape[1] != acc.sum_y.shape[0]
+  ):
+    raise ValueError(
+      f"batch shapes x {x.shape}, y {y.shape} do not match the accumulator "
+      f"(dx={acc.sum_x.shape[0]}, dy={acc.sum_y.shape[0]})"
+    )
   x = (x.astype(acc.xtx.dtype) - acc.shift_x) / acc.scale_x
   y = (y.astype(acc.yty.dtype) - acc.shift_y) / acc.scale_y
   a = jnp.sum(jnp.square(x), axis=1)
   b = jnp.sum(jnp.square(y), axis=1)
   return acc._replace(
     count=acc.count + x.shape[0],
-    sum_x=acc.sum_x + jnp.sum(x, axis=0), sum_y=acc.sum_y + jnp.sum(y, axis=0),
-    xtx=acc.xtx + _mm(x.T, x), yty=acc.yty + _mm(y.T, y), xty=acc.xty + _mm(x.T, y),
-    sum_a=acc.sum_a + jnp.sum(a), sum_b=acc.sum_b + jnp.sum(b),
+    sum_x=acc.sum_x + jnp.sum(x, axis=0),
+    sum_y=acc.sum_y + jnp.sum(y, axis=0),
+    xtx=acc.xtx + _mm(x.T, x),
+    yty=acc.yty + _mm(y.T, y),
+    xty=acc.xty + _mm(x.T, y),
+    sum_a=acc.sum_a + jnp.sum(a),
+    sum_b=acc.sum_b + jnp.sum(b),
     sum_aa=acc.sum_aa + jnp.dot(a, a, precision=_HIGHEST),
     sum_bb=acc.sum_bb + jnp.dot(b, b, precision=_HIGHEST),
     sum_ab=acc.sum_ab + jnp.dot(a, b, precision=_HIGHEST),
-    xt_a=acc.xt_a + _mm(x.T, a), xt_b=acc.xt_b + _mm(x.T, b),
-    yt_a=acc.yt_a + _mm(y.T, a), yt_b=acc.yt_b + _mm(y.T, b))
+    xt_a=acc.xt_a + _mm(x.T, a),
+    xt_b=acc.xt_b + _mm(x.T, b),
+    yt_a=acc.yt_a + _mm(y.T, a),
+    yt_b=acc.yt_b + _mm(y.T, b),
+  )
 
 
 def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
@@ -437,11 +472,11 @@ def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
     xy = acc.xty - jnp.outer(acc.sum_x, acc.sum_y) / n
     xx = acc.xtx - jnp.outer(acc.sum_x, acc.sum_x) / n
     yy = acc.yty - jnp.outer(acc.sum_y, acc.sum_y) / n
-    value = jnp.sum(jnp.square(xy)) / jnp.sqrt(jnp.sum(jnp.square(xx)) *
-                                               jnp.sum(jnp.square(yy)))
+    value = jnp.sum(jnp.square(xy)) / jnp.sqrt(jnp.sum(jnp.square(xx)) * jnp.sum(jnp.square(yy)))
     return jnp.where(n >= 2, value, jnp.nan)
 
   sx, sy = acc.sum_x, acc.sum_y
+
   # General (uncentred) terms, K = X X^T, a = diag K, s = X^T 1:
   #   tr(K~L~) = ||X^T Y||^2 - a.b ;  1'K~1 = ||s_x||^2 - sum a ;
   #   1'K~L~1 = (X s_x - a).(Y s_y - b) = s_x' X'Y s_y - s_x' X'b - s_y' Y'a + a.b
@@ -449,7 +484,7 @@ def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
     trace = jnp.sum(jnp.square(xty)) - a_dot_b
     k_sum = jnp.dot(s1, s1) - sum_a
     l_sum = jnp.dot(s2, s2) - sum_b
-    k1_l1 = (jnp.dot(s1, _mm(xty, s2)) - jnp.dot(s1, x1_b) - jnp.dot(s2, y2_a) + a_dot_b)
+    k1_l1 = jnp.dot(s1, _mm(xty, s2)) - jnp.dot(s1, x1_b) - jnp.dot(s2, y2_a) + a_dot_b
     return _unbiased_hsic_from_terms(trace, k_sum, l_sum, k1_l1, n)
 
   xy = terms(acc.xty, sx, sy, acc.xt_b, acc.yt_a, acc.sum_a, acc.sum_b, acc.sum_ab)
@@ -458,8 +493,9 @@ def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
   return jnp.where(n >= 4, xy / jnp.sqrt(xx * yy), jnp.nan)
 
 
-def streaming_linear_cka(x_batches: jax.Array, y_batches: jax.Array,
-                         debiased: bool = False) -> jax.Array:
+def streaming_linear_cka(
+  x_batches: jax.Array, y_batches: jax.Array, debiased: bool = False
+) -> jax.Array:
   """CKA over B equally sized token batches with memory independent of B.
 
   Args:
@@ -468,19 +504,20 @@ def streaming_linear_cka(x_batches: jax.Array, y_batches: jax.Array,
   Returns:
     scalar, equal to linear_cka(x_batches.reshape(B*b, dx), ...).
   """
-  require_ndim('x_batches', x_batches, 3)
-  require_ndim('y_batches', y_batches, 3)
+  require_ndim("x_batches", x_batches, 3)
+  require_ndim("y_batches", y_batches, 3)
   if x_batches.shape[:2] != y_batches.shape[:2]:
-    raise ValueError(f'batch axes differ: x {x_batches.shape}, y {y_batches.shape}')
-  _check_pair(x_batches.reshape(-1, x_batches.shape[-1]),
-              y_batches.reshape(-1, y_batches.shape[-1]), debiased)
+    raise ValueError(f"batch axes differ: x {x_batches.shape}, y {y_batches.shape}")
+  _check_pair(
+    x_batches.reshape(-1, x_batches.shape[-1]), y_batches.reshape(-1, y_batches.shape[-1]), debiased
+  )
   acc = cka_stream_init(x_batches[0], y_batches[0])
-  acc, _ = jax.lax.scan(lambda s, xy: (cka_stream_update(s, *xy), None), acc,
-                        (x_batches[1:], y_batches[1:]))
+  acc, _ = jax.lax.scan(
+    lambda s, xy: (cka_stream_update(s, *xy), None), acc, (x_batches[1:], y_batches[1:])
+  )
   return cka_stream_result(acc, debiased)
 
 
 def minimum_samples(debiased: bool) -> int:
   """Smallest n the estimators accept."""
   return 4 if debiased else 2
-

@@ -29,8 +29,8 @@ def singular_values(matrices: jax.Array) -> jax.Array:
   Returns:
     [..., min(a, b)], descending.
   """
-  require_ndim('matrices', matrices, 2)
-  require_nonempty('matrices', matrices)
+  require_ndim("matrices", matrices, 2)
+  require_nonempty("matrices", matrices)
   # float16/bfloat16 weights (as stored on the Hub) are decomposed in float32.
   matrices = matrices.astype(jnp.promote_types(matrices.dtype, jnp.float32))
   *lead, a, b = matrices.shape
@@ -46,11 +46,10 @@ def singular_values(matrices: jax.Array) -> jax.Array:
 
 def _r_factor(tall: jax.Array) -> jax.Array:
   """R of a reduced QR: [..., m, r] -> [..., r, r] (only R is needed; Q is orthonormal)."""
-  return jnp.linalg.qr(tall, mode='r')
+  return jnp.linalg.qr(tall, mode="r")
 
 
-def product_singular_values(left: jax.Array, right: jax.Array,
-                            method: str = 'auto') -> jax.Array:
+def product_singular_values(left: jax.Array, right: jax.Array, method: str = "auto") -> jax.Array:
   """Singular values of the product left @ right without forming it when that is cheaper.
 
   With left = Q_l R_l and right^T = Q_r R_r (reduced QR), left @ right = Q_l (R_l R_r^T) Q_r^T,
@@ -68,19 +67,19 @@ def product_singular_values(left: jax.Array, right: jax.Array,
     [..., min(m, n, r)] for 'core', [..., min(m, n)] for 'direct' (the extra values are
     zero up to rounding, since the product has rank <= r). Descending.
   """
-  require_ndim('left', left, 2)
-  require_ndim('right', right, 2)
+  require_ndim("left", left, 2)
+  require_ndim("right", right, 2)
   if left.shape[-1] != right.shape[-2]:
-    raise ValueError(f'inner dims differ: left {left.shape} @ right {right.shape}')
+    raise ValueError(f"inner dims differ: left {left.shape} @ right {right.shape}")
   dtype = jnp.promote_types(jnp.result_type(left, right), jnp.float32)
   left, right = left.astype(dtype), right.astype(dtype)
   m, r = left.shape[-2:]
   n = right.shape[-1]
-  if method == 'auto':
-    method = 'core' if r < min(m, n) else 'direct'
-  if method == 'direct':
+  if method == "auto":
+    method = "core" if r < min(m, n) else "direct"
+  if method == "direct":
     return singular_values(jnp.matmul(left, right, precision=_HIGHEST))
-  if method != 'core':
+  if method != "core":
     raise ValueError(f"method must be 'auto', 'core' or 'direct', got {method!r}")
   if r > m or r > n:
     raise ValueError(f"'core' needs r <= min(m, n); got left {left.shape}, right {right.shape}")
@@ -107,7 +106,7 @@ def top_k(s: jax.Array, k: int) -> jax.Array:
   return jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, k - m)])
 
 
-@register_metric('effective_rank', 'spectral')
+@register_metric("effective_rank", "spectral")
 def effective_rank(s: jax.Array) -> jax.Array:
   """Effective rank (Roy & Vetterli 2007): exp of the entropy of p_i = s_i / sum(s).
 
@@ -116,8 +115,8 @@ def effective_rank(s: jax.Array) -> jax.Array:
   Returns:
     [...], in [1, m]; NaN where all s are 0.
   """
-  require_ndim('s', s, 1)
-  require_nonempty('s', s)
+  require_ndim("s", s, 1)
+  require_nonempty("s", s)
   total = jnp.sum(s, axis=-1, keepdims=True)
   p = s / total  # 0/0 -> NaN for a zero matrix, propagated on purpose.
   # 0 log 0 = 0; the inner where keeps log away from 0 so no -inf * 0 = NaN appears.
@@ -128,7 +127,7 @@ def effective_rank(s: jax.Array) -> jax.Array:
   return jnp.exp(entropy)
 
 
-@register_metric('per', 'spectral', needs_rank_bound=True)
+@register_metric("per", "spectral", needs_rank_bound=True)
 def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
   """Proportional effective rank PER = ER(top-k singular values) / k (METHOD.md).
 
@@ -142,7 +141,7 @@ def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
   return effective_rank(top_k(s, k)) / k
 
 
-@register_metric('condition_number', 'spectral', needs_rank_bound=True)
+@register_metric("condition_number", "spectral", needs_rank_bound=True)
 def condition_number(s: jax.Array, k: int) -> jax.Array:
   """s_1 / s_k over the top-k singular values (k = rank bound, so a head's d x d OV
   matrix, which has rank <= d_head, is not trivially infinite).
@@ -156,7 +155,7 @@ def condition_number(s: jax.Array, k: int) -> jax.Array:
   return top[..., 0] / top[..., -1]
 
 
-@register_metric('stable_rank', 'spectral')
+@register_metric("stable_rank", "spectral")
 def stable_rank(s: jax.Array) -> jax.Array:
   """Stable rank ||A||_F^2 / ||A||_2^2 = sum(s^2) / max(s)^2.
 
@@ -165,25 +164,25 @@ def stable_rank(s: jax.Array) -> jax.Array:
   Returns:
     [...]; NaN for a zero matrix.
   """
-  require_ndim('s', s, 1)
+  require_ndim("s", s, 1)
   s_max = jnp.max(s, axis=-1)
   # Divide by s_max first so that squaring cannot overflow float32 for large weights.
   return jnp.sum(jnp.square(s / s_max[..., None]), axis=-1)
 
 
-@register_metric('frobenius_norm', 'spectral')
+@register_metric("frobenius_norm", "spectral")
 def frobenius_norm(s: jax.Array) -> jax.Array:
   """Frobenius norm sqrt(sum(s^2)). s: [..., m] -> [...]."""
-  require_ndim('s', s, 1)
+  require_ndim("s", s, 1)
   s_max = jnp.max(s, axis=-1)
   scale = jnp.where(s_max > 0, s_max, 1.0)  # scaled to avoid overflow in the squares
   return scale * jnp.sqrt(jnp.sum(jnp.square(s / scale[..., None]), axis=-1))
 
 
-@register_metric('spectral_norm', 'spectral')
+@register_metric("spectral_norm", "spectral")
 def spectral_norm(s: jax.Array) -> jax.Array:
   """Spectral norm max(s). s: [..., m] -> [...]."""
-  require_ndim('s', s, 1)
+  require_ndim("s", s, 1)
   return jnp.max(s, axis=-1)
 
 
@@ -198,6 +197,6 @@ def spectral_metrics(s: jax.Array, k: int) -> dict[str, jax.Array]:
   """
   k = require_rank_bound(k)
   out = {}
-  for name, metric in metrics_in_family('spectral').items():
+  for name, metric in metrics_in_family("spectral").items():
     out[name] = metric.fn(s, k) if metric.needs_rank_bound else metric.fn(s)
   return out

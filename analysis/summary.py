@@ -20,28 +20,30 @@ from analysis import circuits
 from analysis.gradients import factored_inner_product, mean_singular_values
 from analysis.spectra import product_singular_values, singular_values, spectral_metrics
 
-COMPONENTS = ('ov_head', 'ov', 'mlp')
+COMPONENTS = ("ov_head", "ov", "mlp")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _dims(layers: dict):
-  _, d, heads, head_dim = layers['attn']['value']['kernel'].shape
+  _, d, heads, head_dim = layers["attn"]["value"]["kernel"].shape
   return d, heads, head_dim
 
 
-def weight_singular_values(layers: dict, value_slice: str = 'per_head') -> dict[str, jax.Array]:
+def weight_singular_values(layers: dict, value_slice: str = "per_head") -> dict[str, jax.Array]:
   """Singular values per component: {'ov_head': [L, H, dh], 'ov': [L, d], 'mlp': [L, d]}.
 
   Args:
     layers: the stacked params['layers'] dict (leaves with a leading L axis).
   """
-  attn = layers['attn']
-  return {'ov_head': circuits.ov_head_singular_values(attn, value_slice),
-          'ov': circuits.ov_singular_values(attn, value_slice),
-          'mlp': circuits.mlp_singular_values(layers['mlp'])}
+  attn = layers["attn"]
+  return {
+    "ov_head": circuits.ov_head_singular_values(attn, value_slice),
+    "ov": circuits.ov_singular_values(attn, value_slice),
+    "mlp": circuits.mlp_singular_values(layers["mlp"]),
+  }
 
 
-def weight_spectra(layers: dict, value_slice: str = 'per_head') -> dict[str, dict[str, jax.Array]]:
+def weight_spectra(layers: dict, value_slice: str = "per_head") -> dict[str, dict[str, jax.Array]]:
   """All spectral metrics of one checkpoint's weights.
 
   Args:
@@ -51,20 +53,25 @@ def weight_spectra(layers: dict, value_slice: str = 'per_head') -> dict[str, dic
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
   d, _, head_dim = _dims(layers)
-  d_mlp = min(layers['mlp']['fc_out']['kernel'].shape[-2:])
+  d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
   s = weight_singular_values(layers, value_slice)
-  return {'ov_head': spectral_metrics(s['ov_head'], head_dim),
-          'ov': spectral_metrics(s['ov'], d),
-          'mlp': spectral_metrics(s['mlp'], d_mlp)}
+  return {
+    "ov_head": spectral_metrics(s["ov_head"], head_dim),
+    "ov": spectral_metrics(s["ov"], d),
+    "mlp": spectral_metrics(s["mlp"], d_mlp),
+  }
 
 
 def _cosine(dot, norm_a, norm_b):
   return dot / (norm_a * norm_b)
 
 
-def gradient_spectra(grads: dict, layers: dict, value_slice: str = 'per_head',
-                     head_gradient_rank_bound: int | None = None
-                     ) -> dict[str, dict[str, jax.Array]]:
+def gradient_spectra(
+  grads: dict,
+  layers: dict,
+  value_slice: str = "per_head",
+  head_gradient_rank_bound: int | None = None,
+) -> dict[str, dict[str, jax.Array]]:
   """All gradient metrics of one checkpoint from G gradient batches.
 
   Spectral metrics are of the singular values averaged over the G batches (METHOD.md);
@@ -82,57 +89,74 @@ def gradient_spectra(grads: dict, layers: dict, value_slice: str = 'per_head',
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
   d, _, head_dim = _dims(layers)
-  d_mlp = min(layers['mlp']['fc_out']['kernel'].shape[-2:])
+  d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
   k_head = head_gradient_rank_bound or 2 * head_dim
-  attn = layers['attn']
-  grad_value = grads['attn']['value']['kernel']
-  if grad_value.ndim != attn['value']['kernel'].ndim + 1:
-    raise ValueError(f'gradient leaves need a leading G axis: grad value kernel '
-                     f'{grad_value.shape} vs param {attn["value"]["kernel"].shape}')
-  attn_keys = ('query', 'key', 'value', 'out') if value_slice == 'reference' \
-    else ('value', 'out')
-  xs = {'attn': {name: {'kernel': grads['attn'][name]['kernel']} for name in attn_keys},
-        'fc_out': grads['mlp']['fc_out']['kernel']}
+  attn = layers["attn"]
+  grad_value = grads["attn"]["value"]["kernel"]
+  if grad_value.ndim != attn["value"]["kernel"].ndim + 1:
+    raise ValueError(
+      f"gradient leaves need a leading G axis: grad value kernel "
+      f"{grad_value.shape} vs param {attn['value']['kernel'].shape}"
+    )
+  attn_keys = ("query", "key", "value", "out") if value_slice == "reference" else ("value", "out")
+  xs = {
+    "attn": {name: {"kernel": grads["attn"][name]["kernel"]} for name in attn_keys},
+    "fc_out": grads["mlp"]["fc_out"]["kernel"],
+  }
 
   def step(previous, grad):
-    left, right = circuits.ov_head_gradient_factors(attn, grad['attn'], value_slice)
-    whole = circuits.ov_gradients(attn, grad['attn'], value_slice)
-    mlp = grad['fc_out']
+    left, right = circuits.ov_head_gradient_factors(attn, grad["attn"], value_slice)
+    whole = circuits.ov_gradients(attn, grad["attn"], value_slice)
+    mlp = grad["fc_out"]
     s_head = product_singular_values(left, right)
     s_whole = singular_values(whole)
     s_mlp = singular_values(mlp)
-    norms = {'ov_head': jnp.sqrt(jnp.sum(jnp.square(s_head), -1)),
-             'ov': jnp.linalg.norm(whole, axis=(-2, -1)),
-             'mlp': jnp.linalg.norm(mlp, axis=(-2, -1))}
-    dots = {'ov_head': factored_inner_product(previous['left'], previous['right'], left, right),
-            'ov': jnp.sum(previous['whole'] * whole, axis=(-2, -1)),
-            'mlp': jnp.sum(previous['mlp'] * mlp, axis=(-2, -1))}
-    cosines = {c: _cosine(dots[c], previous['norms'][c], norms[c]) for c in COMPONENTS}
-    carry = {'left': left, 'right': right, 'whole': whole, 'mlp': mlp, 'norms': norms}
-    return carry, ({'ov_head': s_head, 'ov': s_whole, 'mlp': s_mlp}, norms, cosines)
+    norms = {
+      "ov_head": jnp.sqrt(jnp.sum(jnp.square(s_head), -1)),
+      "ov": jnp.linalg.norm(whole, axis=(-2, -1)),
+      "mlp": jnp.linalg.norm(mlp, axis=(-2, -1)),
+    }
+    dots = {
+      "ov_head": factored_inner_product(previous["left"], previous["right"], left, right),
+      "ov": jnp.sum(previous["whole"] * whole, axis=(-2, -1)),
+      "mlp": jnp.sum(previous["mlp"] * mlp, axis=(-2, -1)),
+    }
+    cosines = {c: _cosine(dots[c], previous["norms"][c], norms[c]) for c in COMPONENTS}
+    carry = {"left": left, "right": right, "whole": whole, "mlp": mlp, "norms": norms}
+    return carry, ({"ov_head": s_head, "ov": s_whole, "mlp": s_mlp}, norms, cosines)
 
   first = jax.tree.map(lambda leaf: leaf[0], xs)
   # The first scan step pairs batch 0 with a zero carry; that cosine is dropped below.
   init = _zero_carry(attn, first, value_slice)
   _, (svals, norms, cosines) = jax.lax.scan(step, init, xs)
   num_batches = grad_value.shape[0]
-  bounds = {'ov_head': k_head, 'ov': d, 'mlp': d_mlp}
+  bounds = {"ov_head": k_head, "ov": d, "mlp": d_mlp}
   out = {}
   for component in COMPONENTS:
     metrics = spectral_metrics(mean_singular_values(svals[component]), bounds[component])
-    metrics['grad_norm'] = jnp.mean(norms[component], axis=0)
-    metrics['grad_cosine'] = (jnp.mean(cosines[component][1:], axis=0) if num_batches > 1
-                              else jnp.full_like(norms[component][0], jnp.nan))
+    metrics["grad_norm"] = jnp.mean(norms[component], axis=0)
+    metrics["grad_cosine"] = (
+      jnp.mean(cosines[component][1:], axis=0)
+      if num_batches > 1
+      else jnp.full_like(norms[component][0], jnp.nan)
+    )
     out[component] = metrics
   return out
 
 
 def _zero_carry(attn, first, value_slice):
-  left, right = circuits.ov_head_gradient_factors(attn, first['attn'], value_slice)
-  whole = circuits.ov_gradients(attn, first['attn'], value_slice)
+  left, right = circuits.ov_head_gradient_factors(attn, first["attn"], value_slice)
+  whole = circuits.ov_gradients(attn, first["attn"], value_slice)
   zeros = jnp.zeros_like
-  norms = {'ov_head': jnp.ones(left.shape[:-2], left.dtype),
-           'ov': jnp.ones(whole.shape[:-2], whole.dtype),
-           'mlp': jnp.ones(first['fc_out'].shape[:-2], first['fc_out'].dtype)}
-  return {'left': zeros(left), 'right': zeros(right), 'whole': zeros(whole),
-          'mlp': zeros(first['fc_out']), 'norms': norms}
+  norms = {
+    "ov_head": jnp.ones(left.shape[:-2], left.dtype),
+    "ov": jnp.ones(whole.shape[:-2], whole.dtype),
+    "mlp": jnp.ones(first["fc_out"].shape[:-2], first["fc_out"].dtype),
+  }
+  return {
+    "left": zeros(left),
+    "right": zeros(right),
+    "whole": zeros(whole),
+    "mlp": zeros(first["fc_out"]),
+    "norms": norms,
+  }

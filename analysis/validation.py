@@ -19,27 +19,28 @@ def check_finite(name: str, array) -> None:
   """
   values = np.asarray(array)
   if values.size == 0:
-    raise ValueError(f'{name}: empty array of shape {values.shape}')
+    raise ValueError(f"{name}: empty array of shape {values.shape}")
   if not np.issubdtype(values.dtype, np.number):
-    raise ValueError(f'{name}: non-numeric dtype {values.dtype}')
+    raise ValueError(f"{name}: non-numeric dtype {values.dtype}")
   finite = np.isfinite(values)
   if not finite.all():
     bad = int(values.size - finite.sum())
-    raise ValueError(f'{name}: {bad} of {values.size} entries are NaN or Inf '
-                     f'(shape {values.shape})')
+    raise ValueError(
+      f"{name}: {bad} of {values.size} entries are NaN or Inf (shape {values.shape})"
+    )
 
 
 def require_ndim(name: str, array, min_ndim: int) -> None:
   if array.ndim < min_ndim:
-    raise ValueError(f'{name}: expected at least {min_ndim} dims, got shape {array.shape}')
+    raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {array.shape}")
 
 
 def require_nonempty(name: str, array) -> None:
   if 0 in array.shape:
-    raise ValueError(f'{name}: empty array of shape {array.shape}')
+    raise ValueError(f"{name}: empty array of shape {array.shape}")
 
 
 def require_rank_bound(k) -> int:
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-    raise ValueError(f'rank bound k must be a positive Python int (static under jit), got {k!r}')
+    raise ValueError(f"rank bound k must be a positive Python int (static under jit), got {k!r}")
   return int(k)

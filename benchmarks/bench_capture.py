@@ -24,8 +24,14 @@ from jax_pythia import model
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.weights import convert_state_dict
 
-PYTHIA_70M = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
-                  num_attention_heads=8, intermediate_size=2048, max_position_embeddings=2048)
+PYTHIA_70M = dict(
+  vocab_size=50304,
+  hidden_size=512,
+  num_hidden_layers=6,
+  num_attention_heads=8,
+  intermediate_size=2048,
+  max_position_embeddings=2048,
+)
 
 
 def best_of(fn, repeats):
@@ -47,8 +53,9 @@ def main():
   hf_config = HFConfig(**PYTHIA_70M)
   tm = GPTNeoXForCausalLM(hf_config).eval()
   config = GPTNeoXConfig.from_hf_dict(hf_config.to_dict())
-  params = jax.device_put(convert_state_dict(
-      {k: v.numpy() for k, v in tm.state_dict().items()}, config))
+  params = jax.device_put(
+    convert_state_dict({k: v.numpy() for k, v in tm.state_dict().items()}, config)
+  )
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
   n_tokens = tokens.size
   heads = config.n_heads
@@ -59,11 +66,13 @@ def main():
     def fn(module, inputs, output):
       v = output[:, -1].reshape(args.batch, heads, 3, -1)[:, :, 2]
       captured[("v", l)] = v.numpy()
+
     return fn
 
   def hook_mlp(l):
     def fn(module, inputs, output):
       captured[("mlp", l)] = output[:, -1].numpy()
+
     return fn
 
   for l, layer in enumerate(tm.gpt_neox.layers):
@@ -79,8 +88,9 @@ def main():
     with torch.no_grad():
       tm.gpt_neox(t_tokens)
 
-  fn = model.make_forward(config, ["blocks.*.attn.hook_v", "blocks.*.hook_mlp_out"],
-                          return_logits=False)
+  fn = model.make_forward(
+    config, ["blocks.*.attn.hook_v", "blocks.*.hook_mlp_out"], return_logits=False
+  )
   idx = model.position_index("last", args.seq)
 
   def jax_capture():
@@ -94,19 +104,25 @@ def main():
   torch_full()
   torch_base()
   for l in range(config.n_layers):  # the two agree before anything is timed
-    np.testing.assert_allclose(caps["blocks.*.attn.hook_v"][l][:, 0], captured[("v", l)],
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(caps["blocks.*.hook_mlp_out"][l][:, 0], captured[("mlp", l)],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      caps["blocks.*.attn.hook_v"][l][:, 0], captured[("v", l)], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+      caps["blocks.*.hook_mlp_out"][l][:, 0], captured[("mlp", l)], rtol=1e-4, atol=1e-4
+    )
   t_full = best_of(torch_full, args.repeats)
   t_base = best_of(torch_base, args.repeats)
   t_jax = best_of(jax_capture, args.repeats)
-  print(f"pythia-70m shapes, {args.batch} x {args.seq} tokens, sites: per-head v + MLP out, "
-        f"last token; torch threads {torch.get_num_threads()}")
+  print(
+    f"pythia-70m shapes, {args.batch} x {args.seq} tokens, sites: per-head v + MLP out, "
+    f"last token; torch threads {torch.get_num_threads()}"
+  )
   print(f"  torch GPTNeoXForCausalLM + hooks : {n_tokens / t_full:10.0f} tokens/s")
   print(f"  torch base model (no unembed) + hooks: {n_tokens / t_base:6.0f} tokens/s")
-  print(f"  jax_pythia capture (logits skipped) : {n_tokens / t_jax:8.0f} tokens/s "
-        f"(compile {compile_s:.1f} s, once)")
+  print(
+    f"  jax_pythia capture (logits skipped) : {n_tokens / t_jax:8.0f} tokens/s "
+    f"(compile {compile_s:.1f} s, once)"
+  )
   print(f"  ratio vs torch full: {t_full / t_jax:.2f}x   vs torch base: {t_base / t_jax:.2f}x")
 
 

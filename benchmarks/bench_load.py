@@ -24,9 +24,15 @@ def write_checkpoint(directory: str, size: str) -> None:
 
   s = suite.SIZES[size]
   config = transformers.GPTNeoXConfig(
-      vocab_size=suite.VOCAB_SIZE, hidden_size=s.d_model, num_hidden_layers=s.n_layers,
-      num_attention_heads=s.n_heads, intermediate_size=s.d_mlp, max_position_embeddings=2048,
-      rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+    vocab_size=suite.VOCAB_SIZE,
+    hidden_size=s.d_model,
+    num_hidden_layers=s.n_layers,
+    num_attention_heads=s.n_heads,
+    intermediate_size=s.d_mlp,
+    max_position_embeddings=2048,
+    rotary_pct=0.25,
+    use_parallel_residual=True,
+    tie_word_embeddings=False,
   )
   torch.manual_seed(0)
   model = transformers.GPTNeoXForCausalLM(config).to(torch.float16)
@@ -68,14 +74,20 @@ def main() -> None:
     def theirs():
       transformers.GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
-    results = {"jax_pythia.load_checkpoint": time_it(ours, args.repeats),
-               "transformers.from_pretrained": time_it(theirs, args.repeats)}
-  print(f"pythia-{args.size}-shaped fp16 safetensors -> float32, {args.repeats} repeats, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}")
+    results = {
+      "jax_pythia.load_checkpoint": time_it(ours, args.repeats),
+      "transformers.from_pretrained": time_it(theirs, args.repeats),
+    }
+  print(
+    f"pythia-{args.size}-shaped fp16 safetensors -> float32, {args.repeats} repeats, "
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
+    f"transformers {transformers.__version__}"
+  )
   for name, times in results.items():
-    print(f"  {name:30s} median {statistics.median(times):.3f} s/checkpoint "
-          f"(min {min(times):.3f}, max {max(times):.3f})")
+    print(
+      f"  {name:30s} median {statistics.median(times):.3f} s/checkpoint "
+      f"(min {min(times):.3f}, max {max(times):.3f})"
+    )
   ours_t, theirs_t = (statistics.median(t) for t in results.values())
   print(f"  ratio transformers / jax_pythia: {theirs_t / ours_t:.2f}x")
 

@@ -31,45 +31,71 @@ def build(work: str, n_steps: int, seq_len: int) -> str:
 
   from jax_pythia import data, model, weights
   from jax_pythia.config import GPTNeoXConfig
+
   suite = os.path.join(work, "suite")
   if os.path.exists(os.path.join(suite, "suite.json")):
     return suite
-  config = GPTNeoXConfig(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16,
-                         d_mlp=4096, max_seq_len=2048)
+  config = GPTNeoXConfig(
+    vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, d_mlp=4096, max_seq_len=2048
+  )
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, 50277, seq_len + 1) for _ in range(8 * (n_steps + 2))]
   data.write_mmap_indexed_dataset(os.path.join(suite, "data", "train"), seqs)
   for s in range(n_steps):
     params = model.init_params(config, jax.random.PRNGKey(s), dtype=jax.numpy.float16)
-    weights.save_hf_checkpoint(os.path.join(suite, "pythia-410m-random", f"step{s}"),
-                               params, config)
+    weights.save_hf_checkpoint(
+      os.path.join(suite, "pythia-410m-random", f"step{s}"), params, config
+    )
     del params
   with open(os.path.join(suite, "suite.json"), "w") as f:
-    json.dump({"models": [{"name": "pythia-410m-random"}], "data_prefix": "data/train",
-               "sequences_per_step": 8}, f)
+    json.dump(
+      {
+        "models": [{"name": "pythia-410m-random"}],
+        "data_prefix": "data/train",
+        "sequences_per_step": 8,
+      },
+      f,
+    )
   return suite
 
 
 def run(suite: str, out: str, devices: int, mesh: str | None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  cmd = [sys.executable, "-m", "tools.sweep", f"--models={suite}", f"--out={out}",
-         "--n_sequences=8", "--loss_sequences=8", "--nogradients", "--nofigures"]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "tools.sweep",
+    f"--models={suite}",
+    f"--out={out}",
+    "--n_sequences=8",
+    "--loss_sequences=8",
+    "--nogradients",
+    "--nofigures",
+  ]
   if mesh:
     cmd.append(f"--mesh={mesh}")
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   output = proc.stdout.read().decode()
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
   if status:
     raise SystemExit(f"sweep failed ({status}):\n{output[-3000:]}")
   records = [json.load(open(p)) for p in glob.glob(os.path.join(out, "status", "*", "*.json"))]
-  return {"devices": devices, "mesh": mesh or "-", "peak_rss_gb": usage.ru_maxrss / 2**20,
-          "wall_s": wall, "checkpoints": len(records),
-          "compute_s": sum(r["compute_s"] for r in records) / len(records),
-          "load_s": sum(r["load_s"] for r in records) / len(records)}
+  return {
+    "devices": devices,
+    "mesh": mesh or "-",
+    "peak_rss_gb": usage.ru_maxrss / 2**20,
+    "wall_s": wall,
+    "checkpoints": len(records),
+    "compute_s": sum(r["compute_s"] for r in records) / len(records),
+    "load_s": sum(r["load_s"] for r in records) / len(records),
+  }
 
 
 def main():
@@ -82,12 +108,15 @@ def main():
   suite = build(args.work, args.steps, args.seq_len)
 
   from jax_pythia import plan
+
   rate = plan.measure_flops_per_device()
   shape = plan.from_directory(suite, seq_len=args.seq_len)[0]
   work = plan.Work(n_sequences=8, gradients=False, loss_sequences=8)
   flops = plan.flops_per_checkpoint(shape, work)["total"]
-  print(f"410m-shaped: {shape.params / 1e6:.0f} M params, {flops / 1e12:.2f} TFLOP per "
-        f"checkpoint (seq {args.seq_len}); measured {rate / 1e9:.1f} GFLOP/s on one device")
+  print(
+    f"410m-shaped: {shape.params / 1e6:.0f} M params, {flops / 1e12:.2f} TFLOP per "
+    f"checkpoint (seq {args.seq_len}); measured {rate / 1e9:.1f} GFLOP/s on one device"
+  )
   rows = []
   for devices, mesh in ((1, None), (8, "model:8"), (8, "data:8")):
     out = os.path.join(args.work, f"out-{devices}-{mesh or 'single'}".replace(":", ""))
@@ -97,11 +126,15 @@ def main():
     r["plan_naive_s"] = flops / (rate * devices)
     rows.append(r)
     print(json.dumps(r), flush=True)
-  print(f"\n{'devices':>7} {'mesh':>8} {'peak RSS':>9} {'compute s/ckpt':>15} "
-        f"{'load s/ckpt':>12} {'plan s/ckpt':>12} {'plan x devices':>15}")
+  print(
+    f"\n{'devices':>7} {'mesh':>8} {'peak RSS':>9} {'compute s/ckpt':>15} "
+    f"{'load s/ckpt':>12} {'plan s/ckpt':>12} {'plan x devices':>15}"
+  )
   for r in rows:
-    print(f"{r['devices']:>7} {r['mesh']:>8} {r['peak_rss_gb']:>7.2f}GB {r['compute_s']:>15.2f} "
-          f"{r['load_s']:>12.2f} {r['plan_s']:>12.2f} {r['plan_naive_s']:>15.2f}")
+    print(
+      f"{r['devices']:>7} {r['mesh']:>8} {r['peak_rss_gb']:>7.2f}GB {r['compute_s']:>15.2f} "
+      f"{r['load_s']:>12.2f} {r['plan_s']:>12.2f} {r['plan_naive_s']:>15.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-if __package__ in (None, ''):  # allow `python benchmarks/bench_spectra.py`
+if __package__ in (None, ""):  # allow `python benchmarks/bench_spectra.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import analysis  # noqa: E402
 
 SHAPES = {  # PYTHIA.md
-  '70m': dict(layers=6, d=512, heads=8, head_dim=64),
-  '410m': dict(layers=24, d=1024, heads=16, head_dim=64),
+  "70m": dict(layers=6, d=512, heads=8, head_dim=64),
+  "410m": dict(layers=24, d=1024, heads=16, head_dim=64),
 }
 
 
@@ -39,18 +39,26 @@ def random_checkpoint(shape, grad_batches, grad_layers, seed=0):
   """Flax-layout layers params and G gradient batches (value, out, fc_out kernels) for the
   first `grad_layers` layers (410m gradients of all 24 layers x 11 batches would be ~7 GB)."""
   rng = np.random.default_rng(seed)
-  num_layers, d, heads, head_dim = (shape[k] for k in ('layers', 'd', 'heads', 'head_dim'))
+  num_layers, d, heads, head_dim = (shape[k] for k in ("layers", "d", "heads", "head_dim"))
   f = 4 * d
 
   def w(scale, *dims):
     return (scale * rng.standard_normal(dims)).astype(np.float32)
 
-  layers = {'attn': {'value': {'kernel': w(0.02, num_layers, d, heads, head_dim)},
-                     'out': {'kernel': w(0.02, num_layers, heads, head_dim, d)}},
-            'mlp': {'fc_out': {'kernel': w(0.02, num_layers, f, d)}}}
-  grads = {'attn': {'value': {'kernel': w(1e-3, grad_batches, grad_layers, d, heads, head_dim)},
-                    'out': {'kernel': w(1e-3, grad_batches, grad_layers, heads, head_dim, d)}},
-           'mlp': {'fc_out': {'kernel': w(1e-3, grad_batches, grad_layers, f, d)}}}
+  layers = {
+    "attn": {
+      "value": {"kernel": w(0.02, num_layers, d, heads, head_dim)},
+      "out": {"kernel": w(0.02, num_layers, heads, head_dim, d)},
+    },
+    "mlp": {"fc_out": {"kernel": w(0.02, num_layers, f, d)}},
+  }
+  grads = {
+    "attn": {
+      "value": {"kernel": w(1e-3, grad_batches, grad_layers, d, heads, head_dim)},
+      "out": {"kernel": w(1e-3, grad_batches, grad_layers, heads, head_dim, d)},
+    },
+    "mlp": {"fc_out": {"kernel": w(1e-3, grad_batches, grad_layers, f, d)}},
+  }
   return layers, grads
 
 
@@ -66,62 +74,66 @@ def python_per(s, k):
 
 def torch_factors(layers, layer):
   """W_O [d, D] and W_V [D, d] of one layer in torch (out, in) layout."""
-  value = layers['attn']['value']['kernel'][layer]  # [d, H, dh]
-  out = layers['attn']['out']['kernel'][layer]  # [H, dh, d]
+  value = layers["attn"]["value"]["kernel"][layer]  # [d, H, dh]
+  out = layers["attn"]["out"]["kernel"][layer]  # [H, dh, d]
   d = value.shape[0]
   return out.reshape(-1, d).T, value.reshape(d, -1).T
 
 
 def reference_weights(layers, shape):
-  heads, head_dim, d = shape['heads'], shape['head_dim'], shape['d']
-  timings = {'ov_head': 0.0, 'ov': 0.0, 'mlp': 0.0}
-  per = {'ov_head': [], 'ov': [], 'mlp': []}
-  for layer in range(shape['layers']):
+  heads, head_dim, d = shape["heads"], shape["head_dim"], shape["d"]
+  timings = {"ov_head": 0.0, "ov": 0.0, "mlp": 0.0}
+  per = {"ov_head": [], "ov": [], "mlp": []}
+  for layer in range(shape["layers"]):
     w_o, w_v = torch_factors(layers, layer)
     start = time.perf_counter()
     row = []
     for h in range(heads):
       cols = slice(h * head_dim, (h + 1) * head_dim)
       row.append(python_per(scipy.linalg.svdvals(w_o[:, cols] @ w_v[cols, :]), head_dim))
-    per['ov_head'].append(row)
-    timings['ov_head'] += time.perf_counter() - start
+    per["ov_head"].append(row)
+    timings["ov_head"] += time.perf_counter() - start
     start = time.perf_counter()
-    per['ov'].append(python_per(scipy.linalg.svdvals(w_o @ w_v), d))
-    timings['ov'] += time.perf_counter() - start
+    per["ov"].append(python_per(scipy.linalg.svdvals(w_o @ w_v), d))
+    timings["ov"] += time.perf_counter() - start
     start = time.perf_counter()
-    dense_4h_to_h = layers['mlp']['fc_out']['kernel'][layer].T
-    per['mlp'].append(python_per(scipy.linalg.svdvals(dense_4h_to_h), d))
-    timings['mlp'] += time.perf_counter() - start
+    dense_4h_to_h = layers["mlp"]["fc_out"]["kernel"][layer].T
+    per["mlp"].append(python_per(scipy.linalg.svdvals(dense_4h_to_h), d))
+    timings["mlp"] += time.perf_counter() - start
   return {k: np.array(v) for k, v in per.items()}, timings
 
 
 def reference_gradients(layers, grads, shape, num_layers):
-  heads, head_dim, d = shape['heads'], shape['head_dim'], shape['d']
-  num_batches = grads['mlp']['fc_out']['kernel'].shape[0]
-  timings = {'ov_head': 0.0, 'ov': 0.0, 'mlp': 0.0}
-  per = {'ov_head': [], 'ov': [], 'mlp': []}
+  heads, head_dim, d = shape["heads"], shape["head_dim"], shape["d"]
+  num_batches = grads["mlp"]["fc_out"]["kernel"].shape[0]
+  timings = {"ov_head": 0.0, "ov": 0.0, "mlp": 0.0}
+  per = {"ov_head": [], "ov": [], "mlp": []}
   for layer in range(num_layers):
     w_o, w_v = torch_factors(layers, layer)
-    grad_factors = [torch_factors(jax.tree.map(lambda g, t=t: g[t], grads), layer)
-                    for t in range(num_batches)]
+    grad_factors = [
+      torch_factors(jax.tree.map(lambda g, t=t: g[t], grads), layer) for t in range(num_batches)
+    ]
     start = time.perf_counter()
     row = []
     for h in range(heads):
       cols = slice(h * head_dim, (h + 1) * head_dim)
-      spectra = [scipy.linalg.svdvals(dw_o[:, cols] @ w_v[cols, :] + w_o[:, cols] @ dw_v[cols, :])
-                 for dw_o, dw_v in grad_factors]
+      spectra = [
+        scipy.linalg.svdvals(dw_o[:, cols] @ w_v[cols, :] + w_o[:, cols] @ dw_v[cols, :])
+        for dw_o, dw_v in grad_factors
+      ]
       row.append(python_per(np.mean(spectra, axis=0), 2 * head_dim))
-    per['ov_head'].append(row)
-    timings['ov_head'] += time.perf_counter() - start
+    per["ov_head"].append(row)
+    timings["ov_head"] += time.perf_counter() - start
     start = time.perf_counter()
     spectra = [scipy.linalg.svdvals(dw_o @ w_v + w_o @ dw_v) for dw_o, dw_v in grad_factors]
-    per['ov'].append(python_per(np.mean(spectra, axis=0), d))
-    timings['ov'] += time.perf_counter() - start
+    per["ov"].append(python_per(np.mean(spectra, axis=0), d))
+    timings["ov"] += time.perf_counter() - start
     start = time.perf_counter()
-    spectra = [scipy.linalg.svdvals(grads['mlp']['fc_out']['kernel'][t, layer].T)
-               for t in range(num_batches)]
-    per['mlp'].append(python_per(np.mean(spectra, axis=0), d))
-    timings['mlp'] += time.perf_counter() - start
+    spectra = [
+      scipy.linalg.svdvals(grads["mlp"]["fc_out"]["kernel"][t, layer].T) for t in range(num_batches)
+    ]
+    per["mlp"].append(python_per(np.mean(spectra, axis=0), d))
+    timings["mlp"] += time.perf_counter() - start
   return {k: np.array(v) for k, v in per.items()}, timings
 
 
@@ -137,7 +149,7 @@ def timed_jit(fn, *args):
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))  # warm-up run
-  best = float('inf')
+  best = float("inf")
   for _ in range(REPEATS):  # best of a few: the machine may be shared
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
@@ -147,14 +159,17 @@ def timed_jit(fn, *args):
 
 def batched_component_fns(shape):
   """Per-component jitted pieces, to report the split (the sweep calls weight_spectra)."""
-  d, head_dim = shape['d'], shape['head_dim']
+  d, head_dim = shape["d"], shape["head_dim"]
   return {
-    'ov_head': lambda layers: analysis.proportional_effective_rank(
-      analysis.ov_head_singular_values(layers['attn']), head_dim),
-    'ov': lambda layers: analysis.proportional_effective_rank(
-      analysis.ov_singular_values(layers['attn']), d),
-    'mlp': lambda layers: analysis.proportional_effective_rank(
-      analysis.mlp_singular_values(layers['mlp']), d),
+    "ov_head": lambda layers: analysis.proportional_effective_rank(
+      analysis.ov_head_singular_values(layers["attn"]), head_dim
+    ),
+    "ov": lambda layers: analysis.proportional_effective_rank(
+      analysis.ov_singular_values(layers["attn"]), d
+    ),
+    "mlp": lambda layers: analysis.proportional_effective_rank(
+      analysis.mlp_singular_values(layers["mlp"]), d
+    ),
   }
 
 
@@ -164,71 +179,94 @@ def max_relative_difference(ours, reference):
 
 
 def report(label, ref_s, ours_s, compile_s, rel):
-  ratio = ref_s / ours_s if ours_s > 0 else float('inf')
-  print(f'  {label:<22} reference {ref_s:9.3f} s   batched {ours_s:8.3f} s   '
-        f'ratio {ratio:8.1f}x   compile {compile_s:6.2f} s   max rel diff {rel:.2e}')
+  ratio = ref_s / ours_s if ours_s > 0 else float("inf")
+  print(
+    f"  {label:<22} reference {ref_s:9.3f} s   batched {ours_s:8.3f} s   "
+    f"ratio {ratio:8.1f}x   compile {compile_s:6.2f} s   max rel diff {rel:.2e}"
+  )
   return rel
 
 
 def bench_size(name, grad_batches, grad_layers):
   shape = SHAPES[name]
-  print(f'\n== pythia-{name}: L={shape["layers"]} d={shape["d"]} H={shape["heads"]} '
-        f'dh={shape["head_dim"]}  (load average {os.getloadavg()[0]:.1f}, '
-        f'{os.cpu_count()} cores)')
-  num_layers = grad_layers or shape['layers']
+  print(
+    f"\n== pythia-{name}: L={shape['layers']} d={shape['d']} H={shape['heads']} "
+    f"dh={shape['head_dim']}  (load average {os.getloadavg()[0]:.1f}, "
+    f"{os.cpu_count()} cores)"
+  )
+  num_layers = grad_layers or shape["layers"]
   layers_np, grads_np = random_checkpoint(shape, grad_batches, num_layers)
   layers = jax.tree.map(jnp.asarray, layers_np)
   worst = 0.0
 
   ref_per, ref_times = reference_weights(layers_np, shape)
-  print(' weights (one checkpoint):')
+  print(" weights (one checkpoint):")
   ours_total = 0.0
   for component, fn in batched_component_fns(shape).items():
     compile_s, run_s, per = timed_jit(fn, layers)
     ours_total += run_s
-    worst = max(worst, report(component, ref_times[component], run_s, compile_s,
-                              max_relative_difference(per, ref_per[component])))
+    worst = max(
+      worst,
+      report(
+        component,
+        ref_times[component],
+        run_s,
+        compile_s,
+        max_relative_difference(per, ref_per[component]),
+      ),
+    )
   compile_s, run_s, spectra = timed_jit(analysis.weight_spectra, layers)
-  rel = max(max_relative_difference(spectra[c]['per'], ref_per[c]) for c in ref_per)
-  worst = max(worst, report('all (weight_spectra)', sum(ref_times.values()), run_s, compile_s,
-                            rel))
+  rel = max(max_relative_difference(spectra[c]["per"], ref_per[c]) for c in ref_per)
+  worst = max(worst, report("all (weight_spectra)", sum(ref_times.values()), run_s, compile_s, rel))
 
   layers_sub = jax.tree.map(lambda a: a[:num_layers], layers_np)
   grads_sub = grads_np
   ref_per, ref_times = reference_gradients(layers_sub, grads_sub, shape, num_layers)
-  note = '' if num_layers == shape['layers'] else \
-    f', measured on {num_layers} of {shape["layers"]} layers (both ways)'
-  print(f' gradients ({grad_batches} gradient batches{note}):')
-  compile_s, run_s, spectra = timed_jit(analysis.gradient_spectra,
-                                        jax.tree.map(jnp.asarray, grads_sub),
-                                        jax.tree.map(jnp.asarray, layers_sub))
-  rel = max(max_relative_difference(spectra[c]['per'], ref_per[c]) for c in ref_per)
-  worst = max(worst, report('all (gradient_spectra)', sum(ref_times.values()), run_s,
-                            compile_s, rel))
-  print('   reference split: ' + ', '.join(f'{c} {t:.2f} s' for c, t in ref_times.items()))
+  note = (
+    ""
+    if num_layers == shape["layers"]
+    else f", measured on {num_layers} of {shape['layers']} layers (both ways)"
+  )
+  print(f" gradients ({grad_batches} gradient batches{note}):")
+  compile_s, run_s, spectra = timed_jit(
+    analysis.gradient_spectra,
+    jax.tree.map(jnp.asarray, grads_sub),
+    jax.tree.map(jnp.asarray, layers_sub),
+  )
+  rel = max(max_relative_difference(spectra[c]["per"], ref_per[c]) for c in ref_per)
+  worst = max(
+    worst, report("all (gradient_spectra)", sum(ref_times.values()), run_s, compile_s, rel)
+  )
+  print("   reference split: " + ", ".join(f"{c} {t:.2f} s" for c, t in ref_times.items()))
   return worst
 
 
 def main(argv=None):
   global REPEATS
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sizes', default='70m,410m')
-  parser.add_argument('--grad-batches', type=int, default=11)
-  parser.add_argument('--repeats', type=int, default=REPEATS)
-  parser.add_argument('--grad-layers-410m', type=int, default=2,
-                      help='layers of 410m used for the gradient comparison (0 = all 24)')
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="70m,410m")
+  parser.add_argument("--grad-batches", type=int, default=11)
+  parser.add_argument("--repeats", type=int, default=REPEATS)
+  parser.add_argument(
+    "--grad-layers-410m",
+    type=int,
+    default=2,
+    help="layers of 410m used for the gradient comparison (0 = all 24)",
+  )
   args = parser.parse_args(argv)
   REPEATS = args.repeats
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; float32')
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")
   worst = 0.0
-  for name in args.sizes.split(','):
-    grad_layers = args.grad_layers_410m if name == '410m' else 0
+  for name in args.sizes.split(","):
+    grad_layers = args.grad_layers_410m if name == "410m" else 0
     worst = max(worst, bench_size(name, args.grad_batches, grad_layers))
-  print(f'\nload average at the end: {os.getloadavg()[0]:.1f}')
-  print(f'\nmax relative difference of PER over everything: {worst:.2e} '
-        f'({"ok" if worst <= 1e-4 else "ABOVE 1e-4"})')
+  print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+  print(
+    f"\nmax relative difference of PER over everything: {worst:.2e} "
+    f"({'ok' if worst <= 1e-4 else 'ABOVE 1e-4'})"
+  )
   return 0 if worst <= 1e-4 else 1
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

@@ -31,8 +31,14 @@ from transformers import GPTNeoXForCausalLM
 
 from jax_pythia import data, sweep
 
-PYTHIA_70M = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
-                  num_attention_heads=8, intermediate_size=2048, max_position_embeddings=2048)
+PYTHIA_70M = dict(
+  vocab_size=50304,
+  hidden_size=512,
+  num_hidden_layers=6,
+  num_attention_heads=8,
+  intermediate_size=2048,
+  max_position_embeddings=2048,
+)
 STEP_EVERY = 10
 
 
@@ -41,8 +47,8 @@ def write_suite(root, n_checkpoints, seq, sequences_per_step):
   n_items = (steps[-1] + 1) * sequences_per_step
   rng = np.random.default_rng(0)
   data.write_mmap_indexed_dataset(
-      os.path.join(root, "data", "train"),
-      (rng.integers(0, 50277, seq + 1) for _ in range(n_items)))
+    os.path.join(root, "data", "train"), (rng.integers(0, 50277, seq + 1) for _ in range(n_items))
+  )
   for step in steps:
     torch.manual_seed(step)
     model = GPTNeoXForCausalLM(HFConfig(**PYTHIA_70M)).to(torch.float16)
@@ -74,10 +80,16 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
   store = {}
   hooks = []
   for l, layer in enumerate(layers):
-    hooks.append(layer.attention.query_key_value.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("qkv", l), o[:, -1].detach().numpy())))
-    hooks.append(layer.mlp.dense_4h_to_h.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("mlp", l), o[:, -1].detach().numpy())))
+    hooks.append(
+      layer.attention.query_key_value.register_forward_hook(
+        lambda m, a, o, l=l: store.__setitem__(("qkv", l), o[:, -1].detach().numpy())
+      )
+    )
+    hooks.append(
+      layer.mlp.dense_4h_to_h.register_forward_hook(
+        lambda m, a, o, l=l: store.__setitem__(("mlp", l), o[:, -1].detach().numpy())
+      )
+    )
   with torch.no_grad():
     model(torch.tensor(inputs))
   for h in hooks:
@@ -94,8 +106,8 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
     acts[("ov", l)] = v @ w_o.T
     acts[("mlp", l)] = store[("mlp", l)]
     for h in range(heads):
-      acts[("ov_head", l, h)] = v[:, h * dh:(h + 1) * dh] @ w_o[:, h * dh:(h + 1) * dh].T
-      ov_h = w_o[:, h * dh:(h + 1) * dh] @ w_v[h * dh:(h + 1) * dh]
+      acts[("ov_head", l, h)] = v[:, h * dh : (h + 1) * dh] @ w_o[:, h * dh : (h + 1) * dh].T
+      ov_h = w_o[:, h * dh : (h + 1) * dh] @ w_v[h * dh : (h + 1) * dh]
       results[("per", "ov_head", l, h)] = np_per(np.linalg.svd(ov_h, compute_uv=False), dh)
     results[("per", "ov", l)] = np_per(np.linalg.svd(w_o @ w_v, compute_uv=False), d)
     results[("per", "mlp", l)] = np_per(np.linalg.svd(w_mlp, compute_uv=False), d)
@@ -109,8 +121,9 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
     model.zero_grad()
     tokens = torch.tensor(batch.astype(np.int64))
     logits = model(tokens[:, :-1]).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                      tokens[:, 1:].reshape(-1)).backward()
+    torch.nn.functional.cross_entropy(
+      logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+    ).backward()
     for l, layer in enumerate(layers):
       w_v, w_o = weights[l]
       g_qkv = layer.attention.query_key_value.weight.grad.numpy().reshape(heads, 3, dh, d)
@@ -125,7 +138,8 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
         grad_s.setdefault(key, []).append(np.linalg.svd(g, compute_uv=False))
         if key in previous:
           cosines.setdefault(key, []).append(
-              np.sum(g * previous[key]) / np.linalg.norm(g) / np.linalg.norm(previous[key]))
+            np.sum(g * previous[key]) / np.linalg.norm(g) / np.linalg.norm(previous[key])
+          )
         previous[key] = g
   for key, s in grad_s.items():
     k = 2 * dh if key[0] == "ov_head" else d
@@ -144,30 +158,36 @@ def main():
   root = tempfile.mkdtemp(prefix="bench_sweep_")
   steps = write_suite(root, args.checkpoints, args.seq, args.n_sequences)
   final = steps[-1]
-  source = data.open_token_source(os.path.join(root, "data", "train"),
-                                  sequences_per_step=args.n_sequences)
+  source = data.open_token_source(
+    os.path.join(root, "data", "train"), sequences_per_step=args.n_sequences
+  )
   inputs = source.batch(final - 1, args.n_sequences)[:, :-1]
   model_dir = os.path.join(root, "pythia-70m-shaped")
-  print(f"{args.checkpoints} pythia-70m-shaped checkpoints (fp16 safetensors), "
-        f"{args.n_sequences} x {args.seq} tokens (last token), gradients on 11 batches of "
-        f"{args.gradient_sequences} sequences; torch threads {torch.get_num_threads()}")
+  print(
+    f"{args.checkpoints} pythia-70m-shaped checkpoints (fp16 safetensors), "
+    f"{args.n_sequences} x {args.seq} tokens (last token), gradients on 11 batches of "
+    f"{args.gradient_sequences} sequences; torch threads {torch.get_num_threads()}"
+  )
 
   start = time.perf_counter()
   final_acts = None
   reference_rows = {}
   for step in [final] + [s for s in steps if s != final]:
-    batches = [source.batch(s, args.gradient_sequences)
-               for s in sweep.gradient_steps(step, 5, final - 1)]
-    rows, acts = reference_checkpoint(os.path.join(model_dir, f"step{step}"), inputs,
-                                      batches, final_acts)
+    batches = [
+      source.batch(s, args.gradient_sequences) for s in sweep.gradient_steps(step, 5, final - 1)
+    ]
+    rows, acts = reference_checkpoint(
+      os.path.join(model_dir, f"step{step}"), inputs, batches, final_acts
+    )
     final_acts = final_acts or acts
     reference_rows[step] = rows
   t_reference = (time.perf_counter() - start) / len(steps)
 
   out = os.path.join(root, "out")
   models = sweep.resolve_models([model_dir])
-  options = sweep.SweepOptions(n_sequences=args.n_sequences,
-                               gradient_sequences=args.gradient_sequences)
+  options = sweep.SweepOptions(
+    n_sequences=args.n_sequences, gradient_sequences=args.gradient_sequences
+  )
   runner = sweep.Sweep(models, "all", source, out, options)
   start = time.perf_counter()
   runner.run()
@@ -190,16 +210,24 @@ def main():
       value = got.loc[(metric, component, layer, head), "value"]
       worst = max(worst, abs(value - want) / max(abs(want), 1e-6))
   print(f"  reference (torch hooks + numpy loops): {t_reference:8.2f} s/checkpoint")
-  print(f"  jax_pythia sweep, all checkpoints    : {t_sweep_total / len(steps):8.2f} "
-        f"s/checkpoint (incl. compiling once: {t_first:.1f} s for the first)")
+  print(
+    f"  jax_pythia sweep, all checkpoints    : {t_sweep_total / len(steps):8.2f} "
+    f"s/checkpoint (incl. compiling once: {t_first:.1f} s for the first)"
+  )
   print(f"  jax_pythia sweep, after the first    : {t_steady:8.2f} s/checkpoint")
-  print(f"  ratio reference / sweep: {t_reference / (t_sweep_total / len(steps)):.1f}x overall, "
-        f"{t_reference / t_steady:.1f}x steady state")
-  print(f"  sweep load (background thread) {np.mean(load[1:]):.2f} s vs compute "
-        f"{np.mean(compute[1:]):.2f} s per checkpoint after the first: the wall time per "
-        f"checkpoint ({t_steady:.2f} s) is the compute alone when loading is hidden")
-  print(f"  max relative difference of the {sum(map(len, reference_rows.values()))} "
-        f"reference values: {worst:.2e}")
+  print(
+    f"  ratio reference / sweep: {t_reference / (t_sweep_total / len(steps)):.1f}x overall, "
+    f"{t_reference / t_steady:.1f}x steady state"
+  )
+  print(
+    f"  sweep load (background thread) {np.mean(load[1:]):.2f} s vs compute "
+    f"{np.mean(compute[1:]):.2f} s per checkpoint after the first: the wall time per "
+    f"checkpoint ({t_steady:.2f} s) is the compute alone when loading is hidden"
+  )
+  print(
+    f"  max relative difference of the {sum(map(len, reference_rows.values()))} "
+    f"reference values: {worst:.2e}"
+  )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def main() -> None:
     out = args.out or os.path.join(tmp, "suite")
     if os.path.exists(os.path.join(out, toy_suite.MANIFEST_FILE)):
       raise SystemExit(f"{out} already holds a complete suite; give an empty --out")
-    print(f"cpus: {os.cpu_count()}, load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+      f"cpus: {os.cpu_count()}, load average before: "
+      f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     start = time.perf_counter()
     result = toy_suite.build_toy_suite(out, options)
     total = time.perf_counter() - start
@@ -40,12 +42,16 @@ def main() -> None:
     print(f"data (corpus, tokenizer, .bin/.idx): {result.seconds['data']:.1f} s")
     for model in result.manifest["models"]:
       seconds = result.seconds[model["name"]]
-      print(f"{model['name']:>12}: {seconds:6.1f} s  ({options.n_steps / seconds:5.2f} steps/s, "
-            f"{tokens / seconds / 1e3:6.1f} k tokens/s incl. compile and "
-            f"{len(result.manifest['steps'])} checkpoints; lr {model['learning_rate']:g}, "
-            f"final loss {model['final_train_loss_mean_last_10']:.3f})")
-    print(f"total: {total:.1f} s for {len(options.sizes)} models x {options.n_steps} steps x "
-          f"{options.sequences_per_step} x {options.seq_len} tokens")
+      print(
+        f"{model['name']:>12}: {seconds:6.1f} s  ({options.n_steps / seconds:5.2f} steps/s, "
+        f"{tokens / seconds / 1e3:6.1f} k tokens/s incl. compile and "
+        f"{len(result.manifest['steps'])} checkpoints; lr {model['learning_rate']:g}, "
+        f"final loss {model['final_train_loss_mean_last_10']:.3f})"
+      )
+    print(
+      f"total: {total:.1f} s for {len(options.sizes)} models x {options.n_steps} steps x "
+      f"{options.sequences_per_step} x {options.seq_len} tokens"
+    )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

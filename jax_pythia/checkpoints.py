@@ -86,8 +86,11 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
       raise CheckpointError(f"checkpoint spec {text!r}: expected <dir or repo>@<revision>")
   if step is not None:
     step_rev = suite.revision(step)
-    if revision is not None and revision != step_rev and not (
-        revision == "main" and int(step) == suite.FINAL_STEP):
+    if (
+      revision is not None
+      and revision != step_rev
+      and not (revision == "main" and int(step) == suite.FINAL_STEP)
+    ):
       raise CheckpointError(f"checkpoint spec {text!r} contradicts step={step}")
     revision = step_rev
 
@@ -106,8 +109,8 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
         return CheckpointSpec(path=os.path.join(local, name))
     steps = sorted(n for n in os.listdir(local) if _STEP_DIR_RE.match(n))
     raise CheckpointError(
-        f"{local}: no {revision} subfolder (it holds "
-        f"{_few_dirs(steps) if steps else 'no step<N> subfolders'})"
+      f"{local}: no {revision} subfolder (it holds "
+      f"{_few_dirs(steps) if steps else 'no step<N> subfolders'})"
     )
   if _looks_like_path(base) or os.path.exists(local):
     raise CheckpointError(f"{local}: no such checkpoint directory")
@@ -116,20 +119,23 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
       repo_id = suite.parse_model(base).repo_id
     except ValueError as e:
       raise CheckpointError(
-          f"checkpoint spec {text!r}: not a local directory, and not a Pythia model name ({e})"
+        f"checkpoint spec {text!r}: not a local directory, and not a Pythia model name ({e})"
       ) from None
   elif _REPO_ID_RE.match(base):
     repo_id = base
   else:
     raise CheckpointError(
-        f"checkpoint spec {text!r}: not a local directory and not a Hub repo id (org/name)"
+      f"checkpoint spec {text!r}: not a local directory and not a Hub repo id (org/name)"
     )
   return CheckpointSpec(repo_id=repo_id, revision=revision or DEFAULT_REVISION)
 
 
 def _few_dirs(names: list[str]) -> str:
-  return ", ".join(names) if len(names) <= 6 else (
-      ", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:]))
+  return (
+    ", ".join(names)
+    if len(names) <= 6
+    else (", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:]))
+  )
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -156,15 +162,19 @@ def _env_cache_dir() -> str | None:
 def _missing_files(folder: str | None) -> list[str]:
   """What a (cached) checkpoint folder still lacks; [] when it is complete."""
   if folder is None or not os.path.isdir(folder):
-    return [weights.CONFIG_FILE, f"weights ({weights.SAFETENSORS_SINGLE} or {weights.BIN_SINGLE}"
-            " or a sharded index)"]
-  missing = [] if os.path.isfile(os.path.join(folder, weights.CONFIG_FILE)) else [
-      weights.CONFIG_FILE]
+    return [
+      weights.CONFIG_FILE,
+      f"weights ({weights.SAFETENSORS_SINGLE} or {weights.BIN_SINGLE} or a sharded index)",
+    ]
+  missing = (
+    [] if os.path.isfile(os.path.join(folder, weights.CONFIG_FILE)) else [weights.CONFIG_FILE]
+  )
   try:
     _, files = weights.find_weight_files(folder)
   except CheckpointError:
-    return missing + [f"weights ({weights.SAFETENSORS_SINGLE} or {weights.BIN_SINGLE} or a "
-                      "sharded index)"]
+    return missing + [
+      f"weights ({weights.SAFETENSORS_SINGLE} or {weights.BIN_SINGLE} or a sharded index)"
+    ]
   return missing + [f for f in files if not os.path.isfile(os.path.join(folder, f))]
 
 
@@ -174,8 +184,14 @@ def _is_transient(error: BaseException) -> bool:
 
   if isinstance(error, hf_errors.OfflineModeIsEnabled):
     return False
-  if isinstance(error, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
-                        hf_errors.EntryNotFoundError)):
+  if isinstance(
+    error,
+    (
+      hf_errors.RepositoryNotFoundError,
+      hf_errors.RevisionNotFoundError,
+      hf_errors.EntryNotFoundError,
+    ),
+  ):
     return False
   if isinstance(error, hf_errors.HfHubHTTPError):
     status = getattr(getattr(error, "response", None), "status_code", None)
@@ -184,8 +200,17 @@ def _is_transient(error: BaseException) -> bool:
     return True
   # httpx-style transport errors (huggingface_hub's HTTP client) without importing it.
   names = {cls.__name__ for cls in type(error).__mro__}
-  return bool(names & {"TransportError", "TimeoutException", "NetworkError", "ConnectError",
-                       "RemoteProtocolError", "ReadError"})
+  return bool(
+    names
+    & {
+      "TransportError",
+      "TimeoutException",
+      "NetworkError",
+      "ConnectError",
+      "RemoteProtocolError",
+      "ReadError",
+    }
+  )
 
 
 def _with_retries(call: Callable[[], Any], attempts: int = HUB_ATTEMPTS) -> Any:
@@ -204,15 +229,18 @@ def _cached_snapshot(repo_id: str, revision: str, cache_dir: str | None) -> str 
   from huggingface_hub import snapshot_download
 
   try:
-    return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                             local_files_only=True)
+    return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
   except (hf_errors.LocalEntryNotFoundError, FileNotFoundError):
     return None
 
 
-def fetch_from_hub(repo_id: str, revision: str = DEFAULT_REVISION, *,
-                   cache_dir: str | os.PathLike | None = None,
-                   local_files_only: bool | None = None) -> str:
+def fetch_from_hub(
+  repo_id: str,
+  revision: str = DEFAULT_REVISION,
+  *,
+  cache_dir: str | os.PathLike | None = None,
+  local_files_only: bool | None = None,
+) -> str:
   """The local snapshot folder of `repo_id@revision` holding config.json and weights.
 
   Uses the cache when the revision is complete there; else (unless offline) lists the
@@ -231,13 +259,12 @@ def fetch_from_hub(repo_id: str, revision: str = DEFAULT_REVISION, *,
   where = f" in the cache {cache_dir}" if cache_dir else " in the Hugging Face cache"
   if offline:
     raise CheckpointError(
-        f"{label}: offline (HF_HUB_OFFLINE=1 or local_files_only) and not cached{where}; "
-        f"missing: {', '.join(missing)}. Fetch it once with network access "
-        f"(or point the spec at a local directory)"
+      f"{label}: offline (HF_HUB_OFFLINE=1 or local_files_only) and not cached{where}; "
+      f"missing: {', '.join(missing)}. Fetch it once with network access "
+      f"(or point the spec at a local directory)"
     )
   try:
-    files = _with_retries(
-        lambda: HfApi().list_repo_files(repo_id, revision=revision))
+    files = _with_retries(lambda: HfApi().list_repo_files(repo_id, revision=revision))
   except hf_errors.RevisionNotFoundError:
     raise CheckpointError(f"{label}: the repo has no revision {revision!r}") from None
   except hf_errors.RepositoryNotFoundError:
@@ -245,26 +272,31 @@ def fetch_from_hub(repo_id: str, revision: str = DEFAULT_REVISION, *,
   except Exception as e:
     if _is_transient(e) or isinstance(e, hf_errors.OfflineModeIsEnabled):
       raise CheckpointError(
-          f"{label}: the Hub could not be reached after {HUB_ATTEMPTS} attempts "
-          f"({type(e).__name__}: {e}) and it is not cached{where}; missing: "
-          f"{', '.join(missing)}"
+        f"{label}: the Hub could not be reached after {HUB_ATTEMPTS} attempts "
+        f"({type(e).__name__}: {e}) and it is not cached{where}; missing: "
+        f"{', '.join(missing)}"
       ) from None
     raise
   chosen = weights.choose_weight_files(files)
   if weights.CONFIG_FILE not in files or not chosen:
     raise CheckpointError(
-        f"{label}: the revision holds no {'config.json' if chosen else 'weights'} "
-        f"(files: {', '.join(sorted(files)[:20])})"
+      f"{label}: the revision holds no {'config.json' if chosen else 'weights'} "
+      f"(files: {', '.join(sorted(files)[:20])})"
     )
   try:
     folder = _with_retries(
-        lambda: snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=[weights.CONFIG_FILE, *chosen]))
+      lambda: snapshot_download(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        allow_patterns=[weights.CONFIG_FILE, *chosen],
+      )
+    )
   except Exception as e:
     if _is_transient(e):
       raise CheckpointError(
-          f"{label}: downloading {', '.join(chosen)} failed after {HUB_ATTEMPTS} attempts "
-          f"({type(e).__name__}: {e})"
+        f"{label}: downloading {', '.join(chosen)} failed after {HUB_ATTEMPTS} attempts "
+        f"({type(e).__name__}: {e})"
       ) from None
     raise
   missing = _missing_files(folder)
@@ -276,9 +308,13 @@ def fetch_from_hub(repo_id: str, revision: str = DEFAULT_REVISION, *,
 # --------------------------------------------------------------------------- loading
 
 
-def resolve_checkpoint(spec: str | os.PathLike | CheckpointSpec, step: int | None = None, *,
-                       cache_dir: str | os.PathLike | None = None,
-                       local_files_only: bool | None = None) -> str:
+def resolve_checkpoint(
+  spec: str | os.PathLike | CheckpointSpec,
+  step: int | None = None,
+  *,
+  cache_dir: str | os.PathLike | None = None,
+  local_files_only: bool | None = None,
+) -> str:
   """The local directory (config.json + weights) that a checkpoint spec names.
 
   The one function that maps specs to files: a local directory, `<dir>@step<N>` /
@@ -290,13 +326,20 @@ def resolve_checkpoint(spec: str | os.PathLike | CheckpointSpec, step: int | Non
     directory = parsed.path
     if not os.path.isfile(os.path.join(directory, weights.CONFIG_FILE)):
       steps = sorted(n for n in os.listdir(directory) if _STEP_DIR_RE.match(n))
-      hint = (f"; it holds step subfolders ({_few_dirs(steps)}): give a step, "
-              f"e.g. {directory}@{steps[-1]}") if steps else ""
+      hint = (
+        (
+          f"; it holds step subfolders ({_few_dirs(steps)}): give a step, "
+          f"e.g. {directory}@{steps[-1]}"
+        )
+        if steps
+        else ""
+      )
       raise CheckpointError(f"{directory}: no {weights.CONFIG_FILE}{hint}")
     weights.find_weight_files(directory)  # a clear error now if there are no weights
     return directory
-  return fetch_from_hub(parsed.repo_id, parsed.revision, cache_dir=cache_dir,
-                        local_files_only=local_files_only)
+  return fetch_from_hub(
+    parsed.repo_id, parsed.revision, cache_dir=cache_dir, local_files_only=local_files_only
+  )
 
 
 def evict_snapshot(directory: str) -> None:
@@ -334,17 +377,21 @@ def _shardings_like(tree: Any, sharding: Any) -> Any:
     raise CheckpointError(f"sharding: a pytree that does not match the params ({e})") from None
 
 
-def load_checkpoint(spec: str | os.PathLike | CheckpointSpec, dtype: Any = "float32", *,
-                    step: int | None = None, sharding: Any = None,
-                    cache_dir: str | os.PathLike | None = None,
-                    local_files_only: bool | None = None) -> tuple[GPTNeoXConfig, Any]:
+def load_checkpoint(
+  spec: str | os.PathLike | CheckpointSpec,
+  dtype: Any = "float32",
+  *,
+  step: int | None = None,
+  sharding: Any = None,
+  cache_dir: str | os.PathLike | None = None,
+  local_files_only: bool | None = None,
+) -> tuple[GPTNeoXConfig, Any]:
   """(config, params): the checkpoint converted to Flax params of `dtype`, as jax arrays
   on `sharding` (a Sharding for every leaf, a pytree of them, or None: the first device).
   """
   import jax
 
-  directory = resolve_checkpoint(spec, step, cache_dir=cache_dir,
-                                 local_files_only=local_files_only)
+  directory = resolve_checkpoint(spec, step, cache_dir=cache_dir, local_files_only=local_files_only)
   config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
   state = weights.read_state_dict(directory)
   if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
@@ -375,7 +422,8 @@ def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: 
   dtypes = {np.dtype(leaf.dtype) for leaf in leaves}
   if len(dtypes) != 1:
     raise CheckpointError(
-        f"params: expected one dtype for every leaf, found {sorted(map(str, dtypes))}")
+      f"params: expected one dtype for every leaf, found {sorted(map(str, dtypes))}"
+    )
   found = jax.tree.map(lambda x: tuple(x.shape), params)
   if found != weights.param_shapes(config):
     raise CheckpointError("params: tree or shapes do not match the config")
@@ -386,8 +434,11 @@ def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: 
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, _PARAMS_DIR), params)
       ckptr.wait_until_finished()
-    meta = {"format_version": _FORMAT_VERSION, "dtype": weights.dtype_name(dtypes.pop()),
-            "config": config.to_hf_dict()}
+    meta = {
+      "format_version": _FORMAT_VERSION,
+      "dtype": weights.dtype_name(dtypes.pop()),
+      "config": config.to_hf_dict(),
+    }
     with open(os.path.join(tmp, _META_FILE), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
       f.flush()
@@ -402,12 +453,14 @@ def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: 
 def is_converted(directory: str | os.PathLike) -> bool:
   """Whether `directory` holds a complete `save_converted` output."""
   directory = os.fspath(directory)
-  return (os.path.isfile(os.path.join(directory, _META_FILE))
-          and os.path.isdir(os.path.join(directory, _PARAMS_DIR)))
+  return os.path.isfile(os.path.join(directory, _META_FILE)) and os.path.isdir(
+    os.path.join(directory, _PARAMS_DIR)
+  )
 
 
-def restore_converted(directory: str | os.PathLike, sharding: Any = None
-                      ) -> tuple[GPTNeoXConfig, Any]:
+def restore_converted(
+  directory: str | os.PathLike, sharding: Any = None
+) -> tuple[GPTNeoXConfig, Any]:
   """(config, params) saved by `save_converted`, restored straight onto `sharding`.
 
   `sharding`: one `jax.sharding.Sharding` for every leaf, a pytree of them matching the
@@ -420,14 +473,16 @@ def restore_converted(directory: str | os.PathLike, sharding: Any = None
   meta_path = os.path.join(directory, _META_FILE)
   if not is_converted(directory):
     raise CheckpointError(
-        f"{directory}: not a converted checkpoint (expected {_META_FILE} and {_PARAMS_DIR}/)")
+      f"{directory}: not a converted checkpoint (expected {_META_FILE} and {_PARAMS_DIR}/)"
+    )
   try:
     with open(meta_path) as f:
       meta = json.load(f)
     if meta.get("format_version") != _FORMAT_VERSION:
       raise CheckpointError(
-          f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
-          f"{_FORMAT_VERSION}; convert again")
+        f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
+        f"{_FORMAT_VERSION}; convert again"
+      )
     dtype = weights.resolve_dtype(meta["dtype"])
     config = GPTNeoXConfig.from_hf_dict(meta["config"], source=meta_path)
   except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -436,12 +491,11 @@ def restore_converted(directory: str | os.PathLike, sharding: Any = None
   is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
   shardings = _shardings_like(jax.tree.map(lambda s: 0, shapes, is_leaf=is_shape), sharding)
   abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh), shapes, shardings,
-      is_leaf=is_shape)
+    lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh), shapes, shardings, is_leaf=is_shape
+  )
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(os.path.join(directory, _PARAMS_DIR), abstract)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CheckpointError(f"{directory}: cannot restore the params ({e})") from None
   return config, params
-

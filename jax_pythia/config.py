@@ -19,28 +19,71 @@ from jax_pythia.errors import ConfigError
 
 # Keys that do not change what the forward pass computes (training-only, generation,
 # bookkeeping). Dropout is off at analysis time; Pythia trained without it.
-_IGNORED_KEYS = frozenset({
-    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype",
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
-    "attention_dropout", "hidden_dropout", "classifier_dropout", "is_decoder",
-    "tokenizer_class", "return_dict", "output_hidden_states", "output_attentions",
-    "torchscript", "use_return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
-    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
-    "id2label", "label2id", "problem_type", "finetuning_task", "prefix",
-    "task_specific_params", "sep_token_id", "decoder_start_token_id", "_attn_implementation",
-    "attn_implementation", "_attn_implementation_autoset", "gradient_checkpointing",
-    "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p",
-    "rope_scaling_type", "layer_types", "output_scores", "return_dict_in_generate",
-    "pruned_heads", "tf_legacy_loss", "use_bfloat16", "embedding_size", "jax_pythia",
-})
+_IGNORED_KEYS = frozenset(
+  {
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "hidden_dropout",
+    "classifier_dropout",
+    "is_decoder",
+    "tokenizer_class",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "finetuning_task",
+    "prefix",
+    "task_specific_params",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "_attn_implementation",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+    "gradient_checkpointing",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "rope_scaling_type",
+    "layer_types",
+    "output_scores",
+    "return_dict_in_generate",
+    "pruned_heads",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "embedding_size",
+    "jax_pythia",
+  }
+)
 
 # Keys whose value must be exactly this, or the model computes something else.
 _REQUIRED_VALUES: dict[str, Any] = {
-    "model_type": "gpt_neox",
-    "hidden_act": "gelu",  # exact (erf) GELU; gelu_new/gelu_fast are tanh approximations
-    "tie_word_embeddings": False,
-    "attention_bias": True,
-    "rope_scaling": None,
+  "model_type": "gpt_neox",
+  "hidden_act": "gelu",  # exact (erf) GELU; gelu_new/gelu_fast are tanh approximations
+  "tie_word_embeddings": False,
+  "attention_bias": True,
+  "rope_scaling": None,
 }
 
 _SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -68,15 +111,13 @@ class GPTNeoXConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}={value!r}: must be a positive integer")
     if self.d_model % self.n_heads:
-      raise ConfigError(
-          f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
-      )
+      raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
     if not 0.0 < self.rotary_pct <= 1.0:
       raise ConfigError(f"rotary_pct={self.rotary_pct!r}: must be in (0, 1]")
     if self.rotary_dim % 2:
       raise ConfigError(
-          f"rotary_pct={self.rotary_pct} gives an odd rotary dimension {self.rotary_dim} "
-          f"of d_head={self.d_head}; rotate-half needs it even"
+        f"rotary_pct={self.rotary_pct} gives an odd rotary dimension {self.rotary_dim} "
+        f"of d_head={self.d_head}; rotate-half needs it even"
       )
     if not (self.rotary_base > 0 and math.isfinite(self.rotary_base)):
       raise ConfigError(f"rotary_base={self.rotary_base!r}: must be positive")
@@ -140,21 +181,35 @@ class GPTNeoXConfig:
       stored = stored.removeprefix("torch.")
 
     mapping = {
-        "vocab_size": "vocab_size", "hidden_size": "d_model",
-        "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-        "intermediate_size": "d_mlp", "max_position_embeddings": "max_seq_len",
-        "layer_norm_eps": "layer_norm_eps", "use_parallel_residual": "use_parallel_residual",
+      "vocab_size": "vocab_size",
+      "hidden_size": "d_model",
+      "num_hidden_layers": "n_layers",
+      "num_attention_heads": "n_heads",
+      "intermediate_size": "d_mlp",
+      "max_position_embeddings": "max_seq_len",
+      "layer_norm_eps": "layer_norm_eps",
+      "use_parallel_residual": "use_parallel_residual",
     }
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
+    missing = [
+      k
+      for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+      if k not in hf
+    ]
     if missing:
       raise ConfigError(f"{where}missing required keys {missing}")
     kwargs = {field: hf[key] for key, field in mapping.items() if key in hf}
 
-    understood = set(mapping) | set(_REQUIRED_VALUES) | {
-        "rope_parameters", "rotary_pct", "rotary_emb_base",
-        "rope_theta", "partial_rotary_factor",
-    }
+    understood = (
+      set(mapping)
+      | set(_REQUIRED_VALUES)
+      | {
+        "rope_parameters",
+        "rotary_pct",
+        "rotary_emb_base",
+        "rope_theta",
+        "partial_rotary_factor",
+      }
+    )
     for key in ("rope_theta", "partial_rotary_factor"):
       # Some exports flatten rope settings to the top level.
       if key in hf:
@@ -170,12 +225,16 @@ class GPTNeoXConfig:
     if unknown:
       details = ", ".join(f"{k}={hf[k]!r}" for k in unknown)
       raise ConfigError(
-          f"{where}unsupported setting(s) {details}: this GPT-NeoX implementation does not "
-          "know what they change, so it refuses rather than compute something else"
+        f"{where}unsupported setting(s) {details}: this GPT-NeoX implementation does not "
+        "know what they change, so it refuses rather than compute something else"
       )
     try:
-      return cls(rotary_pct=float(rotary_pct), rotary_base=float(rotary_base),
-                 stored_dtype=str(stored), **kwargs)
+      return cls(
+        rotary_pct=float(rotary_pct),
+        rotary_base=float(rotary_base),
+        stored_dtype=str(stored),
+        **kwargs,
+      )
     except ConfigError as e:
       raise ConfigError(f"{where}{e}") from None
 
@@ -196,30 +255,30 @@ class GPTNeoXConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers-5 layout (what `save_pretrained` writes), loadable by both."""
     return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.d_model,
-        "num_hidden_layers": self.n_layers,
-        "num_attention_heads": self.n_heads,
-        "intermediate_size": self.d_mlp,
-        "max_position_embeddings": self.max_seq_len,
-        "rope_parameters": {
-            "partial_rotary_factor": self.rotary_pct,
-            "rope_theta": self.rotary_base,
-            "rope_type": "default",
-        },
-        # transformers-4 spelling too, so older readers get the same model.
-        "rotary_pct": self.rotary_pct,
-        "rotary_emb_base": self.rotary_base,
-        "layer_norm_eps": self.layer_norm_eps,
-        "use_parallel_residual": self.use_parallel_residual,
-        "hidden_act": "gelu",
-        "attention_bias": True,
-        "tie_word_embeddings": False,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-        "dtype": self.stored_dtype,
+      "architectures": ["GPTNeoXForCausalLM"],
+      "model_type": "gpt_neox",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.d_model,
+      "num_hidden_layers": self.n_layers,
+      "num_attention_heads": self.n_heads,
+      "intermediate_size": self.d_mlp,
+      "max_position_embeddings": self.max_seq_len,
+      "rope_parameters": {
+        "partial_rotary_factor": self.rotary_pct,
+        "rope_theta": self.rotary_base,
+        "rope_type": "default",
+      },
+      # transformers-4 spelling too, so older readers get the same model.
+      "rotary_pct": self.rotary_pct,
+      "rotary_emb_base": self.rotary_base,
+      "layer_norm_eps": self.layer_norm_eps,
+      "use_parallel_residual": self.use_parallel_residual,
+      "hidden_act": "gelu",
+      "attention_bias": True,
+      "tie_word_embeddings": False,
+      "attention_dropout": 0.0,
+      "hidden_dropout": 0.0,
+      "bos_token_id": 0,
+      "eos_token_id": 0,
+      "dtype": self.stored_dtype,
     }

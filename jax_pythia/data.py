@@ -43,14 +43,14 @@ _INDEX_HEADER = struct.Struct("<9sQBQQ")
 #: has 6 = float64 and 7 = float32; float codes never occur in token files, and the
 #: reader refuses float tokens anyway, so the difference cannot bite.)
 DTYPE_CODES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8),
-    2: np.dtype(np.int8),
-    3: np.dtype(np.int16),
-    4: np.dtype(np.int32),
-    5: np.dtype(np.int64),
-    6: np.dtype(np.float32),
-    7: np.dtype(np.float64),
-    8: np.dtype(np.uint16),
+  1: np.dtype(np.uint8),
+  2: np.dtype(np.int8),
+  3: np.dtype(np.int16),
+  4: np.dtype(np.int32),
+  5: np.dtype(np.int64),
+  6: np.dtype(np.float32),
+  7: np.dtype(np.float64),
+  8: np.dtype(np.uint16),
 }
 _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
@@ -93,8 +93,8 @@ class MMapIndexedDataset:
     for path in (self.idx_path, self.bin_path):
       if not path.is_file():
         raise DataFileNotFoundError(
-            f"Megatron dataset file {path} not found (a dataset is a <prefix>.idx and "
-            f"<prefix>.bin pair)"
+          f"Megatron dataset file {path} not found (a dataset is a <prefix>.idx and "
+          f"<prefix>.bin pair)"
         )
     self._read_index()
     self._map_bin()
@@ -103,27 +103,27 @@ class MMapIndexedDataset:
     idx_size = self.idx_path.stat().st_size
     if idx_size < _INDEX_HEADER.size:
       raise DataError(
-          f"index file {self.idx_path} is {idx_size} bytes, shorter than the "
-          f"{_INDEX_HEADER.size}-byte MMapIndexedDataset header"
+        f"index file {self.idx_path} is {idx_size} bytes, shorter than the "
+        f"{_INDEX_HEADER.size}-byte MMapIndexedDataset header"
       )
     with open(self.idx_path, "rb") as f:
       magic, version, dtype_code, count, doc_count = _INDEX_HEADER.unpack(
-          f.read(_INDEX_HEADER.size)
+        f.read(_INDEX_HEADER.size)
       )
     if magic != MMAP_INDEX_MAGIC:
       raise DataError(
-          f"index file {self.idx_path} does not start with the MMapIndexedDataset magic "
-          f"{MMAP_INDEX_MAGIC!r} (found {magic!r}); is it a Megatron .idx file?"
+        f"index file {self.idx_path} does not start with the MMapIndexedDataset magic "
+        f"{MMAP_INDEX_MAGIC!r} (found {magic!r}); is it a Megatron .idx file?"
       )
     if version != MMAP_INDEX_VERSION:
       raise DataError(
-          f"index file {self.idx_path} has format version {version}; only version "
-          f"{MMAP_INDEX_VERSION} is supported"
+        f"index file {self.idx_path} has format version {version}; only version "
+        f"{MMAP_INDEX_VERSION} is supported"
       )
     if dtype_code not in DTYPE_CODES:
       raise DataError(
-          f"index file {self.idx_path} has unknown dtype code {dtype_code} "
-          f"(known: {sorted(DTYPE_CODES)})"
+        f"index file {self.idx_path} has unknown dtype code {dtype_code} "
+        f"(known: {sorted(DTYPE_CODES)})"
       )
     self.dtype = DTYPE_CODES[dtype_code]
     sizes_offset = _INDEX_HEADER.size
@@ -132,8 +132,8 @@ class MMapIndexedDataset:
     needed = doc_idx_offset + 8 * doc_count
     if idx_size < needed:
       raise DataError(
-          f"index file {self.idx_path} is truncated: its header announces {count} items and "
-          f"{doc_count} documents, which need {needed} bytes, but the file has {idx_size}"
+        f"index file {self.idx_path} is truncated: its header announces {count} items and "
+        f"{doc_count} documents, which need {needed} bytes, but the file has {idx_size}"
       )
     # np.memmap cannot map an empty region; a header-only file has nothing to map.
     if needed > _INDEX_HEADER.size:
@@ -161,9 +161,9 @@ class MMapIndexedDataset:
     end = pointer + size * self.dtype.itemsize
     if size < 0 or pointer < 0 or end > self.bin_size:
       raise DataError(
-          f"data file {self.bin_path} is too short or its index {self.idx_path} is corrupt: "
-          f"item {i} ({size} tokens at byte {pointer}) ends at byte {end}, but the .bin has "
-          f"{self.bin_size} bytes"
+        f"data file {self.bin_path} is too short or its index {self.idx_path} is corrupt: "
+        f"item {i} ({size} tokens at byte {pointer}) ends at byte {end}, but the .bin has "
+        f"{self.bin_size} bytes"
       )
 
   def __len__(self) -> int:
@@ -175,9 +175,7 @@ class MMapIndexedDataset:
       raise IndexError(f"item {i} is out of range: {self.bin_path} holds {len(self)} items")
     i %= len(self)
     self._check_item_bounds(i)
-    return np.frombuffer(
-        self._bin_buffer, self.dtype, int(self.sizes[i]), int(self.pointers[i])
-    )
+    return np.frombuffer(self._bin_buffer, self.dtype, int(self.sizes[i]), int(self.pointers[i]))
 
   def items(self, start: int, stop: int) -> list[np.ndarray]:
     return [self[i] for i in range(start, stop)]
@@ -187,9 +185,9 @@ class MMapIndexedDataset:
 
 
 def write_mmap_indexed_dataset(
-    prefix: str | os.PathLike,
-    sequences: Iterable[np.ndarray],
-    dtype: DTypeLike = np.uint16,
+  prefix: str | os.PathLike,
+  sequences: Iterable[np.ndarray],
+  dtype: DTypeLike = np.uint16,
 ) -> int:
   """Writes `sequences` (1-D integer arrays) as `<prefix>.bin` + `<prefix>.idx`.
 
@@ -200,8 +198,8 @@ def write_mmap_indexed_dataset(
   dtype = np.dtype(dtype)
   if dtype not in _CODE_OF_DTYPE or dtype.kind not in "iu":
     raise DataError(
-        f"cannot write tokens as {dtype}: use an integer dtype of "
-        f"{sorted(str(d) for d in DTYPE_CODES.values() if d.kind in 'iu')}"
+      f"cannot write tokens as {dtype}: use an integer dtype of "
+      f"{sorted(str(d) for d in DTYPE_CODES.values() if d.kind in 'iu')}"
     )
   prefix = _dataset_prefix(prefix)
   prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -216,13 +214,13 @@ def write_mmap_indexed_dataset(
         tokens = np.asarray(sequence)
         if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
           raise DataError(
-              f"writing {bin_path}: sequence {i} must be a 1-D integer array, got "
-              f"shape {tokens.shape} dtype {tokens.dtype}"
+            f"writing {bin_path}: sequence {i} must be a 1-D integer array, got "
+            f"shape {tokens.shape} dtype {tokens.dtype}"
           )
         if tokens.size and (tokens.min() < limits.min or tokens.max() > limits.max):
           raise DataError(
-              f"writing {bin_path}: sequence {i} holds ids in [{tokens.min()}, "
-              f"{tokens.max()}], outside the range of {dtype}"
+            f"writing {bin_path}: sequence {i} holds ids in [{tokens.min()}, "
+            f"{tokens.max()}], outside the range of {dtype}"
           )
         bin_file.write(tokens.astype(dtype).tobytes())
         sizes.append(tokens.size)
@@ -233,9 +231,9 @@ def write_mmap_indexed_dataset(
     doc_idx = np.arange(count + 1, dtype=np.int64)
     with open(idx_tmp, "wb") as idx_file:
       idx_file.write(
-          _INDEX_HEADER.pack(
-              MMAP_INDEX_MAGIC, MMAP_INDEX_VERSION, _CODE_OF_DTYPE[dtype], count, len(doc_idx)
-          )
+        _INDEX_HEADER.pack(
+          MMAP_INDEX_MAGIC, MMAP_INDEX_VERSION, _CODE_OF_DTYPE[dtype], count, len(doc_idx)
+        )
       )
       idx_file.write(sizes_array.astype("<i4").tobytes())
       idx_file.write(pointers.astype("<i8").tobytes())
@@ -261,10 +259,10 @@ def _to_int32_tokens(tokens: np.ndarray, source_name: str) -> np.ndarray:
 
 
 def batch_of_step(
-    dataset: MMapIndexedDataset,
-    step: int,
-    n_sequences: int = DEFAULT_N_SEQUENCES,
-    sequences_per_step: int = SEQUENCES_PER_STEP,
+  dataset: MMapIndexedDataset,
+  step: int,
+  n_sequences: int = DEFAULT_N_SEQUENCES,
+  sequences_per_step: int = SEQUENCES_PER_STEP,
 ) -> np.ndarray:
   """The first `n_sequences` sequences of training step `step`: int32 [n, seq_len + 1].
 
@@ -275,22 +273,22 @@ def batch_of_step(
     raise DataError(f"step must be >= 0, got {step}")
   if not 1 <= n_sequences <= sequences_per_step:
     raise DataError(
-        f"n_sequences must be in 1..{sequences_per_step} (the sequences of one step), "
-        f"got {n_sequences}"
+      f"n_sequences must be in 1..{sequences_per_step} (the sequences of one step), "
+      f"got {n_sequences}"
     )
   start = step * sequences_per_step
   stop = start + n_sequences
   if stop > len(dataset):
     raise DataError(
-        f"data file {dataset.bin_path} holds {len(dataset)} items; step {step} needs items "
-        f"{start}..{stop - 1} ({sequences_per_step} sequences a step)"
+      f"data file {dataset.bin_path} holds {len(dataset)} items; step {step} needs items "
+      f"{start}..{stop - 1} ({sequences_per_step} sequences a step)"
     )
   sizes = np.asarray(dataset.sizes[start:stop])
   if sizes.min() != sizes.max():
     raise DataError(
-        f"data file {dataset.bin_path}: items {start}..{stop - 1} (step {step}) have unequal "
-        f"lengths ({sizes.min()}..{sizes.max()} tokens); training sequences must all have "
-        f"seq_len + 1 tokens"
+      f"data file {dataset.bin_path}: items {start}..{stop - 1} (step {step}) have unequal "
+      f"lengths ({sizes.min()}..{sizes.max()} tokens); training sequences must all have "
+      f"seq_len + 1 tokens"
     )
   tokens = np.stack(dataset.items(start, stop))
   return _to_int32_tokens(tokens, f"data file {dataset.bin_path}")
@@ -311,9 +309,9 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source_name: str) -> No
   if bad.any():
     position = tuple(int(i) for i in np.argwhere(bad)[0])
     raise DataError(
-        f"{source_name}: token id {tokens[position]} at index {position} is outside the "
-        f"model's vocabulary [0, {vocab_size}) ({int(bad.sum())} ids out of range); does "
-        f"the data match the model's tokenizer?"
+      f"{source_name}: token id {tokens[position]} at index {position} is outside the "
+      f"model's vocabulary [0, {vocab_size}) ({int(bad.sum())} ids out of range); does "
+      f"the data match the model's tokenizer?"
     )
 
 
@@ -355,8 +353,8 @@ def _checked_seq_len(seq_len: int | None, available: int, source_name: str) -> i
     return available
   if not 1 <= seq_len <= available:
     raise DataError(
-        f"{source_name} has sequences of {available} input tokens; seq_len={seq_len} asks for "
-        f"more (or is < 1)"
+      f"{source_name} has sequences of {available} input tokens; seq_len={seq_len} asks for "
+      f"more (or is < 1)"
     )
   return seq_len
 
@@ -373,14 +371,14 @@ class MMapTokenSource:
   has_training_steps = True
 
   def __init__(
-      self,
-      dataset: MMapIndexedDataset | str | os.PathLike,
-      sequences_per_step: int = SEQUENCES_PER_STEP,
-      seq_len: int | None = None,
-      fixed_step: int | None = None,
+    self,
+    dataset: MMapIndexedDataset | str | os.PathLike,
+    sequences_per_step: int = SEQUENCES_PER_STEP,
+    seq_len: int | None = None,
+    fixed_step: int | None = None,
   ):
-    self.dataset = dataset if isinstance(dataset, MMapIndexedDataset) else (
-        MMapIndexedDataset(dataset)
+    self.dataset = (
+      dataset if isinstance(dataset, MMapIndexedDataset) else (MMapIndexedDataset(dataset))
     )
     self.name = str(self.dataset.bin_path)
     if sequences_per_step < 1:
@@ -402,15 +400,15 @@ class MMapTokenSource:
   def fixed_inputs(self, n_sequences: int) -> np.ndarray:
     if self.fixed_step < 0:
       raise DataError(
-          f"data file {self.name} holds {len(self.dataset)} items, less than one step of "
-          f"{self.sequences_per_step} sequences"
+        f"data file {self.name} holds {len(self.dataset)} items, less than one step of "
+        f"{self.sequences_per_step} sequences"
       )
     return self.batch(self.fixed_step, n_sequences)[:, :-1]
 
   def __repr__(self) -> str:
     return (
-        f"MMapTokenSource({self.name!r}, sequences_per_step={self.sequences_per_step}, "
-        f"seq_len={self.seq_len}, fixed_step={self.fixed_step})"
+      f"MMapTokenSource({self.name!r}, sequences_per_step={self.sequences_per_step}, "
+      f"seq_len={self.seq_len}, fixed_step={self.fixed_step})"
     )
 
 
@@ -424,9 +422,9 @@ class _NoTrainingSteps:
     # Handing out some slice for every step would let gradient metrics run on batches that
     # are not the step's, and look fine; refusing is the honest answer.
     raise DataError(
-        f"token source {self.name} has no training-step order, so it has no batch of step "
-        f"{step}; gradient metrics need the training stream (a Megatron .bin/.idx pair, "
-        f"see write_mmap_indexed_dataset)"
+      f"token source {self.name} has no training-step order, so it has no batch of step "
+      f"{step}; gradient metrics need the training stream (a Megatron .bin/.idx pair, "
+      f"see write_mmap_indexed_dataset)"
     )
 
 
@@ -446,7 +444,7 @@ class ArrayTokenSource(_NoTrainingSteps):
       raise DataError(f"token array {self.name} is not a readable .npy file: {error}") from None
     if array.ndim != 2:
       raise DataError(
-          f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len]"
+        f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len]"
       )
     self.tokens = _to_int32_tokens(np.asarray(array), f"token array {self.name}")
     self.seq_len = _checked_seq_len(seq_len, self.tokens.shape[1], self.name)
@@ -465,10 +463,10 @@ class TextTokenSource(_NoTrainingSteps):
   """
 
   def __init__(
-      self,
-      path: str | os.PathLike,
-      tokenizer,
-      seq_len: int = SEQUENCE_LENGTH,
+    self,
+    path: str | os.PathLike,
+    tokenizer,
+    seq_len: int = SEQUENCE_LENGTH,
   ):
     self.name = os.fspath(path)
     if seq_len < 1:
@@ -483,8 +481,8 @@ class TextTokenSource(_NoTrainingSteps):
     n_rows = len(ids) // row_len
     if n_rows == 0:
       raise DataError(
-          f"text file {self.name} tokenizes to {len(ids)} tokens, fewer than one sequence "
-          f"of seq_len + 1 = {row_len}"
+        f"text file {self.name} tokenizes to {len(ids)} tokens, fewer than one sequence "
+        f"of seq_len + 1 = {row_len}"
       )
     self.rows = ids[: n_rows * row_len].reshape(n_rows, row_len)
 
@@ -510,11 +508,11 @@ def load_tokenizer(tokenizer):
 
 
 def open_token_source(
-    path: str | os.PathLike,
-    tokenizer=None,
-    seq_len: int | None = None,
-    sequences_per_step: int = SEQUENCES_PER_STEP,
-    fixed_step: int | None = None,
+  path: str | os.PathLike,
+  tokenizer=None,
+  seq_len: int | None = None,
+  sequences_per_step: int = SEQUENCES_PER_STEP,
+  fixed_step: int | None = None,
 ) -> TokenSource:
   """Opens a token source by its path.
 
@@ -534,10 +532,10 @@ def open_token_source(
     return MMapTokenSource(path, sequences_per_step, seq_len, fixed_step)
   if not Path(text).exists():
     raise DataFileNotFoundError(
-        f"token source {text} not found (nor {text}.idx): expected a Megatron <prefix>.bin/"
-        f".idx pair or its prefix, a .npy token array, or a .txt file"
+      f"token source {text} not found (nor {text}.idx): expected a Megatron <prefix>.bin/"
+      f".idx pair or its prefix, a .npy token array, or a .txt file"
     )
   raise DataError(
-      f"token source {text} is of an unknown kind: expected a Megatron <prefix>.bin/.idx "
-      f"pair or its prefix, a .npy token array, or a .txt file (with a tokenizer.json)"
+    f"token source {text} is of an unknown kind: expected a Megatron <prefix>.bin/.idx "
+    f"pair or its prefix, a .npy token array, or a .txt file (with a tokenizer.json)"
   )

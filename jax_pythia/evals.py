@@ -116,8 +116,8 @@ def _file_step_and_shots(path: Path, content: dict, step_in_name: int, shots_in_
     match = _REVISION_RE.search(model_args)
     if match and int(match.group(1)) != step_in_name:
       raise EvalsError(
-          f"evaluation file {path} is named for step {step_in_name} but its config evaluated "
-          f"revision step{match.group(1)}"
+        f"evaluation file {path} is named for step {step_in_name} but its config evaluated "
+        f"revision step{match.group(1)}"
       )
   num_fewshot = config.get("num_fewshot")
   if not _is_number(num_fewshot):
@@ -140,16 +140,16 @@ def _metric_rows(model: str, step: int, results: dict, tasks: set[str] | None) -
       stderr_key = f"{metric}{_STDERR_SUFFIX}" + (f",{result_filter}" if result_filter else "")
       stderr = metrics.get(stderr_key)
       rows.append(
-          (model, step, task, metric, float(value), float(stderr) if _is_number(stderr) else np.nan)
+        (model, step, task, metric, float(value), float(stderr) if _is_number(stderr) else np.nan)
       )
   return rows
 
 
 def load_evals(
-    evals_dir: str | os.PathLike,
-    models: str | Iterable[str] | None = None,
-    tasks: str | Iterable[str] | None = None,
-    num_fewshot: int = 0,
+  evals_dir: str | os.PathLike,
+  models: str | Iterable[str] | None = None,
+  tasks: str | Iterable[str] | None = None,
+  num_fewshot: int = 0,
 ) -> pd.DataFrame:
   """Reads a published results directory into a tidy frame, one row per value.
 
@@ -166,7 +166,7 @@ def load_evals(
   directories = _model_directories(evals_dir)
   if not directories:
     raise EvalsNotFoundError(
-        f"evaluations directory {evals_dir} holds no pythia-<size>[-deduped] model directories"
+      f"evaluations directory {evals_dir} holds no pythia-<size>[-deduped] model directories"
     )
   wanted_models = _as_list(models)
   if wanted_models is not None:
@@ -174,8 +174,8 @@ def load_evals(
     missing = [m for m in wanted_models if m not in directories]
     if missing:
       raise EvalsError(
-          f"evaluations directory {evals_dir} has no results for {', '.join(missing)} "
-          f"(it has {', '.join(sorted(directories, key=_model_rank))})"
+        f"evaluations directory {evals_dir} has no results for {', '.join(missing)} "
+        f"(it has {', '.join(sorted(directories, key=_model_rank))})"
       )
     directories = {m: directories[m] for m in wanted_models}
   wanted_tasks = _as_list(tasks)
@@ -189,19 +189,17 @@ def load_evals(
     for path in sorted(directory.glob("*.json")):
       match = _FILE_RE.match(path.name)
       if not match:
-        raise EvalsError(
-            f"evaluation file {path} is not named <size>[-deduped]_step<N>.json"
-        )
+        raise EvalsError(f"evaluation file {path} is not named <size>[-deduped]_step<N>.json")
       content = _read_results_file(path)
       step, shots = _file_step_and_shots(
-          path, content, int(match.group("step")), match.group("shots")
+        path, content, int(match.group("step")), match.group("shots")
       )
       if shots != num_fewshot:
         continue
       if step in file_of_step:
         raise EvalsError(
-            f"two {num_fewshot}-shot evaluation files for {model} step {step}: "
-            f"{file_of_step[step]} and {path}"
+          f"two {num_fewshot}-shot evaluation files for {model} step {step}: "
+          f"{file_of_step[step]} and {path}"
         )
       file_of_step[step] = path
       n_files_read += 1
@@ -209,15 +207,15 @@ def load_evals(
       rows.extend(_metric_rows(model, step, content["results"], task_filter))
   if not n_files_read:
     raise EvalsNotFoundError(
-        f"evaluations directory {evals_dir} holds no {num_fewshot}-shot result files for "
-        f"{', '.join(directories)}"
+      f"evaluations directory {evals_dir} holds no {num_fewshot}-shot result files for "
+      f"{', '.join(directories)}"
     )
   if task_filter is not None:
     missing_tasks = sorted(task_filter - tasks_seen)
     if missing_tasks:
       raise EvalsError(
-          f"evaluations in {evals_dir} have no task {', '.join(missing_tasks)} "
-          f"(tasks include {', '.join(sorted(tasks_seen)[:12])}, ...)"
+        f"evaluations in {evals_dir} have no task {', '.join(missing_tasks)} "
+        f"(tasks include {', '.join(sorted(tasks_seen)[:12])}, ...)"
       )
 
   frame = pd.DataFrame.from_records(rows, columns=list(EVALS_COLUMNS))

@@ -9,8 +9,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
-                 suffix: str = "") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
   """Calls write(tmp_path) beside `path`, then renames the result onto `path`.
 
   Temporary files are named `.tmp-*` in the target directory (same file system, so the
@@ -46,7 +45,9 @@ def _fsync(path: str, flags: int) -> None:
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
   """np.savez, atomically."""
+
   def write(tmp):
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
+
   atomic_write(path, write, ".npz")

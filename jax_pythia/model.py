@@ -44,29 +44,29 @@ Params = Mapping[str, Any]
 
 #: Per-layer capture sites: name -> (shape, meaning). Prefixed `blocks.{l}.` or `blocks.*.`.
 LAYER_SITES: dict[str, tuple[str, str]] = {
-    "hook_resid_pre": ("[b, k, d]", "residual stream entering the layer"),
-    "ln1.hook_normalized": ("[b, k, d]", "input LayerNorm output (attention input)"),
-    "attn.hook_q": ("[b, k, H, dh]", "query per head, before rotary"),
-    "attn.hook_k": ("[b, k, H, dh]", "key per head, before rotary"),
-    "attn.hook_v": ("[b, k, H, dh]", "value per head (the true per-head values)"),
-    "attn.hook_rot_q": ("[b, k, H, dh]", "query after rotary"),
-    "attn.hook_rot_k": ("[b, k, H, dh]", "key after rotary"),
-    "attn.hook_attn_scores": ("[b, H, k, s]", "scaled, masked scores (query rows selected)"),
-    "attn.hook_pattern": ("[b, H, k, s]", "attention probabilities (query rows selected)"),
-    "attn.hook_z": ("[b, k, H, dh]", "attention-weighted values per head"),
-    "attn.hook_result": ("[b, k, H, d]", "per-head output z_h @ W_O[h] (no bias)"),
-    "hook_attn_out": ("[b, k, d]", "attention output, sum of heads plus bias"),
-    "hook_resid_mid": ("[b, k, d]", "residual after attention (sequential residual only)"),
-    "ln2.hook_normalized": ("[b, k, d]", "post-attention LayerNorm output (MLP input)"),
-    "mlp.hook_pre": ("[b, k, f]", "MLP pre-activation, dense_h_to_4h output"),
-    "mlp.hook_post": ("[b, k, f]", "MLP after exact GELU"),
-    "hook_mlp_out": ("[b, k, d]", "MLP output, dense_4h_to_h output"),
-    "hook_resid_post": ("[b, k, d]", "residual stream leaving the layer"),
+  "hook_resid_pre": ("[b, k, d]", "residual stream entering the layer"),
+  "ln1.hook_normalized": ("[b, k, d]", "input LayerNorm output (attention input)"),
+  "attn.hook_q": ("[b, k, H, dh]", "query per head, before rotary"),
+  "attn.hook_k": ("[b, k, H, dh]", "key per head, before rotary"),
+  "attn.hook_v": ("[b, k, H, dh]", "value per head (the true per-head values)"),
+  "attn.hook_rot_q": ("[b, k, H, dh]", "query after rotary"),
+  "attn.hook_rot_k": ("[b, k, H, dh]", "key after rotary"),
+  "attn.hook_attn_scores": ("[b, H, k, s]", "scaled, masked scores (query rows selected)"),
+  "attn.hook_pattern": ("[b, H, k, s]", "attention probabilities (query rows selected)"),
+  "attn.hook_z": ("[b, k, H, dh]", "attention-weighted values per head"),
+  "attn.hook_result": ("[b, k, H, d]", "per-head output z_h @ W_O[h] (no bias)"),
+  "hook_attn_out": ("[b, k, d]", "attention output, sum of heads plus bias"),
+  "hook_resid_mid": ("[b, k, d]", "residual after attention (sequential residual only)"),
+  "ln2.hook_normalized": ("[b, k, d]", "post-attention LayerNorm output (MLP input)"),
+  "mlp.hook_pre": ("[b, k, f]", "MLP pre-activation, dense_h_to_4h output"),
+  "mlp.hook_post": ("[b, k, f]", "MLP after exact GELU"),
+  "hook_mlp_out": ("[b, k, d]", "MLP output, dense_4h_to_h output"),
+  "hook_resid_post": ("[b, k, d]", "residual stream leaving the layer"),
 }
 #: Whole-model capture sites.
 GLOBAL_SITES: dict[str, tuple[str, str]] = {
-    "hook_embed": ("[b, k, d]", "token embedding (the first residual stream)"),
-    "ln_final.hook_normalized": ("[b, k, d]", "final LayerNorm output (unembedding input)"),
+  "hook_embed": ("[b, k, d]", "token embedding (the first residual stream)"),
+  "ln_final.hook_normalized": ("[b, k, d]", "final LayerNorm output (unembedding input)"),
 }
 _SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(.+)$")
 
@@ -92,16 +92,16 @@ class SiteRequest:
       m = _SITE_RE.match(name)
       if not m or m.group(2) not in LAYER_SITES:
         raise ValueError(
-            f"unknown capture site {name!r}; per-layer sites are blocks.<l|*>.<site> with "
-            f"<site> in {', '.join(LAYER_SITES)}; global sites: {', '.join(GLOBAL_SITES)}"
+          f"unknown capture site {name!r}; per-layer sites are blocks.<l|*>.<site> with "
+          f"<site> in {', '.join(LAYER_SITES)}; global sites: {', '.join(GLOBAL_SITES)}"
         )
       layer, suffix = m.groups()
       if layer != "*" and int(layer) >= config.n_layers:
         raise ValueError(f"capture site {name!r}: the model has {config.n_layers} layers")
       if suffix == "hook_resid_mid" and config.use_parallel_residual:
         raise ValueError(
-            f"capture site {name!r} exists only with sequential residual "
-            "(use_parallel_residual=False)"
+          f"capture site {name!r} exists only with sequential residual "
+          "(use_parallel_residual=False)"
         )
       layer_sites.add(suffix)
     return cls(names, frozenset(layer_sites), frozenset(global_sites))
@@ -115,8 +115,9 @@ def site_table() -> str:
   return "\n".join(rows)
 
 
-def position_index(positions: str | Sequence[int] | np.ndarray | Array | None,
-                   seq_len: int) -> Array | None:
+def position_index(
+  positions: str | Sequence[int] | np.ndarray | Array | None, seq_len: int
+) -> Array | None:
   """Token positions to keep: None (all), [k] shared by the batch, or [b, k] per sequence.
 
   `positions` is "all", "last", or integer indices (negative counts from the end).
@@ -131,11 +132,14 @@ def position_index(positions: str | Sequence[int] | np.ndarray | Array | None,
     return positions
   idx = np.asarray(positions)
   if idx.ndim not in (1, 2) or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-    raise ValueError(f"positions: expected a non-empty [k] or [b, k] integer array, got "
-                     f"shape {idx.shape} dtype {idx.dtype}")
+    raise ValueError(
+      f"positions: expected a non-empty [k] or [b, k] integer array, got "
+      f"shape {idx.shape} dtype {idx.dtype}"
+    )
   if idx.min() < -seq_len or idx.max() >= seq_len:
-    raise ValueError(f"positions out of range for sequence length {seq_len}: "
-                     f"[{idx.min()}, {idx.max()}]")
+    raise ValueError(
+      f"positions out of range for sequence length {seq_len}: [{idx.min()}, {idx.max()}]"
+    )
   return jnp.asarray(idx % seq_len, dtype=jnp.int32)
 
 
@@ -203,24 +207,36 @@ class Attention(nn.Module):
     small, wang = _init_std(cfg)
     heads = (cfg.n_heads, cfg.d_head)
     dense = lambda name, std: nn.DenseGeneral(  # noqa: E731
-        heads, name=name, dtype=x.dtype, param_dtype=x.dtype,
-        kernel_init=nn.initializers.normal(std))
+      heads, name=name, dtype=x.dtype, param_dtype=x.dtype, kernel_init=nn.initializers.normal(std)
+    )
     q, k, v = (dense(n, small)(x) for n in ("query", "key", "value"))
     rot_q, rot_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", rot_q, rot_k,
-                        preferred_element_type=jnp.float32) / math.sqrt(cfg.d_head)
+    scores = jnp.einsum(
+      "bqhd,bkhd->bhqk", rot_q, rot_k, preferred_element_type=jnp.float32
+    ) / math.sqrt(cfg.d_head)
     s = x.shape[1]
     causal = jnp.tril(jnp.ones((s, s), dtype=bool))
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     pattern = jax.nn.softmax(scores, axis=-1)
     z = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(v.dtype), v)
-    out_proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="out", dtype=x.dtype,
-                               param_dtype=x.dtype, kernel_init=nn.initializers.normal(wang))
+    out_proj = nn.DenseGeneral(
+      cfg.d_model,
+      axis=(-2, -1),
+      name="out",
+      dtype=x.dtype,
+      param_dtype=x.dtype,
+      kernel_init=nn.initializers.normal(wang),
+    )
     out = out_proj(z)
     captured = {}
-    for name, value in (("attn.hook_q", q), ("attn.hook_k", k), ("attn.hook_v", v),
-                        ("attn.hook_rot_q", rot_q), ("attn.hook_rot_k", rot_k),
-                        ("attn.hook_z", z)):
+    for name, value in (
+      ("attn.hook_q", q),
+      ("attn.hook_k", k),
+      ("attn.hook_v", v),
+      ("attn.hook_rot_q", rot_q),
+      ("attn.hook_rot_k", rot_k),
+      ("attn.hook_z", z),
+    ):
       if name in sites:
         captured[name] = _select(value, idx)
     if "attn.hook_attn_scores" in sites:
@@ -242,11 +258,21 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     small, wang = _init_std(cfg)
-    pre = nn.Dense(cfg.d_mlp, name="fc_in", dtype=x.dtype, param_dtype=x.dtype,
-                   kernel_init=nn.initializers.normal(small))(x)
+    pre = nn.Dense(
+      cfg.d_mlp,
+      name="fc_in",
+      dtype=x.dtype,
+      param_dtype=x.dtype,
+      kernel_init=nn.initializers.normal(small),
+    )(x)
     post = jax.nn.gelu(pre, approximate=False)
-    out = nn.Dense(cfg.d_model, name="fc_out", dtype=x.dtype, param_dtype=x.dtype,
-                   kernel_init=nn.initializers.normal(wang))(post)
+    out = nn.Dense(
+      cfg.d_model,
+      name="fc_out",
+      dtype=x.dtype,
+      param_dtype=x.dtype,
+      kernel_init=nn.initializers.normal(wang),
+    )(post)
     return out, {"mlp.hook_pre": pre, "mlp.hook_post": post}
 
 
@@ -294,24 +320,35 @@ class GPTNeoX(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, idx=None, sites: SiteRequest | None = None,
-               return_logits: bool = True):
+  def __call__(
+    self, tokens, idx=None, sites: SiteRequest | None = None, return_logits: bool = True
+  ):
     cfg = self.config
     sites = sites or SiteRequest((), frozenset(), frozenset())
     small, _ = _init_std(cfg)
     seq_len = tokens.shape[1]
     if seq_len > cfg.max_seq_len:
-      raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
-                       f"{cfg.max_seq_len}")
-    x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed_in", dtype=self.dtype,
-                 param_dtype=self.dtype, embedding_init=nn.initializers.normal(small))(tokens)
+      raise ValueError(
+        f"sequence length {seq_len} exceeds max_position_embeddings {cfg.max_seq_len}"
+      )
+    x = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      name="embed_in",
+      dtype=self.dtype,
+      param_dtype=self.dtype,
+      embedding_init=nn.initializers.normal(small),
+    )(tokens)
     captures = {}
     if "hook_embed" in sites.global_sites:
       captures["hook_embed"] = _select(x, idx)
     cos, sin = rotary_tables(cfg, seq_len)
     layers = nn.scan(
-        Block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+      Block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      length=cfg.n_layers,
     )(cfg, sites.layer_sites, name="layers")
     x, stacked = layers(x, idx, cos, sin)
     for name in sites.names:
@@ -327,8 +364,14 @@ class GPTNeoX(nn.Module):
       captures["ln_final.hook_normalized"] = _select(x, idx)
     if not return_logits:
       return None, captures
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, name="embed_out", dtype=self.dtype,
-                      param_dtype=self.dtype, kernel_init=nn.initializers.normal(small))(x)
+    logits = nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      name="embed_out",
+      dtype=self.dtype,
+      param_dtype=self.dtype,
+      kernel_init=nn.initializers.normal(small),
+    )(x)
     return logits.astype(jnp.float32), captures
 
 
@@ -336,10 +379,14 @@ def params_dtype(params: Params):
   return params["embed_in"]["embedding"].dtype
 
 
-def forward(params: Params, tokens: Array, config: GPTNeoXConfig,
-            sites: SiteRequest | str | Sequence[str] = (),
-            positions: str | Sequence[int] | Array = "last",
-            return_logits: bool = True) -> tuple[Array | None, dict[str, Array]]:
+def forward(
+  params: Params,
+  tokens: Array,
+  config: GPTNeoXConfig,
+  sites: SiteRequest | str | Sequence[str] = (),
+  positions: str | Sequence[int] | Array = "last",
+  return_logits: bool = True,
+) -> tuple[Array | None, dict[str, Array]]:
   """Runs the model on tokens [b, s]: (logits [b, s, V] float32 or None, captures).
 
   Pure in (params, tokens); wrap in `jax.jit` with `config`, `sites` and `return_logits`
@@ -353,8 +400,9 @@ def forward(params: Params, tokens: Array, config: GPTNeoXConfig,
   return model.apply({"params": params}, tokens, idx, sites, return_logits)
 
 
-def make_forward(config: GPTNeoXConfig, sites: SiteRequest | str | Sequence[str] = (),
-                 return_logits: bool = True):
+def make_forward(
+  config: GPTNeoXConfig, sites: SiteRequest | str | Sequence[str] = (), return_logits: bool = True
+):
   """A jitted `fn(params, tokens, positions_index)`; see `position_index`."""
   if not isinstance(sites, SiteRequest):
     sites = SiteRequest.parse(sites, config)
@@ -377,8 +425,12 @@ def init_params(config: GPTNeoXConfig, key: Array, dtype=jnp.float32) -> Params:
 
 #: Weights whose gradients the study uses, as paths inside params["layers"].
 GRADIENT_WEIGHTS: tuple[str, ...] = (
-    "attn.query.kernel", "attn.key.kernel", "attn.value.kernel", "attn.out.kernel",
-    "mlp.fc_in.kernel", "mlp.fc_out.kernel",
+  "attn.query.kernel",
+  "attn.key.kernel",
+  "attn.value.kernel",
+  "attn.out.kernel",
+  "mlp.fc_in.kernel",
+  "mlp.fc_out.kernel",
 )
 
 
@@ -417,8 +469,9 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def loss_and_grads(params: Params, tokens: Array, config: GPTNeoXConfig,
-                   wrt: Sequence[str] = GRADIENT_WEIGHTS) -> tuple[Array, dict[str, Any]]:
+def loss_and_grads(
+  params: Params, tokens: Array, config: GPTNeoXConfig, wrt: Sequence[str] = GRADIENT_WEIGHTS
+) -> tuple[Array, dict[str, Any]]:
   """LM loss of tokens [b, s+1] and its gradient w.r.t. the layer weights `wrt` only.
 
   Returns (loss, grads) with grads nested like params["layers"] but holding only the

@@ -49,7 +49,7 @@ class Shape:
   @property
   def layer_params(self) -> int:
     """Matmul weights of the layers (what every token passes through)."""
-    return self.n_layers * (4 * self.d_model ** 2 + 2 * self.d_model * self.d_mlp)
+    return self.n_layers * (4 * self.d_model**2 + 2 * self.d_model * self.d_mlp)
 
   @property
   def params(self) -> int:
@@ -65,13 +65,22 @@ class Shape:
 def from_suite(name: str, seq_len: int | None = None) -> Shape:
   m = suite.parse_model(name)
   s = m.size
-  return Shape(m.name, s.n_layers, s.d_model, s.n_heads, s.d_mlp, s.vocab_size,
-               seq_len or suite.SEQUENCE_LENGTH, suite.ALL_STEPS)
+  return Shape(
+    m.name,
+    s.n_layers,
+    s.d_model,
+    s.n_heads,
+    s.d_mlp,
+    s.vocab_size,
+    seq_len or suite.SEQUENCE_LENGTH,
+    suite.ALL_STEPS,
+  )
 
 
 def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
   """Every model of a local suite (or one model's directory of step<N>/)."""
   from jax_pythia import sweep, weights
+
   shapes = []
   for m in sweep.resolve_models([path]):
     step_dir = os.path.join(m.location, suite.revision(m.final_step))
@@ -80,12 +89,24 @@ def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
       config = GPTNeoXConfig.from_json_file(config_path)
     else:
       from jax_pythia import sharding
+
       config = sharding.converted_config(step_dir)
-    size = sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(step_dir) for f in files)
-    shapes.append(Shape(m.name, config.n_layers, config.d_model, config.n_heads,
-                        config.d_mlp, config.vocab_size, seq_len or config.max_seq_len,
-                        m.steps, checkpoint_bytes=size))
+    size = sum(
+      os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
+    )
+    shapes.append(
+      Shape(
+        m.name,
+        config.n_layers,
+        config.d_model,
+        config.n_heads,
+        config.d_mlp,
+        config.vocab_size,
+        seq_len or config.max_seq_len,
+        m.steps,
+        checkpoint_bytes=size,
+      )
+    )
   return shapes
 
 
@@ -121,7 +142,7 @@ class Work:
 
 def attention_flops(shape: Shape, sequences: int) -> float:
   """Forward QK^T and AV of `sequences` full sequences."""
-  return 2 * 2 * shape.n_layers * shape.seq_len ** 2 * shape.d_model * sequences
+  return 2 * 2 * shape.n_layers * shape.seq_len**2 * shape.d_model * sequences
 
 
 def svd_flops(m: int, n: int) -> float:
@@ -135,15 +156,12 @@ def flops_per_checkpoint(shape: Shape, work: Work) -> dict[str, float]:
   dh = d // H
   with_unembed = shape.layer_params + d * shape.vocab
   # The capture pass stops before the unembedding (no logits).
-  capture = 2 * shape.layer_params * work.n_sequences * s + attention_flops(
-      shape, work.n_sequences)
+  capture = 2 * shape.layer_params * work.n_sequences * s + attention_flops(shape, work.n_sequences)
   g_seqs = work.gradient_batches * work.gradient_sequences
   gradients = 6 * with_unembed * g_seqs * s + 3 * attention_flops(shape, g_seqs)
-  loss = 2 * with_unembed * work.loss_sequences * s + attention_flops(
-      shape, work.loss_sequences)
+  loss = 2 * with_unembed * work.loss_sequences * s + attention_flops(shape, work.loss_sequences)
   # Weights once, gradients once per batch: MLP (f x d), whole OV (d x d), heads' cores.
-  per_set = L * (svd_flops(f, d) + svd_flops(d, d) + H * (2 * svd_flops(d, dh)
-                                                          + svd_flops(dh, dh)))
+  per_set = L * (svd_flops(f, d) + svd_flops(d, d) + H * (2 * svd_flops(d, dh) + svd_flops(dh, dh)))
   spectra = per_set * (1 + work.gradient_batches)
   parts = {"capture": capture, "gradients": gradients, "loss": loss, "spectra": spectra}
   parts["total"] = sum(parts.values())
@@ -154,8 +172,14 @@ def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[st
   """{part: bytes} on one device under `mesh` ({'data': D, 'model': M})."""
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
-  d, f, L, V, H, s = (shape.d_model, shape.d_mlp, shape.n_layers, shape.vocab,
-                      shape.n_heads, shape.seq_len)
+  d, f, L, V, H, s = (
+    shape.d_model,
+    shape.d_mlp,
+    shape.n_layers,
+    shape.vocab,
+    shape.n_heads,
+    shape.seq_len,
+  )
   vocab_split = M if V % M == 0 else 1
   embeddings = 2 * V * d / vocab_split
   layers = (shape.layer_params + L * (3 * d + f)) / M  # kernels and split biases
@@ -171,8 +195,7 @@ def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[st
     acts = tokens * (L * per_token_layer + 3 * 4 * V / vocab_split)
   else:
     tokens = max(work.n_sequences, work.loss_sequences) / D * s
-    acts = tokens * (per_token_layer + (3 * 4 * V / vocab_split if work.loss_sequences
-                                        else 0))
+    acts = tokens * (per_token_layer + (3 * 4 * V / vocab_split if work.loss_sequences else 0))
   out = {"params": params, "grads": grads, "activations": acts}
   out["total"] = sum(out.values())
   return out
@@ -183,14 +206,16 @@ def measure_flops_per_device(seconds: float = 2.0) -> float:
   import jax
 
   from jax_pythia import model
-  config = GPTNeoXConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048,
-                         max_seq_len=256)
+
+  config = GPTNeoXConfig(
+    vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048, max_seq_len=256
+  )
   params = model.init_params(config, jax.random.PRNGKey(0))
   tokens = np.zeros((8, 256), np.int32)
   fn = model.make_forward(config, return_logits=True)
   jax.block_until_ready(fn(params, tokens))
   shape = Shape("measure", 4, 512, 8, 2048, 4096, 256, (0,))
-  flops = (2 * (shape.layer_params + 512 * 4096) * 8 * 256 + attention_flops(shape, 8))
+  flops = 2 * (shape.layer_params + 512 * 4096) * 8 * 256 + attention_flops(shape, 8)
   runs, start = 0, time.perf_counter()
   while runs < 3 or time.perf_counter() - start < seconds:
     jax.block_until_ready(fn(params, tokens))
@@ -218,8 +243,14 @@ class ModelPlan:
     return per * len(self.steps)
 
 
-def make_plan(shape: Shape, steps: str, work: Work, mesh: dict[str, int],
-              flops_per_second: float, bandwidth: float) -> ModelPlan:
+def make_plan(
+  shape: Shape,
+  steps: str,
+  work: Work,
+  mesh: dict[str, int],
+  flops_per_second: float,
+  bandwidth: float,
+) -> ModelPlan:
   """`flops_per_second`: what all devices together sustain (peak x utilisation)."""
   try:
     chosen = suite.parse_steps(steps, shape.steps)
@@ -229,8 +260,14 @@ def make_plan(shape: Shape, steps: str, work: Work, mesh: dict[str, int],
     chosen = chosen + (shape.steps[-1],)  # the sweep always adds the final checkpoint
   flops = flops_per_checkpoint(shape, work)
   memory = memory_per_device(shape, work, mesh)
-  return ModelPlan(shape, chosen, flops, memory, flops["total"] / flops_per_second,
-                   shape.bytes_per_checkpoint / bandwidth)
+  return ModelPlan(
+    shape,
+    chosen,
+    flops,
+    memory,
+    flops["total"] / flops_per_second,
+    shape.bytes_per_checkpoint / bandwidth,
+  )
 
 
 def _si(x: float, unit: str) -> str:
@@ -248,24 +285,48 @@ def _duration(s: float) -> str:
   return f"{s / 3600:.3g} h"
 
 
-def format_plan(plans: Sequence[ModelPlan], devices: int, hosts: int,
-                flops_per_second: float, source: str) -> str:
-  lines = [f"plan for {devices} device(s) on {hosts} host(s); throughput "
-           f"{_si(flops_per_second, 'FLOP/s')} in all ({source})", ""]
-  header = ("model", "ckpts", "params", "fetch", "FLOPs/ckpt", "(capture/grad)",
-            "mem/device", "(params/grads/acts)", "s/ckpt", "total")
+def format_plan(
+  plans: Sequence[ModelPlan], devices: int, hosts: int, flops_per_second: float, source: str
+) -> str:
+  lines = [
+    f"plan for {devices} device(s) on {hosts} host(s); throughput "
+    f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
+    "",
+  ]
+  header = (
+    "model",
+    "ckpts",
+    "params",
+    "fetch",
+    "FLOPs/ckpt",
+    "(capture/grad)",
+    "mem/device",
+    "(params/grads/acts)",
+    "s/ckpt",
+    "total",
+  )
   rows = [header]
   for p in plans:
     f, m = p.flops, p.memory
-    rows.append((
-        p.shape.name, str(len(p.steps)), _si(p.shape.params, ""), _si(p.fetch_bytes, "B"),
-        _si(f["total"], ""), f"{_si(f['capture'], '')}/{_si(f['gradients'], '')}",
+    rows.append(
+      (
+        p.shape.name,
+        str(len(p.steps)),
+        _si(p.shape.params, ""),
+        _si(p.fetch_bytes, "B"),
+        _si(f["total"], ""),
+        f"{_si(f['capture'], '')}/{_si(f['gradients'], '')}",
         _si(m["total"], "B"),
         f"{_si(m['params'], 'B')}/{_si(m['grads'], 'B')}/{_si(m['activations'], 'B')}",
-        f"{max(p.compute_s, p.fetch_s / hosts):.3g}", _duration(p.total_s(hosts))))
+        f"{max(p.compute_s, p.fetch_s / hosts):.3g}",
+        _duration(p.total_s(hosts)),
+      )
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
   lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   total = sum(p.total_s(hosts) for p in plans)
-  lines += ["", f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, "
-            f"about {_duration(total)}"]
+  lines += [
+    "",
+    f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
+  ]
   return "\n".join(lines)

@@ -26,8 +26,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import analysis  # noqa: E402
 
-COMPONENT_LABELS = {"ov": "attention OV (whole layer)", "ov_head": "attention OV (per head)",
-                    "mlp": "MLP (dense_4h_to_h)", "resid": "residual stream"}
+COMPONENT_LABELS = {
+  "ov": "attention OV (whole layer)",
+  "ov_head": "attention OV (per head)",
+  "mlp": "MLP (dense_4h_to_h)",
+  "resid": "residual stream",
+}
 BAND_COMPONENTS = ("ov", "mlp")
 EVAL_TASKS = ("lambada_openai", "arc_easy", "piqa", "sciq")
 
@@ -59,20 +63,30 @@ def _model_order(metrics: pd.DataFrame) -> list[str]:
   return sorted(names, key=lambda n: (sizes.get(n, 0), n))
 
 
-def cka_table(metrics: pd.DataFrame, model: str, component: str, estimator: str
-              ) -> tuple[np.ndarray, np.ndarray]:
+def cka_table(
+  metrics: pd.DataFrame, model: str, component: str, estimator: str
+) -> tuple[np.ndarray, np.ndarray]:
   """(steps [C], CKA [C, L]) of whole-layer values."""
-  rows = metrics[(metrics.model == model) & (metrics.component == component)
-                 & (metrics.metric == estimator) & (metrics["head"] == -1)]
+  rows = metrics[
+    (metrics.model == model)
+    & (metrics.component == component)
+    & (metrics.metric == estimator)
+    & (metrics["head"] == -1)
+  ]
   table = rows.pivot_table(index="step", columns="layer", values="value")
   return table.index.to_numpy(), table.to_numpy()
 
 
 def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
   models = _model_order(metrics)
-  fig, axes = plt.subplots(len(BAND_COMPONENTS), len(models), squeeze=False,
-                           figsize=(3.2 * len(models) + 1, 3.0 * len(BAND_COMPONENTS)),
-                           sharey=True, constrained_layout=True)
+  fig, axes = plt.subplots(
+    len(BAND_COMPONENTS),
+    len(models),
+    squeeze=False,
+    figsize=(3.2 * len(models) + 1, 3.0 * len(BAND_COMPONENTS)),
+    sharey=True,
+    constrained_layout=True,
+  )
   for col, model in enumerate(models):
     for row, component in enumerate(BAND_COMPONENTS):
       ax = axes[row, col]
@@ -84,18 +98,25 @@ def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> lis
       ax.fill_between(steps, bands[0], bands[4], alpha=0.2, color="C0", label="10-90%")
       ax.fill_between(steps, bands[1], bands[3], alpha=0.4, color="C0", label="25-75%")
       ax.plot(steps, bands[2], color="C0", lw=1.5, label="median")
-      floor = metrics[(metrics.model == model) & (metrics.component == component)
-                      & (metrics.metric == estimator + "_floor") & (metrics["head"] == -1)]
+      floor = metrics[
+        (metrics.model == model)
+        & (metrics.component == component)
+        & (metrics.metric == estimator + "_floor")
+        & (metrics["head"] == -1)
+      ]
       if len(floor):
-        ax.axhline(floor.value.mean(), color="C3", ls="--", lw=1,
-                   label="noise floor (rows permuted)")
+        ax.axhline(
+          floor.value.mean(), color="C3", ls="--", lw=1, label="noise floor (rows permuted)"
+        )
       _log_axis(ax)
       ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
       if col == 0:
         ax.set_ylabel(f"{'debiased ' if 'debiased' in estimator else ''}CKA to final")
   axes[0, 0].legend(fontsize=7, loc="lower right")
-  fig.suptitle("Convergence of layer activations to the final checkpoint "
-               "(percentiles across layers)", fontsize=10)
+  fig.suptitle(
+    "Convergence of layer activations to the final checkpoint (percentiles across layers)",
+    fontsize=10,
+  )
   return _save(fig, out_dir, "cka_bands" + ("_debiased" if "debiased" in estimator else ""))
 
 
@@ -106,8 +127,9 @@ def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
     for col, component in enumerate(("ov", "mlp")):
       ax = axes[row, col]
       for i, model in enumerate(models):
-        rows = metrics[(metrics.model == model) & (metrics.component == component)
-                       & (metrics.metric == metric)]
+        rows = metrics[
+          (metrics.model == model) & (metrics.component == component) & (metrics.metric == metric)
+        ]
         if rows.empty:
           continue
         curve = rows.groupby("step")["value"].mean()
@@ -120,8 +142,7 @@ def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
   return _save(fig, out_dir, "per_over_training")
 
 
-def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str
-                           ) -> pd.DataFrame:
+def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str) -> pd.DataFrame:
   """One row per (model, layer): final-checkpoint PER and CKA area over log-steps."""
   points = []
   for model in _model_order(metrics):
@@ -129,16 +150,22 @@ def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str
     if len(steps) < 2:
       continue
     auc = np.asarray(analysis.area_under_log_step_curve(values.T.astype(np.float32), steps))
-    final = metrics[(metrics.model == model) & (metrics.component == component)
-                    & (metrics.metric == "per") & (metrics.step == steps.max())]
+    final = metrics[
+      (metrics.model == model)
+      & (metrics.component == component)
+      & (metrics.metric == "per")
+      & (metrics.step == steps.max())
+    ]
     per = final.set_index("layer")["value"].sort_index().to_numpy()
-    points += [dict(model=model, layer=l, per=p, cka_auc=a) for l, (p, a) in
-               enumerate(zip(per, auc))]
+    points += [
+      dict(model=model, layer=l, per=p, cka_auc=a) for l, (p, a) in enumerate(zip(per, auc))
+    ]
   return pd.DataFrame(points)
 
 
-def figure_per_vs_convergence(metrics: pd.DataFrame, out_dir: str, estimator: str
-                              ) -> tuple[list[str], dict]:
+def figure_per_vs_convergence(
+  metrics: pd.DataFrame, out_dir: str, estimator: str
+) -> tuple[list[str], dict]:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
   stats = {}
   for col, component in enumerate(("ov", "mlp")):
@@ -150,14 +177,18 @@ def figure_per_vs_convergence(metrics: pd.DataFrame, out_dir: str, estimator: st
       ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=model)
     if len(points) >= 3:
       corr = analysis.per_convergence_correlation(
-          jax.numpy.asarray(points.per.to_numpy(np.float32)),
-          jax.numpy.asarray(points.cka_auc.to_numpy(np.float32)),
-          jax.random.PRNGKey(0))
+        jax.numpy.asarray(points.per.to_numpy(np.float32)),
+        jax.numpy.asarray(points.cka_auc.to_numpy(np.float32)),
+        jax.random.PRNGKey(0),
+      )
       corr = {k: float(v) for k, v in corr.items()}
       stats[component] = corr
-      ax.set_title(f"{COMPONENT_LABELS[component]}\nSpearman {corr['spearman']:.2f} "
-                   f"[{corr['spearman_low']:.2f}, {corr['spearman_high']:.2f}], Pearson "
-                   f"{corr['pearson']:.2f}", fontsize=9)
+      ax.set_title(
+        f"{COMPONENT_LABELS[component]}\nSpearman {corr['spearman']:.2f} "
+        f"[{corr['spearman_low']:.2f}, {corr['spearman_high']:.2f}], Pearson "
+        f"{corr['pearson']:.2f}",
+        fontsize=9,
+      )
     ax.set_xlabel("PER of the weights at the final checkpoint")
     ax.set_ylabel(f"{estimator} to final, mean over log-steps")
   axes[0, 0].legend(fontsize=7)
@@ -186,13 +217,20 @@ def figure_evals(evals: pd.DataFrame, metrics: pd.DataFrame, out_dir: str) -> li
 
 
 def figure_pairwise(pairwise: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
-  rows = pairwise[(pairwise.metric == estimator) & (pairwise["head"] == -1)
-                  & pairwise.component.isin(BAND_COMPONENTS)]
+  rows = pairwise[
+    (pairwise.metric == estimator)
+    & (pairwise["head"] == -1)
+    & pairwise.component.isin(BAND_COMPONENTS)
+  ]
   models = list(dict.fromkeys(rows.model))
   if not models:
     return []
-  fig, axes = plt.subplots(len(BAND_COMPONENTS), len(models), squeeze=False,
-                           figsize=(3.3 * len(models) + 1, 3 * len(BAND_COMPONENTS)))
+  fig, axes = plt.subplots(
+    len(BAND_COMPONENTS),
+    len(models),
+    squeeze=False,
+    figsize=(3.3 * len(models) + 1, 3 * len(BAND_COMPONENTS)),
+  )
   for col, model in enumerate(models):
     for row, component in enumerate(BAND_COMPONENTS):
       ax = axes[row, col]
@@ -208,8 +246,9 @@ def figure_pairwise(pairwise: pd.DataFrame, out_dir: str, estimator: str) -> lis
   return _save(fig, out_dir, "pairwise_cka")
 
 
-def write_report(out_dir: str, evals_dir: str | None = None,
-                 estimators: Sequence[str] = ("cka", "cka_debiased")) -> list[str]:
+def write_report(
+  out_dir: str, evals_dir: str | None = None, estimators: Sequence[str] = ("cka", "cka_debiased")
+) -> list[str]:
   """Draws every figure and report.md from <out_dir>'s tables; returns the paths written."""
   from jax_pythia.sweep import SweepError  # the sweep's own error type
 
@@ -247,12 +286,19 @@ def write_report(out_dir: str, evals_dir: str | None = None,
 def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str) -> str:
   lines = ["# Sweep report", ""]
   models = _model_order(metrics)
-  lines += [f"Models: {', '.join(models)}. Checkpoints per model: "
-            + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
-            + ".", ""]
-  lines += ["## Convergence (whole-layer CKA to the final checkpoint)", "",
-            "| model | component | estimator | median CKA at first step | first step with "
-            "median >= 0.9 | noise floor |", "|---|---|---|---|---|---|"]
+  lines += [
+    f"Models: {', '.join(models)}. Checkpoints per model: "
+    + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
+    + ".",
+    "",
+  ]
+  lines += [
+    "## Convergence (whole-layer CKA to the final checkpoint)",
+    "",
+    "| model | component | estimator | median CKA at first step | first step with "
+    "median >= 0.9 | noise floor |",
+    "|---|---|---|---|---|---|",
+  ]
   for model in models:
     for component in BAND_COMPONENTS:
       for estimator in estimators:
@@ -262,12 +308,23 @@ def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str
         median = np.median(values, axis=1)
         above = np.flatnonzero(np.minimum.accumulate(median[::-1] >= 0.9)[::-1])
         first = str(int(steps[above[0]])) if len(above) else "never"
-        floor = metrics[(metrics.model == model) & (metrics.component == component)
-                        & (metrics.metric == estimator + "_floor") & (metrics["head"] == -1)]
-        lines.append(f"| {model} | {component} | {estimator} | {median[0]:.3f} | {first} | "
-                     f"{floor.value.mean():.3f} |")
-  lines += ["", "## PER at the final checkpoint (mean over layers)", "",
-            "| model | component | weights | gradients |", "|---|---|---|---|"]
+        floor = metrics[
+          (metrics.model == model)
+          & (metrics.component == component)
+          & (metrics.metric == estimator + "_floor")
+          & (metrics["head"] == -1)
+        ]
+        lines.append(
+          f"| {model} | {component} | {estimator} | {median[0]:.3f} | {first} | "
+          f"{floor.value.mean():.3f} |"
+        )
+  lines += [
+    "",
+    "## PER at the final checkpoint (mean over layers)",
+    "",
+    "| model | component | weights | gradients |",
+    "|---|---|---|---|",
+  ]
   for model in models:
     final = metrics[(metrics.model == model)]
     final = final[final.step == final.step.max()]
@@ -277,11 +334,18 @@ def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str
       lines.append(f"| {model} | {component} | {w:.3f} | {g:.3f} |")
   lines += ["", "## PER vs convergence (layers pooled over models)", ""]
   for component, s in stats.items():
-    lines.append(f"- {component}: Spearman {s['spearman']:.2f} (95% bootstrap "
-                 f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}]), Pearson "
-                 f"{s['pearson']:.2f} ([{s['pearson_low']:.2f}, {s['pearson_high']:.2f}])")
-  lines += ["", f"Downstream evaluations: {evals_note}.", "",
-            "Figures: figures/cka_bands.png, figures/cka_bands_debiased.png, "
-            "figures/per_over_training.png, figures/per_vs_convergence.png, "
-            "figures/pairwise_cka.png.", ""]
+    lines.append(
+      f"- {component}: Spearman {s['spearman']:.2f} (95% bootstrap "
+      f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}]), Pearson "
+      f"{s['pearson']:.2f} ([{s['pearson_low']:.2f}, {s['pearson_high']:.2f}])"
+    )
+  lines += [
+    "",
+    f"Downstream evaluations: {evals_note}.",
+    "",
+    "Figures: figures/cka_bands.png, figures/cka_bands_debiased.png, "
+    "figures/per_over_training.png, figures/per_vs_convergence.png, "
+    "figures/pairwise_cka.png.",
+    "",
+  ]
   return "\n".join(lines)

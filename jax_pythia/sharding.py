@@ -64,12 +64,16 @@ def parse_mesh(spec: str | None) -> dict[str, int] | None:
   for part in spec.split(","):
     m = _MESH_RE.match(part.strip())
     if not m:
-      raise ShardingError(f"--mesh={spec!r}: expected AXIS:SIZE[,AXIS:SIZE] with AXIS in "
-                          f"{', '.join(AXES)} and SIZE a positive integer or -1")
+      raise ShardingError(
+        f"--mesh={spec!r}: expected AXIS:SIZE[,AXIS:SIZE] with AXIS in "
+        f"{', '.join(AXES)} and SIZE a positive integer or -1"
+      )
     axis, size = m.group(1), int(m.group(2))
     if axis not in AXES:
-      raise ShardingError(f"--mesh={spec!r}: unknown axis {axis!r}; axes: {', '.join(AXES)} "
-                          "(a checkpoint axis is not implemented)")
+      raise ShardingError(
+        f"--mesh={spec!r}: unknown axis {axis!r}; axes: {', '.join(AXES)} "
+        "(a checkpoint axis is not implemented)"
+      )
     if axis in sizes:
       raise ShardingError(f"--mesh={spec!r}: axis {axis!r} given twice")
     if size == 0:
@@ -80,35 +84,38 @@ def parse_mesh(spec: str | None) -> dict[str, int] | None:
   return sizes
 
 
-def make_mesh(spec: str | Mapping[str, int] | None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  spec: str | Mapping[str, int] | None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A Mesh over `devices` (default: every device) with both axes `AXES`.
 
   Axes left out have size 1, so partition specs may always name both. The product of
   the sizes must equal the device count (one size may be -1: the rest).
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = dict(parse_mesh(spec) or {}) if spec is None or isinstance(spec, str) \
-      else dict(spec)
+  sizes = dict(parse_mesh(spec) or {}) if spec is None or isinstance(spec, str) else dict(spec)
   if not sizes:
     sizes = {"data": len(devices)}
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   for axis, size in sizes.items():
     if size == -1:
       if len(devices) % known:
-        raise ShardingError(f"mesh {_fmt(sizes)}: {len(devices)} devices are not a "
-                            f"multiple of {known}")
+        raise ShardingError(
+          f"mesh {_fmt(sizes)}: {len(devices)} devices are not a multiple of {known}"
+        )
       sizes[axis] = len(devices) // known
   for axis in AXES:
     sizes.setdefault(axis, 1)
   total = int(np.prod(list(sizes.values())))
   if total != len(devices):
-    raise ShardingError(f"mesh {_fmt(sizes)} needs {total} devices; there are "
-                        f"{len(devices)} ({devices[0].platform})")
+    raise ShardingError(
+      f"mesh {_fmt(sizes)} needs {total} devices; there are {len(devices)} ({devices[0].platform})"
+    )
   shape = tuple(sizes.values())
   try:
     # Topology-aware order on TPU (neighbouring chips on the model axis).
     from jax.experimental import mesh_utils
+
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except Exception:  # noqa: BLE001 -- any device kind it does not know: plain order
     grid = np.array(devices, dtype=object).reshape(shape)
@@ -134,32 +141,38 @@ def param_specs(config: GPTNeoXConfig, model_size: int = 1) -> dict[str, Any]:
   """
   H, f, V = config.n_heads, config.d_mlp, config.vocab_size
   if H % model_size or f % model_size:
-    raise ShardingError(f"model axis of size {model_size}: needs n_heads ({H}) and d_mlp "
-                        f"({f}) divisible by it")
+    raise ShardingError(
+      f"model axis of size {model_size}: needs n_heads ({H}) and d_mlp ({f}) divisible by it"
+    )
   mdl = "model" if model_size > 1 else None
   vocab = mdl if V % model_size == 0 else None
   heads_in = {"kernel": P(None, None, mdl, None), "bias": P(None, mdl, None)}
   rep2 = P(None, None)
   return {
-      "embed_in": {"embedding": P(vocab, None)},
-      "layers": {
-          "ln_1": {"scale": rep2, "bias": rep2},
-          "attn": {"query": dict(heads_in), "key": dict(heads_in), "value": dict(heads_in),
-                   "out": {"kernel": P(None, mdl, None, None), "bias": rep2}},
-          "ln_2": {"scale": rep2, "bias": rep2},
-          "mlp": {"fc_in": {"kernel": P(None, None, mdl), "bias": P(None, mdl)},
-                  "fc_out": {"kernel": P(None, mdl, None), "bias": rep2}},
+    "embed_in": {"embedding": P(vocab, None)},
+    "layers": {
+      "ln_1": {"scale": rep2, "bias": rep2},
+      "attn": {
+        "query": dict(heads_in),
+        "key": dict(heads_in),
+        "value": dict(heads_in),
+        "out": {"kernel": P(None, mdl, None, None), "bias": rep2},
       },
-      "ln_f": {"scale": P(None), "bias": P(None)},
-      "embed_out": {"kernel": P(None, vocab)},
+      "ln_2": {"scale": rep2, "bias": rep2},
+      "mlp": {
+        "fc_in": {"kernel": P(None, None, mdl), "bias": P(None, mdl)},
+        "fc_out": {"kernel": P(None, mdl, None), "bias": rep2},
+      },
+    },
+    "ln_f": {"scale": P(None), "bias": P(None)},
+    "embed_out": {"kernel": P(None, vocab)},
   }
 
 
 def param_shardings(config: GPTNeoXConfig, mesh: Mesh) -> dict[str, Any]:
   """NamedShardings of the params on `mesh` (see `param_specs`)."""
   specs = param_specs(config, mesh_sizes(mesh).get("model", 1))
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
@@ -192,6 +205,7 @@ def to_host(x: Any) -> np.ndarray:
     if x.is_fully_replicated:
       return np.asarray(x.addressable_shards[0].data)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -209,6 +223,7 @@ class Converted:
 def converted_config(directory: str) -> GPTNeoXConfig:
   """The config stored in a converted checkpoint, read without restoring the params."""
   from jax_pythia import checkpoints
+
   path = os.path.join(directory, checkpoints._META_FILE)
   with open(path) as f:
     return GPTNeoXConfig.from_hf_dict(json.load(f)["config"], source=path)
@@ -217,9 +232,13 @@ def converted_config(directory: str) -> GPTNeoXConfig:
 # ------------------------------------------------------------------------ processes
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None, *, auto: bool = False) -> bool:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  auto: bool = False,
+) -> bool:
   """Starts JAX's multi-process runtime; must run before any other JAX call.
 
   With a coordinator (`host:port`), the process count and this process's id: an explicit
@@ -229,8 +248,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ShardingError("--coordinator_address, --num_processes and --process_id go "
-                          "together (or pass --distributed alone on a TPU pod)")
+      raise ShardingError(
+        "--coordinator_address, --num_processes and --process_id go "
+        "together (or pass --distributed alone on a TPU pod)"
+      )
     if not 0 <= process_id < num_processes:
       raise ShardingError(f"--process_id={process_id} must be in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -245,6 +266,7 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (no-op for one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -310,7 +332,7 @@ class Placement:
     yield finals if self.process_index == 0 else []
     # Every later checkpoint reads the final's activations from the shared --out.
     self.barrier("finals")
-    yield rest[self.process_index::self.process_count]
+    yield rest[self.process_index :: self.process_count]
 
   # -- arrays
 
@@ -319,6 +341,7 @@ class Placement:
     target = None if self.mesh is None else param_shardings(config, self.mesh)
     if isinstance(params, Converted):
       from jax_pythia import checkpoints
+
       _, restored = checkpoints.restore_converted(params.directory, sharding=target)
       return restored
     if target is None:
@@ -335,8 +358,10 @@ class Placement:
       return x
     n = mesh_sizes(self.mesh)["data"]
     if x.shape[axis] % n:
-      raise ShardingError(f"{what} of {x.shape[axis]} sequences cannot be split over the "
-                          f"data axis of size {n}; choose a multiple of {n}")
+      raise ShardingError(
+        f"{what} of {x.shape[axis]} sequences cannot be split over the "
+        f"data axis of size {n}; choose a multiple of {n}"
+      )
     return put(x, batch_sharding(self.mesh, x.ndim, axis))
 
   def replicate(self, x: Any) -> Any:
@@ -355,9 +380,11 @@ class Placement:
     return jax.tree.map(lambda x: jax.device_put(to_host(x), device), tree)
 
   def describe(self) -> str:
-    where = "1 device" if self.mesh is None else \
-        f"mesh {_fmt(mesh_sizes(self.mesh))} ({self.mesh.devices.size} devices)"
+    where = (
+      "1 device"
+      if self.mesh is None
+      else f"mesh {_fmt(mesh_sizes(self.mesh))} ({self.mesh.devices.size} devices)"
+    )
     if self.process_count > 1:
-      where += (f", process {self.process_index} of {self.process_count}, "
-                f"split={self.split}")
+      where += f", process {self.process_index} of {self.process_count}, split={self.split}"
     return where

@@ -44,19 +44,24 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
   @jax.jit
   def fn(params, tokens, idx):
     _, caps = model_lib.GPTNeoX(config, dtype=model_lib.params_dtype(params)).apply(
-        {"params": params}, tokens, idx, request, False)
+      {"params": params}, tokens, idx, request, False
+    )
     # [L, b, k, ...] -> [L, n, ...] with n = b * k
-    flat = {name: x.reshape(x.shape[0], -1, *x.shape[3:]).astype(jnp.float32)
-            for name, x in caps.items()}
-    values = analysis.value_vectors(flat.get("blocks.*.attn.hook_q"),
-                                    flat.get("blocks.*.attn.hook_k"),
-                                    flat["blocks.*.attn.hook_v"], value_slice)
+    flat = {
+      name: x.reshape(x.shape[0], -1, *x.shape[3:]).astype(jnp.float32) for name, x in caps.items()
+    }
+    values = analysis.value_vectors(
+      flat.get("blocks.*.attn.hook_q"),
+      flat.get("blocks.*.attn.hook_k"),
+      flat["blocks.*.attn.hook_v"],
+      value_slice,
+    )
     out_kernel = params["layers"]["attn"]["out"]["kernel"].astype(jnp.float32)
     return {
-        "ov_head": analysis.ov_head_features(values, out_kernel),
-        "ov": analysis.ov_activations(values, out_kernel),
-        "mlp": flat["blocks.*.hook_mlp_out"],
-        "resid": flat["blocks.*.hook_resid_post"],
+      "ov_head": analysis.ov_head_features(values, out_kernel),
+      "ov": analysis.ov_activations(values, out_kernel),
+      "mlp": flat["blocks.*.hook_mlp_out"],
+      "resid": flat["blocks.*.hook_resid_post"],
     }
 
   return fn
@@ -65,8 +70,11 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
 @jax.jit
 def cka_against(acts: dict, ref: dict) -> dict:
   """{(component, estimator): [L] or [L, H]}: CKA of each layer (head) against `ref`."""
-  return {(c, name): analysis.linear_cka(acts[c], ref[c], debiased=debiased)
-          for c in acts for name, debiased in CKA_ESTIMATORS.items()}
+  return {
+    (c, name): analysis.linear_cka(acts[c], ref[c], debiased=debiased)
+    for c in acts
+    for name, debiased in CKA_ESTIMATORS.items()
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("num_permutations",))
@@ -76,8 +84,9 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
   out = {}
   for c, x in ref.items():
     for name, debiased in CKA_ESTIMATORS.items():
-      floors = analysis.cka_noise_floor(x, key, debiased=debiased,
-                                        num_permutations=num_permutations)
+      floors = analysis.cka_noise_floor(
+        x, key, debiased=debiased, num_permutations=num_permutations
+      )
       out[(c, name)] = floors.mean(0)
   return out
 
@@ -85,8 +94,7 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def weight_metrics(layers: dict, value_slice: str) -> dict:
   """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra)."""
-  return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers),
-                                 value_slice)
+  return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers), value_slice)
 
 
 def gradient_weights(value_slice: str) -> tuple[str, ...]:
@@ -112,9 +120,10 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
         loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt)
         return jax.tree.map(jnp.add, total, (loss, grads)), None
 
-      zeros = (jnp.zeros((), jnp.float32),
-               model_lib.nest({p: jnp.zeros_like(model_lib.get_path(params["layers"], p))
-                               for p in wrt}))
+      zeros = (
+        jnp.zeros((), jnp.float32),
+        model_lib.nest({p: jnp.zeros_like(model_lib.get_path(params["layers"], p)) for p in wrt}),
+      )
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
       m = microbatches.shape[0]
       return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)

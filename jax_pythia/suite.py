@@ -38,30 +38,32 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    s.name: s
-    for s in [
-        Size("14m", 6, 128, 4, 32, 1.0e-3, has_deduped=False, has_seeds=True),
-        Size("31m", 6, 256, 8, 32, 1.0e-3, has_deduped=False, has_seeds=True),
-        Size("70m", 6, 512, 8, 64, 1.0e-3, has_seeds=True),
-        Size("160m", 12, 768, 12, 64, 6.0e-4, has_seeds=True),
-        Size("410m", 24, 1024, 16, 64, 3.0e-4, has_seeds=True),
-        Size("1b", 16, 2048, 8, 256, 3.0e-4, train_dtype="bfloat16"),
-        Size("1.4b", 24, 2048, 16, 128, 2.0e-4),
-        Size("2.8b", 32, 2560, 32, 80, 1.6e-4),
-        Size("6.9b", 32, 4096, 32, 128, 1.2e-4, vocab_size=50_432),
-        Size("12b", 36, 5120, 40, 128, 1.2e-4, vocab_size=50_688),
-    ]
+  s.name: s
+  for s in [
+    Size("14m", 6, 128, 4, 32, 1.0e-3, has_deduped=False, has_seeds=True),
+    Size("31m", 6, 256, 8, 32, 1.0e-3, has_deduped=False, has_seeds=True),
+    Size("70m", 6, 512, 8, 64, 1.0e-3, has_seeds=True),
+    Size("160m", 12, 768, 12, 64, 6.0e-4, has_seeds=True),
+    Size("410m", 24, 1024, 16, 64, 3.0e-4, has_seeds=True),
+    Size("1b", 16, 2048, 8, 256, 3.0e-4, train_dtype="bfloat16"),
+    Size("1.4b", 24, 2048, 16, 128, 2.0e-4),
+    Size("2.8b", 32, 2560, 32, 80, 1.6e-4),
+    Size("6.9b", 32, 4096, 32, 128, 1.2e-4, vocab_size=50_432),
+    Size("12b", 36, 5120, 40, 128, 1.2e-4, vocab_size=50_688),
+  ]
 }
 
 SEEDS = tuple(range(1, 10))
 
 #: The 154 checkpoints of every Pythia model: init, log-spaced, then every 1000 steps.
-ALL_STEPS: tuple[int, ...] = (0,) + tuple(2**i for i in range(10)) + tuple(
-    range(STEPS_PER_CHECKPOINT, FINAL_STEP + 1, STEPS_PER_CHECKPOINT)
+ALL_STEPS: tuple[int, ...] = (
+  (0,)
+  + tuple(2**i for i in range(10))
+  + tuple(range(STEPS_PER_CHECKPOINT, FINAL_STEP + 1, STEPS_PER_CHECKPOINT))
 )
 #: The 27 checkpoints of the reference study (Diehl Martinez et al. 2024).
-PAPER_STEPS: tuple[int, ...] = (0,) + tuple(2**i for i in range(10)) + (1000,) + tuple(
-    range(3000, FINAL_STEP + 1, 10_000)
+PAPER_STEPS: tuple[int, ...] = (
+  (0,) + tuple(2**i for i in range(10)) + (1000,) + tuple(range(3000, FINAL_STEP + 1, 10_000))
 )
 
 assert len(ALL_STEPS) == 154 and len(PAPER_STEPS) == 27
@@ -95,8 +97,8 @@ def parse_model(name: str) -> Model:
   m = _MODEL_RE.match(name)
   if not m:
     raise ValueError(
-        f"unknown Pythia model {name!r}: expected pythia-<size>[-deduped][-seed<N>] with size "
-        f"in {', '.join(SIZES)}"
+      f"unknown Pythia model {name!r}: expected pythia-<size>[-deduped][-seed<N>] with size "
+      f"in {', '.join(SIZES)}"
     )
   size_name, deduped, seed = m.group(1), bool(m.group(2)), m.group(3)
   if size_name not in SIZES:
@@ -108,8 +110,8 @@ def parse_model(name: str) -> Model:
     seed = int(seed)
     if deduped or not size.has_seeds or seed not in SEEDS:
       raise ValueError(
-          f"{name!r}: seed variants exist only for the standard "
-          f"{', '.join(s.name for s in SIZES.values() if s.has_seeds)} models, seeds 1-9"
+        f"{name!r}: seed variants exist only for the standard "
+        f"{', '.join(s.name for s in SIZES.values() if s.has_seeds)} models, seeds 1-9"
       )
   return Model(size, deduped, seed)
 
@@ -181,9 +183,7 @@ def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int,
       except ValueError:
         raise ValueError(f"bad step {part!r}: expected an integer, all, paper or a range") from None
       if step not in available:
-        raise ValueError(
-            f"step {step} is not a checkpoint (available: {_summarize(available)})"
-        )
+        raise ValueError(f"step {step} is not a checkpoint (available: {_summarize(available)})")
       chosen.add(step)
   return tuple(sorted(chosen))
 

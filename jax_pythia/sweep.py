@@ -34,8 +34,7 @@ from jax_pythia.errors import JaxPythiaError
 from jax_pythia.files import atomic_write, save_npz
 
 METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
-PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric",
-                    "value")
+PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
 STATUS_COLUMNS = ("model", "step", "status", "message", "load_s", "compute_s")
 SUITE_MANIFEST = "suite.json"
 _STEP_DIR_RE = re.compile(r"^step(\d+)$")
@@ -67,9 +66,13 @@ class ModelSource:
 
 
 def _local_steps(directory: str) -> tuple[int, ...]:
-  return tuple(sorted(int(m.group(1)) for n in os.listdir(directory)
-                      if (m := _STEP_DIR_RE.match(n)) and
-                      os.path.isdir(os.path.join(directory, n))))
+  return tuple(
+    sorted(
+      int(m.group(1))
+      for n in os.listdir(directory)
+      if (m := _STEP_DIR_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
+    )
+  )
 
 
 def resolve_models(names: Sequence[str]) -> list[ModelSource]:
@@ -86,12 +89,13 @@ def resolve_models(names: Sequence[str]) -> list[ModelSource]:
         suite_dir = parent if os.path.isfile(os.path.join(parent, SUITE_MANIFEST)) else None
         models.append(ModelSource(os.path.basename(path), path, steps, suite_dir=suite_dir))
         continue
-      members = sorted(n for n in os.listdir(path)
-                       if os.path.isdir(os.path.join(path, n))
-                       and _local_steps(os.path.join(path, n)))
+      members = sorted(
+        n
+        for n in os.listdir(path)
+        if os.path.isdir(os.path.join(path, n)) and _local_steps(os.path.join(path, n))
+      )
       if not members:
-        raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models "
-                         "that do)")
+        raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models that do)")
       suite_dir = path if os.path.isfile(os.path.join(path, SUITE_MANIFEST)) else None
       for member in _manifest_order(path, members):
         sub = os.path.join(path, member)
@@ -155,16 +159,18 @@ class SweepOptions:
 
   def __post_init__(self):
     if self.n_sequences < 2:
-      raise SweepError(f"--n_sequences={self.n_sequences}: CKA needs at least 2 (4 for "
-                       "the debiased estimator)")
+      raise SweepError(
+        f"--n_sequences={self.n_sequences}: CKA needs at least 2 (4 for the debiased estimator)"
+      )
     if self.value_slice not in ("per_head", "reference"):
       raise SweepError(f"--value_slice={self.value_slice!r}: per_head or reference")
     if self.gradient_window < 0 or self.gradient_sequences < 1:
       raise SweepError("--gradient_window must be >= 0 and --gradient_sequences >= 1")
     mb = self.gradient_microbatch
     if mb < 0 or (mb and self.gradient_sequences % mb):
-      raise SweepError(f"--gradient_microbatch={mb} must divide --gradient_sequences="
-                       f"{self.gradient_sequences}")
+      raise SweepError(
+        f"--gradient_microbatch={mb} must divide --gradient_sequences={self.gradient_sequences}"
+      )
     parse_positions(self.positions)
 
   def fingerprint(self) -> dict[str, Any]:
@@ -191,8 +197,9 @@ def position_index(spec: str, n: int, seq_len: int, seed: int) -> np.ndarray | N
   if k > seq_len:
     raise SweepError(f"--positions={spec}: only {seq_len} positions per sequence")
   rng = np.random.default_rng(seed)
-  return np.sort(np.stack([rng.choice(seq_len, k, replace=False) for _ in range(n)]),
-                 axis=1).astype(np.int32)
+  return np.sort(
+    np.stack([rng.choice(seq_len, k, replace=False) for _ in range(n)]), axis=1
+  ).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------ data
@@ -210,31 +217,36 @@ def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
   return list(range(start, start + count))
 
 
-def open_data(path: str | None, models: Sequence[ModelSource], tokenizer: str | None,
-              sequences_per_step: int | None) -> data.TokenSource:
+def open_data(
+  path: str | None,
+  models: Sequence[ModelSource],
+  tokenizer: str | None,
+  sequences_per_step: int | None,
+) -> data.TokenSource:
   """The token source: --data, else the data of the suite the models come from."""
   manifest = {}
   if path is None:
     suite_dirs = {m.suite_dir for m in models}
     if len(suite_dirs) != 1 or None in suite_dirs:
-      raise SweepError("--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
-                       "prefix), a .npy token array or a .txt file with --tokenizer")
+      raise SweepError(
+        "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
+        "prefix), a .npy token array or a .txt file with --tokenizer"
+      )
     suite_dir = suite_dirs.pop()
     manifest = read_manifest(suite_dir)
     path = os.path.join(suite_dir, manifest["data_prefix"])
-    tokenizer = tokenizer or (os.path.join(suite_dir, manifest["tokenizer"])
-                              if manifest.get("tokenizer") else None)
+    tokenizer = tokenizer or (
+      os.path.join(suite_dir, manifest["tokenizer"]) if manifest.get("tokenizer") else None
+    )
   if sequences_per_step is None:
     sequences_per_step = manifest.get("sequences_per_step", suite.SEQUENCES_PER_STEP)
-  return data.open_token_source(path, tokenizer=tokenizer,
-                                sequences_per_step=sequences_per_step)
+  return data.open_token_source(path, tokenizer=tokenizer, sequences_per_step=sequences_per_step)
 
 
 # ------------------------------------------------------------------------------- rows
 
 
-def metric_rows(model: str, step: int, component: str, metric: str,
-                values: Any) -> pd.DataFrame:
+def metric_rows(model: str, step: int, component: str, metric: str, values: Any) -> pd.DataFrame:
   """Tidy rows from values [] (whole model), [L] (per layer) or [L, H] (per head)."""
   v = np.asarray(values, dtype=np.float64)
   if v.ndim == 0:
@@ -246,10 +258,17 @@ def metric_rows(model: str, step: int, component: str, metric: str,
     layer, head, flat = layer.ravel(), head.ravel(), v.ravel()
   else:
     raise ValueError(f"metric {metric!r} of {component!r}: unexpected shape {v.shape}")
-  return pd.DataFrame({
-      "model": model, "step": np.int64(step), "layer": layer.astype(np.int64),
-      "component": component, "head": head.astype(np.int64), "metric": metric,
-      "value": flat})
+  return pd.DataFrame(
+    {
+      "model": model,
+      "step": np.int64(step),
+      "layer": layer.astype(np.int64),
+      "component": component,
+      "head": head.astype(np.int64),
+      "metric": metric,
+      "value": flat,
+    }
+  )
 
 
 def write_parquet(frame: pd.DataFrame, path: str) -> None:
@@ -277,11 +296,19 @@ class Loaded:
 class Sweep:
   """Runs the study for some models and steps into `out_dir` (see the module doc)."""
 
-  def __init__(self, models: Sequence[ModelSource], steps: str, source: data.TokenSource,
-               out_dir: str, options: SweepOptions = SweepOptions(), *,
-               on_error: str = "stop", keep_checkpoints: bool = True,
-               progress: Callable[[str, int], Any] | None = None,
-               placement: sharding.Placement | None = None):
+  def __init__(
+    self,
+    models: Sequence[ModelSource],
+    steps: str,
+    source: data.TokenSource,
+    out_dir: str,
+    options: SweepOptions = SweepOptions(),
+    *,
+    on_error: str = "stop",
+    keep_checkpoints: bool = True,
+    progress: Callable[[str, int], Any] | None = None,
+    placement: sharding.Placement | None = None,
+  ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
     self.models, self.source, self.out_dir = list(models), source, out_dir
@@ -312,11 +339,15 @@ class Sweep:
       with open(path) as f:
         previous = json.load(f)
       if previous.get("options") != record["options"]:
-        diff = {k: (previous.get("options", {}).get(k), v)
-                for k, v in record["options"].items()
-                if previous.get("options", {}).get(k) != v}
-        raise SweepError(f"--out={self.out_dir} holds results computed with other options "
-                         f"(old, new: {diff}); use another --out or remove it")
+        diff = {
+          k: (previous.get("options", {}).get(k), v)
+          for k, v in record["options"].items()
+          if previous.get("options", {}).get(k) != v
+        }
+        raise SweepError(
+          f"--out={self.out_dir} holds results computed with other options "
+          f"(old, new: {diff}); use another --out or remove it"
+        )
     else:
       atomic_write(path, lambda tmp: _write_json(tmp, record), ".json")
 
@@ -324,28 +355,37 @@ class Sweep:
     o = self.options
     if o.data_step is not None and o.data_step < 0:
       raise SweepError(f"--data_step={o.data_step}: must be >= 0")
-    tokens = self.source.batch(self.data_step(self.models[0]), o.n_sequences)[:, :-1] \
-        if self.source.has_training_steps else self.source.fixed_inputs(o.n_sequences)
+    tokens = (
+      self.source.batch(self.data_step(self.models[0]), o.n_sequences)[:, :-1]
+      if self.source.has_training_steps
+      else self.source.fixed_inputs(o.n_sequences)
+    )
     self.seq_len = tokens.shape[1]
     if o.gradients:
       if not self.source.has_training_steps:
-        raise SweepError(f"gradients need the training batch of each step, which "
-                         f"{self.source.name} does not have; pass --nogradients or "
-                         "give --data a .bin/.idx training stream")
+        raise SweepError(
+          f"gradients need the training batch of each step, which "
+          f"{self.source.name} does not have; pass --nogradients or "
+          "give --data a .bin/.idx training stream"
+        )
       for m in self.models:
-        last = max(max(gradient_steps(s, o.gradient_window, m.final_step - 1), default=0)
-                   for s in self.plan[m.name])
+        last = max(
+          max(gradient_steps(s, o.gradient_window, m.final_step - 1), default=0)
+          for s in self.plan[m.name]
+        )
         self.source.batch(last, o.gradient_sequences)  # raises naming file and step
     if o.loss_sequences:
       if not self.source.has_training_steps:
-        raise SweepError(f"--loss_sequences needs a .bin/.idx training stream; "
-                         f"{self.source.name} is not one")
+        raise SweepError(
+          f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
+        )
       for m in self.models:
         self.source.batch(m.final_step, o.loss_sequences)
 
   def data_step(self, m: ModelSource) -> int:
-    return self.options.data_step if self.options.data_step is not None \
-        else max(m.final_step - 1, 0)
+    return (
+      self.options.data_step if self.options.data_step is not None else max(m.final_step - 1, 0)
+    )
 
   def inputs(self, m: ModelSource) -> np.ndarray:
     """The fixed inputs every checkpoint of `m` is run on (read once per model)."""
@@ -360,12 +400,17 @@ class Sweep:
 
   def paths(self, model: str, step: int) -> tuple[str, str, str]:
     base = os.path.join(self.out_dir, "{}", model, f"step{step}")
-    return (base.format("checkpoints") + ".parquet", base.format("activations") + ".npz",
-            base.format("status") + ".json")
+    return (
+      base.format("checkpoints") + ".parquet",
+      base.format("activations") + ".npz",
+      base.format("status") + ".json",
+    )
 
   def pending(self) -> dict[str, list[int]]:
-    return {name: [s for s in steps if not os.path.exists(self.paths(name, s)[0])]
-            for name, steps in self.plan.items()}
+    return {
+      name: [s for s in steps if not os.path.exists(self.paths(name, s)[0])]
+      for name, steps in self.plan.items()
+    }
 
   # -- running
 
@@ -391,12 +436,18 @@ class Sweep:
       local = None if m.is_hub else os.path.join(m.location, suite.revision(step))
       if local and checkpoints.is_converted(local):
         # An orbax cache: restored in compute, straight onto the mesh's shardings.
-        return Loaded(step, sharding.converted_config(local), sharding.Converted(local),
-                      local, seconds=time.perf_counter() - start)
+        return Loaded(
+          step,
+          sharding.converted_config(local),
+          sharding.Converted(local),
+          local,
+          seconds=time.perf_counter() - start,
+        )
       directory = checkpoints.resolve_checkpoint(m.spec(step))
       config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
-      params = weights.convert_state_dict(weights.read_state_dict(directory), config,
-                                          self.options.dtype)
+      params = weights.convert_state_dict(
+        weights.read_state_dict(directory), config, self.options.dtype
+      )
       return Loaded(step, config, params, directory, seconds=time.perf_counter() - start)
     except JaxPythiaError as e:
       return Loaded(step, error=str(e), seconds=time.perf_counter() - start)
@@ -411,11 +462,13 @@ class Sweep:
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
-        why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step \
-            else ""
+        why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""
         raise SweepError(f"{m.name} step {loaded.step}: {loaded.error}{why}")
-      atomic_write(status_path, lambda tmp: _write_json(
-          tmp, {**status, "status": "failed", "message": loaded.error}), ".json")
+      atomic_write(
+        status_path,
+        lambda tmp: _write_json(tmp, {**status, "status": "failed", "message": loaded.error}),
+        ".json",
+      )
       return
     start = time.perf_counter()
     rows, acts = self.compute(m, loaded)
@@ -437,14 +490,16 @@ class Sweep:
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
     idx = position_index(o.positions, len(tokens), tokens.shape[1], o.seed)
     acts = study.activation_fn(config, o.value_slice)(
-        params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
+      params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
+    )
     acts = {k: place.host(v) for k, v in acts.items()}
     if step == m.final_step:
       self._references[m.name] = acts
     reference = acts if step == m.final_step else self._reference(m)
     frames = []
     add = lambda c, metric, v: frames.append(  # noqa: E731
-        metric_rows(m.name, step, c, metric, place.host(v)))
+      metric_rows(m.name, step, c, metric, place.host(v))
+    )
 
     for (component, estimator), value in study.cka_against(acts, reference).items():
       add(component, estimator, value)
@@ -459,15 +514,19 @@ class Sweep:
       for metric, value in metrics.items():
         add(component, metric, value)
     if o.gradients:
-      batches = np.stack([self.source.batch(s, o.gradient_sequences)
-                          for s in gradient_steps(step, o.gradient_window, m.final_step - 1)])
+      batches = np.stack(
+        [
+          self.source.batch(s, o.gradient_sequences)
+          for s in gradient_steps(step, o.gradient_window, m.final_step - 1)
+        ]
+      )
       mb = o.gradient_microbatch or o.gradient_sequences
       batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
       data.check_token_ids(batches, config.vocab_size, self.source.name)
       losses, grads = study.gradient_fn(config, o.value_slice)(
-          params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)"))
-      grad_metrics = study.gradient_metrics(place.single_device(grads), layers,
-                                            o.value_slice)
+        params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)")
+      )
+      grad_metrics = study.gradient_metrics(place.single_device(grads), layers, o.value_slice)
       for component, metrics in grad_metrics.items():
         for metric, value in metrics.items():
           name = metric if metric.startswith("grad_") else "grad_" + metric
@@ -475,8 +534,11 @@ class Sweep:
       add("model", "train_loss", np.mean(place.host(losses)))
     if o.loss_sequences:
       heldout = self.heldout_tokens(m)
-      add("model", "heldout_loss",
-          study.loss_fn(config)(params, place.batch(heldout, 0, "--loss_sequences")))
+      add(
+        "model",
+        "heldout_loss",
+        study.loss_fn(config)(params, place.batch(heldout, 0, "--loss_sequences")),
+      )
     return pd.concat(frames, ignore_index=True), acts
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
@@ -497,12 +559,15 @@ def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   frames = []
   root = os.path.join(out_dir, "checkpoints")
   for dirpath, _, files in sorted(os.walk(root)):
-    frames += [pd.read_parquet(os.path.join(dirpath, f)) for f in sorted(files)
-               if f.endswith(".parquet") and not f.startswith(".tmp-")]
-  metrics = (pd.concat(frames, ignore_index=True) if frames
-             else pd.DataFrame(columns=METRIC_COLUMNS))
-  metrics = metrics.sort_values(["model", "step", "component", "metric", "layer", "head"],
-                                kind="stable", ignore_index=True)
+    frames += [
+      pd.read_parquet(os.path.join(dirpath, f))
+      for f in sorted(files)
+      if f.endswith(".parquet") and not f.startswith(".tmp-")
+    ]
+  metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
+  metrics = metrics.sort_values(
+    ["model", "step", "component", "metric", "layer", "head"], kind="stable", ignore_index=True
+  )
   statuses = []
   for dirpath, _, files in sorted(os.walk(os.path.join(out_dir, "status"))):
     for f in sorted(files):
@@ -532,11 +597,20 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
         head = index[1] if len(index) > 1 else -1
         m = matrix[index]
         a, b = np.meshgrid(np.arange(len(steps)), np.arange(len(steps)), indexing="ij")
-        frames.append(pd.DataFrame({
-            "model": model, "step": np.asarray(steps)[a.ravel()],
-            "other_step": np.asarray(steps)[b.ravel()], "layer": layer,
-            "component": component, "head": head, "metric": metric,
-            "value": m.ravel().astype(np.float64)}))
+        frames.append(
+          pd.DataFrame(
+            {
+              "model": model,
+              "step": np.asarray(steps)[a.ravel()],
+              "other_step": np.asarray(steps)[b.ravel()],
+              "layer": layer,
+              "component": component,
+              "head": head,
+              "metric": metric,
+              "value": m.ravel().astype(np.float64),
+            }
+          )
+        )
   return pd.concat(frames, ignore_index=True)
 
 
@@ -545,12 +619,16 @@ def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str
   metrics, status = collect(out_dir)
   if metrics.empty:
     raise SweepError(f"{out_dir}: no finished checkpoints to gather")
-  paths = {name: os.path.join(out_dir, name + ".parquet")
-           for name in ("metrics", "checkpoints", "pairwise_cka")}
+  paths = {
+    name: os.path.join(out_dir, name + ".parquet")
+    for name in ("metrics", "checkpoints", "pairwise_cka")
+  }
   write_parquet(metrics, paths["metrics"])
   write_parquet(status, paths["checkpoints"])
   models = models or sorted(metrics["model"].unique())
-  pair = [pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
-          for name in models]
+  pair = [
+    pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
+    for name in models
+  ]
   write_parquet(pd.concat(pair, ignore_index=True), paths["pairwise_cka"])
   return paths

@@ -97,10 +97,17 @@ DEFAULT_D_HEAD = 16
 # Directories of the stdlib that are not "the standard library's source" or differ between
 # builds of one CPython version: installed packages, the test suites (large, and holding
 # files in deliberately odd encodings), compiled extensions and the build's config.
-_EXCLUDED_DIRS = frozenset({
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "lib-dynload",
+_EXCLUDED_DIRS = frozenset(
+  {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "lib-dynload",
     "__pycache__",
-})
+  }
+)
 _EXCLUDED_DIR_PREFIXES = ("config-",)
 # Generated at build time (paths, compiler flags of this machine's CPython).
 _EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)
@@ -128,8 +135,8 @@ class ToySize:
         raise ToySuiteError(f"toy size {self.spec}: {field} must be a positive integer")
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 8:
       raise ToySuiteError(
-          f"toy size {self.spec}: d_head = d_model / n_heads must be a multiple of 8 (the "
-          "rotary quarter of a head must be even)"
+        f"toy size {self.spec}: d_head = d_model / n_heads must be a multiple of 8 (the "
+        "rotary quarter of a head must be even)"
       )
 
   @property
@@ -150,9 +157,15 @@ class ToySize:
     return 12 * self.n_layers * self.d_model**2
 
   def config(self, seq_len: int) -> GPTNeoXConfig:
-    return GPTNeoXConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, n_layers=self.n_layers,
-                         n_heads=self.n_heads, d_mlp=4 * self.d_model, max_seq_len=seq_len,
-                         stored_dtype="float32")
+    return GPTNeoXConfig(
+      vocab_size=VOCAB_SIZE,
+      d_model=self.d_model,
+      n_layers=self.n_layers,
+      n_heads=self.n_heads,
+      d_mlp=4 * self.d_model,
+      max_seq_len=seq_len,
+      stored_dtype="float32",
+    )
 
 
 def parse_sizes(spec: str | Sequence[ToySize | str]) -> tuple[ToySize, ...]:
@@ -234,8 +247,13 @@ class ToySuiteOptions:
 
   def __post_init__(self):
     object.__setattr__(self, "sizes", parse_sizes(self.sizes))
-    for field in ("seq_len", "sequences_per_step", "n_steps", "checkpoint_every",
-                  "log_checkpoints_until"):
+    for field in (
+      "seq_len",
+      "sequences_per_step",
+      "n_steps",
+      "checkpoint_every",
+      "log_checkpoints_until",
+    ):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ToySuiteError(f"{field}={value!r}: must be a positive integer")
@@ -254,8 +272,7 @@ class ToySuiteOptions:
 
   def checkpoint_steps(self) -> tuple[int, ...]:
     """0, powers of two up to `log_checkpoints_until`, every `checkpoint_every`, and the end."""
-    log_spaced = {2**i for i in range(64) if 2**i <= min(self.log_checkpoints_until,
-                                                          self.n_steps)}
+    log_spaced = {2**i for i in range(64) if 2**i <= min(self.log_checkpoints_until, self.n_steps)}
     regular = set(range(0, self.n_steps + 1, self.checkpoint_every))
     return tuple(sorted({0, self.n_steps} | log_spaced | regular))
 
@@ -277,9 +294,14 @@ class ToySuiteOptions:
 
 DEFAULT_OPTIONS = ToySuiteOptions()
 #: Seconds to build on 2 CPU cores; what the tests use.
-TINY_OPTIONS = ToySuiteOptions(sizes=parse_sizes("1x16x2,2x32x2"), seq_len=32,
-                               sequences_per_step=4, n_steps=40, checkpoint_every=10,
-                               log_checkpoints_until=8)
+TINY_OPTIONS = ToySuiteOptions(
+  sizes=parse_sizes("1x16x2,2x32x2"),
+  seq_len=32,
+  sequences_per_step=4,
+  n_steps=40,
+  checkpoint_every=10,
+  log_checkpoints_until=8,
+)
 
 
 # --------------------------------------------------------------------------- files
@@ -314,8 +336,9 @@ def corpus_files(root: str | os.PathLike | None = None) -> list[str]:
   root = os.fspath(root or stdlib_root())
   found = []
   for directory, subdirs, files in os.walk(root):
-    subdirs[:] = [d for d in subdirs
-                  if d not in _EXCLUDED_DIRS and not d.startswith(_EXCLUDED_DIR_PREFIXES)]
+    subdirs[:] = [
+      d for d in subdirs if d not in _EXCLUDED_DIRS and not d.startswith(_EXCLUDED_DIR_PREFIXES)
+    ]
     for name in files:
       if not name.endswith(".py") or name.startswith(_EXCLUDED_FILE_PREFIXES):
         continue
@@ -338,8 +361,11 @@ def corpus_files(root: str | os.PathLike | None = None) -> list[str]:
 
 def _bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable character table (what ByteLevel uses)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   table, extra = {}, 0
   for b in range(256):
     if b in printable:
@@ -377,8 +403,9 @@ DOCUMENT_ORDER_STREAM = 1
 ITEM_ORDER_STREAM = 2
 
 
-def build_token_stream(options: ToySuiteOptions, tokenizer, root: str | None = None
-                       ) -> tuple[np.ndarray, list[str]]:
+def build_token_stream(
+  options: ToySuiteOptions, tokenizer, root: str | None = None
+) -> tuple[np.ndarray, list[str]]:
   """(items uint16 [n_steps * B, seq_len + 1] in training order, files used in stream order).
 
   Files are taken in the order of permutation DOCUMENT_ORDER_STREAM of `corpus_files`,
@@ -402,8 +429,8 @@ def build_token_stream(options: ToySuiteOptions, tokenizer, root: str | None = N
       break
   if total < needed:
     raise ToySuiteError(
-        f"the stdlib corpus under {root} holds {total} tokens; {options.n_steps} steps x "
-        f"{options.sequences_per_step} sequences x {row} tokens need {needed}"
+      f"the stdlib corpus under {root} holds {total} tokens; {options.n_steps} steps x "
+      f"{options.sequences_per_step} sequences x {row} tokens need {needed}"
     )
   stream = np.concatenate(pieces)[:needed]
   items = stream.reshape(options.n_items, row)
@@ -413,25 +440,30 @@ def build_token_stream(options: ToySuiteOptions, tokenizer, root: str | None = N
 def corpus_description(root: str | None = None) -> dict[str, Any]:
   root = root or stdlib_root()
   return {
-      "kind": "python-stdlib-source",
-      "python_implementation": platform.python_implementation(),
-      "python_version": platform.python_version(),
-      "stdlib": root,
-      "n_files_available": len(corpus_files(root)),
-      "selection": ("*.py under sysconfig stdlib, sorted by relative path; excluding "
-                    f"directories {sorted(_EXCLUDED_DIRS)} and config-*, files "
-                    "_sysconfigdata*, symlinks and non-UTF-8 files"),
-      "order": (f"files by permutation default_rng([seed, {DOCUMENT_ORDER_STREAM}]), each "
-                f"followed by <|endoftext|> ({EOD_ID}); items of seq_len+1 consecutive "
-                f"tokens reordered by default_rng([seed, {ITEM_ORDER_STREAM}]).permutation"),
+    "kind": "python-stdlib-source",
+    "python_implementation": platform.python_implementation(),
+    "python_version": platform.python_version(),
+    "stdlib": root,
+    "n_files_available": len(corpus_files(root)),
+    "selection": (
+      "*.py under sysconfig stdlib, sorted by relative path; excluding "
+      f"directories {sorted(_EXCLUDED_DIRS)} and config-*, files "
+      "_sysconfigdata*, symlinks and non-UTF-8 files"
+    ),
+    "order": (
+      f"files by permutation default_rng([seed, {DOCUMENT_ORDER_STREAM}]), each "
+      f"followed by <|endoftext|> ({EOD_ID}); items of seq_len+1 consecutive "
+      f"tokens reordered by default_rng([seed, {ITEM_ORDER_STREAM}]).permutation"
+    ),
   }
 
 
 # --------------------------------------------------------------------------- training
 
 
-def learning_rate_schedule(peak: float, n_steps: int, warmup_steps: int,
-                           min_lr_fraction: float) -> Callable[[Any], Any]:
+def learning_rate_schedule(
+  peak: float, n_steps: int, warmup_steps: int, min_lr_fraction: float
+) -> Callable[[Any], Any]:
   """lr of update s (0-based): linear warmup to `peak` at update warmup-1, then cosine to
   min_lr_fraction * peak at the last update. Update 0 already moves (lr = peak/warmup)."""
   import jax.numpy as jnp
@@ -462,12 +494,19 @@ def weight_decay_mask(params: Mapping[str, Any]) -> Any:
 def make_optimizer(options: ToySuiteOptions, peak_lr: float):
   import optax
 
-  schedule = learning_rate_schedule(peak_lr, options.n_steps, options.warmup_steps,
-                                    options.min_lr_fraction)
+  schedule = learning_rate_schedule(
+    peak_lr, options.n_steps, options.warmup_steps, options.min_lr_fraction
+  )
   return optax.chain(
-      optax.clip_by_global_norm(options.grad_clip_norm),
-      optax.adamw(schedule, b1=options.adam_b1, b2=options.adam_b2, eps=options.adam_eps,
-                  weight_decay=options.weight_decay, mask=weight_decay_mask),
+    optax.clip_by_global_norm(options.grad_clip_norm),
+    optax.adamw(
+      schedule,
+      b1=options.adam_b1,
+      b2=options.adam_b2,
+      eps=options.adam_eps,
+      weight_decay=options.weight_decay,
+      mask=weight_decay_mask,
+    ),
   ), schedule
 
 
@@ -596,8 +635,9 @@ def _saved_step(path: str) -> int | None:
 def _checkpoint_complete(directory: str) -> bool:
   from jax_pythia import weights
 
-  return (os.path.isfile(os.path.join(directory, weights.CONFIG_FILE))
-          and os.path.isfile(os.path.join(directory, weights.SAFETENSORS_SINGLE)))
+  return os.path.isfile(os.path.join(directory, weights.CONFIG_FILE)) and os.path.isfile(
+    os.path.join(directory, weights.SAFETENSORS_SINGLE)
+  )
 
 
 def _loss_csv(losses: Sequence[float], lrs: np.ndarray) -> bytes:
@@ -624,8 +664,9 @@ class TqdmProgress:
 
     bar = self.bars.get(name)
     if bar is None:
-      bar = self.bars[name] = tqdm(total=total, initial=done, desc=name, unit="step",
-                                   dynamic_ncols=True)
+      bar = self.bars[name] = tqdm(
+        total=total, initial=done, desc=name, unit="step", dynamic_ncols=True
+      )
     bar.update(done - bar.n)
     if loss is not None and (done % 10 == 0 or done == total):
       bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -648,10 +689,16 @@ class _RunBudget:
     return True
 
 
-def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOptions,
-                dataset, *, budget: _RunBudget | None = None,
-                progress: ProgressFn | None = None,
-                log: Callable[[str], None] | None = None) -> bool:
+def train_model(
+  out_dir: str | os.PathLike,
+  size: ToySize,
+  options: ToySuiteOptions,
+  dataset,
+  *,
+  budget: _RunBudget | None = None,
+  progress: ProgressFn | None = None,
+  log: Callable[[str], None] | None = None,
+) -> bool:
   """Trains (or resumes) one size; returns True once the model is complete on disk."""
   import jax
 
@@ -665,8 +712,11 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
   loss_path = os.path.join(model_dir, TRAIN_LOSS_FILE)
   steps = options.checkpoint_steps()
   checkpoint_steps = set(steps)
-  if (os.path.isfile(loss_path) and _saved_step(state_path) == options.n_steps
-      and all(_checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps)):
+  if (
+    os.path.isfile(loss_path)
+    and _saved_step(state_path) == options.n_steps
+    and all(_checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps)
+  ):
     if progress:  # finished by an earlier run: nothing to compile
       progress(size.name, options.n_steps, options.n_steps, None)
     return True
@@ -676,10 +726,14 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
   params = init_model(size, options)
   opt_state = init_opt_state(params)
   step, losses, resumed = 0, [], False
-  saved = _load_train_state(state_path, params, opt_state) if os.path.exists(state_path) \
-      else None
-  if saved is not None and saved[0] in checkpoint_steps and all(
-      _checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps if s <= saved[0]):
+  saved = _load_train_state(state_path, params, opt_state) if os.path.exists(state_path) else None
+  if (
+    saved is not None
+    and saved[0] in checkpoint_steps
+    and all(
+      _checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps if s <= saved[0]
+    )
+  ):
     step, params, opt_state, losses = saved
     params, opt_state = jax.device_put(params), jax.device_put(opt_state)
     resumed = True
@@ -688,8 +742,9 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
 
   def save_checkpoint(at_step):
     host_params = jax.device_get(params)
-    weights.save_hf_checkpoint(os.path.join(model_dir, f"step{at_step}"), host_params,
-                               config, dtype="float32")
+    weights.save_hf_checkpoint(
+      os.path.join(model_dir, f"step{at_step}"), host_params, config, dtype="float32"
+    )
     # After the checkpoint, so a saved state never points past a missing checkpoint.
     _save_train_state(state_path, at_step, host_params, jax.device_get(opt_state), losses)
 
@@ -700,8 +755,9 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
   while step < options.n_steps:
     if not budget.take():
       return False
-    tokens = data.batch_of_step(dataset, step, options.sequences_per_step,
-                                options.sequences_per_step)
+    tokens = data.batch_of_step(
+      dataset, step, options.sequences_per_step, options.sequences_per_step
+    )
     params, opt_state, loss = train_step(params, opt_state, tokens)
     losses.append(float(loss))
     step += 1
@@ -718,81 +774,108 @@ def train_model(out_dir: str | os.PathLike, size: ToySize, options: ToySuiteOpti
 
 def _options_record(options: ToySuiteOptions) -> dict[str, Any]:
   """What a build must agree on to continue another build's files."""
-  return {"format": MANIFEST_FORMAT, "options": options.to_dict(),
-          "python_version": platform.python_version(),
-          "python_implementation": platform.python_implementation()}
+  return {
+    "format": MANIFEST_FORMAT,
+    "options": options.to_dict(),
+    "python_version": platform.python_version(),
+    "python_implementation": platform.python_implementation(),
+  }
 
 
-def _prepare_data(out: str, options: ToySuiteOptions, partial: dict[str, Any]
-                  ) -> dict[str, Any]:
+def _prepare_data(out: str, options: ToySuiteOptions, partial: dict[str, Any]) -> dict[str, Any]:
   """Writes tokenizer and token stream unless the partial build recorded them intact."""
   from jax_pythia import data
 
   prefix = os.path.join(out, DATA_PREFIX)
-  files = {"tokenizer": os.path.join(out, TOKENIZER_FILE), "bin": f"{prefix}.bin",
-           "idx": f"{prefix}.idx", "corpus_files": os.path.join(out, CORPUS_LIST_FILE)}
+  files = {
+    "tokenizer": os.path.join(out, TOKENIZER_FILE),
+    "bin": f"{prefix}.bin",
+    "idx": f"{prefix}.idx",
+    "corpus_files": os.path.join(out, CORPUS_LIST_FILE),
+  }
   recorded = partial.get("data_sha256")
-  if recorded and all(os.path.isfile(p) for p in files.values()) and all(
-      _sha256_file(files[k]) == recorded.get(k) for k in files):
+  if (
+    recorded
+    and all(os.path.isfile(p) for p in files.values())
+    and all(_sha256_file(files[k]) == recorded.get(k) for k in files)
+  ):
     return partial
   tokenizer = byte_level_tokenizer()
   atomic_write_bytes(files["tokenizer"], tokenizer.to_str(pretty=True).encode())
   items, used = build_token_stream(options, tokenizer)
   data.write_mmap_indexed_dataset(prefix, items, dtype=np.uint16)
   atomic_write_bytes(files["corpus_files"], ("\n".join(used) + "\n").encode())
-  partial = {**partial, "data_sha256": {k: _sha256_file(p) for k, p in files.items()},
-             "corpus": {**corpus_description(), "n_files_used": len(used),
-                        "n_tokens": int(items.size)}}
+  partial = {
+    **partial,
+    "data_sha256": {k: _sha256_file(p) for k, p in files.items()},
+    "corpus": {**corpus_description(), "n_files_used": len(used), "n_tokens": int(items.size)},
+  }
   atomic_write_bytes(os.path.join(out, PARTIAL_MANIFEST_FILE), _json_bytes(partial))
   return partial
 
 
-def _manifest(options: ToySuiteOptions, partial: dict[str, Any],
-              final_losses: dict[str, float]) -> dict[str, Any]:
+def _manifest(
+  options: ToySuiteOptions, partial: dict[str, Any], final_losses: dict[str, float]
+) -> dict[str, Any]:
   b, a = pythia_lr_law()
   models = []
   for size in options.sizes:
     config = size.config(options.seq_len)
     n_params = sum(math.prod(s) for s in _leaf_shapes(config))
-    models.append({
-        "name": size.name, "path": size.name, "n_layers": size.n_layers,
-        "d_model": size.d_model, "n_heads": size.n_heads, "d_head": size.d_head,
-        "d_mlp": config.d_mlp, "n_params": n_params,
+    models.append(
+      {
+        "name": size.name,
+        "path": size.name,
+        "n_layers": size.n_layers,
+        "d_model": size.d_model,
+        "n_heads": size.n_heads,
+        "d_head": size.d_head,
+        "d_mlp": config.d_mlp,
+        "n_params": n_params,
         "non_embedding_params": size.non_embedding_params,
         "learning_rate": options.learning_rate(size),
         "train_loss": f"{size.name}/{TRAIN_LOSS_FILE}",
         "final_train_loss_mean_last_10": final_losses[size.name],
-    })
+      }
+    )
   return {
-      "format": MANIFEST_FORMAT,
-      "models": models,
-      "steps": list(options.checkpoint_steps()),
-      "n_steps": options.n_steps,
-      "sequences_per_step": options.sequences_per_step,
-      "seq_len": options.seq_len,
-      "vocab_size": VOCAB_SIZE,
-      "eod_token_id": EOD_ID,
-      "seed": options.seed,
-      "dtype": "float32",
-      "checkpoint_layout": "<model>/step<N>/{config.json,model.safetensors}",
-      "tokenizer": TOKENIZER_FILE,
-      "tokenizer_kind": "byte-level: id b is byte b, <|endoftext|> = 256, vocab padded to 264",
-      "data_prefix": DATA_PREFIX,
-      "data_format": "Megatron MMapIndexedDataset, uint16; batch of step s = items s*B..s*B+B-1",
-      "corpus_files": CORPUS_LIST_FILE,
-      "corpus": partial["corpus"],
-      "data_sha256": partial["data_sha256"],
-      "recipe": {
-          "optimizer": "adamw", "adam_betas": [options.adam_b1, options.adam_b2],
-          "adam_eps": options.adam_eps, "weight_decay": options.weight_decay,
-          "weight_decay_on": "kernels and embeddings (not biases, not LayerNorms)",
-          "grad_clip_norm": options.grad_clip_norm, "warmup_steps": options.warmup_steps,
-          "lr_decay": "cosine", "min_lr_fraction": options.min_lr_fraction,
-          "lr_law": {"form": "lr = lr_scale * exp(a) * N^b, N = 12 L d^2, least squares on "
-                             "Pythia's table, 3 significant digits", "a": a, "b": b,
-                     "lr_scale": options.lr_scale},
+    "format": MANIFEST_FORMAT,
+    "models": models,
+    "steps": list(options.checkpoint_steps()),
+    "n_steps": options.n_steps,
+    "sequences_per_step": options.sequences_per_step,
+    "seq_len": options.seq_len,
+    "vocab_size": VOCAB_SIZE,
+    "eod_token_id": EOD_ID,
+    "seed": options.seed,
+    "dtype": "float32",
+    "checkpoint_layout": "<model>/step<N>/{config.json,model.safetensors}",
+    "tokenizer": TOKENIZER_FILE,
+    "tokenizer_kind": "byte-level: id b is byte b, <|endoftext|> = 256, vocab padded to 264",
+    "data_prefix": DATA_PREFIX,
+    "data_format": "Megatron MMapIndexedDataset, uint16; batch of step s = items s*B..s*B+B-1",
+    "corpus_files": CORPUS_LIST_FILE,
+    "corpus": partial["corpus"],
+    "data_sha256": partial["data_sha256"],
+    "recipe": {
+      "optimizer": "adamw",
+      "adam_betas": [options.adam_b1, options.adam_b2],
+      "adam_eps": options.adam_eps,
+      "weight_decay": options.weight_decay,
+      "weight_decay_on": "kernels and embeddings (not biases, not LayerNorms)",
+      "grad_clip_norm": options.grad_clip_norm,
+      "warmup_steps": options.warmup_steps,
+      "lr_decay": "cosine",
+      "min_lr_fraction": options.min_lr_fraction,
+      "lr_law": {
+        "form": "lr = lr_scale * exp(a) * N^b, N = 12 L d^2, least squares on "
+        "Pythia's table, 3 significant digits",
+        "a": a,
+        "b": b,
+        "lr_scale": options.lr_scale,
       },
-      "options": options.to_dict(),
+    },
+    "options": options.to_dict(),
   }
 
 
@@ -829,13 +912,14 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
       manifest = json.load(f)
   except FileNotFoundError:
-    raise ToySuiteError(f"{path}: no toy-suite manifest (the suite is not complete; build "
-                        "it with python -m tools.make_toy_suite)") from None
+    raise ToySuiteError(
+      f"{path}: no toy-suite manifest (the suite is not complete; build "
+      "it with python -m tools.make_toy_suite)"
+    ) from None
   except json.JSONDecodeError as e:
     raise ToySuiteError(f"{path}: not valid JSON ({e})") from None
   if manifest.get("format") != MANIFEST_FORMAT:
-    raise ToySuiteError(f"{path}: format {manifest.get('format')!r}, expected "
-                        f"{MANIFEST_FORMAT!r}")
+    raise ToySuiteError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
   return {**manifest, "root": out}
 
 
@@ -843,10 +927,14 @@ def _matches(record: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
   return all(record.get(k) == v for k, v in expected.items())
 
 
-def build_toy_suite(out_dir: str | os.PathLike, options: ToySuiteOptions = DEFAULT_OPTIONS,
-                    *, max_steps_this_run: int | None = None,
-                    progress: ProgressFn | None = None,
-                    log: Callable[[str], None] | None = None) -> BuildResult:
+def build_toy_suite(
+  out_dir: str | os.PathLike,
+  options: ToySuiteOptions = DEFAULT_OPTIONS,
+  *,
+  max_steps_this_run: int | None = None,
+  progress: ProgressFn | None = None,
+  log: Callable[[str], None] | None = None,
+) -> BuildResult:
   """Builds the suite in `out_dir`, or continues a partial build of the same options.
 
   `max_steps_this_run` stops after that many training steps over all models (an
@@ -860,8 +948,8 @@ def build_toy_suite(out_dir: str | os.PathLike, options: ToySuiteOptions = DEFAU
     manifest = load_manifest(out)
     if not _matches({**manifest, **_options_record_of(manifest)}, expected):
       raise ToySuiteError(
-          f"{out} holds a toy suite built with other options or another Python "
-          f"({_difference(manifest, expected)}); choose another --out or remove it"
+        f"{out} holds a toy suite built with other options or another Python "
+        f"({_difference(manifest, expected)}); choose another --out or remove it"
       )
     return BuildResult(manifest, True, {})
   os.makedirs(out, exist_ok=True)
@@ -875,8 +963,8 @@ def build_toy_suite(out_dir: str | os.PathLike, options: ToySuiteOptions = DEFAU
         found = {}
     if found and not _matches(found, expected):
       raise ToySuiteError(
-          f"{out} holds a partial toy suite of other options or another Python "
-          f"({_difference(found, expected)}); choose another --out or remove it"
+        f"{out} holds a partial toy suite of other options or another Python "
+        f"({_difference(found, expected)}); choose another --out or remove it"
       )
     partial = {**found, **expected}
   else:
@@ -908,8 +996,10 @@ def build_toy_suite(out_dir: str | os.PathLike, options: ToySuiteOptions = DEFAU
 
 def _options_record_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
   corpus = manifest.get("corpus", {})
-  return {"python_version": corpus.get("python_version"),
-          "python_implementation": corpus.get("python_implementation")}
+  return {
+    "python_version": corpus.get("python_version"),
+    "python_implementation": corpus.get("python_implementation"),
+  }
 
 
 def _difference(found: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
@@ -918,8 +1008,9 @@ def _difference(found: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
   for key, value in expected.items():
     if key == "options":
       theirs = found.get("options") or {}
-      diffs += [f"{k}: {theirs.get(k)!r} here, {v!r} asked" for k, v in value.items()
-                if theirs.get(k) != v]
+      diffs += [
+        f"{k}: {theirs.get(k)!r} here, {v!r} asked" for k, v in value.items() if theirs.get(k) != v
+      ]
     elif found.get(key) != value:
       diffs.append(f"{key}: {found.get(key)!r} here, {value!r} asked")
   return "; ".join(diffs) or "unreadable record"
@@ -931,8 +1022,13 @@ def _final_loss(path: str, last: int = 10) -> float:
   return float(np.mean(losses[-last:]))
 
 
-def ensure_toy_suite(out_dir: str | os.PathLike, *, progress: ProgressFn | str | None = "bars",
-                     log: Callable[[str], None] | None = None, **options) -> dict[str, Any]:
+def ensure_toy_suite(
+  out_dir: str | os.PathLike,
+  *,
+  progress: ProgressFn | str | None = "bars",
+  log: Callable[[str], None] | None = None,
+  **options,
+) -> dict[str, Any]:
   """The manifest of the toy suite in `out_dir`, building or resuming it first if needed.
 
   `options` override fields of `ToySuiteOptions` (e.g. `n_steps=200`, `sizes="2x32,4x64"`).
@@ -941,6 +1037,7 @@ def ensure_toy_suite(out_dir: str | os.PathLike, *, progress: ProgressFn | str |
   """
   if progress == "bars":
     progress = TqdmProgress()
-  result = build_toy_suite(out_dir, ToySuiteOptions.from_overrides(**options),
-                           progress=progress, log=log)
+  result = build_toy_suite(
+    out_dir, ToySuiteOptions.from_overrides(**options), progress=progress, log=log
+  )
   return result.manifest

@@ -49,24 +49,24 @@ _SAFETENSORS_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _BIN_SHARD_RE = re.compile(r"^pytorch_model-\d{5}-of-\d{5}\.bin$")
 
 _ST_TO_NP: dict[str, np.dtype] = {
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F32": np.dtype(np.float32),
 }
 _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 
 #: Compute dtypes a caller may ask for, by name.
 DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
+  "float32": np.dtype(np.float32),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "float16": np.dtype(np.float16),
 }
 
 # Non-parameter buffers that old Pythia .bin files (transformers 4.x) carry: the causal
 # mask, its fill value and the rotary frequencies. The model recomputes all of them.
 _IGNORED_BUFFER_RE = re.compile(
-    r"(^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq"
-    r"|rotary_emb\.original_inv_freq)$"
+  r"(^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq"
+  r"|rotary_emb\.original_inv_freq)$"
 )
 
 
@@ -118,8 +118,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     header_len = int.from_bytes(f.read(8), "little")
     if header_len > size - 8:
       raise CheckpointError(
-          f"{path}: safetensors header length {header_len} exceeds the file size {size} "
-          "(truncated or not a safetensors file)"
+        f"{path}: safetensors header length {header_len} exceeds the file size {size} "
+        "(truncated or not a safetensors file)"
       )
     try:
       header = json.loads(f.read(header_len))
@@ -144,41 +144,47 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
     if st_dtype not in _ST_TO_NP:
       raise CheckpointError(
-          f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
+        f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
       )
     dtype = _ST_TO_NP[st_dtype]
     if any(s < 0 for s in shape) or not 0 <= begin <= end:
       raise CheckpointError(f"{where}: invalid shape {shape} or data_offsets {[begin, end]}")
     if end > data_len:
       raise CheckpointError(
-          f"{where}: data_offsets [{begin}, {end}] run past the end of the data ({data_len} "
-          "bytes); the file is truncated"
+        f"{where}: data_offsets [{begin}, {end}] run past the end of the data ({data_len} "
+        "bytes); the file is truncated"
       )
     count = math.prod(shape)
     if count * dtype.itemsize != end - begin:
       raise CheckpointError(
-          f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
-          f"data_offsets span {end - begin}"
+        f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
+        f"data_offsets span {end - begin}"
       )
     if count == 0:
       tensors[name] = np.empty(shape, dtype)
     else:
       tensors[name] = np.frombuffer(
-          mapped, dtype=dtype, count=count, offset=data_start + begin
+        mapped, dtype=dtype, count=count, offset=data_start + begin
       ).reshape(shape)
   return tensors
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+  path: str | os.PathLike,
+  tensors: Mapping[str, np.ndarray],
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes `tensors` (F16/BF16/F32 numpy arrays) as one safetensors file, fsynced."""
   entries, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     arr = np.ascontiguousarray(tensors[name])
     if arr.dtype not in _NP_TO_ST:
       raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
-    entries[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
-                     "data_offsets": [offset, offset + arr.nbytes]}
+    entries[name] = {
+      "dtype": _NP_TO_ST[arr.dtype],
+      "shape": list(arr.shape),
+      "data_offsets": [offset, offset + arr.nbytes],
+    }
     offset += arr.nbytes
     arrays.append(arr)
   header = {"__metadata__": dict(metadata or {"format": "pt"}), **entries}
@@ -205,9 +211,9 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise CheckpointError(
-        f"{path}: reading a legacy pytorch_model.bin needs torch, which is not installed; "
-        "`pip install torch==2.13.0` (the 'legacy' extra), or convert the checkpoint to "
-        "safetensors"
+      f"{path}: reading a legacy pytorch_model.bin needs torch, which is not installed; "
+      "`pip install torch==2.13.0` (the 'legacy' extra), or convert the checkpoint to "
+      "safetensors"
     ) from None
   import pickle
 
@@ -225,8 +231,8 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except pickle.UnpicklingError as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(
-        f"{path}: refused: the pickle needs more than torch's weights_only loader allows "
-        f"(it may run code); convert it to safetensors from a trusted copy ({first})"
+      f"{path}: refused: the pickle needs more than torch's weights_only loader allows "
+      f"(it may run code); convert it to safetensors from a trusted copy ({first})"
     ) from None
   except (RuntimeError, OSError, EOFError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({e})") from None
@@ -263,8 +269,10 @@ def find_weight_files(directory: str | os.PathLike) -> tuple[str, list[str]]:
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no such checkpoint directory")
-  for fmt, single, index in (("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX),
-                             ("bin", BIN_SINGLE, BIN_INDEX)):
+  for fmt, single, index in (
+    ("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX),
+    ("bin", BIN_SINGLE, BIN_INDEX),
+  ):
     if os.path.isfile(os.path.join(directory, single)):
       return fmt, [single]
     index_path = os.path.join(directory, index)
@@ -272,8 +280,8 @@ def find_weight_files(directory: str | os.PathLike) -> tuple[str, list[str]]:
       shards = _index_shards(index_path)
       return fmt, [index, *shards]
   raise CheckpointError(
-      f"{directory}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
-      f"{BIN_SINGLE} or {BIN_INDEX})"
+    f"{directory}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+    f"{BIN_SINGLE} or {BIN_INDEX})"
   )
 
 
@@ -284,8 +292,10 @@ def choose_weight_files(filenames: Iterable[str]) -> list[str]:
   shard listed next to it.
   """
   names = set(filenames)
-  for single, index, shard_re in ((SAFETENSORS_SINGLE, SAFETENSORS_INDEX, _SAFETENSORS_SHARD_RE),
-                                  (BIN_SINGLE, BIN_INDEX, _BIN_SHARD_RE)):
+  for single, index, shard_re in (
+    (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, _SAFETENSORS_SHARD_RE),
+    (BIN_SINGLE, BIN_INDEX, _BIN_SHARD_RE),
+  ):
     if single in names:
       return [single]
     if index in names:
@@ -301,7 +311,8 @@ def _read_index(index_path: str) -> dict[str, str]:
     raise CheckpointError(f"{index_path}: cannot read the shard index ({e})") from None
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not all(
-      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+  ):
     raise CheckpointError(f"{index_path}: no weight_map {{tensor: shard file}} in the index")
   for shard in set(weight_map.values()):
     if os.path.basename(shard) != shard:
@@ -337,14 +348,14 @@ def read_state_dict(directory: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path}: tensor {name!r} is also in {state.sources[name]}")
       if weight_map.get(name, shard) != shard:
         raise CheckpointError(
-            f"{path}: tensor {name!r} is here, but {index_path} places it in {weight_map[name]}"
+          f"{path}: tensor {name!r} is here, but {index_path} places it in {weight_map[name]}"
         )
       state[name] = arr
       state.sources[name] = path
   absent = sorted(set(weight_map) - set(state))
   if absent:
     raise CheckpointError(
-        f"{index_path}: tensor(s) {_few(absent)} named in the index are not in their shard"
+      f"{index_path}: tensor(s) {_few(absent)} named in the index are not in their shard"
     )
   return state
 
@@ -358,15 +369,22 @@ def hf_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
   shapes = {"gpt_neox.embed_in.weight": (V, d)}
   for l in range(config.n_layers):
     p = f"gpt_neox.layers.{l}."
-    shapes.update({
-        p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,),
-        p + "post_attention_layernorm.weight": (d,), p + "post_attention_layernorm.bias": (d,),
+    shapes.update(
+      {
+        p + "input_layernorm.weight": (d,),
+        p + "input_layernorm.bias": (d,),
+        p + "post_attention_layernorm.weight": (d,),
+        p + "post_attention_layernorm.bias": (d,),
         p + "attention.query_key_value.weight": (3 * d, d),
         p + "attention.query_key_value.bias": (3 * d,),
-        p + "attention.dense.weight": (d, d), p + "attention.dense.bias": (d,),
-        p + "mlp.dense_h_to_4h.weight": (f, d), p + "mlp.dense_h_to_4h.bias": (f,),
-        p + "mlp.dense_4h_to_h.weight": (d, f), p + "mlp.dense_4h_to_h.bias": (d,),
-    })
+        p + "attention.dense.weight": (d, d),
+        p + "attention.dense.bias": (d,),
+        p + "mlp.dense_h_to_4h.weight": (f, d),
+        p + "mlp.dense_h_to_4h.bias": (f,),
+        p + "mlp.dense_4h_to_h.weight": (d, f),
+        p + "mlp.dense_4h_to_h.bias": (d,),
+      }
+    )
   shapes["gpt_neox.final_layer_norm.weight"] = (d,)
   shapes["gpt_neox.final_layer_norm.bias"] = (d,)
   shapes["embed_out.weight"] = (V, d)
@@ -375,21 +393,33 @@ def hf_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
 
 def param_shapes(config: GPTNeoXConfig) -> dict[str, Any]:
   """The Flax parameter tree of `config`, with shape tuples as leaves."""
-  L, d, H, dh, f, V = (config.n_layers, config.d_model, config.n_heads, config.d_head,
-                       config.d_mlp, config.vocab_size)
+  L, d, H, dh, f, V = (
+    config.n_layers,
+    config.d_model,
+    config.n_heads,
+    config.d_head,
+    config.d_mlp,
+    config.vocab_size,
+  )
   qkv = {"kernel": (L, d, H, dh), "bias": (L, H, dh)}
   return {
-      "embed_in": {"embedding": (V, d)},
-      "layers": {
-          "ln_1": {"scale": (L, d), "bias": (L, d)},
-          "attn": {"query": dict(qkv), "key": dict(qkv), "value": dict(qkv),
-                   "out": {"kernel": (L, H, dh, d), "bias": (L, d)}},
-          "ln_2": {"scale": (L, d), "bias": (L, d)},
-          "mlp": {"fc_in": {"kernel": (L, d, f), "bias": (L, f)},
-                  "fc_out": {"kernel": (L, f, d), "bias": (L, d)}},
+    "embed_in": {"embedding": (V, d)},
+    "layers": {
+      "ln_1": {"scale": (L, d), "bias": (L, d)},
+      "attn": {
+        "query": dict(qkv),
+        "key": dict(qkv),
+        "value": dict(qkv),
+        "out": {"kernel": (L, H, dh, d), "bias": (L, d)},
       },
-      "ln_f": {"scale": (d,), "bias": (d,)},
-      "embed_out": {"kernel": (d, V)},
+      "ln_2": {"scale": (L, d), "bias": (L, d)},
+      "mlp": {
+        "fc_in": {"kernel": (L, d, f), "bias": (L, f)},
+        "fc_out": {"kernel": (L, f, d), "bias": (L, d)},
+      },
+    },
+    "ln_f": {"scale": (d,), "bias": (d,)},
+    "embed_out": {"kernel": (d, V)},
   }
 
 
@@ -428,29 +458,30 @@ def _validated(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig):
   if unexpected:
     files = sorted({sources[n] for n in unexpected if n in sources})
     raise CheckpointError(
-        f"{', '.join(files) + ': ' if files else ''}unexpected tensor(s) {_few(unexpected)} "
-        "that a GPT-NeoX of this config does not have"
+      f"{', '.join(files) + ': ' if files else ''}unexpected tensor(s) {_few(unexpected)} "
+      "that a GPT-NeoX of this config does not have"
     )
   missing = [c for c in expected if c not in tensors]
   if missing:
     files = sorted(set(sources.values()))
     raise CheckpointError(
-        f"{', '.join(files[:3]) + ': ' if files else ''}missing tensor(s) {_few(missing)}"
+      f"{', '.join(files[:3]) + ': ' if files else ''}missing tensor(s) {_few(missing)}"
     )
   for canon, shape in expected.items():
     name, arr = tensors[canon]
     if tuple(arr.shape) != shape:
       raise CheckpointError(
-          f"{where(name)}: expected shape {list(shape)} from the config "
-          f"(d_model={config.d_model}, n_heads={config.n_heads}, d_mlp={config.d_mlp}, "
-          f"vocab_size={config.vocab_size}), found {list(arr.shape)}"
+        f"{where(name)}: expected shape {list(shape)} from the config "
+        f"(d_model={config.d_model}, n_heads={config.n_heads}, d_mlp={config.d_mlp}, "
+        f"vocab_size={config.vocab_size}), found {list(arr.shape)}"
       )
 
   return tensors, where
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
-                       dtype: Any = "float32") -> dict[str, Any]:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig, dtype: Any = "float32"
+) -> dict[str, Any]:
   """HF GPT-NeoX tensors -> the Flax parameter tree (numpy arrays of `dtype`).
 
   Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
@@ -499,34 +530,45 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConf
 
   def qkv_part(j):
     # Rows of the fused weight are [H, 3, dh]; j picks q/k/v inside each head.
-    kernel = stacked("attention.query_key_value.weight",
-                     lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1))
+    kernel = stacked(
+      "attention.query_key_value.weight", lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1)
+    )
     bias = stacked("attention.query_key_value.bias", lambda b: b.reshape(H, 3, dh)[:, j])
     return {"kernel": kernel, "bias": bias}
 
   return {
-      "embed_in": {"embedding": single("gpt_neox.embed_in.weight")},
-      "layers": {
-          "ln_1": {"scale": stacked("input_layernorm.weight"),
-                   "bias": stacked("input_layernorm.bias")},
-          "attn": {
-              "query": qkv_part(0), "key": qkv_part(1), "value": qkv_part(2),
-              "out": {"kernel": stacked("attention.dense.weight",
-                                        lambda w: w.T.reshape(H, dh, d)),
-                      "bias": stacked("attention.dense.bias")},
-          },
-          "ln_2": {"scale": stacked("post_attention_layernorm.weight"),
-                   "bias": stacked("post_attention_layernorm.bias")},
-          "mlp": {
-              "fc_in": {"kernel": stacked("mlp.dense_h_to_4h.weight", lambda w: w.T),
-                        "bias": stacked("mlp.dense_h_to_4h.bias")},
-              "fc_out": {"kernel": stacked("mlp.dense_4h_to_h.weight", lambda w: w.T),
-                         "bias": stacked("mlp.dense_4h_to_h.bias")},
-          },
+    "embed_in": {"embedding": single("gpt_neox.embed_in.weight")},
+    "layers": {
+      "ln_1": {"scale": stacked("input_layernorm.weight"), "bias": stacked("input_layernorm.bias")},
+      "attn": {
+        "query": qkv_part(0),
+        "key": qkv_part(1),
+        "value": qkv_part(2),
+        "out": {
+          "kernel": stacked("attention.dense.weight", lambda w: w.T.reshape(H, dh, d)),
+          "bias": stacked("attention.dense.bias"),
+        },
       },
-      "ln_f": {"scale": single("gpt_neox.final_layer_norm.weight"),
-               "bias": single("gpt_neox.final_layer_norm.bias")},
-      "embed_out": {"kernel": single("embed_out.weight", lambda w: w.T)},
+      "ln_2": {
+        "scale": stacked("post_attention_layernorm.weight"),
+        "bias": stacked("post_attention_layernorm.bias"),
+      },
+      "mlp": {
+        "fc_in": {
+          "kernel": stacked("mlp.dense_h_to_4h.weight", lambda w: w.T),
+          "bias": stacked("mlp.dense_h_to_4h.bias"),
+        },
+        "fc_out": {
+          "kernel": stacked("mlp.dense_4h_to_h.weight", lambda w: w.T),
+          "bias": stacked("mlp.dense_4h_to_h.bias"),
+        },
+      },
+    },
+    "ln_f": {
+      "scale": single("gpt_neox.final_layer_norm.weight"),
+      "bias": single("gpt_neox.final_layer_norm.bias"),
+    },
+    "embed_out": {"kernel": single("embed_out.weight", lambda w: w.T)},
   }
 
 
@@ -542,25 +584,32 @@ def _device_layout(config: GPTNeoXConfig, target: np.dtype):
   ident, T = (lambda w: w), (lambda w: w.T)
   # (leaf path, source: one name or one per layer, transform of one source tensor)
   table = [
-      (("embed_in", "embedding"), "gpt_neox.embed_in.weight", ident),
-      (("layers", "ln_1", "scale"), per_layer("input_layernorm.weight"), ident),
-      (("layers", "ln_1", "bias"), per_layer("input_layernorm.bias"), ident),
-      *[(("layers", "attn", n, "kernel"), per_layer("attention.query_key_value.weight"),
-         qkv_w(j)) for j, n in enumerate(("query", "key", "value"))],
-      *[(("layers", "attn", n, "bias"), per_layer("attention.query_key_value.bias"), qkv_b(j))
-        for j, n in enumerate(("query", "key", "value"))],
-      (("layers", "attn", "out", "kernel"), per_layer("attention.dense.weight"),
-       lambda w: w.T.reshape(H, dh, d)),
-      (("layers", "attn", "out", "bias"), per_layer("attention.dense.bias"), ident),
-      (("layers", "ln_2", "scale"), per_layer("post_attention_layernorm.weight"), ident),
-      (("layers", "ln_2", "bias"), per_layer("post_attention_layernorm.bias"), ident),
-      (("layers", "mlp", "fc_in", "kernel"), per_layer("mlp.dense_h_to_4h.weight"), T),
-      (("layers", "mlp", "fc_in", "bias"), per_layer("mlp.dense_h_to_4h.bias"), ident),
-      (("layers", "mlp", "fc_out", "kernel"), per_layer("mlp.dense_4h_to_h.weight"), T),
-      (("layers", "mlp", "fc_out", "bias"), per_layer("mlp.dense_4h_to_h.bias"), ident),
-      (("ln_f", "scale"), "gpt_neox.final_layer_norm.weight", ident),
-      (("ln_f", "bias"), "gpt_neox.final_layer_norm.bias", ident),
-      (("embed_out", "kernel"), "embed_out.weight", T),
+    (("embed_in", "embedding"), "gpt_neox.embed_in.weight", ident),
+    (("layers", "ln_1", "scale"), per_layer("input_layernorm.weight"), ident),
+    (("layers", "ln_1", "bias"), per_layer("input_layernorm.bias"), ident),
+    *[
+      (("layers", "attn", n, "kernel"), per_layer("attention.query_key_value.weight"), qkv_w(j))
+      for j, n in enumerate(("query", "key", "value"))
+    ],
+    *[
+      (("layers", "attn", n, "bias"), per_layer("attention.query_key_value.bias"), qkv_b(j))
+      for j, n in enumerate(("query", "key", "value"))
+    ],
+    (
+      ("layers", "attn", "out", "kernel"),
+      per_layer("attention.dense.weight"),
+      lambda w: w.T.reshape(H, dh, d),
+    ),
+    (("layers", "attn", "out", "bias"), per_layer("attention.dense.bias"), ident),
+    (("layers", "ln_2", "scale"), per_layer("post_attention_layernorm.weight"), ident),
+    (("layers", "ln_2", "bias"), per_layer("post_attention_layernorm.bias"), ident),
+    (("layers", "mlp", "fc_in", "kernel"), per_layer("mlp.dense_h_to_4h.weight"), T),
+    (("layers", "mlp", "fc_in", "bias"), per_layer("mlp.dense_h_to_4h.bias"), ident),
+    (("layers", "mlp", "fc_out", "kernel"), per_layer("mlp.dense_4h_to_h.weight"), T),
+    (("layers", "mlp", "fc_out", "bias"), per_layer("mlp.dense_4h_to_h.bias"), ident),
+    (("ln_f", "scale"), "gpt_neox.final_layer_norm.weight", ident),
+    (("ln_f", "bias"), "gpt_neox.final_layer_norm.bias", ident),
+    (("embed_out", "kernel"), "embed_out.weight", T),
   ]
 
   def layout(src):
@@ -582,8 +631,12 @@ def _device_layout(config: GPTNeoXConfig, target: np.dtype):
   return layout, [("/".join(path), names) for path, names, _ in table]
 
 
-def convert_state_dict_on_device(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig,
-                                 dtype: Any = "float32", sharding: Any = None) -> dict[str, Any]:
+def convert_state_dict_on_device(
+  state_dict: Mapping[str, np.ndarray],
+  config: GPTNeoXConfig,
+  dtype: Any = "float32",
+  sharding: Any = None,
+) -> dict[str, Any]:
   """`convert_state_dict`, done by XLA: the stored tensors go to the device as they are
   (fp16: half the bytes of fp32) and one jitted function casts, transposes, stacks and
   checks finiteness there; the params come out as jax arrays on `sharding` (one Sharding
@@ -644,8 +697,7 @@ def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> di
     arr = np.asarray(node)
     if arr.shape != exp:
       raise CheckpointError(
-          f"params: leaf {'/'.join(path)} has shape {list(arr.shape)}, the config gives "
-          f"{list(exp)}"
+        f"params: leaf {'/'.join(path)} has shape {list(arr.shape)}, the config gives {list(exp)}"
       )
     return arr
 
@@ -658,7 +710,8 @@ def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> di
     # [d, H, dh] x3 -> [H, 3, dh, d] -> [3d, d]: the per-head fused layout.
     fused_w = np.stack([k[l].transpose(1, 2, 0) for k, _ in q_k_v], axis=1).reshape(3 * d, d)
     fused_b = np.stack([b[l] for _, b in q_k_v], axis=1).reshape(3 * d)
-    out.update({
+    out.update(
+      {
         p + "input_layernorm.weight": c(leaf("layers", "ln_1", "scale")[l]),
         p + "input_layernorm.bias": c(leaf("layers", "ln_1", "bias")[l]),
         p + "post_attention_layernorm.weight": c(leaf("layers", "ln_2", "scale")[l]),
@@ -671,7 +724,8 @@ def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> di
         p + "mlp.dense_h_to_4h.bias": c(leaf("layers", "mlp", "fc_in", "bias")[l]),
         p + "mlp.dense_4h_to_h.weight": c(leaf("layers", "mlp", "fc_out", "kernel")[l].T),
         p + "mlp.dense_4h_to_h.bias": c(leaf("layers", "mlp", "fc_out", "bias")[l]),
-    })
+      }
+    )
   out["gpt_neox.final_layer_norm.weight"] = c(leaf("ln_f", "scale"))
   out["gpt_neox.final_layer_norm.bias"] = c(leaf("ln_f", "bias"))
   out["embed_out.weight"] = c(leaf("embed_out", "kernel").T)
@@ -689,17 +743,22 @@ def replace_directory(tmp: str, directory: str) -> None:
   """
   old = None
   if os.path.lexists(directory):
-    old = tempfile.mkdtemp(dir=os.path.dirname(directory),
-                           prefix=f".{os.path.basename(directory)}.old-")
+    old = tempfile.mkdtemp(
+      dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}.old-"
+    )
     os.replace(directory, os.path.join(old, "x"))
   os.replace(tmp, directory)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_hf_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any],
-                       config: GPTNeoXConfig, dtype: Any = "float32",
-                       shard_bytes: int | None = None) -> str:
+def save_hf_checkpoint(
+  directory: str | os.PathLike,
+  params: Mapping[str, Any],
+  config: GPTNeoXConfig,
+  dtype: Any = "float32",
+  shard_bytes: int | None = None,
+) -> str:
   """Writes `params` as a Hugging Face GPT-NeoX checkpoint (`from_pretrained` loads it).
 
   `config.json` (transformers-5 layout plus the 4.x rotary keys, dtype set) and
@@ -743,8 +802,15 @@ def save_hf_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any],
         write_safetensors(os.path.join(tmp, fname), shard)
         weight_map.update(dict.fromkeys(shard, fname))
       with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.nbytes for v in state.values())},
-                   "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        json.dump(
+          {
+            "metadata": {"total_size": sum(v.nbytes for v in state.values())},
+            "weight_map": weight_map,
+          },
+          f,
+          indent=2,
+          sort_keys=True,
+        )
     replace_directory(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,8 +28,12 @@ import numpy as np
 
 #: The tiny shape every test model has unless overridden (fast on two CPU cores).
 TINY_CONFIG = dict(
-    vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    intermediate_size=128, max_position_embeddings=64,
+  vocab_size=97,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=128,
+  max_position_embeddings=64,
 )
 
 FORMS = ("safetensors", "sharded", "bin", "bin_sharded", "hub")
@@ -41,8 +45,9 @@ class TinyCheckpoint:
   model: object  # the torch GPTNeoXForCausalLM holding exactly the stored weights
 
 
-def tiny_model(seed: int = 0, *, use_parallel_residual: bool = True,
-               rotary_pct: float = 0.25, **overrides):
+def tiny_model(
+  seed: int = 0, *, use_parallel_residual: bool = True, rotary_pct: float = 0.25, **overrides
+):
   """A seeded random `GPTNeoXForCausalLM` in eval mode, float32.
 
   Every parameter, biases and LayerNorms included, is drawn from N(0, 0.5^2): the
@@ -55,9 +60,15 @@ def tiny_model(seed: int = 0, *, use_parallel_residual: bool = True,
   kwargs = dict(TINY_CONFIG)
   kwargs.update(overrides)
   config = transformers.GPTNeoXConfig(
-      use_parallel_residual=use_parallel_residual, rotary_pct=rotary_pct,
-      hidden_act="gelu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-      attention_dropout=0.0, hidden_dropout=0.0, **kwargs,
+    use_parallel_residual=use_parallel_residual,
+    rotary_pct=rotary_pct,
+    hidden_act="gelu",
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=0,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    **kwargs,
   )
   torch.manual_seed(seed)
   model = transformers.GPTNeoXForCausalLM(config).eval()
@@ -133,14 +144,15 @@ def write_bin(model, directory, *, sharded: bool = False, pythia_buffers: bool =
     torch.save(state, directory / "pytorch_model.bin")
     return directory
   names = sorted(state)
-  halves = [names[: len(names) // 2], names[len(names) // 2:]]
+  halves = [names[: len(names) // 2], names[len(names) // 2 :]]
   weight_map = {}
   for i, part in enumerate(halves):
     fname = f"pytorch_model-{i + 1:05d}-of-{len(halves):05d}.bin"
     torch.save({k: state[k] for k in part}, directory / fname)
     weight_map.update(dict.fromkeys(part, fname))
   (directory / "pytorch_model.bin.index.json").write_text(
-      json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+  )
   return directory
 
 
@@ -149,26 +161,26 @@ def hub_config_dict(model, torch_dtype: str = "float16") -> dict:
   rope_parameters, no dtype, no attention_bias)."""
   cfg = model.config
   return {
-      "architectures": ["GPTNeoXForCausalLM"],
-      "bos_token_id": 0,
-      "eos_token_id": 0,
-      "hidden_act": "gelu",
-      "hidden_size": cfg.hidden_size,
-      "initializer_range": 0.02,
-      "intermediate_size": cfg.intermediate_size,
-      "layer_norm_eps": cfg.layer_norm_eps,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "model_type": "gpt_neox",
-      "num_attention_heads": cfg.num_attention_heads,
-      "num_hidden_layers": cfg.num_hidden_layers,
-      "rotary_emb_base": cfg.rope_parameters["rope_theta"],
-      "rotary_pct": cfg.rope_parameters["partial_rotary_factor"],
-      "tie_word_embeddings": False,
-      "torch_dtype": torch_dtype,
-      "transformers_version": "4.24.0",
-      "use_cache": True,
-      "use_parallel_residual": cfg.use_parallel_residual,
-      "vocab_size": cfg.vocab_size,
+    "architectures": ["GPTNeoXForCausalLM"],
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "hidden_act": "gelu",
+    "hidden_size": cfg.hidden_size,
+    "initializer_range": 0.02,
+    "intermediate_size": cfg.intermediate_size,
+    "layer_norm_eps": cfg.layer_norm_eps,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "model_type": "gpt_neox",
+    "num_attention_heads": cfg.num_attention_heads,
+    "num_hidden_layers": cfg.num_hidden_layers,
+    "rotary_emb_base": cfg.rope_parameters["rope_theta"],
+    "rotary_pct": cfg.rope_parameters["partial_rotary_factor"],
+    "tie_word_embeddings": False,
+    "torch_dtype": torch_dtype,
+    "transformers_version": "4.24.0",
+    "use_cache": True,
+    "use_parallel_residual": cfg.use_parallel_residual,
+    "vocab_size": cfg.vocab_size,
   }
 
 
@@ -194,9 +206,16 @@ def repo_cache_folder(cache_dir, repo_id: str) -> Path:
   return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
 
 
-def write_hub_cache(model, cache_dir, repo_id: str, revision: str, *,
-                    form: str = "hub", commit: str | None = None,
-                    blobs: bool = True) -> Path:
+def write_hub_cache(
+  model,
+  cache_dir,
+  repo_id: str,
+  revision: str,
+  *,
+  form: str = "hub",
+  commit: str | None = None,
+  blobs: bool = True,
+) -> Path:
   """Lays a checkpoint out as huggingface_hub's cache holds a downloaded revision.
 
   `<cache>/models--Org--name/refs/<revision>` holds the commit hash and
@@ -231,8 +250,9 @@ def write_hub_cache(model, cache_dir, repo_id: str, revision: str, *,
   return snapshot
 
 
-def make_checkpoint(directory, form: str = "safetensors", seed: int = 0, *, model=None,
-                    **model_kwargs) -> TinyCheckpoint:
+def make_checkpoint(
+  directory, form: str = "safetensors", seed: int = 0, *, model=None, **model_kwargs
+) -> TinyCheckpoint:
   """A tiny checkpoint in `form` (one of FORMS); a new `tiny_model(seed, **model_kwargs)`
   unless `model` is given."""
   if model is None:

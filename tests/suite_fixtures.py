@@ -20,10 +20,12 @@ import numpy as np
 from tests import hf_fixtures
 
 SUITE_MODELS = {
-    "small-2l": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                     intermediate_size=128),
-    "large-3l": dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
-                     intermediate_size=256),
+  "small-2l": dict(
+    num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=128
+  ),
+  "large-3l": dict(
+    num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=256
+  ),
 }
 SUITE_STEPS = (0, 1, 2, 4, 8)
 VOCAB = 97
@@ -41,23 +43,28 @@ def write_token_stream(prefix: Path, items: np.ndarray) -> None:
   pointers = np.arange(n, dtype=np.int64) * width * 2
   header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, n, n + 1)
   prefix.with_suffix(".idx").write_bytes(
-      header + sizes.tobytes() + pointers.tobytes() + np.arange(n + 1, dtype=np.int64).tobytes())
+    header + sizes.tobytes() + pointers.tobytes() + np.arange(n + 1, dtype=np.int64).tobytes()
+  )
 
 
-def write_suite(root: Path, models=SUITE_MODELS, steps=SUITE_STEPS,
-                extra_batches: int = 2, seed: int = 0) -> Path:
+def write_suite(
+  root: Path, models=SUITE_MODELS, steps=SUITE_STEPS, extra_batches: int = 2, seed: int = 0
+) -> Path:
   """Writes the suite; each checkpoint is a different random model (seeded by step)."""
   root = Path(root)
   rng = np.random.default_rng(seed)
   n_items = (max(steps) + 1 + extra_batches) * SEQUENCES_PER_STEP
-  write_token_stream(root / "data" / "train",
-                     rng.integers(0, VOCAB, (n_items, SEQ_LEN + 1)))
+  write_token_stream(root / "data" / "train", rng.integers(0, VOCAB, (n_items, SEQ_LEN + 1)))
   for i, (name, shape) in enumerate(models.items()):
     for step in steps:
-      model = hf_fixtures.tiny_model(seed=1000 * i + step, vocab_size=VOCAB,
-                                     max_position_embeddings=64, **shape)
+      model = hf_fixtures.tiny_model(
+        seed=1000 * i + step, vocab_size=VOCAB, max_position_embeddings=64, **shape
+      )
       hf_fixtures.write_safetensors(model, root / name / f"step{step}")
-  manifest = {"models": [{"name": n} for n in models], "data_prefix": "data/train",
-              "sequences_per_step": SEQUENCES_PER_STEP}
+  manifest = {
+    "models": [{"name": n} for n in models],
+    "data_prefix": "data/train",
+    "sequences_per_step": SEQUENCES_PER_STEP,
+  }
   (root / "suite.json").write_text(json.dumps(manifest))
   return root

@@ -52,7 +52,7 @@ def rand(seed, *shape):
 # ----- tests ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('n,dx,dy', [(40, 7, 5), (6, 30, 20)])  # feature form, Gram form
+@pytest.mark.parametrize("n,dx,dy", [(40, 7, 5), (6, 30, 20)])  # feature form, Gram form
 def test_biased_cka_matches_feature_and_gram_formulas(n, dx, dy):
   x = rand(0, n, dx)
   y = rand(1, n, dy) + 0.5 * x[:, :1]
@@ -60,29 +60,32 @@ def test_biased_cka_matches_feature_and_gram_formulas(n, dx, dy):
   assert np.isclose(expected, np_gram_cka(x @ x.T, y @ y.T))  # the two textbook forms
   got = analysis.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
-  got_gram = analysis.linear_cka_gram(jnp.asarray(x @ x.T, jnp.float32),
-                                      jnp.asarray(y @ y.T, jnp.float32))
+  got_gram = analysis.linear_cka_gram(
+    jnp.asarray(x @ x.T, jnp.float32), jnp.asarray(y @ y.T, jnp.float32)
+  )
   np.testing.assert_allclose(got_gram, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize('n,dx,dy', [(12, 3, 4), (9, 20, 25)])
+@pytest.mark.parametrize("n,dx,dy", [(12, 3, 4), (9, 20, 25)])
 def test_debiased_cka_matches_u_statistic(n, dx, dy):
   x = rand(2, n, dx) + 3.0  # an offset: the U-statistic is translation invariant
   y = rand(3, n, dy) + 0.8 * np.tile(x[:, :1], (1, dy))
   expected = np_debiased_cka(x, y)
-  got = analysis.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-                            debiased=True)
+  got = analysis.linear_cka(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), debiased=True)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-  got_gram = analysis.linear_cka_gram(jnp.asarray(x @ x.T, jnp.float32),
-                                      jnp.asarray(y @ y.T, jnp.float32), debiased=True)
+  got_gram = analysis.linear_cka_gram(
+    jnp.asarray(x @ x.T, jnp.float32), jnp.asarray(y @ y.T, jnp.float32), debiased=True
+  )
   np.testing.assert_allclose(got_gram, expected, rtol=1e-4, atol=1e-6)
   k, l = x @ x.T, y @ y.T
-  np.testing.assert_allclose(analysis.hsic(jnp.asarray(x, jnp.float32),
-                                           jnp.asarray(y, jnp.float32), debiased=True),
-                             np_unbiased_hsic(k, l), rtol=1e-4)
+  np.testing.assert_allclose(
+    analysis.hsic(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), debiased=True),
+    np_unbiased_hsic(k, l),
+    rtol=1e-4,
+  )
 
 
-@pytest.mark.parametrize('debiased', [False, True])
+@pytest.mark.parametrize("debiased", [False, True])
 def test_cka_invariances(debiased):
   n, d = 50, 8
   x = rand(4, n, d)
@@ -98,7 +101,7 @@ def test_cka_invariances(debiased):
   assert abs(stretched - base) > 1e-2
 
 
-@pytest.mark.parametrize('debiased', [False, True])
+@pytest.mark.parametrize("debiased", [False, True])
 def test_streaming_equals_one_shot(debiased):
   batches, b, dx, dy = 6, 16, 12, 9
   x = rand(9, batches * b, dx) + 50.0  # large mean: the shifted accumulation must cope
@@ -106,14 +109,16 @@ def test_streaming_equals_one_shot(debiased):
   expected = np_debiased_cka(x, y) if debiased else np_feature_cka(x, y)
   xs = jnp.asarray(x.reshape(batches, b, dx), jnp.float32)
   ys = jnp.asarray(y.reshape(batches, b, dy), jnp.float32)
-  got = jax.jit(analysis.streaming_linear_cka, static_argnames='debiased')(xs, ys, debiased)
+  got = jax.jit(analysis.streaming_linear_cka, static_argnames="debiased")(xs, ys, debiased)
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
   # Unequal batch sizes through the init/update/result API.
   acc = analysis.cka_stream_init(jnp.asarray(x[:5], jnp.float32), jnp.asarray(y[:5], jnp.float32))
-  acc = analysis.cka_stream_update(acc, jnp.asarray(x[5:], jnp.float32),
-                                   jnp.asarray(y[5:], jnp.float32))
-  np.testing.assert_allclose(analysis.cka_stream_result(acc, debiased), expected,
-                             rtol=2e-4, atol=2e-5)
+  acc = analysis.cka_stream_update(
+    acc, jnp.asarray(x[5:], jnp.float32), jnp.asarray(y[5:], jnp.float32)
+  )
+  np.testing.assert_allclose(
+    analysis.cka_stream_result(acc, debiased), expected, rtol=2e-4, atol=2e-5
+  )
 
 
 def test_independent_gaussians_bias_method_numbers():
@@ -129,15 +134,16 @@ def test_independent_gaussians_bias_method_numbers():
   assert float(analysis.linear_cka(xs[0], ys[0])) == pytest.approx(np_feature_cka(x, y), rel=1e-5)
 
 
-@pytest.mark.parametrize('debiased', [False, True])
+@pytest.mark.parametrize("debiased", [False, True])
 def test_batched_reference_pairwise_and_per_head(debiased):
   f = np_debiased_cka if debiased else np_feature_cka
   c, layers, n, d = 3, 2, 10, 6
   acts = rand(11, c, layers, n, d)
   acts[:, :, :, :3] += acts[-1:, :, :, :3]  # some shared signal with the reference
   ref = acts[-1]
-  got = analysis.cka_to_reference(jnp.asarray(acts, jnp.float32), jnp.asarray(ref, jnp.float32),
-                                  debiased)
+  got = analysis.cka_to_reference(
+    jnp.asarray(acts, jnp.float32), jnp.asarray(ref, jnp.float32), debiased
+  )
   expected = np.array([[f(acts[i, j], ref[j]) for j in range(layers)] for i in range(c)])
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
   # Pairwise, in both code paths (Gram when n <= d, feature space otherwise).
@@ -149,11 +155,16 @@ def test_batched_reference_pairwise_and_per_head(debiased):
   # Per head, in the capture layout [C, L, n, H, e].
   heads = rand(14, 2, 2, 12, 3, 4)
   heads_ref = heads[-1] + 0.5 * rand(15, 2, 12, 3, 4)
-  got = analysis.per_head_cka_to_reference(jnp.asarray(heads, jnp.float32),
-                                           jnp.asarray(heads_ref, jnp.float32), debiased)
+  got = analysis.per_head_cka_to_reference(
+    jnp.asarray(heads, jnp.float32), jnp.asarray(heads_ref, jnp.float32), debiased
+  )
   assert got.shape == (2, 2, 3)
-  expected = np.array([[[f(heads[i, j, :, h], heads_ref[j, :, h]) for h in range(3)]
-                        for j in range(2)] for i in range(2)])
+  expected = np.array(
+    [
+      [[f(heads[i, j, :, h], heads_ref[j, :, h]) for h in range(3)] for j in range(2)]
+      for i in range(2)
+    ]
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -168,8 +179,9 @@ def test_noise_floor():
   assert float(jnp.max(jnp.abs(floor_debiased))) < 0.05
   assert float(analysis.linear_cka(x, x)) == pytest.approx(1.0, abs=1e-5)
   # Leading axes are permuted alike and kept: [P, L].
-  assert analysis.cka_noise_floor(jnp.stack([x, x]), jax.random.PRNGKey(2),
-                                  num_permutations=2).shape == (2, 2)
+  assert analysis.cka_noise_floor(
+    jnp.stack([x, x]), jax.random.PRNGKey(2), num_permutations=2
+  ).shape == (2, 2)
 
 
 def test_bad_inputs():
@@ -177,20 +189,20 @@ def test_bad_inputs():
   y = jnp.asarray(rand(17, 10, 3), jnp.float32)
   assert np.isnan(float(analysis.linear_cka(x, y)))  # zero variance -> documented NaN
   assert np.isnan(float(analysis.linear_cka(x, y, debiased=True)))
-  with pytest.raises(ValueError, match=r'\(10, 3\)'):
+  with pytest.raises(ValueError, match=r"\(10, 3\)"):
     analysis.linear_cka(jnp.zeros((9, 4)), y)
-  with pytest.raises(ValueError, match='n >= 4'):
+  with pytest.raises(ValueError, match="n >= 4"):
     analysis.linear_cka(y[:3], y[:3], debiased=True)
-  with pytest.raises(ValueError, match='empty'):
+  with pytest.raises(ValueError, match="empty"):
     analysis.linear_cka(jnp.zeros((0, 4)), jnp.zeros((0, 3)))
-  with pytest.raises(ValueError, match='broadcast'):
+  with pytest.raises(ValueError, match="broadcast"):
     analysis.linear_cka(jnp.zeros((2, 10, 4)), jnp.zeros((3, 10, 4)))
   bad = np.asarray(y).copy()
   bad[0, 0] = np.nan
   assert np.isnan(float(analysis.linear_cka(jnp.asarray(bad), y)))  # NaN propagates
-  with pytest.raises(ValueError, match='acts: 1 of 30'):
-    analysis.check_finite('acts', bad)
-  analysis.check_finite('fine', y)
+  with pytest.raises(ValueError, match="acts: 1 of 30"):
+    analysis.check_finite("acts", bad)
+  analysis.check_finite("fine", y)
 
 
 def test_float64_path():
@@ -204,14 +216,15 @@ def test_float64_path():
 def test_jit_and_vmap_compose():
   x = jnp.asarray(rand(20, 3, 16, 5), jnp.float32)
   y = jnp.asarray(rand(21, 3, 16, 4), jnp.float32)
-  expected = np.array([np_feature_cka(np.asarray(x[i], np.float64), np.asarray(y[i], np.float64))
-                       for i in range(3)])
+  expected = np.array(
+    [np_feature_cka(np.asarray(x[i], np.float64), np.asarray(y[i], np.float64)) for i in range(3)]
+  )
   vmapped = jax.vmap(analysis.linear_cka)(x, y)
-  jitted = jax.jit(analysis.linear_cka, static_argnames='debiased')(x, y)
+  jitted = jax.jit(analysis.linear_cka, static_argnames="debiased")(x, y)
   np.testing.assert_allclose(vmapped, expected, rtol=1e-5)
   np.testing.assert_allclose(jitted, expected, rtol=1e-5)
   acts = jnp.stack([x[:, :, :4], y])  # [C=2, L=3, n, d]
-  got = jax.jit(analysis.cka_to_reference, static_argnames=('debiased',))(acts, y, debiased=True)
+  got = jax.jit(analysis.cka_to_reference, static_argnames=("debiased",))(acts, y, debiased=True)
   assert got.shape == (2, 3)
   np.testing.assert_allclose(got[1], 1.0, rtol=1e-5)
   pair_feature = analysis.pairwise_cka(y, gram_budget=0)  # forced feature-space loop
@@ -237,5 +250,6 @@ def test_ov_head_features_keep_every_gram_matrix_of_the_per_head_ov_activations(
   for l in range(2):
     for h in range(3):
       full = values[l, :, h] @ out_kernel[l, h]  # [n, d]: the token's own value through W_O
-      np.testing.assert_allclose(features[l, h] @ features[l, h].T, full @ full.T,
-                                 rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(
+        features[l, h] @ features[l, h].T, full @ full.T, rtol=1e-4, atol=1e-4
+      )

@@ -21,8 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def local(model, tmp_path_factory):
-  return hf.make_checkpoint(tmp_path_factory.mktemp("local") / "ckpt", "safetensors",
-                            model=model)
+  return hf.make_checkpoint(tmp_path_factory.mktemp("local") / "ckpt", "safetensors", model=model)
 
 
 @pytest.fixture
@@ -33,12 +32,14 @@ def offline(monkeypatch):
 def _assert_matches_torch(params, model):
   """A few leaves against the torch weights (the full layout is test_weights' job)."""
   ref = hf.torch_state(model)
-  np.testing.assert_array_equal(np.asarray(params["embed_out"]["kernel"], np.float32),
-                                ref["embed_out.weight"].T)
+  np.testing.assert_array_equal(
+    np.asarray(params["embed_out"]["kernel"], np.float32), ref["embed_out.weight"].T
+  )
   W = ref["gpt_neox.layers.0.attention.query_key_value.weight"]  # rows [H, 3, dh]
   np.testing.assert_array_equal(
-      np.asarray(params["layers"]["attn"]["key"]["kernel"], np.float32)[0, :, 3, :],
-      W[3 * 24 + 8: 3 * 24 + 16].T)
+    np.asarray(params["layers"]["attn"]["key"]["kernel"], np.float32)[0, :, 3, :],
+    W[3 * 24 + 8 : 3 * 24 + 16].T,
+  )
 
 
 # ------------------------------------------------------------------------- spec parsing
@@ -105,12 +106,11 @@ def test_load_checkpoint_puts_params_on_device(model, local, dtype):
 @pytest.mark.parametrize("blobs", [True, False])
 def test_hub_cache_read_offline_by_repo_and_revision(model, tmp_path, offline, blobs):
   cache = tmp_path / "cache"
-  snap = hf.write_hub_cache(model, cache, "EleutherAI/pythia-160m-deduped", "step3000",
-                            blobs=blobs)
-  assert ck.resolve_checkpoint("EleutherAI/pythia-160m-deduped@step3000",
-                               cache_dir=cache) == str(snap)
-  config, params = ck.load_checkpoint("EleutherAI/pythia-160m-deduped@step3000",
-                                      cache_dir=cache)
+  snap = hf.write_hub_cache(model, cache, "EleutherAI/pythia-160m-deduped", "step3000", blobs=blobs)
+  assert ck.resolve_checkpoint("EleutherAI/pythia-160m-deduped@step3000", cache_dir=cache) == str(
+    snap
+  )
+  config, params = ck.load_checkpoint("EleutherAI/pythia-160m-deduped@step3000", cache_dir=cache)
   assert config.stored_dtype == "float16"
   fp16 = hf.write_hub_layout(model, tmp_path / "fp16").model  # the stored (rounded) weights
   _assert_matches_torch(params, fp16)
@@ -119,8 +119,9 @@ def test_hub_cache_read_offline_by_repo_and_revision(model, tmp_path, offline, b
 def test_hub_cache_found_through_hf_home_and_short_name(model, tmp_path, offline, monkeypatch):
   monkeypatch.delenv("HF_HUB_CACHE", raising=False)
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-  hf.write_hub_cache(model, tmp_path / "hf_home" / "hub", "EleutherAI/pythia-70m", "step1000",
-                     form="sharded")
+  hf.write_hub_cache(
+    model, tmp_path / "hf_home" / "hub", "EleutherAI/pythia-70m", "step1000", form="sharded"
+  )
   config, params = ck.load_checkpoint("pythia-70m", step=1000)
   _assert_matches_torch(params, model)
   with pytest.raises(CheckpointError, match="pythia-70m@step2000: offline"):
@@ -128,19 +129,23 @@ def test_hub_cache_found_through_hf_home_and_short_name(model, tmp_path, offline
 
 
 def test_offline_and_not_cached_is_a_clear_error(tmp_path, offline):
-  with pytest.raises(CheckpointError,
-                     match=r"EleutherAI/pythia-410m@step143000: offline .*not cached.*"
-                           r"missing: config\.json"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"EleutherAI/pythia-410m@step143000: offline .*not cached.*"
+    r"missing: config\.json",
+  ):
     ck.load_checkpoint("EleutherAI/pythia-410m@step143000", cache_dir=tmp_path / "empty")
 
 
 def test_offline_with_partial_cache_names_the_missing_files(model, tmp_path, offline):
   cache = tmp_path / "cache"
-  snap = hf.write_hub_cache(model, cache, "EleutherAI/pythia-70m", "step0", form="sharded",
-                            blobs=False)
+  snap = hf.write_hub_cache(
+    model, cache, "EleutherAI/pythia-70m", "step0", form="sharded", blobs=False
+  )
   (snap / "model-00002-of-00008.safetensors").unlink()  # an interrupted download
-  with pytest.raises(CheckpointError,
-                     match=r"pythia-70m@step0: offline.*missing: model-00002-of-00008"):
+  with pytest.raises(
+    CheckpointError, match=r"pythia-70m@step0: offline.*missing: model-00002-of-00008"
+  ):
     ck.load_checkpoint("pythia-70m@step0", cache_dir=cache)
 
 
@@ -157,14 +162,21 @@ def test_download_fetches_one_format_with_retries(model, tmp_path, monkeypatch):
     if calls["list"] == 1:
       raise ConnectionError("connection reset")  # transient: retried
     assert (repo_id, revision) == ("EleutherAI/pythia-70m-deduped", "step512")
-    return [".gitattributes", "config.json", "model.safetensors", "pytorch_model.bin",
-            "tokenizer.json"]
+    return [
+      ".gitattributes",
+      "config.json",
+      "model.safetensors",
+      "pytorch_model.bin",
+      "tokenizer.json",
+    ]
 
-  def snapshot_download(repo_id, *, revision=None, cache_dir=None, local_files_only=False,
-                        allow_patterns=None, **kwargs):
+  def snapshot_download(
+    repo_id, *, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None, **kwargs
+  ):
     if local_files_only:
-      return real_snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=True)
+      return real_snapshot_download(
+        repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True
+      )
     calls["download"].append(sorted(allow_patterns))
     return str(hf.write_hub_cache(model, cache_dir, repo_id, revision))
 
@@ -190,8 +202,9 @@ def test_download_gives_up_with_a_clear_error(tmp_path, monkeypatch):
 
   monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
   monkeypatch.setattr(ck, "HUB_BACKOFF_S", 0.0)
-  with pytest.raises(CheckpointError,
-                     match=r"pythia-70m@step1: the Hub could not be reached after 2 attempts"):
+  with pytest.raises(
+    CheckpointError, match=r"pythia-70m@step1: the Hub could not be reached after 2 attempts"
+  ):
     ck.resolve_checkpoint("pythia-70m@step1", cache_dir=tmp_path, local_files_only=False)
 
 
@@ -218,10 +231,12 @@ def test_orbax_restore_with_a_sharding_pytree_and_overwrite(local, tmp_path):
   ck.save_converted(tmp_path / "conv", config, params)  # replaces the first one
   assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  _, restored = ck.restore_converted(tmp_path / "conv",
-                                     sharding=jax.tree.map(lambda _: device, params))
-  np.testing.assert_array_equal(np.asarray(restored["embed_in"]["embedding"]),
-                                np.asarray(params["embed_in"]["embedding"]))
+  _, restored = ck.restore_converted(
+    tmp_path / "conv", sharding=jax.tree.map(lambda _: device, params)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(restored["embed_in"]["embedding"]), np.asarray(params["embed_in"]["embedding"])
+  )
 
 
 def test_interrupted_save_leaves_nothing_that_looks_complete(local, tmp_path, monkeypatch):

@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_tool(tool, *args):
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", f"tools.{tool}", *map(str, args)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +44,31 @@ def tiny(tmp_path_factory):
 def test_capture_writes_every_site_as_torch_computes_it(tiny):
   root, ckpt, tokens = tiny
   out = root / "acts.npz"
-  result = run_tool("capture", f"--checkpoint={ckpt.path}", f"--tokens={root / 'tokens.npy'}",
-                    "--sites=blocks.*.attn.hook_v,blocks.1.hook_mlp_out",
-                    "--positions=last", "--logits", "--batch_size=2", f"--out={out}")
+  result = run_tool(
+    "capture",
+    f"--checkpoint={ckpt.path}",
+    f"--tokens={root / 'tokens.npy'}",
+    "--sites=blocks.*.attn.hook_v,blocks.1.hook_mlp_out",
+    "--positions=last",
+    "--logits",
+    "--batch_size=2",
+    f"--out={out}",
+  )
   assert result.returncode == 0, result.stderr
   store = {}
   layers = ckpt.model.gpt_neox.layers
   model = ckpt.model.float()
-  hooks = [layers[l].attention.query_key_value.register_forward_hook(
-      lambda m, a, o, l=l: store.__setitem__(l, o.detach().numpy())) for l in range(2)]
-  hooks.append(layers[1].mlp.dense_4h_to_h.register_forward_hook(
-      lambda m, a, o: store.__setitem__("mlp", o.detach().numpy())))
+  hooks = [
+    layers[l].attention.query_key_value.register_forward_hook(
+      lambda m, a, o, l=l: store.__setitem__(l, o.detach().numpy())
+    )
+    for l in range(2)
+  ]
+  hooks.append(
+    layers[1].mlp.dense_4h_to_h.register_forward_hook(
+      lambda m, a, o: store.__setitem__("mlp", o.detach().numpy())
+    )
+  )
   with torch.no_grad():
     logits = model(torch.tensor(tokens.astype(np.int64))).logits.numpy()
   for h in hooks:
@@ -57,8 +77,9 @@ def test_capture_writes_every_site_as_torch_computes_it(tiny):
     assert set(f.files) == {"blocks.*.attn.hook_v", "blocks.1.hook_mlp_out", "logits"}
     v = np.stack([store[l].reshape(5, 12, 4, 3, 8)[:, -1:, :, 2] for l in range(2)])
     np.testing.assert_allclose(f["blocks.*.attn.hook_v"], v, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(f["blocks.1.hook_mlp_out"], store["mlp"][:, -1:], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+      f["blocks.1.hook_mlp_out"], store["mlp"][:, -1:], rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(f["logits"], logits, rtol=1e-4, atol=1e-4)
 
 
@@ -69,8 +90,9 @@ def test_convert_writes_an_orbax_cache_that_restores_the_same_params(tiny):
   config, params = checkpoints.restore_converted(root / "cache")
   _, direct = checkpoints.load_checkpoint(ckpt.path)
   assert config.n_layers == 2
-  np.testing.assert_array_equal(params["layers"]["attn"]["value"]["kernel"],
-                                direct["layers"]["attn"]["value"]["kernel"])
+  np.testing.assert_array_equal(
+    params["layers"]["attn"]["value"]["kernel"], direct["layers"]["attn"]["value"]["kernel"]
+  )
 
 
 def _broken_copies(root, ckpt):
@@ -94,41 +116,50 @@ def _broken_copies(root, ckpt):
   write_safetensors(cases["nan"] / "model.safetensors", bad)
   config = json.loads((ckpt.path / "config.json").read_text())
   (cases["config"] / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
-  (cases["mismatch"] / "config.json").write_text(
-      json.dumps({**config, "intermediate_size": 64}))
+  (cases["mismatch"] / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
   return cases
 
 
-@pytest.mark.parametrize("case, expected", [
+@pytest.mark.parametrize(
+  "case, expected",
+  [
     ("truncated", "model.safetensors"),
     ("nan", "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"),
     ("config", "hidden_act='gelu_new'"),
     ("mismatch", "dense_h_to_4h"),
     ("missing", "no-such-dir"),
-])
+  ],
+)
 def test_bad_checkpoints_fail_in_one_line(tiny, case, expected):
   root, ckpt, _ = tiny
   cases = _broken_copies(root, ckpt)
   path = cases.get(case, root / "no-such-dir")
-  result = run_tool("capture", f"--checkpoint={path}", f"--tokens={root / 'tokens.npy'}",
-                    "--sites=blocks.0.hook_resid_post", f"--out={root / 'x.npz'}")
+  result = run_tool(
+    "capture",
+    f"--checkpoint={path}",
+    f"--tokens={root / 'tokens.npy'}",
+    "--sites=blocks.0.hook_resid_post",
+    f"--out={root / 'x.npz'}",
+  )
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("capture: error:") and expected in lines[-1], result.stderr
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags, expected", [
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
     (["--sites=blocks.0.hook_nope"], "unknown capture site 'blocks.0.hook_nope'"),
     (["--sites=blocks.0.hook_resid_post", "--positions=first"], "--positions='first'"),
     (["--sites=blocks.0.hook_resid_post", "--tokens=missing.npy"], "missing.npy"),
     (["--sites=blocks.0.hook_resid_post", "--tokens=BIG"], "vocab"),
-])
+  ],
+)
 def test_bad_flags_fail_in_one_line(tiny, flags, expected):
   root, ckpt, _ = tiny
   np.save(root / "big.npy", np.full((2, 4), 500, np.int32))
-  args = [f"--checkpoint={ckpt.path}", f"--tokens={root / 'tokens.npy'}",
-          f"--out={root / 'y.npz'}"]
+  args = [f"--checkpoint={ckpt.path}", f"--tokens={root / 'tokens.npy'}", f"--out={root / 'y.npz'}"]
   args += [f.replace("BIG", str(root / "big.npy")) for f in flags]
   result = run_tool("capture", *args)
   assert result.returncode == 2, result.stderr

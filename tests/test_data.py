@@ -33,12 +33,12 @@ INT32_CODE = 4
 
 
 def write_megatron_by_hand(
-    prefix: Path,
-    items: list[list[int]],
-    dtype_code: int = UINT16_CODE,
-    token_format: str = "<H",
-    magic: bytes = b"MMIDIDX\x00\x00",
-    version: int = 1,
+  prefix: Path,
+  items: list[list[int]],
+  dtype_code: int = UINT16_CODE,
+  token_format: str = "<H",
+  magic: bytes = b"MMIDIDX\x00\x00",
+  version: int = 1,
 ) -> None:
   """The format of PYTHIA.md, spelled out with struct: no numpy, no project code."""
   token_size = struct.calcsize(token_format)
@@ -50,14 +50,14 @@ def write_megatron_by_hand(
     offset += size * token_size
   doc_idx = list(range(len(items) + 1))
   idx_bytes = (
-      magic
-      + struct.pack("<Q", version)
-      + struct.pack("<B", dtype_code)
-      + struct.pack("<Q", len(items))
-      + struct.pack("<Q", len(doc_idx))
-      + struct.pack(f"<{len(sizes)}i", *sizes)
-      + struct.pack(f"<{len(pointers)}q", *pointers)
-      + struct.pack(f"<{len(doc_idx)}q", *doc_idx)
+    magic
+    + struct.pack("<Q", version)
+    + struct.pack("<B", dtype_code)
+    + struct.pack("<Q", len(items))
+    + struct.pack("<Q", len(doc_idx))
+    + struct.pack(f"<{len(sizes)}i", *sizes)
+    + struct.pack(f"<{len(pointers)}q", *pointers)
+    + struct.pack(f"<{len(doc_idx)}q", *doc_idx)
   )
   Path(f"{prefix}.bin").write_bytes(bin_bytes)
   Path(f"{prefix}.idx").write_bytes(idx_bytes)
@@ -102,11 +102,14 @@ def test_writer_matches_hand_written_bytes(tmp_path):
   assert count == 3
   for suffix in (".bin", ".idx"):
     assert (tmp_path / f"written{suffix}").read_bytes() == (
-        tmp_path / f"by_hand{suffix}"
+      tmp_path / f"by_hand{suffix}"
     ).read_bytes()
   # No temporary files are left behind.
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "by_hand.bin", "by_hand.idx", "written.bin", "written.idx"
+    "by_hand.bin",
+    "by_hand.idx",
+    "written.bin",
+    "written.idx",
   ]
 
 
@@ -144,9 +147,7 @@ def test_batch_of_step_picks_items_of_the_step(tmp_path):
 def test_batch_of_step_too_short_names_file_and_items(tmp_path):
   write_megatron_by_hand(tmp_path / "short", stream_items(10, 3))
   dataset = MMapIndexedDataset(tmp_path / "short")
-  message = (
-      rf"data file {tmp_path}/short\.bin holds 10 items; step 2 needs items 8\.\.11"
-  )
+  message = rf"data file {tmp_path}/short\.bin holds 10 items; step 2 needs items 8\.\.11"
   with pytest.raises(DataError, match=message):
     batch_of_step(dataset, 2, 4, sequences_per_step=4)
   with pytest.raises(DataError, match="n_sequences"):
@@ -209,12 +210,13 @@ def test_mmap_token_source(tmp_path):
   source = open_token_source(tmp_path / "toy_stream", sequences_per_step=3)
   assert isinstance(source, MMapTokenSource) and isinstance(source, TokenSource)
   assert source.has_training_steps and source.seq_len == 4
-  assert source.batch(1, 2).tolist() == [[3000, 3001, 3002, 3003, 3004],
-                                         [4000, 4001, 4002, 4003, 4004]]
+  assert source.batch(1, 2).tolist() == [
+    [3000, 3001, 3002, 3003, 3004],
+    [4000, 4001, 4002, 4003, 4004],
+  ]
   # 10 items of 3 a step hold steps 0..2: fixed inputs come from step 2 (items 6, 7).
   assert source.fixed_step == 2
-  assert source.fixed_inputs(2).tolist() == [[6000, 6001, 6002, 6003],
-                                             [7000, 7001, 7002, 7003]]
+  assert source.fixed_inputs(2).tolist() == [[6000, 6001, 6002, 6003], [7000, 7001, 7002, 7003]]
   short = open_token_source(tmp_path / "toy_stream.bin", seq_len=2, sequences_per_step=3)
   assert short.batch(0, 1).tolist() == [[0, 1, 2]]
   assert short.fixed_inputs(1).tolist() == [[6000, 6001]]
@@ -226,9 +228,7 @@ def test_mmap_source_fixed_step_never_passes_pythias_last_step(tmp_path):
   # A file with one sequence a step and more steps than Pythia: the reference study's
   # activation batch is step 142,999, the last one Pythia trained on.
   n_items = 143_002
-  write_mmap_indexed_dataset(
-      tmp_path / "long", (np.array([i % 60000, 1]) for i in range(n_items))
-  )
+  write_mmap_indexed_dataset(tmp_path / "long", (np.array([i % 60000, 1]) for i in range(n_items)))
   source = MMapTokenSource(tmp_path / "long", sequences_per_step=1)
   assert source.fixed_step == 142_999
   assert source.fixed_inputs(1).tolist() == [[142_999 % 60000]]
@@ -288,8 +288,8 @@ def pythia_tokenizer():
 
 def test_text_source_matches_tokenizers(tmp_path, pythia_tokenizer):
   text = (
-      "The Pythia suite trains sixteen models on the same data in the same order.\n"
-      "Small models get worse late in training, while large ones keep improving. "
+    "The Pythia suite trains sixteen models on the same data in the same order.\n"
+    "Small models get worse late in training, while large ones keep improving. "
   ) * 4
   (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
   expected_ids = pythia_tokenizer.encode(text, add_special_tokens=False).ids

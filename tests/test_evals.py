@@ -25,9 +25,9 @@ def write_result(path: Path, results: dict, config: dict | None = None) -> None:
 
 def config_of(model: str, step: int, num_fewshot: int = 0) -> dict:
   return {
-      "model": "hf-causal",
-      "model_args": f"pretrained=EleutherAI/pythia-v1.1-{model},revision=step{step}",
-      "num_fewshot": num_fewshot,
+    "model": "hf-causal",
+    "model_args": f"pretrained=EleutherAI/pythia-v1.1-{model},revision=step{step}",
+    "num_fewshot": num_fewshot,
   }
 
 
@@ -35,33 +35,33 @@ def config_of(model: str, step: int, num_fewshot: int = 0) -> dict:
 def tiny_evals(tmp_path) -> Path:
   root = tmp_path / "evals"
   write_result(
-      root / "pythia-70m-deduped" / "70m-deduped_step143000.json",
-      {
-          "lambada_openai": {"ppl": 138.5, "ppl_stderr": 5.9, "acc": 0.19, "acc_stderr": 0.005},
-          "piqa": {"acc": 0.59, "acc_stderr": 0.011, "acc_norm": 0.58, "acc_norm_stderr": 0.012},
-      },
-      config_of("70m-deduped", 143000),
+    root / "pythia-70m-deduped" / "70m-deduped_step143000.json",
+    {
+      "lambada_openai": {"ppl": 138.5, "ppl_stderr": 5.9, "acc": 0.19, "acc_stderr": 0.005},
+      "piqa": {"acc": 0.59, "acc_stderr": 0.011, "acc_norm": 0.58, "acc_norm_stderr": 0.012},
+    },
+    config_of("70m-deduped", 143000),
   )
   write_result(
-      root / "pythia-70m-deduped" / "70m-deduped_step43000.json",
-      {"lambada_openai": {"acc": 0.26, "acc_stderr": 0.006}},
+    root / "pythia-70m-deduped" / "70m-deduped_step43000.json",
+    {"lambada_openai": {"acc": 0.26, "acc_stderr": 0.006}},
   )
   # The standard 1b lives in pythia-1b-bf16; like the published files, one is named
   # "5shot" although its config says zero-shot, and one really is five-shot.
   write_result(
-      root / "pythia-1b-bf16" / "1b-bf16-5shot_step128.json",
-      {"lambada_openai": {"acc": 0.0, "acc_stderr": 0.0}},
-      config_of("1b-bf16", 128),
+    root / "pythia-1b-bf16" / "1b-bf16-5shot_step128.json",
+    {"lambada_openai": {"acc": 0.0, "acc_stderr": 0.0}},
+    config_of("1b-bf16", 128),
   )
   write_result(
-      root / "pythia-1b-bf16" / "1b-bf16_step1000.json",
-      {"lambada_openai": {"acc": 0.09, "acc_stderr": 0.004}},
-      config_of("1b-bf16", 1000),
+    root / "pythia-1b-bf16" / "1b-bf16_step1000.json",
+    {"lambada_openai": {"acc": 0.09, "acc_stderr": 0.004}},
+    config_of("1b-bf16", 1000),
   )
   write_result(
-      root / "pythia-1b-bf16" / "1b-bf16-5shot_step3000.json",
-      {"lambada_openai": {"acc": 0.99, "acc_stderr": 0.1}},
-      config_of("1b-bf16", 3000, num_fewshot=5),
+    root / "pythia-1b-bf16" / "1b-bf16-5shot_step3000.json",
+    {"lambada_openai": {"acc": 0.99, "acc_stderr": 0.1}},
+    config_of("1b-bf16", 3000, num_fewshot=5),
   )
   (root / "README.md").write_text("not a model directory")
   return root
@@ -73,13 +73,13 @@ def test_tiny_directory_becomes_tidy_rows(tiny_evals):
   rows = [tuple(r) for r in frame.itertuples(index=False)]
   # Suite order (70m before 1b), then step, task, metric; piqa has no ppl.
   assert rows == [
-      ("pythia-70m-deduped", 43000, "lambada_openai", "acc", 0.26, 0.006),
-      ("pythia-70m-deduped", 143000, "lambada_openai", "acc", 0.19, 0.005),
-      ("pythia-70m-deduped", 143000, "lambada_openai", "ppl", 138.5, 5.9),
-      ("pythia-70m-deduped", 143000, "piqa", "acc", 0.59, 0.011),
-      ("pythia-70m-deduped", 143000, "piqa", "acc_norm", 0.58, 0.012),
-      ("pythia-1b", 128, "lambada_openai", "acc", 0.0, 0.0),
-      ("pythia-1b", 1000, "lambada_openai", "acc", 0.09, 0.004),
+    ("pythia-70m-deduped", 43000, "lambada_openai", "acc", 0.26, 0.006),
+    ("pythia-70m-deduped", 143000, "lambada_openai", "acc", 0.19, 0.005),
+    ("pythia-70m-deduped", 143000, "lambada_openai", "ppl", 138.5, 5.9),
+    ("pythia-70m-deduped", 143000, "piqa", "acc", 0.59, 0.011),
+    ("pythia-70m-deduped", 143000, "piqa", "acc_norm", 0.58, 0.012),
+    ("pythia-1b", 128, "lambada_openai", "acc", 0.0, 0.0),
+    ("pythia-1b", 1000, "lambada_openai", "acc", 0.09, 0.004),
   ]
   assert str(frame["step"].dtype) == "int64"
   assert str(frame["value"].dtype) == "float64" and str(frame["stderr"].dtype) == "float64"
@@ -88,7 +88,7 @@ def test_tiny_directory_becomes_tidy_rows(tiny_evals):
 def test_five_shot_results_are_selectable(tiny_evals):
   frame = load_evals(tiny_evals, models="pythia-1b", num_fewshot=5)
   assert [tuple(r) for r in frame.itertuples(index=False)] == [
-      ("pythia-1b", 3000, "lambada_openai", "acc", 0.99, 0.1)
+    ("pythia-1b", 3000, "lambada_openai", "acc", 0.99, 0.1)
   ]
 
 
@@ -122,9 +122,9 @@ def test_malformed_file_is_named(tiny_evals):
 
 def test_step_mismatch_and_bad_names(tmp_path):
   write_result(
-      tmp_path / "pythia-70m" / "70m_step1000.json",
-      {"piqa": {"acc": 0.5}},
-      config_of("70m", 2000),
+    tmp_path / "pythia-70m" / "70m_step1000.json",
+    {"piqa": {"acc": 0.5}},
+    config_of("70m", 2000),
   )
   with pytest.raises(EvalsError, match=r"70m_step1000\.json is named for step 1000 .*step2000"):
     load_evals(tmp_path)
@@ -153,8 +153,10 @@ def published():
 
 def lambada_acc(frame, model: str, step: int) -> float:
   selected = frame[
-      (frame.model == model) & (frame.step == step) & (frame.task == "lambada_openai")
-      & (frame.metric == "acc")
+    (frame.model == model)
+    & (frame.step == step)
+    & (frame.task == "lambada_openai")
+    & (frame.metric == "acc")
   ]
   assert len(selected) == 1
   return float(selected.value.iloc[0])
@@ -174,7 +176,15 @@ def test_published_checkpoints_are_the_papers(published):
   assert "pythia-1b" in steps_of_model.index
   for model, steps in steps_of_model.items():
     assert sorted(steps) == list(PAPER_STEPS), model
-  assert {"lambada_openai", "arc_easy", "arc_challenge", "piqa", "sciq", "winogrande", "wsc",
-          "logiqa"} <= set(published.task)
+  assert {
+    "lambada_openai",
+    "arc_easy",
+    "arc_challenge",
+    "piqa",
+    "sciq",
+    "winogrande",
+    "wsc",
+    "logiqa",
+  } <= set(published.task)
   # Every model-step-task-metric appears once.
   assert not published.duplicated(["model", "step", "task", "metric"]).any()

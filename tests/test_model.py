@@ -20,16 +20,35 @@ from jax_pythia import model as M
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.weights import convert_state_dict
 
-TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=64)
-PYTHIA_70M = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
-                  num_attention_heads=8, intermediate_size=2048, max_position_embeddings=2048)
+TINY = dict(
+  vocab_size=97,
+  hidden_size=32,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  intermediate_size=128,
+  max_position_embeddings=64,
+)
+PYTHIA_70M = dict(
+  vocab_size=50304,
+  hidden_size=512,
+  num_hidden_layers=6,
+  num_attention_heads=8,
+  intermediate_size=2048,
+  max_position_embeddings=2048,
+)
 
 
 def make_torch_model(shape, parallel=True, rotary_pct=0.25, std=None, seed=0):
-  hf = HFConfig(**shape, use_parallel_residual=parallel, attn_implementation="eager",
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "partial_rotary_factor": rotary_pct})
+  hf = HFConfig(
+    **shape,
+    use_parallel_residual=parallel,
+    attn_implementation="eager",
+    rope_parameters={
+      "rope_type": "default",
+      "rope_theta": 10000.0,
+      "partial_rotary_factor": rotary_pct,
+    },
+  )
   torch.manual_seed(seed)
   tm = GPTNeoXForCausalLM(hf).eval()
   with torch.no_grad():
@@ -60,6 +79,7 @@ def torch_captures(tm, config, tokens):
     def fn(module, args, output):
       value = args[0] if take_input else (output[0] if isinstance(output, tuple) else output)
       out[name] = transform(value.detach().numpy())
+
     return fn
 
   base = tm.gpt_neox
@@ -77,23 +97,29 @@ def torch_captures(tm, config, tokens):
       out[p + "hook_resid_pre"] = hs.detach().numpy()
 
     handles += [
-        layer.register_forward_pre_hook(resid_pre, with_kwargs=True),
-        layer.register_forward_hook(hook(p + "hook_resid_post")),
-        layer.input_layernorm.register_forward_hook(hook(p + "ln1.hook_normalized")),
-        layer.attention.query_key_value.register_forward_hook(qkv_hook),
-        layer.attention.dense.register_forward_pre_hook(
-            lambda m, a, p=p: out.__setitem__(
-                p + "attn.hook_z", a[0].detach().numpy().reshape(*a[0].shape[:2], H, -1))),
-        layer.attention.dense.register_forward_hook(hook(p + "hook_attn_out")),
-        layer.post_attention_layernorm.register_forward_hook(hook(p + "ln2.hook_normalized")),
-        layer.mlp.dense_h_to_4h.register_forward_hook(hook(p + "mlp.hook_pre")),
-        layer.mlp.dense_4h_to_h.register_forward_pre_hook(
-            lambda m, a, p=p: out.__setitem__(p + "mlp.hook_post", a[0].detach().numpy())),
-        layer.mlp.dense_4h_to_h.register_forward_hook(hook(p + "hook_mlp_out")),
+      layer.register_forward_pre_hook(resid_pre, with_kwargs=True),
+      layer.register_forward_hook(hook(p + "hook_resid_post")),
+      layer.input_layernorm.register_forward_hook(hook(p + "ln1.hook_normalized")),
+      layer.attention.query_key_value.register_forward_hook(qkv_hook),
+      layer.attention.dense.register_forward_pre_hook(
+        lambda m, a, p=p: out.__setitem__(
+          p + "attn.hook_z", a[0].detach().numpy().reshape(*a[0].shape[:2], H, -1)
+        )
+      ),
+      layer.attention.dense.register_forward_hook(hook(p + "hook_attn_out")),
+      layer.post_attention_layernorm.register_forward_hook(hook(p + "ln2.hook_normalized")),
+      layer.mlp.dense_h_to_4h.register_forward_hook(hook(p + "mlp.hook_pre")),
+      layer.mlp.dense_4h_to_h.register_forward_pre_hook(
+        lambda m, a, p=p: out.__setitem__(p + "mlp.hook_post", a[0].detach().numpy())
+      ),
+      layer.mlp.dense_4h_to_h.register_forward_hook(hook(p + "hook_mlp_out")),
     ]
     if not config.use_parallel_residual:
-      handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
-          lambda m, a, p=p: out.__setitem__(p + "hook_resid_mid", a[0].detach().numpy())))
+      handles.append(
+        layer.post_attention_layernorm.register_forward_pre_hook(
+          lambda m, a, p=p: out.__setitem__(p + "hook_resid_mid", a[0].detach().numpy())
+        )
+      )
   try:
     with torch.no_grad():
       result = tm(torch.tensor(tokens), output_attentions=True)
@@ -117,7 +143,8 @@ def torch_captures(tm, config, tokens):
     dh = config.d_head
     z = out[p + "attn.hook_z"]
     out[p + "attn.hook_result"] = np.stack(
-        [z[:, :, h] @ w_out[:, h * dh:(h + 1) * dh].T for h in range(H)], axis=2)
+      [z[:, :, h] @ w_out[:, h * dh : (h + 1) * dh].T for h in range(H)], axis=2
+    )
   return logits, out
 
 
@@ -143,9 +170,9 @@ def test_every_site_and_logits_match_hf(parallel, rotary_pct):
   tokens = np.random.default_rng(1).integers(0, config.vocab_size, (3, 17))
   ref_logits, ref = torch_captures(tm, config, tokens)
   sites = [n for n in all_sites(config) if "attn_scores" not in n]
-  logits, got = jax.jit(
-      lambda p, t: M.forward(p, t, config, sites=sites, positions="all"))(
-          to_flax(tm, config), tokens)
+  logits, got = jax.jit(lambda p, t: M.forward(p, t, config, sites=sites, positions="all"))(
+    to_flax(tm, config), tokens
+  )
   assert rel_err(logits, ref_logits) < 1e-5
   assert set(got) == set(sites)
   for name in sites:
@@ -157,22 +184,29 @@ def test_attention_scores_are_the_log_pattern_up_to_a_row_constant():
   tm, config = make_torch_model(TINY, std=0.3)
   tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
   _, ref = torch_captures(tm, config, tokens)
-  _, got = M.forward(to_flax(tm, config), tokens, config,
-                     sites=["blocks.1.attn.hook_attn_scores"], positions="all")
+  _, got = M.forward(
+    to_flax(tm, config), tokens, config, sites=["blocks.1.attn.hook_attn_scores"], positions="all"
+  )
   scores = np.asarray(got["blocks.1.attn.hook_attn_scores"], np.float64)
   causal = np.tril(np.ones((9, 9), bool))
   logz = np.log(np.where(causal, np.exp(scores), 0).sum(-1, keepdims=True))
   log_pattern = np.log(np.where(causal, ref["blocks.1.attn.hook_pattern"], 1.0))
-  np.testing.assert_allclose((scores - logz)[..., causal], log_pattern[..., causal],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    (scores - logz)[..., causal], log_pattern[..., causal], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_pythia_70m_shapes_logits_and_sites_match_hf():
   tm, config = make_torch_model(PYTHIA_70M, std=None)
   tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 24))
   ref_logits, ref = torch_captures(tm, config, tokens)
-  sites = ["blocks.*.attn.hook_v", "blocks.*.attn.hook_result", "blocks.*.hook_mlp_out",
-           "blocks.5.hook_resid_post", "blocks.2.attn.hook_rot_k"]
+  sites = [
+    "blocks.*.attn.hook_v",
+    "blocks.*.attn.hook_result",
+    "blocks.*.hook_mlp_out",
+    "blocks.5.hook_resid_post",
+    "blocks.2.attn.hook_rot_k",
+  ]
   logits, got = M.forward(to_flax(tm, config), tokens, config, sites=sites, positions="all")
   assert rel_err(logits, ref_logits) < 1e-5
   for suffix in ("attn.hook_v", "attn.hook_result", "hook_mlp_out"):
@@ -186,8 +220,12 @@ def test_positions_are_selected_inside_the_function():
   tm, config = make_torch_model(TINY, std=0.3)
   params = to_flax(tm, config)
   tokens = np.random.default_rng(4).integers(0, config.vocab_size, (3, 11))
-  sites = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_pattern", "hook_embed",
-           "blocks.2.attn.hook_result"]
+  sites = [
+    "blocks.*.hook_resid_post",
+    "blocks.0.attn.hook_pattern",
+    "hook_embed",
+    "blocks.2.attn.hook_result",
+  ]
   _, full = M.forward(params, tokens, config, sites=sites, positions="all")
   _, last = M.forward(params, tokens, config, sites=sites, positions="last")
   shared = np.array([0, 4, -1])
@@ -195,15 +233,19 @@ def test_positions_are_selected_inside_the_function():
   per_seq = np.array([[1, 2], [3, 10], [0, 5]])
   _, each = M.forward(params, tokens, config, sites=sites, positions=per_seq)
   # (batch axis, token axis) of each site
-  axes = {"blocks.*.hook_resid_post": (1, 2), "blocks.0.attn.hook_pattern": (0, 2),
-          "hook_embed": (0, 1), "blocks.2.attn.hook_result": (0, 1)}
+  axes = {
+    "blocks.*.hook_resid_post": (1, 2),
+    "blocks.0.attn.hook_pattern": (0, 2),
+    "hook_embed": (0, 1),
+    "blocks.2.attn.hook_result": (0, 1),
+  }
   for name in sites:
     f = np.asarray(full[name])
     batch_axis, token_axis = axes[name]
-    np.testing.assert_allclose(last[name], np.take(f, [10], axis=token_axis), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(some[name], np.take(f, [0, 4, 10], axis=token_axis),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(last[name], np.take(f, [10], axis=token_axis), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      some[name], np.take(f, [0, 4, 10], axis=token_axis), rtol=1e-6, atol=1e-6
+    )
     shape = [1] * f.ndim
     shape[batch_axis], shape[token_axis] = per_seq.shape
     expected = np.take_along_axis(f, per_seq.reshape(shape), axis=token_axis)
@@ -222,8 +264,9 @@ def test_logits_can_be_skipped_and_vmap_over_checkpoints():
   _, both = jax.vmap(fn, in_axes=(0, None, None))(stacked, tokens, None)
   for i, p in enumerate((pa, pb)):
     _, one = fn(p, tokens, None)
-    np.testing.assert_allclose(both["blocks.*.attn.hook_v"][i], one["blocks.*.attn.hook_v"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      both["blocks.*.attn.hook_v"][i], one["blocks.*.attn.hook_v"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -233,25 +276,27 @@ def test_gradients_of_chosen_weights_match_torch(parallel):
   t = torch.tensor(tokens)
   tm.zero_grad()
   logits = tm(t[:, :-1]).logits
-  loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size),
-                                           t[:, 1:].reshape(-1))
+  loss = torch.nn.functional.cross_entropy(
+    logits.reshape(-1, config.vocab_size), t[:, 1:].reshape(-1)
+  )
   loss.backward()
   L, H, dh, d = config.n_layers, config.n_heads, config.d_head, config.d_model
   layers = tm.gpt_neox.layers
   fused = np.stack([l.attention.query_key_value.weight.grad.numpy() for l in layers])
   fused = fused.reshape(L, H, 3, dh, d)
   expected = {
-      "attn.query.kernel": fused[:, :, 0].transpose(0, 3, 1, 2),
-      "attn.key.kernel": fused[:, :, 1].transpose(0, 3, 1, 2),
-      "attn.value.kernel": fused[:, :, 2].transpose(0, 3, 1, 2),
-      "attn.out.kernel": np.stack([l.attention.dense.weight.grad.numpy().T for l in layers]
-                                  ).reshape(L, H, dh, d),
-      "mlp.fc_in.kernel": np.stack([l.mlp.dense_h_to_4h.weight.grad.numpy().T for l in layers]),
-      "mlp.fc_out.kernel": np.stack([l.mlp.dense_4h_to_h.weight.grad.numpy().T
-                                     for l in layers]),
+    "attn.query.kernel": fused[:, :, 0].transpose(0, 3, 1, 2),
+    "attn.key.kernel": fused[:, :, 1].transpose(0, 3, 1, 2),
+    "attn.value.kernel": fused[:, :, 2].transpose(0, 3, 1, 2),
+    "attn.out.kernel": np.stack([l.attention.dense.weight.grad.numpy().T for l in layers]).reshape(
+      L, H, dh, d
+    ),
+    "mlp.fc_in.kernel": np.stack([l.mlp.dense_h_to_4h.weight.grad.numpy().T for l in layers]),
+    "mlp.fc_out.kernel": np.stack([l.mlp.dense_4h_to_h.weight.grad.numpy().T for l in layers]),
   }
   got_loss, grads = jax.jit(lambda p, t: M.loss_and_grads(p, t, config))(
-      to_flax(tm, config), tokens)
+    to_flax(tm, config), tokens
+  )
   assert abs(float(got_loss) - loss.item()) < 1e-5 * loss.item()
   for path, value in expected.items():
     got = grads

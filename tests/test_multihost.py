@@ -17,8 +17,13 @@ from tests.test_sharding import (
   sweep_cmd,
 )
 
-GRADIENT_ARGS = ("--n_sequences=8", "--loss_sequences=8", "--nofigures",
-                 "--gradient_window=1", "--gradient_sequences=8")
+GRADIENT_ARGS = (
+  "--n_sequences=8",
+  "--loss_sequences=8",
+  "--nofigures",
+  "--gradient_window=1",
+  "--gradient_sequences=8",
+)
 
 
 def free_port() -> int:
@@ -29,11 +34,24 @@ def free_port() -> int:
 
 def run_two(suite: str, out: str, *extra: str, devices: int = 1, timeout: float = 240):
   port = free_port()
-  procs = [subprocess.Popen(
-      sweep_cmd(suite, out, *extra, f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2", f"--process_id={i}"),
-      env=env_with_devices(devices), cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      sweep_cmd(
+        suite,
+        out,
+        *extra,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      env=env_with_devices(devices),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outputs = [p.communicate(timeout=timeout) for p in procs]
   finally:
@@ -63,7 +81,6 @@ def test_split_shard_two_processes(tmp_path):
   single = str(tmp_path / "single")
   run_sweep(suite, single, *SWEEP_ARGS)
   shard = str(tmp_path / "shard")
-  outputs = run_two(suite, shard, *SWEEP_ARGS, "--split=shard", "--mesh=data:2,model:2",
-                    devices=2)
+  outputs = run_two(suite, shard, *SWEEP_ARGS, "--split=shard", "--mesh=data:2,model:2", devices=2)
   assert "mesh data:2,model:2 (4 devices)" in outputs[0][0]
   assert_same_table(single, shard)

@@ -14,8 +14,14 @@ from tests.test_sharding import CONFIG, ROOT, STEPS, make_suite
 
 def test_pythia_parameter_counts():
   # Published totals (6.9b and 12b pad the vocab to 50,432 and 50,688).
-  counts = {"70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016,
-            "1.4b": 1_414_647_808, "6.9b": 6_857_302_016, "12b": 11_846_072_320}
+  counts = {
+    "70m": 70_426_624,
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1.4b": 1_414_647_808,
+    "6.9b": 6_857_302_016,
+    "12b": 11_846_072_320,
+  }
   for size, expected in counts.items():
     assert plan.from_suite(f"pythia-{size}").params == expected
 
@@ -29,7 +35,8 @@ def test_flops_follow_the_formulas():
   assert f["capture"] == pytest.approx(2 * shape.layer_params * 128 * s + 128 * attn)
   grad_tokens = 11 * 128 * s
   assert f["gradients"] == pytest.approx(
-      6 * (shape.layer_params + d * suite.VOCAB_SIZE) * grad_tokens + 3 * 11 * 128 * attn)
+    6 * (shape.layer_params + d * suite.VOCAB_SIZE) * grad_tokens + 3 * 11 * 128 * attn
+  )
   assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
   no_grad = plan.flops_per_checkpoint(shape, plan.Work(gradients=False))
   assert no_grad["gradients"] == 0 and no_grad["total"] < f["total"] / 10
@@ -60,17 +67,45 @@ def test_local_suite_and_cli(tmp_path):
   suite_dir = make_suite(str(tmp_path / "suite"))
   [shape] = plan.from_directory(suite_dir, seq_len=16)
   assert (shape.d_model, shape.n_heads, shape.vocab, shape.steps) == (
-      CONFIG.d_model, CONFIG.n_heads, CONFIG.vocab_size, STEPS)
+    CONFIG.d_model,
+    CONFIG.n_heads,
+    CONFIG.vocab_size,
+    STEPS,
+  )
   assert shape.checkpoint_bytes > 2 * shape.params  # config.json and fp16 weights
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, "-m", "tools.plan", f"--models={suite_dir},pythia-6.9b-deduped",
-       "--devices=8", "--mesh=data:2,model:4", "--flops_per_device=1e12"],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [
+      sys.executable,
+      "-m",
+      "tools.plan",
+      f"--models={suite_dir},pythia-6.9b-deduped",
+      "--devices=8",
+      "--mesh=data:2,model:4",
+      "--flops_per_device=1e12",
+    ],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "mini-h8" in proc.stdout and "pythia-6.9b-deduped" in proc.stdout
   assert "8 device(s)" in proc.stdout
-  bad = subprocess.run([sys.executable, "-m", "tools.plan", "--models=pythia-7m",
-                        "--flops_per_device=1e12", "--devices=1"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tools.plan",
+      "--models=pythia-7m",
+      "--flops_per_device=1e12",
+      "--devices=1",
+    ],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert bad.returncode != 0 and "Traceback" not in bad.stderr

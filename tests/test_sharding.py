@@ -26,13 +26,11 @@ KEY = ["model", "step", "layer", "component", "head", "metric"]
 SEQ = 16
 SEQUENCES_PER_STEP = 8
 # 8 heads and vocab 64: every mesh of 8 devices divides them (d_head 8: rotary dim 2).
-CONFIG = GPTNeoXConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, d_mlp=256,
-                       max_seq_len=64)
+CONFIG = GPTNeoXConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, d_mlp=256, max_seq_len=64)
 STEPS = (0, 1, 2)
 
 
-def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG,
-               name: str = "mini-h8") -> str:
+def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG, name: str = "mini-h8") -> str:
   """A suite directory: random checkpoints step<N>/ of one model, a token stream and
   suite.json (`resolve_models` and `open_data` read it as they read the toy suite)."""
   rng = np.random.default_rng(0)
@@ -42,32 +40,50 @@ def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG,
     params = model.init_params(config, jax.random.PRNGKey(s))
     weights.save_hf_checkpoint(os.path.join(out, name, f"step{s}"), params, config)
   with open(os.path.join(out, "suite.json"), "w") as f:
-    json.dump({"models": [{"name": name}], "data_prefix": "data/train",
-               "sequences_per_step": SEQUENCES_PER_STEP}, f)
+    json.dump(
+      {
+        "models": [{"name": name}],
+        "data_prefix": "data/train",
+        "sequences_per_step": SEQUENCES_PER_STEP,
+      },
+      f,
+    )
   return out
 
 
 #: Options of the CPU sweeps (small, gradients included).
-SWEEP_ARGS = ("--n_sequences=8", "--loss_sequences=8", "--nofigures", "--gradient_window=1",
-              "--gradient_sequences=8")
+SWEEP_ARGS = (
+  "--n_sequences=8",
+  "--loss_sequences=8",
+  "--nofigures",
+  "--gradient_window=1",
+  "--gradient_sequences=8",
+)
 
 
 def sweep_cmd(suite: str, out: str, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "tools.sweep", f"--models={suite}", f"--out={out}",
-          *extra]
+  return [sys.executable, "-m", "tools.sweep", f"--models={suite}", f"--out={out}", *extra]
 
 
 def env_with_devices(n: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+  env.update(
+    JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"
+  )
   return env
 
 
-def run_sweep(suite: str, out: str, *extra: str, devices: int = 1,
-              timeout: float = 240) -> subprocess.CompletedProcess:
-  proc = subprocess.run(sweep_cmd(suite, out, *extra), env=env_with_devices(devices),
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_sweep(
+  suite: str, out: str, *extra: str, devices: int = 1, timeout: float = 240
+) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+    sweep_cmd(suite, out, *extra),
+    env=env_with_devices(devices),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -88,8 +104,7 @@ def assert_same_table(expected_dir: str, actual_dir: str) -> None:
   assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head()
   merged = merged[merged.metric != "grad_condition_number"]
   loose = merged.metric == "condition_number"
-  np.testing.assert_allclose(merged.value_y[~loose], merged.value_x[~loose], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(merged.value_y[~loose], merged.value_x[~loose], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(merged.value_y[loose], merged.value_x[loose], rtol=1e-3)
   pa = pd.read_parquet(os.path.join(expected_dir, "pairwise_cka.parquet"))
   pb = pd.read_parquet(os.path.join(actual_dir, "pairwise_cka.parquet"))
@@ -124,7 +139,8 @@ def test_param_specs_follow_the_layout():
   shapes = weights.param_shapes(CONFIG)
   is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
   assert jax.tree.structure(shapes, is_leaf=is_shape) == jax.tree.structure(
-      specs, is_leaf=lambda x: isinstance(x, P))
+    specs, is_leaf=lambda x: isinstance(x, P)
+  )
   layers = specs["layers"]
   assert layers["attn"]["query"]["kernel"] == P(None, None, "model", None)  # H axis
   assert layers["attn"]["out"]["kernel"] == P(None, "model", None, None)  # H axis
@@ -136,8 +152,10 @@ def test_param_specs_follow_the_layout():
   with pytest.raises(sharding.ShardingError, match="n_heads"):
     sharding.param_specs(CONFIG, 16)
   # Without a model axis nothing is split.
-  assert all(all(a is None for a in s) for s in jax.tree.leaves(
-      sharding.param_specs(CONFIG, 1), is_leaf=lambda x: isinstance(x, P)))
+  assert all(
+    all(a is None for a in s)
+    for s in jax.tree.leaves(sharding.param_specs(CONFIG, 1), is_leaf=lambda x: isinstance(x, P))
+  )
 
 
 def test_placement_single_process():
@@ -151,8 +169,9 @@ def test_placement_single_process():
   params = jax.tree.map(np.asarray, model.init_params(CONFIG, jax.random.PRNGKey(0)))
   placed = meshed.params(params, CONFIG)
   np.testing.assert_array_equal(
-      meshed.host(placed["layers"]["attn"]["out"]["kernel"]),
-      params["layers"]["attn"]["out"]["kernel"])
+    meshed.host(placed["layers"]["attn"]["out"]["kernel"]),
+    params["layers"]["attn"]["out"]["kernel"],
+  )
   with pytest.raises(sharding.ShardingError, match="split"):
     sharding.Placement.create(None, "pipeline")
 
@@ -206,8 +225,13 @@ def test_converted_cache_restores_onto_the_mesh(suite_and_baseline, tmp_path):
 
 def test_bad_mesh_is_one_line(suite_and_baseline, tmp_path):
   suite, _, _ = suite_and_baseline
-  proc = subprocess.run(sweep_cmd(suite, str(tmp_path / "o"), *SWEEP_ARGS,
-                                  "--mesh=model:16"), env=env_with_devices(8),
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    sweep_cmd(suite, str(tmp_path / "o"), *SWEEP_ARGS, "--mesh=model:16"),
+    env=env_with_devices(8),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode != 0
   assert "mesh" in proc.stderr and "Traceback" not in proc.stderr

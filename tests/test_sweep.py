@@ -20,10 +20,16 @@ from jax_pythia import report, sweep
 from tests import suite_fixtures as sf
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIONS = dict(n_sequences=6, positions="random:2", gradient_window=1, gradient_sequences=4,
-               loss_sequences=4)
-CLI_OPTIONS = ["--n_sequences=6", "--positions=random:2", "--gradient_window=1",
-               "--gradient_sequences=4", "--loss_sequences=4"]
+OPTIONS = dict(
+  n_sequences=6, positions="random:2", gradient_window=1, gradient_sequences=4, loss_sequences=4
+)
+CLI_OPTIONS = [
+  "--n_sequences=6",
+  "--positions=random:2",
+  "--gradient_window=1",
+  "--gradient_sequences=4",
+  "--loss_sequences=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +60,19 @@ def np_cka(x, y):
 
 def np_cka_debiased(x, y):
   """Song et al. (2007) unbiased HSIC, written out."""
+
   def hsic(k, l):
     n = len(k)
     k, l = k.copy(), l.copy()
     np.fill_diagonal(k, 0)
     np.fill_diagonal(l, 0)
     ones = np.ones(n)
-    return (np.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (ones @ k @ l @ ones)) / (n * (n - 3))
+    return (
+      np.trace(k @ l)
+      + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+      - 2 / (n - 2) * (ones @ k @ l @ ones)
+    ) / (n * (n - 3))
+
   k, l = x @ x.T, y @ y.T
   return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
 
@@ -73,8 +84,9 @@ def np_per(s, k):
 
 
 def torch_model(suite_dir, name, step):
-  return GPTNeoXForCausalLM.from_pretrained(suite_dir / name / f"step{step}",
-                                            dtype=torch.float32).eval()
+  return GPTNeoXForCausalLM.from_pretrained(
+    suite_dir / name / f"step{step}", dtype=torch.float32
+  ).eval()
 
 
 def torch_site_values(tm, tokens, idx):
@@ -83,10 +95,16 @@ def torch_site_values(tm, tokens, idx):
   layer = tm.gpt_neox.layers
   handles = []
   for l, block in enumerate(layer):
-    handles.append(block.attention.query_key_value.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("qkv", l), o.detach().numpy())))
-    handles.append(block.mlp.dense_4h_to_h.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("mlp", l), o.detach().numpy())))
+    handles.append(
+      block.attention.query_key_value.register_forward_hook(
+        lambda m, a, o, l=l: store.__setitem__(("qkv", l), o.detach().numpy())
+      )
+    )
+    handles.append(
+      block.mlp.dense_4h_to_h.register_forward_hook(
+        lambda m, a, o, l=l: store.__setitem__(("mlp", l), o.detach().numpy())
+      )
+    )
   with torch.no_grad():
     tm(torch.tensor(tokens))
   for h in handles:
@@ -107,8 +125,8 @@ def head_ov(tm, l, h):
   block = tm.gpt_neox.layers[l]
   dh = tm.config.hidden_size // tm.config.num_attention_heads
   w_qkv = block.attention.query_key_value.weight.detach().numpy()
-  w_v = w_qkv[h * 3 * dh + 2 * dh:(h + 1) * 3 * dh]
-  w_o = block.attention.dense.weight.detach().numpy()[:, h * dh:(h + 1) * dh]
+  w_v = w_qkv[h * 3 * dh + 2 * dh : (h + 1) * 3 * dh]
+  w_o = block.attention.dense.weight.detach().numpy()[:, h * dh : (h + 1) * dh]
   return w_o @ w_v, w_o
 
 
@@ -133,29 +151,35 @@ def test_stored_metrics_equal_torch_and_numpy_ground_truth(swept, suite_dir):
   at, af = torch_site_values(tm, tokens, idx), torch_site_values(tf, tokens, idx)
   for l in range(3):
     cka = np_cka(at[("mlp", l)], af[("mlp", l)])
-    assert value(metrics, model=name, step=step, layer=l, component="mlp", head=-1,
-                 metric="cka") == pytest.approx(cka, rel=1e-4)
-    ov_t = at[("qkv", l)].reshape(12, -1) @ tm.gpt_neox.layers[l].attention.dense.weight \
-        .detach().numpy().T
-    ov_f = af[("qkv", l)].reshape(12, -1) @ tf.gpt_neox.layers[l].attention.dense.weight \
-        .detach().numpy().T
-    assert value(metrics, model=name, step=step, layer=l, component="ov", head=-1,
-                 metric="cka_debiased") == pytest.approx(np_cka_debiased(ov_t, ov_f),
-                                                         rel=1e-3, abs=1e-4)
+    assert value(
+      metrics, model=name, step=step, layer=l, component="mlp", head=-1, metric="cka"
+    ) == pytest.approx(cka, rel=1e-4)
+    ov_t = (
+      at[("qkv", l)].reshape(12, -1)
+      @ tm.gpt_neox.layers[l].attention.dense.weight.detach().numpy().T
+    )
+    ov_f = (
+      af[("qkv", l)].reshape(12, -1)
+      @ tf.gpt_neox.layers[l].attention.dense.weight.detach().numpy().T
+    )
+    assert value(
+      metrics, model=name, step=step, layer=l, component="ov", head=-1, metric="cka_debiased"
+    ) == pytest.approx(np_cka_debiased(ov_t, ov_f), rel=1e-3, abs=1e-4)
     for h in (0, 3):
       _, wo_t = head_ov(tm, l, h)
       _, wo_f = head_ov(tf, l, h)
       head_cka = np_cka(at[("qkv", l)][:, h] @ wo_t.T, af[("qkv", l)][:, h] @ wo_f.T)
-      assert value(metrics, model=name, step=step, layer=l, component="ov_head", head=h,
-                   metric="cka") == pytest.approx(head_cka, rel=1e-4)
+      assert value(
+        metrics, model=name, step=step, layer=l, component="ov_head", head=h, metric="cka"
+      ) == pytest.approx(head_cka, rel=1e-4)
       ov, _ = head_ov(tm, l, h)
-      assert value(metrics, model=name, step=step, layer=l, component="ov_head", head=h,
-                   metric="per") == pytest.approx(
-                       np_per(np.linalg.svd(ov, compute_uv=False), 16), rel=1e-4)
+      assert value(
+        metrics, model=name, step=step, layer=l, component="ov_head", head=h, metric="per"
+      ) == pytest.approx(np_per(np.linalg.svd(ov, compute_uv=False), 16), rel=1e-4)
     w_mlp = tm.gpt_neox.layers[l].mlp.dense_4h_to_h.weight.detach().numpy()
-    assert value(metrics, model=name, step=step, layer=l, component="mlp", head=-1,
-                 metric="per") == pytest.approx(
-                     np_per(np.linalg.svd(w_mlp, compute_uv=False), 64), rel=1e-4)
+    assert value(
+      metrics, model=name, step=step, layer=l, component="mlp", head=-1, metric="per"
+    ) == pytest.approx(np_per(np.linalg.svd(w_mlp, compute_uv=False), 64), rel=1e-4)
 
 
 def test_gradient_and_loss_metrics_equal_torch(swept, suite_dir):
@@ -168,37 +192,41 @@ def test_gradient_and_loss_metrics_equal_torch(swept, suite_dir):
     batch = torch.tensor(runner.source.batch(s, 4).astype(np.int64))
     tm.zero_grad()
     logits = tm(batch[:, :-1]).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, sf.VOCAB),
-                                      batch[:, 1:].reshape(-1)).backward()
-    grads.append([b.mlp.dense_4h_to_h.weight.grad.numpy().copy()
-                  for b in tm.gpt_neox.layers])
+    torch.nn.functional.cross_entropy(
+      logits.reshape(-1, sf.VOCAB), batch[:, 1:].reshape(-1)
+    ).backward()
+    grads.append([b.mlp.dense_4h_to_h.weight.grad.numpy().copy() for b in tm.gpt_neox.layers])
   for l in range(2):
     g = [batch_grads[l] for batch_grads in grads]
     mean_s = np.mean([np.linalg.svd(x, compute_uv=False) for x in g], axis=0)
-    assert value(metrics, model=name, step=step, layer=l, component="mlp", head=-1,
-                 metric="grad_per") == pytest.approx(np_per(mean_s, 32), rel=1e-3)
-    cos = np.mean([np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
-                   for a, b in zip(g[:-1], g[1:])])
-    assert value(metrics, model=name, step=step, layer=l, component="mlp", head=-1,
-                 metric="grad_cosine") == pytest.approx(cos, rel=1e-3, abs=1e-5)
-    assert value(metrics, model=name, step=step, layer=l, component="mlp", head=-1,
-                 metric="grad_norm") == pytest.approx(
-                     np.mean([np.linalg.norm(x) for x in g]), rel=1e-3)
+    assert value(
+      metrics, model=name, step=step, layer=l, component="mlp", head=-1, metric="grad_per"
+    ) == pytest.approx(np_per(mean_s, 32), rel=1e-3)
+    cos = np.mean(
+      [np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(g[:-1], g[1:])]
+    )
+    assert value(
+      metrics, model=name, step=step, layer=l, component="mlp", head=-1, metric="grad_cosine"
+    ) == pytest.approx(cos, rel=1e-3, abs=1e-5)
+    assert value(
+      metrics, model=name, step=step, layer=l, component="mlp", head=-1, metric="grad_norm"
+    ) == pytest.approx(np.mean([np.linalg.norm(x) for x in g]), rel=1e-3)
   heldout = torch.tensor(runner.source.batch(8, 4).astype(np.int64))
   with torch.no_grad():
     logits = tm(heldout[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, sf.VOCAB),
-                                             heldout[:, 1:].reshape(-1)).item()
-  assert value(metrics, model=name, step=step, layer=-1, component="model",
-               metric="heldout_loss") == pytest.approx(loss, rel=1e-4)
+    loss = torch.nn.functional.cross_entropy(
+      logits.reshape(-1, sf.VOCAB), heldout[:, 1:].reshape(-1)
+    ).item()
+  assert value(
+    metrics, model=name, step=step, layer=-1, component="model", metric="heldout_loss"
+  ) == pytest.approx(loss, rel=1e-4)
 
 
 def test_schema_pairwise_and_figures(swept):
   out, _, written = swept
   metrics = pd.read_parquet(os.path.join(out, "metrics.parquet"))
   assert list(metrics.columns) == list(sweep.METRIC_COLUMNS)
-  assert not metrics.duplicated(["model", "step", "layer", "component", "head",
-                                 "metric"]).any()
+  assert not metrics.duplicated(["model", "step", "layer", "component", "head", "metric"]).any()
   assert set(metrics.model) == set(sf.SUITE_MODELS)
   assert sorted(metrics.step.unique()) == list(sf.SUITE_STEPS)
   whole = metrics[metrics.component.isin(["ov", "mlp", "resid"])]
@@ -211,13 +239,19 @@ def test_schema_pairwise_and_figures(swept):
   pair = pd.read_parquet(os.path.join(out, "pairwise_cka.parquet"))
   against_final = pair[(pair.other_step == 8) & (pair.metric == "cka")]
   merged = against_final.merge(
-      metrics[metrics.metric == "cka"], on=["model", "step", "layer", "component", "head"])
+    metrics[metrics.metric == "cka"], on=["model", "step", "layer", "component", "head"]
+  )
   np.testing.assert_allclose(merged.value_x, merged.value_y, rtol=1e-4, atol=1e-6)
   assert len(merged) == len(against_final) > 0
   status = pd.read_parquet(os.path.join(out, "checkpoints.parquet"))
   assert (status.status == "ok").all() and len(status) == 10
-  for stem in ("cka_bands", "cka_bands_debiased", "per_over_training", "per_vs_convergence",
-               "pairwise_cka"):
+  for stem in (
+    "cka_bands",
+    "cka_bands_debiased",
+    "per_over_training",
+    "per_vs_convergence",
+    "pairwise_cka",
+  ):
     png = Path(out, "figures", stem + ".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
     assert Path(out, "figures", stem + ".pdf").read_bytes()[:5] == b"%PDF-"
@@ -226,8 +260,15 @@ def test_schema_pairwise_and_figures(swept):
 
 def _cli(args, **kwargs):
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen([sys.executable, "-m", "tools.sweep", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, "-m", "tools.sweep", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kwargs,
+  )
 
 
 def test_killed_run_resumes_without_redoing_work(swept, suite_dir, tmp_path):
@@ -300,8 +341,13 @@ def test_bad_input_errors_name_the_culprit(suite_dir, tmp_path):
   # Rerunning into an --out made with other options is refused, not mixed.
   sweep.Sweep(models, "0", source, str(tmp_path / "c"), options)
   with pytest.raises(sweep.SweepError, match="other options"):
-    sweep.Sweep(models, "0", source, str(tmp_path / "c"),
-                sweep.SweepOptions(**{**OPTIONS, "value_slice": "reference"}))
+    sweep.Sweep(
+      models,
+      "0",
+      source,
+      str(tmp_path / "c"),
+      sweep.SweepOptions(**{**OPTIONS, "value_slice": "reference"}),
+    )
 
 
 def test_cli_reports_bad_flags_in_one_line(tmp_path):

@@ -28,8 +28,11 @@ MODEL_NAMES = [s.name for s in OPTIONS.sizes]
 
 
 def _file_digests(root: Path) -> dict[str, str]:
-  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
 
 
 def _read_loss_csv(path: Path) -> list[dict[str, float]]:
@@ -42,8 +45,9 @@ def _saved_state(root: Path, name: str):
   size = next(s for s in OPTIONS.sizes if s.name == name)
   init_params, init_opt, _, _ = toy_suite.compiled_programs(size, OPTIONS)
   params = init_params(jax.random.PRNGKey(OPTIONS.seed))
-  step, params, _, _ = toy_suite._load_train_state(str(root / name / toy_suite.TRAIN_STATE_FILE),
-                                                    params, init_opt(params))
+  step, params, _, _ = toy_suite._load_train_state(
+    str(root / name / toy_suite.TRAIN_STATE_FILE), params, init_opt(params)
+  )
   return step, params
 
 
@@ -64,9 +68,15 @@ def test_layout_manifest_and_schedule(built):
   assert not (root / toy_suite.PARTIAL_MANIFEST_FILE).exists()
   assert json.loads((root / "suite.json").read_text())["models"] == manifest["models"]
   assert [m["name"] for m in manifest["models"]] == MODEL_NAMES == ["toy-1l-16d", "toy-2l-32d"]
-  for key, value in (("n_steps", 40), ("sequences_per_step", 4), ("seq_len", 32),
-                     ("vocab_size", 264), ("seed", 0), ("tokenizer", "tokenizer.json"),
-                     ("data_prefix", "data/stdlib_text_document")):
+  for key, value in (
+    ("n_steps", 40),
+    ("sequences_per_step", 4),
+    ("seq_len", 32),
+    ("vocab_size", 264),
+    ("seed", 0),
+    ("tokenizer", "tokenizer.json"),
+    ("data_prefix", "data/stdlib_text_document"),
+  ):
     assert manifest[key] == value, key
   for m in manifest["models"]:
     model_dir = root / m["name"]
@@ -110,11 +120,13 @@ def test_token_stream_is_the_tokenized_corpus_in_megatron_format(built):
   stdlib = Path(manifest["corpus"]["stdlib"])
   used = (root / manifest["corpus_files"]).read_text().splitlines()
   assert used and len(used) == manifest["corpus"]["n_files_used"]
-  assert all(p.endswith(".py") and "site-packages" not in p and "/test/" not in f"/{p}"
-             for p in used)
+  assert all(
+    p.endswith(".py") and "site-packages" not in p and "/test/" not in f"/{p}" for p in used
+  )
   # Byte level: the ids of a file are its UTF-8 bytes, then <|endoftext|> = 256.
-  stream = np.concatenate([np.append(np.frombuffer((stdlib / p).read_bytes(), np.uint8), 256)
-                           for p in used])
+  stream = np.concatenate(
+    [np.append(np.frombuffer((stdlib / p).read_bytes(), np.uint8), 256) for p in used]
+  )
   row = OPTIONS.seq_len + 1
   n_items = OPTIONS.n_steps * OPTIONS.sequences_per_step
   chunks = stream[: n_items * row].reshape(n_items, row)
@@ -125,8 +137,9 @@ def test_token_stream_is_the_tokenized_corpus_in_megatron_format(built):
   np.testing.assert_array_equal(np.stack([dataset[i] for i in range(n_items)]), expected)
   B = OPTIONS.sequences_per_step
   for step in (0, 17, OPTIONS.n_steps - 1):
-    np.testing.assert_array_equal(data.batch_of_step(dataset, step, B, B),
-                                  expected[step * B:(step + 1) * B])
+    np.testing.assert_array_equal(
+      data.batch_of_step(dataset, step, B, B), expected[step * B : (step + 1) * B]
+    )
   source = data.open_token_source(root / manifest["data_prefix"], sequences_per_step=B)
   assert source.seq_len == OPTIONS.seq_len and source.fixed_step == OPTIONS.n_steps - 1
 
@@ -153,8 +166,9 @@ def test_checkpoints_load_in_transformers_with_the_trained_logits(built):
   import transformers
 
   root, manifest = built
-  tokens = data.batch_of_step(data.MMapIndexedDataset(root / manifest["data_prefix"]), 39, 4,
-                              4)[:, :-1]
+  tokens = data.batch_of_step(data.MMapIndexedDataset(root / manifest["data_prefix"]), 39, 4, 4)[
+    :, :-1
+  ]
   for m in manifest["models"]:
     step, trained = _saved_state(root, m["name"])
     assert step == 40
@@ -186,8 +200,9 @@ def test_interrupted_builds_resume_to_the_same_bits(built, tmp_path):
   # Stopped at step 25; the resume state is the last checkpoint's.
   assert toy_suite._saved_step(str(small / toy_suite.TRAIN_STATE_FILE)) == 20
   with pytest.raises(toy_suite.ToySuiteError, match="n_steps"):
-    toy_suite.build_toy_suite(out, toy_suite.ToySuiteOptions(**{**OPTIONS.to_dict(),
-                                                                "n_steps": 50}))
+    toy_suite.build_toy_suite(
+      out, toy_suite.ToySuiteOptions(**{**OPTIONS.to_dict(), "n_steps": 50})
+    )
   second = toy_suite.build_toy_suite(out, OPTIONS, max_steps_this_run=30)  # into model two
   assert not second.complete and (small / "train_loss.csv").exists()
   assert (out / "toy-2l-32d" / "step10").is_dir()
@@ -217,8 +232,7 @@ def test_checkpoint_without_weights_is_not_trusted(built, tmp_path):
   out = tmp_path / "damaged"
   shutil.copytree(root, out)
   (out / "suite.json").unlink()
-  (out / toy_suite.PARTIAL_MANIFEST_FILE).write_text(
-      json.dumps(toy_suite._options_record(OPTIONS)))
+  (out / toy_suite.PARTIAL_MANIFEST_FILE).write_text(json.dumps(toy_suite._options_record(OPTIONS)))
   (out / "toy-2l-32d" / "step30" / "model.safetensors").unlink()
   (out / "toy-2l-32d" / "train_loss.csv").unlink()
   # What a kill during save_hf_checkpoint leaves behind: a hidden, half-written directory.
@@ -233,16 +247,31 @@ def test_cli_builds_the_same_model_in_another_process(built, tmp_path):
   built by the CLI in a fresh process must equal the fixture's bit for bit."""
   root, _ = built
   out = tmp_path / "cli"
-  run = subprocess.run([sys.executable, "-m", "tools.make_toy_suite", f"--out={out}",
-                        "--preset=tiny", "--sizes=1x16x2"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tools.make_toy_suite",
+      f"--out={out}",
+      "--preset=tiny",
+      "--sizes=1x16x2",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   assert "toy-1l-16d" in run.stdout and "final train loss" in run.stdout
   theirs, ours = _file_digests(out), _file_digests(root)
   shared = [k for k in ours if not k.startswith(("toy-2l-32d", "suite.json"))]
   assert sorted(shared) == sorted(k for k in theirs if k != "suite.json")
   assert all(theirs[k] == ours[k] for k in shared)
-  bad = subprocess.run([sys.executable, "-m", "tools.make_toy_suite", f"--out={out}",
-                        "--preset=tiny", "--sizes=2x30"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  bad = subprocess.run(
+    [sys.executable, "-m", "tools.make_toy_suite", f"--out={out}", "--preset=tiny", "--sizes=2x30"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2 and "error:" in bad.stderr and "2x30x1" in bad.stderr

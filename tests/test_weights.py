@@ -127,8 +127,9 @@ def test_hub_fp16_layout_loads_in_the_chosen_dtype(ckpts, dtype):
 
 
 def test_model_options_reach_the_config(tmp_path):
-  ckpt = hf.make_checkpoint(tmp_path / "c", "safetensors", seed=3, rotary_pct=0.5,
-                            use_parallel_residual=False)
+  ckpt = hf.make_checkpoint(
+    tmp_path / "c", "safetensors", seed=3, rotary_pct=0.5, use_parallel_residual=False
+  )
   config, params = _load(ckpt.path)
   assert config.rotary_pct == 0.5 and config.use_parallel_residual is False
   _assert_per_head_formula(params, hf.torch_state(ckpt.model), L=2, H=4, dh=8)
@@ -180,8 +181,9 @@ def test_saved_checkpoint_loads_in_transformers(model, ckpts, tmp_path, dtype, s
     np.testing.assert_array_equal(hf.torch_state(loaded)[k], v, err_msg=k)
   ids = torch.tensor([[1, 5, 9, 33, 96, 0, 4]])
   with torch.no_grad():
-    np.testing.assert_allclose(loaded(ids).logits.numpy(), ref(ids).logits.numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      loaded(ids).logits.numpy(), ref(ids).logits.numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_save_replaces_an_existing_checkpoint(ckpts, tmp_path):
@@ -220,9 +222,8 @@ def test_truncated_safetensors_names_file_and_tensor(ckpts, tmp_path):
   path = d / "model.safetensors"
   data = path.read_bytes()
   path.write_bytes(data[: len(data) - 100])
-  header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
-  last = max((k for k in header if k != "__metadata__"),
-             key=lambda k: header[k]["data_offsets"][1])
+  header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+  last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
   with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{last}'.*truncated"):
     weights.read_state_dict(d)
   path.write_bytes(data[:50])  # cut inside the header
@@ -249,9 +250,11 @@ def test_shape_mismatch_with_config(ckpts, tmp_path):
   cfg = json.loads((d / "config.json").read_text())
   cfg["intermediate_size"] = 64
   (d / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(CheckpointError,
-                     match=r"model\.safetensors: tensor 'gpt_neox\.layers\.0\.mlp\.dense_h_to_4h"
-                           r"\.weight': expected shape \[64, 32\].*found \[128, 32\]"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"model\.safetensors: tensor 'gpt_neox\.layers\.0\.mlp\.dense_h_to_4h"
+    r"\.weight': expected shape \[64, 32\].*found \[128, 32\]",
+  ):
     _load(d)
 
 
@@ -287,18 +290,22 @@ def test_overflow_on_cast_is_reported(ckpts, tmp_path):
 def test_missing_tensor(ckpts, tmp_path):
   d = _copy(ckpts["safetensors"].path, tmp_path / "d")
   _rewrite(d, lambda s: s.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias"))
-  with pytest.raises(CheckpointError,
-                     match=r"model\.safetensors: missing tensor.*"
-                           r"layers\.1\.mlp\.dense_4h_to_h\.bias"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"model\.safetensors: missing tensor.*"
+    r"layers\.1\.mlp\.dense_4h_to_h\.bias",
+  ):
     _load(d)
 
 
 def test_unexpected_tensor(ckpts, tmp_path):
   d = _copy(ckpts["safetensors"].path, tmp_path / "d")
-  _rewrite(d, lambda s: s.update({"gpt_neox.layers.0.attention.extra.weight":
-                                  np.zeros(3, np.float32)}))
-  with pytest.raises(CheckpointError,
-                     match=r"model\.safetensors: unexpected tensor.*attention\.extra\.weight"):
+  _rewrite(
+    d, lambda s: s.update({"gpt_neox.layers.0.attention.extra.weight": np.zeros(3, np.float32)})
+  )
+  with pytest.raises(
+    CheckpointError, match=r"model\.safetensors: unexpected tensor.*attention\.extra\.weight"
+  ):
     _load(d)
 
 
@@ -334,13 +341,20 @@ def test_safetensors_preferred_over_bin(ckpts, tmp_path):
   d = _copy(ckpts["safetensors"].path, tmp_path / "d")
   (d / "pytorch_model.bin").write_bytes(b"not read")
   assert weights.find_weight_files(d) == ("safetensors", ["model.safetensors"])
-  assert weights.choose_weight_files(["pytorch_model.bin", "model.safetensors.index.json",
-                                      "model-00001-of-00002.safetensors", "config.json",
-                                      "model-00002-of-00002.safetensors"]) == [
-      "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-      "model-00002-of-00002.safetensors"]
-  assert weights.choose_weight_files(["pytorch_model.bin", "config.json"]) == [
-      "pytorch_model.bin"]
+  assert weights.choose_weight_files(
+    [
+      "pytorch_model.bin",
+      "model.safetensors.index.json",
+      "model-00001-of-00002.safetensors",
+      "config.json",
+      "model-00002-of-00002.safetensors",
+    ]
+  ) == [
+    "model.safetensors.index.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+  ]
+  assert weights.choose_weight_files(["pytorch_model.bin", "config.json"]) == ["pytorch_model.bin"]
 
 
 def test_unsupported_config(ckpts, tmp_path):
@@ -357,16 +371,18 @@ def test_unsupported_dtype_argument(ckpts):
     _load(ckpts["safetensors"].path, "int8")
 
 
-@pytest.mark.parametrize("form,dtype", [("safetensors", "float32"), ("hub", "bfloat16"),
-                                        ("hub", "float16"), ("bin", "float32")])
+@pytest.mark.parametrize(
+  "form,dtype",
+  [("safetensors", "float32"), ("hub", "bfloat16"), ("hub", "float16"), ("bin", "float32")],
+)
 def test_on_device_conversion_is_bit_identical(ckpts, form, dtype):
   config, expected = _load(ckpts[form].path, dtype)
-  got = weights.convert_state_dict_on_device(weights.read_state_dict(ckpts[form].path),
-                                             config, dtype)
+  got = weights.convert_state_dict_on_device(
+    weights.read_state_dict(ckpts[form].path), config, dtype
+  )
   for (path, a), (_, b) in zip(_leaves(got), _leaves(expected)):
     assert a.dtype == b.dtype, path
-    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8),
-                                  err_msg=path)
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8), err_msg=path)
 
 
 def test_on_device_conversion_names_a_non_finite_tensor(ckpts, tmp_path):

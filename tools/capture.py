@@ -18,17 +18,30 @@ from jax_pythia.model import GLOBAL_SITES, LAYER_SITES
 from tools import _cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Local Hugging Face-format directory, or "
-                    "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).")
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Local Hugging Face-format directory, or "
+  "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).",
+)
 flags.DEFINE_string("tokens", None, ".npy integer array of token ids [batch, seq].")
-flags.DEFINE_list("sites", [], "Comma list of capture sites: " + ", ".join(
-    [*GLOBAL_SITES, *(f"blocks.<l|*>.{s}" for s in LAYER_SITES)]))
-flags.DEFINE_string("positions", "last",
-                    "Token positions to keep: last, all, or a comma list of indices.")
+flags.DEFINE_list(
+  "sites",
+  [],
+  "Comma list of capture sites: "
+  + ", ".join([*GLOBAL_SITES, *(f"blocks.<l|*>.{s}" for s in LAYER_SITES)]),
+)
+flags.DEFINE_string(
+  "positions", "last", "Token positions to keep: last, all, or a comma list of indices."
+)
 flags.DEFINE_string("out", None, "Output .npz file (one array per site, plus `logits`).")
 flags.DEFINE_bool("logits", False, "Also save the logits [batch, seq, vocab] (float32).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Compute dtype; fp16/bf16 checkpoints are cast to it.")
+flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  ["float32", "bfloat16", "float16"],
+  "Compute dtype; fp16/bf16 checkpoints are cast to it.",
+)
 flags.DEFINE_integer("batch_size", 32, "Sequences per compiled call (bounds memory).")
 flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 
@@ -39,8 +52,9 @@ def _positions(spec: str):
   try:
     return np.array([int(p) for p in spec.split(",")], dtype=np.int32)
   except ValueError:
-    raise ValueError(f"--positions={spec!r}: expected last, all or a comma list of "
-                     "integers") from None
+    raise ValueError(
+      f"--positions={spec!r}: expected last, all or a comma list of integers"
+    ) from None
 
 
 def main(argv):
@@ -62,8 +76,8 @@ def main(argv):
   fn = model.make_forward(config, sites, return_logits=FLAGS.logits)
   chunks: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(tokens), FLAGS.batch_size):
-    batch = tokens[start:start + FLAGS.batch_size]
-    batch_idx = idx if idx is None or idx.ndim == 1 else idx[start:start + len(batch)]
+    batch = tokens[start : start + FLAGS.batch_size]
+    batch_idx = idx if idx is None or idx.ndim == 1 else idx[start : start + len(batch)]
     logits, captures = fn(params, batch, batch_idx)
     if logits is not None:
       captures = {**captures, "logits": logits}
@@ -71,8 +85,8 @@ def main(argv):
       # Stacked sites ([L, b, ...]) are split on their batch axis, the second one.
       chunks.setdefault(name, []).append(np.asarray(value))
   arrays = {
-      name: np.concatenate(parts, axis=1 if name.startswith("blocks.*.") else 0)
-      for name, parts in chunks.items()
+    name: np.concatenate(parts, axis=1 if name.startswith("blocks.*.") else 0)
+    for name, parts in chunks.items()
   }
   files.save_npz(FLAGS.out, arrays)
   shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())

@@ -13,11 +13,19 @@ from absl import flags
 from tools import _cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Local Hugging Face-format directory, or "
-                    "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).")
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Local Hugging Face-format directory, or "
+  "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).",
+)
 flags.DEFINE_string("out", None, "Directory of the orbax cache to write.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "Dtype the converted parameters are stored in.")
+flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  ["float32", "bfloat16", "float16"],
+  "Dtype the converted parameters are stored in.",
+)
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -27,8 +35,7 @@ def main(argv):
 
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
   checkpoints.save_converted(FLAGS.out, config, params)
-  print(f"wrote {FLAGS.out}: {config.n_layers} layers, d_model {config.d_model}, "
-        f"{FLAGS.dtype}")
+  print(f"wrote {FLAGS.out}: {config.n_layers} layers, d_model {config.d_model}, {FLAGS.dtype}")
 
 
 if __name__ == "__main__":

@@ -17,25 +17,45 @@ from tools import _cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Suite directory (created; suite.json is written last).")
-flags.DEFINE_enum("preset", "default", ["default", "tiny"],
-                  "Starting options; the flags below override them when given.")
-flags.DEFINE_string("sizes", None, "Comma list of LAYERSxD_MODEL[xHEADS] (heads default to "
-                    "d_model/16), e.g. 2x32,3x48,4x64,4x96.")
+flags.DEFINE_enum(
+  "preset",
+  "default",
+  ["default", "tiny"],
+  "Starting options; the flags below override them when given.",
+)
+flags.DEFINE_string(
+  "sizes",
+  None,
+  "Comma list of LAYERSxD_MODEL[xHEADS] (heads default to d_model/16), e.g. 2x32,3x48,4x64,4x96.",
+)
 flags.DEFINE_integer("seq_len", None, "Tokens (bytes) per training sequence.")
 flags.DEFINE_integer("sequences_per_step", None, "Sequences per training batch (B).")
 flags.DEFINE_integer("n_steps", None, "Training steps of every model.")
-flags.DEFINE_integer("checkpoint_every", None, "Checkpoint every N steps (after the "
-                     "log-spaced ones).")
-flags.DEFINE_integer("log_checkpoints_until", None, "Log-spaced checkpoints 1, 2, 4, ... up "
-                     "to this step.")
+flags.DEFINE_integer(
+  "checkpoint_every", None, "Checkpoint every N steps (after the log-spaced ones)."
+)
+flags.DEFINE_integer(
+  "log_checkpoints_until", None, "Log-spaced checkpoints 1, 2, 4, ... up to this step."
+)
 flags.DEFINE_integer("seed", None, "Seed of the initialisation and the data order.")
 flags.DEFINE_float("lr_scale", None, "Multiplies every size's Pythia-law learning rate.")
-flags.DEFINE_integer("max_steps_this_run", None, "Stop after this many training steps in "
-                     "all (simulates an interruption; rerun to resume).")
+flags.DEFINE_integer(
+  "max_steps_this_run",
+  None,
+  "Stop after this many training steps in all (simulates an interruption; rerun to resume).",
+)
 flags.mark_flag_as_required("out")
 
-_OPTION_FLAGS = ("sizes", "seq_len", "sequences_per_step", "n_steps", "checkpoint_every",
-                 "log_checkpoints_until", "seed", "lr_scale")
+_OPTION_FLAGS = (
+  "sizes",
+  "seq_len",
+  "sequences_per_step",
+  "n_steps",
+  "checkpoint_every",
+  "log_checkpoints_until",
+  "seed",
+  "lr_scale",
+)
 
 
 def main(argv):
@@ -43,24 +63,33 @@ def main(argv):
   from jax_pythia import toy_suite
 
   preset = toy_suite.TINY_OPTIONS if FLAGS.preset == "tiny" else toy_suite.DEFAULT_OPTIONS
-  overrides = {name: FLAGS[name].value for name in _OPTION_FLAGS
-               if FLAGS[name].value is not None}
+  overrides = {name: FLAGS[name].value for name in _OPTION_FLAGS if FLAGS[name].value is not None}
   options = toy_suite.ToySuiteOptions.from_overrides(**{**preset.to_dict(), **overrides})
-  result = toy_suite.build_toy_suite(FLAGS.out, options,
-                                     max_steps_this_run=FLAGS.max_steps_this_run,
-                                     progress=toy_suite.TqdmProgress(), log=logging.info)
+  result = toy_suite.build_toy_suite(
+    FLAGS.out,
+    options,
+    max_steps_this_run=FLAGS.max_steps_this_run,
+    progress=toy_suite.TqdmProgress(),
+    log=logging.info,
+  )
   if not result.complete:
-    print(f"stopped early (--max_steps_this_run={FLAGS.max_steps_this_run}); rerun the same "
-          f"command to resume {FLAGS.out}")
+    print(
+      f"stopped early (--max_steps_this_run={FLAGS.max_steps_this_run}); rerun the same "
+      f"command to resume {FLAGS.out}"
+    )
     return
   manifest = result.manifest
   for model in manifest["models"]:
     took = result.seconds.get(model["name"])
     timing = f", {took:.1f}s this run" if took is not None else ""
-    print(f"{model['name']}: {model['n_params']:,} params, lr {model['learning_rate']:g}, "
-          f"final train loss {model['final_train_loss_mean_last_10']:.3f}{timing}")
-  print(f"{len(manifest['steps'])} checkpoints per model (steps {manifest['steps'][0]}.."
-        f"{manifest['steps'][-1]}); manifest {manifest['root']}/{toy_suite.MANIFEST_FILE}")
+    print(
+      f"{model['name']}: {model['n_params']:,} params, lr {model['learning_rate']:g}, "
+      f"final train loss {model['final_train_loss_mean_last_10']:.3f}{timing}"
+    )
+  print(
+    f"{len(manifest['steps'])} checkpoints per model (steps {manifest['steps'][0]}.."
+    f"{manifest['steps'][-1]}); manifest {manifest['root']}/{toy_suite.MANIFEST_FILE}"
+  )
 
 
 if __name__ == "__main__":

@@ -16,32 +16,45 @@ from absl import flags
 from tools import _cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["pythia-70m-deduped"], "Pythia names, or local suite/model "
-                  "directories (their config.json gives the shapes).")
-flags.DEFINE_string("steps", "all", "Checkpoints: all, paper, a comma list or "
-                    "START:STOP[:EVERY] (the final one is always added).")
-flags.DEFINE_integer("devices", None, "Devices the sweep will run on (default: this "
-                     "machine's).")
-flags.DEFINE_integer("hosts", 1, "Hosts fetching checkpoints in parallel "
-                     "(--split=checkpoints).")
-flags.DEFINE_string("mesh", None, "Mesh for the memory estimate, e.g. data:8,model:8 "
-                    "(default: data over all devices).")
-flags.DEFINE_bool("measure", False, "Measure FLOP/s of one local device (a small forward) "
-                  "and assume every device reaches it.")
-flags.DEFINE_float("flops_per_device", None, "Peak FLOP/s of one device (e.g. 197e12 for a "
-                   "TPU v5e in bf16), used with --utilisation.")
+flags.DEFINE_list(
+  "models",
+  ["pythia-70m-deduped"],
+  "Pythia names, or local suite/model directories (their config.json gives the shapes).",
+)
+flags.DEFINE_string(
+  "steps",
+  "all",
+  "Checkpoints: all, paper, a comma list or START:STOP[:EVERY] (the final one is always added).",
+)
+flags.DEFINE_integer("devices", None, "Devices the sweep will run on (default: this machine's).")
+flags.DEFINE_integer("hosts", 1, "Hosts fetching checkpoints in parallel (--split=checkpoints).")
+flags.DEFINE_string(
+  "mesh",
+  None,
+  "Mesh for the memory estimate, e.g. data:8,model:8 (default: data over all devices).",
+)
+flags.DEFINE_bool(
+  "measure",
+  False,
+  "Measure FLOP/s of one local device (a small forward) and assume every device reaches it.",
+)
+flags.DEFINE_float(
+  "flops_per_device",
+  None,
+  "Peak FLOP/s of one device (e.g. 197e12 for a TPU v5e in bf16), used with --utilisation.",
+)
 flags.DEFINE_float("utilisation", 0.4, "Fraction of --flops_per_device the sweep reaches.")
 flags.DEFINE_float("bandwidth", 200e6, "Download bytes/s of one host from the Hub.")
-flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: 2048 for Pythia, "
-                     "max_seq_len of a local config).")
+flags.DEFINE_integer(
+  "seq_len", None, "Tokens per sequence (default: 2048 for Pythia, max_seq_len of a local config)."
+)
 flags.DEFINE_integer("n_sequences", 128, "As in tools.sweep.")
 flags.DEFINE_bool("gradients", True, "As in tools.sweep.")
 flags.DEFINE_integer("gradient_window", 5, "As in tools.sweep.")
 flags.DEFINE_integer("gradient_sequences", 128, "As in tools.sweep.")
 flags.DEFINE_integer("gradient_microbatch", 0, "As in tools.sweep.")
 flags.DEFINE_integer("loss_sequences", 0, "As in tools.sweep.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "As in "
-                  "tools.sweep.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "As in tools.sweep.")
 
 
 def main(argv):
@@ -51,6 +64,7 @@ def main(argv):
   devices = FLAGS.devices
   if devices is None or FLAGS.measure:
     import jax
+
     devices = devices or jax.device_count()
   if FLAGS.measure:
     per_device = plan.measure_flops_per_device()
@@ -71,12 +85,20 @@ def main(argv):
     product *= v
   if product != devices:
     raise plan.PlanError(f"--mesh={FLAGS.mesh} has {product} devices, --devices={devices}")
-  work = plan.Work(FLAGS.n_sequences, FLAGS.gradients, FLAGS.gradient_window,
-                   FLAGS.gradient_sequences, FLAGS.gradient_microbatch, FLAGS.loss_sequences,
-                   FLAGS.dtype)
+  work = plan.Work(
+    FLAGS.n_sequences,
+    FLAGS.gradients,
+    FLAGS.gradient_window,
+    FLAGS.gradient_sequences,
+    FLAGS.gradient_microbatch,
+    FLAGS.loss_sequences,
+    FLAGS.dtype,
+  )
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
-  plans = [plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices,
-                          FLAGS.bandwidth) for s in shapes]
+  plans = [
+    plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices, FLAGS.bandwidth)
+    for s in shapes
+  ]
   print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source))
 
 

@@ -21,62 +21,121 @@ from tools import _cli
 DEFAULT_TOY_SUITE = os.path.join("runs", "toy_suite")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", [DEFAULT_TOY_SUITE],
-                  "Models: Pythia names (pythia-160m-deduped), Hub ids (org/name), "
-                  "directories of step<N>/ checkpoints, or a suite directory of such models. "
-                  f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
-                  "if missing.")
-flags.DEFINE_string("steps", "all", "Checkpoints: all, paper (the study's 27), a comma "
-                    "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
-                    "included: it is every CKA's reference.")
+flags.DEFINE_list(
+  "models",
+  [DEFAULT_TOY_SUITE],
+  "Models: Pythia names (pythia-160m-deduped), Hub ids (org/name), "
+  "directories of step<N>/ checkpoints, or a suite directory of such models. "
+  f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
+  "if missing.",
+)
+flags.DEFINE_string(
+  "steps",
+  "all",
+  "Checkpoints: all, paper (the study's 27), a comma "
+  "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
+  "included: it is every CKA's reference.",
+)
 flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
-flags.DEFINE_string("data", None, "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
-                    "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
-                    "Default: the data of the suite the models come from.")
+flags.DEFINE_string(
+  "data",
+  None,
+  "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
+  "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
+  "Default: the data of the suite the models come from.",
+)
 flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
-flags.DEFINE_integer("sequences_per_step", None, "Sequences per training batch in --data "
-                     "(Pythia: 1024; a suite's manifest says its own).")
-flags.DEFINE_integer("n_sequences", 128, "Sequences of the fixed batch activations are "
-                     "taken on (the paper: 128).")
-flags.DEFINE_string("positions", "last", "Token positions per sequence: last (the paper), "
-                    "all, or random:K.")
-flags.DEFINE_integer("data_step", None, "Training step whose batch gives the fixed inputs "
-                     "(default: the step before the final checkpoint, 142999 for Pythia).")
+flags.DEFINE_integer(
+  "sequences_per_step",
+  None,
+  "Sequences per training batch in --data (Pythia: 1024; a suite's manifest says its own).",
+)
+flags.DEFINE_integer(
+  "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
+)
+flags.DEFINE_string(
+  "positions", "last", "Token positions per sequence: last (the paper), all, or random:K."
+)
+flags.DEFINE_integer(
+  "data_step",
+  None,
+  "Training step whose batch gives the fixed inputs "
+  "(default: the step before the final checkpoint, 142999 for Pythia).",
+)
 flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
 flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
 flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
-flags.DEFINE_integer("gradient_microbatch", 0, "Split gradient batches into microbatches "
-                     "of this many sequences to bound memory (0: whole batch).")
-flags.DEFINE_enum("value_slice", "per_head", ["per_head", "reference"],
-                  "per_head: the true per-head values. reference: the reference code's "
-                  "last third of the fused qkv (METHOD.md's defect), only to reproduce "
-                  "published numbers.")
-flags.DEFINE_integer("loss_sequences", 0, "Also record the loss on this many sequences of "
-                     "the final step's batch, which no checkpoint trained on (0: off).")
+flags.DEFINE_integer(
+  "gradient_microbatch",
+  0,
+  "Split gradient batches into microbatches "
+  "of this many sequences to bound memory (0: whole batch).",
+)
+flags.DEFINE_enum(
+  "value_slice",
+  "per_head",
+  ["per_head", "reference"],
+  "per_head: the true per-head values. reference: the reference code's "
+  "last third of the fused qkv (METHOD.md's defect), only to reproduce "
+  "published numbers.",
+)
+flags.DEFINE_integer(
+  "loss_sequences",
+  0,
+  "Also record the loss on this many sequences of "
+  "the final step's batch, which no checkpoint trained on (0: off).",
+)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
 flags.DEFINE_integer("seed", 0, "Seed of random positions and the CKA noise floor.")
-flags.DEFINE_enum("on_error", "stop", ["stop", "skip"], "A checkpoint that fails to load: "
-                  "stop the run, or skip it and record it in checkpoints.parquet.")
-flags.DEFINE_bool("keep_checkpoints", False, "Keep fetched Hub weights in the cache after "
-                  "processing (default: evict them; 154 checkpoints of 12b are terabytes).")
-flags.DEFINE_string("evals_dir", None, "Published Pythia evaluations (Pythia's "
-                    "evals/pythia-v1) to draw downstream accuracy on the same step axis.")
+flags.DEFINE_enum(
+  "on_error",
+  "stop",
+  ["stop", "skip"],
+  "A checkpoint that fails to load: stop the run, or skip it and record it in checkpoints.parquet.",
+)
+flags.DEFINE_bool(
+  "keep_checkpoints",
+  False,
+  "Keep fetched Hub weights in the cache after "
+  "processing (default: evict them; 154 checkpoints of 12b are terabytes).",
+)
+flags.DEFINE_string(
+  "evals_dir",
+  None,
+  "Published Pythia evaluations (Pythia's "
+  "evals/pythia-v1) to draw downstream accuracy on the same step axis.",
+)
 flags.DEFINE_bool("figures", True, "Draw the figures and report.md when done.")
 # Scale-out (jax_pythia.sharding): a device mesh and JAX's multi-process runtime.
-flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:4,model:2 (a size -1 takes the "
-                    "rest): token batches split over data, layer weights over model (by "
-                    "heads and MLP units). Default: one device (split=shard: data over all).")
-flags.DEFINE_enum("split", "checkpoints", ["checkpoints", "shard"], "With several "
-                  "processes: checkpoints (each process sweeps its own checkpoints on its "
-                  "local devices; process 0 does the final ones first) or shard (all "
-                  "processes run every checkpoint on one global mesh; process 0 writes).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() without "
-                  "arguments (TPU pods and clusters it detects).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, "
-                    "for jax.distributed.initialize elsewhere (with --num_processes and "
-                    "--process_id).")
-flags.DEFINE_integer("num_processes", None, "Processes in the run (with "
-                     "--coordinator_address).")
+flags.DEFINE_string(
+  "mesh",
+  None,
+  "Device mesh, e.g. data:4,model:2 (a size -1 takes the "
+  "rest): token batches split over data, layer weights over model (by "
+  "heads and MLP units). Default: one device (split=shard: data over all).",
+)
+flags.DEFINE_enum(
+  "split",
+  "checkpoints",
+  ["checkpoints", "shard"],
+  "With several "
+  "processes: checkpoints (each process sweeps its own checkpoints on its "
+  "local devices; process 0 does the final ones first) or shard (all "
+  "processes run every checkpoint on one global mesh; process 0 writes).",
+)
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() without arguments (TPU pods and clusters it detects).",
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0's coordinator, "
+  "for jax.distributed.initialize elsewhere (with --num_processes and "
+  "--process_id).",
+)
+flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-1.")
 
 
@@ -87,8 +146,9 @@ def main(argv):
   from jax_pythia import report, sharding, sweep
 
   # Before anything touches a device: the runtime must know every process first.
-  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id, auto=FLAGS.distributed)
+  sharding.initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
+  )
   placement = sharding.Placement.create(FLAGS.mesh, FLAGS.split)
   lead = placement.process_index == 0
 
@@ -102,25 +162,42 @@ def main(argv):
   models = sweep.resolve_models(FLAGS.models)
   source = sweep.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
-      n_sequences=FLAGS.n_sequences, positions=FLAGS.positions, data_step=FLAGS.data_step,
-      gradients=FLAGS.gradients, gradient_window=FLAGS.gradient_window,
-      gradient_sequences=FLAGS.gradient_sequences,
-      gradient_microbatch=FLAGS.gradient_microbatch, value_slice=FLAGS.value_slice,
-      loss_sequences=FLAGS.loss_sequences, dtype=FLAGS.dtype, seed=FLAGS.seed)
+    n_sequences=FLAGS.n_sequences,
+    positions=FLAGS.positions,
+    data_step=FLAGS.data_step,
+    gradients=FLAGS.gradients,
+    gradient_window=FLAGS.gradient_window,
+    gradient_sequences=FLAGS.gradient_sequences,
+    gradient_microbatch=FLAGS.gradient_microbatch,
+    value_slice=FLAGS.value_slice,
+    loss_sequences=FLAGS.loss_sequences,
+    dtype=FLAGS.dtype,
+    seed=FLAGS.seed,
+  )
   bar = tqdm(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):
     bar.set_postfix_str(f"{model} step {step}")
     bar.update(1)
 
-  runner = sweep.Sweep(models, FLAGS.steps, source, FLAGS.out, options,
-                       on_error=FLAGS.on_error, keep_checkpoints=FLAGS.keep_checkpoints,
-                       progress=progress, placement=placement)
+  runner = sweep.Sweep(
+    models,
+    FLAGS.steps,
+    source,
+    FLAGS.out,
+    options,
+    on_error=FLAGS.on_error,
+    keep_checkpoints=FLAGS.keep_checkpoints,
+    progress=progress,
+    placement=placement,
+  )
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
-  print(f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
-        f"results in {FLAGS.out}; {placement.describe()}")
+  print(
+    f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
+    f"results in {FLAGS.out}; {placement.describe()}"
+  )
   bar.reset(total=todo)
   with bar:
     runner.run()
