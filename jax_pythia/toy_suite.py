@@ -227,7 +227,7 @@ class ToySuiteOptions:
 
   sizes: tuple[ToySize, ...] = DEFAULT_SIZES
   seq_len: int = 64
-  # 128: the study takes the first 128 sequences of a step's batch (METHOD.md), so a
+  # 128: the study takes the first 128 sequences of a step's batch (docs/method.md), so a
   # batch must hold them; at 2 CPU cores that leaves ~200 steps for ~5 minutes.
   sequences_per_step: int = 128
   n_steps: int = 200
