@@ -4,7 +4,7 @@ Parameter layout (Flax, kernels (in, out), layer axis first; '...' below is any 
 axes, typically [L] for weights and [G, L] for G gradient batches):
   attn['value']['kernel'] [..., d, H, dh], attn['out']['kernel'] [..., H, dh, d]
   (query/key alike), mlp['fc_out']['kernel'] [..., f, d].
-Torch (Hugging Face, out x in) names used in METHOD.md:
+Torch (Hugging Face, out x in) names used in docs/method.md:
   W_V[h, :] = value.kernel[:, h, :].T   (dh x d)
   W_O[:, h] = out.kernel[h].T           (d x dh)
   W_OV,h    = W_O[:, h] @ W_V[h, :]     (d x d, rank <= dh)
@@ -14,10 +14,11 @@ Matrices returned here are in the torch (out x in) convention; singular values d
 depend on the convention.
 
 value_slice: 'per_head' (default) uses the true per-head values. 'reference' reproduces the
-reference code's defect (METHOD.md): it rebuilds the fused `query_key_value` output/weight,
-whose rows are laid out per head (row h*3*dh + j*dh + i, j in q, k, v), and takes its last
-third (`out[..., 2d:]`, `W[-d:, :]`) as "the value", which mixes q, k and v of the last
-heads. Use it only to reproduce published numbers and measure the difference.
+reference code's defect (docs/method.md: the value-slice defect): it rebuilds the fused
+`query_key_value` output/weight, whose rows are laid out per head (row h*3*dh + j*dh + i,
+j in q, k, v), and takes its last third (`out[..., 2d:]`, `W[-d:, :]`) as "the value",
+which mixes q, k and v of the last heads. Use it only to reproduce published numbers and
+measure the difference.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gradient statistics over a stack of G gradient batches (axis 0).
 
-METHOD.md: gradients at a checkpoint's weights on the batches of the 11 steps around it;
+docs/method.md: gradients at a checkpoint's weights on the batches of the 11 steps around it;
 gradient PER uses the singular values averaged over those batches; also recorded are
 Frobenius norms and the mean cosine similarity of consecutive gradients.
 """

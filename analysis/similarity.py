@@ -320,9 +320,9 @@ def cka_noise_floor(
 ) -> jax.Array:
   """CKA against row-permuted activations: the value CKA takes when rows do not correspond.
 
-  METHOD.md asks every figure to show this floor: for biased CKA it is far above 0 when
-  n is small relative to d. Each permutation shuffles the n rows of y (default: x itself),
-  the same permutation for every leading index.
+  docs/method.md (the estimator's noise floor) asks every figure to show this floor: for
+  biased CKA it is far above 0 when n is small relative to d. Each permutation shuffles the
+  n rows of y (default: x itself), the same permutation for every leading index.
   Args:
     x: [..., n, dx]. key: PRNG key. y: [..., n, dy] or None (= x).
     num_permutations: P independent permutations.

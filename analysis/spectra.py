@@ -129,7 +129,7 @@ def effective_rank(s: jax.Array) -> jax.Array:
 
 @register_metric("per", "spectral", needs_rank_bound=True)
 def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
-  """Proportional effective rank PER = ER(top-k singular values) / k (METHOD.md).
+  """Proportional effective rank PER = ER(top-k singular values) / k (docs/method.md).
 
   k is the rank bound: d_head for a head's OV matrix, d for the whole OV and the MLP.
   Args:

@@ -6,7 +6,7 @@ Metric names: every registered 'spectral' metric ('effective_rank', 'per',
 'condition_number', 'stable_rank', 'frobenius_norm', 'spectral_norm', plus any added
 later); gradient summaries add 'grad_norm' and 'grad_cosine'.
 
-Rank bounds k (METHOD.md): d_head for a head's OV matrix, d for the whole OV and the MLP.
+Rank bounds k (docs/method.md): d_head for a head's OV matrix, d for the whole OV and the MLP.
 A head's OV *gradient* has rank <= 2 d_head (sum of two rank-d_head products), so its
 default bound is 2 d_head; pass head_gradient_rank_bound=d_head to mimic the reference.
 """
@@ -74,7 +74,7 @@ def gradient_spectra(
 ) -> dict[str, dict[str, jax.Array]]:
   """All gradient metrics of one checkpoint from G gradient batches.
 
-  Spectral metrics are of the singular values averaged over the G batches (METHOD.md);
+  Spectral metrics are of the singular values averaged over the G batches (docs/method.md);
   'grad_norm' is the mean Frobenius norm of the component gradient, 'grad_cosine' the mean
   cosine of consecutive batches (NaN if G == 1). Batches are processed one at a time
   (lax.scan), so memory holds two batches' d x d OV gradients, not G.

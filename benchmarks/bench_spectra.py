@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/bench_spectra.py`
 
 import analysis  # noqa: E402
 
-SHAPES = {  # PYTHIA.md
+SHAPES = {  # docs/pythia.md
   "70m": dict(layers=6, d=512, heads=8, head_dim=64),
   "410m": dict(layers=24, d=1024, heads=16, head_dim=64),
 }

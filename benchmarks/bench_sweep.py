@@ -5,7 +5,7 @@
 Writes a local suite of random pythia-70m-shaped checkpoints (fp16 safetensors, as on the
 Hub) and a token stream, then times per checkpoint:
 
-- the reference's way (METHOD.md, written out here): `from_pretrained`, PyTorch forward
+- the reference's way (docs/method.md, written out here): `from_pretrained`, PyTorch forward
   hooks on the fused qkv and dense_4h_to_h, numpy CKA per layer and per head, and Python
   loops over layers and heads building every d x d OV matrix (weights and, by the chain
   rule, the gradients of the 11 batches around the step) for `np.linalg.svd`;

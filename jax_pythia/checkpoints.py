@@ -396,7 +396,7 @@ def load_checkpoint(
   state = weights.read_state_dict(directory)
   if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
     _shardings_like(weights.param_shapes(config), sharding)  # a clear error on a mismatch
-  params = weights.convert_state_dict_on_device(state, config, dtype, sharding)
+  params = weights.convert_state_dict(state, config, dtype, sharding)
   del state  # drop the mmaps once the converted copy exists
   return config, params
 

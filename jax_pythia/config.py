@@ -1,6 +1,6 @@
 """GPT-NeoX configuration read from a Hugging Face `config.json`.
 
-Both layouts of PYTHIA.md load: the Hub's transformers-4 keys (`rotary_pct`,
+Both layouts of docs/pythia.md load: the Hub's transformers-4 keys (`rotary_pct`,
 `rotary_emb_base`, `torch_dtype`) and what transformers 5 writes (`rope_parameters`,
 `dtype`, `attention_bias`). Every key is either understood, known not to change the
 forward pass, or refused: a setting the model does not implement is an error naming the
@@ -91,7 +91,7 @@ _SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class GPTNeoXConfig:
-  """The GPT-NeoX architecture this project implements (see PYTHIA.md)."""
+  """The GPT-NeoX architecture this project implements (see docs/pythia.md)."""
 
   vocab_size: int
   d_model: int

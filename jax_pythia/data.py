@@ -1,7 +1,7 @@
 """Token sources: Pythia's training stream (Megatron MMapIndexedDataset), .npy arrays, text.
 
 The training stream is the pre-shuffled, pre-tokenized Pile in Megatron's
-"MMapIndexedDataset" format (PYTHIA.md, "Training data and the batch of a step"):
+"MMapIndexedDataset" format (docs/pythia.md: the training data and the batch of a step):
 
 - `<prefix>.idx`: magic `MMIDIDX\\x00\\x00` (9 bytes), version u64 LE (= 1), dtype code u8,
   item count u64, doc count u64, then `sizes` int32[count], `pointers` int64[count] (byte
@@ -31,7 +31,7 @@ from numpy.typing import DTypeLike
 from jax_pythia.errors import JaxPythiaError
 from jax_pythia.suite import FINAL_STEP, SEQUENCE_LENGTH, SEQUENCES_PER_STEP
 
-#: How many sequences of a batch the reference study feeds the model (METHOD.md).
+#: How many sequences of a batch the reference study feeds the model (docs/method.md).
 DEFAULT_N_SEQUENCES = 128
 
 MMAP_INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -39,7 +39,7 @@ MMAP_INDEX_VERSION = 1
 # magic, version u64, dtype code u8, item count u64, doc count u64
 _INDEX_HEADER = struct.Struct("<9sQBQQ")
 
-#: dtype codes of the .idx header, as PYTHIA.md documents them. (Megatron-core's own enum
+#: dtype codes of the .idx header, as docs/pythia.md documents them. (Megatron-core's own enum
 #: has 6 = float64 and 7 = float32; float codes never occur in token files, and the
 #: reader refuses float tokens anyway, so the difference cannot bite.)
 DTYPE_CODES: dict[int, np.dtype] = {

@@ -14,3 +14,7 @@ class ConfigError(JaxPythiaError, ValueError):
 
 class CheckpointError(JaxPythiaError, ValueError):
   """A checkpoint that is missing, truncated, mismatched, non-finite or not fetchable."""
+
+
+class ToySuiteError(JaxPythiaError, ValueError):
+  """A toy-suite request that cannot be honoured (bad sizes, an out dir of another suite)."""

@@ -1,6 +1,6 @@
 """The published lm-eval-harness results of the Pythia checkpoints, as one tidy table.
 
-Layout (PYTHIA.md, "Published evaluations"; the Pythia repo's `evals/pythia-v1`):
+Layout (docs/pythia.md: published evaluations; the Pythia repo's `evals/pythia-v1`):
 `<dir>/pythia-<size>[-deduped]/<size>[-deduped]_step<N>.json`, each holding
 `{"results": {task: {metric: value, metric + "_stderr": stderr, ...}}, "config": {...},
 "versions": {...}}`. `pythia-1b-bf16` holds the standard 1b (the model on the Hub as

@@ -134,10 +134,11 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
 
 
 def param_specs(config: GPTNeoXConfig, model_size: int = 1) -> dict[str, Any]:
-  """PartitionSpecs of the Flax params (weights.param_shapes' tree) on the model axis.
+  """PartitionSpecs of the Flax params on the model axis: each leaf splits the dimension
+  named by its `model_dim` in weights.PARAMS (heads, MLP width or vocab), or is replicated.
 
-  Raises if the heads cannot be split evenly. Embeddings are split on vocab only when
-  it divides (Pythia's 50,304 does for every power of two up to 128).
+  Raises if the heads or the MLP width cannot be split evenly. Embeddings are split on
+  vocab only when it divides (Pythia's 50,304 does for every power of two up to 128).
   """
   H, f, V = config.n_heads, config.d_mlp, config.vocab_size
   if H % model_size or f % model_size:
@@ -145,28 +146,14 @@ def param_specs(config: GPTNeoXConfig, model_size: int = 1) -> dict[str, Any]:
       f"model axis of size {model_size}: needs n_heads ({H}) and d_mlp ({f}) divisible by it"
     )
   mdl = "model" if model_size > 1 else None
-  vocab = mdl if V % model_size == 0 else None
-  heads_in = {"kernel": P(None, None, mdl, None), "bias": P(None, mdl, None)}
-  rep2 = P(None, None)
-  return {
-    "embed_in": {"embedding": P(vocab, None)},
-    "layers": {
-      "ln_1": {"scale": rep2, "bias": rep2},
-      "attn": {
-        "query": dict(heads_in),
-        "key": dict(heads_in),
-        "value": dict(heads_in),
-        "out": {"kernel": P(None, mdl, None, None), "bias": rep2},
-      },
-      "ln_2": {"scale": rep2, "bias": rep2},
-      "mlp": {
-        "fc_in": {"kernel": P(None, None, mdl), "bias": P(None, mdl)},
-        "fc_out": {"kernel": P(None, mdl, None), "bias": rep2},
-      },
-    },
-    "ln_f": {"scale": P(None), "bias": P(None)},
-    "embed_out": {"kernel": P(None, vocab)},
-  }
+
+  def spec(p: weights.Param) -> P:
+    axes = [None] * len(p.dims)
+    if p.model_dim is not None and not (p.model_dim == "V" and V % model_size):
+      axes[p.dims.index(p.model_dim)] = mdl
+    return P(*axes)
+
+  return weights.param_tree(spec)
 
 
 def param_shardings(config: GPTNeoXConfig, mesh: Mesh) -> dict[str, Any]:
@@ -337,7 +324,7 @@ class Placement:
   # -- arrays
 
   def params(self, params: Any, config: GPTNeoXConfig) -> Any:
-    """Host params (numpy tree) or a `Converted` cache onto the devices."""
+    """Converted params (weights.convert_state_dict) or a `Converted` cache onto the devices."""
     target = None if self.mesh is None else param_shardings(config, self.mesh)
     if isinstance(params, Converted):
       from jax_pythia import checkpoints

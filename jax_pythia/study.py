@@ -1,4 +1,4 @@
-"""The study's per-checkpoint computations (METHOD.md), each one compiled call.
+"""The study's per-checkpoint computations (docs/method.md), each one compiled call.
 
 Pure functions of (params, tokens) that wire the model's capture sites into the
 `analysis` kernels: activations for CKA, weight spectra, gradient statistics, loss. The
@@ -80,7 +80,7 @@ def cka_against(acts: dict, ref: dict) -> dict:
 @functools.partial(jax.jit, static_argnames=("num_permutations",))
 def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dict:
   """{(component, estimator): [L] or [L, H]}: mean CKA of `ref` against itself with rows
-  permuted: what CKA reads when the inputs do not correspond (METHOD.md)."""
+  permuted: what CKA reads when the inputs do not correspond (docs/method.md)."""
   out = {}
   for c, x in ref.items():
     for name, debiased in CKA_ESTIMATORS.items():
@@ -135,7 +135,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
 
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
-  """{component: {metric: ...}} of G gradients (METHOD.md: mean singular values over the
+  """{component: {metric: ...}} of G gradients (docs/method.md: mean singular values over the
   batches, norms, consecutive cosine).
 
   A compiled call of its own, apart from `gradient_fn`: on a device mesh the gradients

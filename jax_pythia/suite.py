@@ -1,6 +1,6 @@
 """The Pythia suite: sizes, shapes, Hub repo ids and the checkpoint schedule.
 
-This module is the single source of truth for these facts (PYTHIA.md); everything else
+This module is the single source of truth for these facts (docs/pythia.md); everything else
 imports them from here.
 """
 

@@ -2,27 +2,21 @@
 
 Reading is memory-mapped and torch-free for safetensors: the header is parsed here and
 every tensor is an `np.frombuffer` view over a read-only mmap of its file, so reading a
-checkpoint costs no copy; the one copy is the cast/transpose into the Flax layout done by
-`convert_state_dict`. Legacy `pytorch_model.bin` files go through
+checkpoint costs no copy; the one copy is the cast/transpose into the Flax layout, done
+on the device by `convert_state_dict`. Legacy `pytorch_model.bin` files go through
 `torch.load(weights_only=True, mmap=True)`, with torch imported only then.
 
-Flax layout (layer axis stacked first, kernels are (in, out): y = x @ kernel + bias):
-
-  embed_in.embedding [V, d]
-  layers.ln_1.{scale,bias} [L, d]; layers.ln_2.{scale,bias} [L, d]
-  layers.attn.{query,key,value}.kernel [L, d, H, dh], .bias [L, H, dh]
-  layers.attn.out.kernel [L, H, dh, d], .bias [L, d]
-  layers.mlp.fc_in.kernel [L, d, f], .bias [L, f]; layers.mlp.fc_out.kernel [L, f, d], .bias [L, d]
-  ln_f.{scale,bias} [d]
-  embed_out.kernel [d, V]
-
-The fused torch `query_key_value.weight` [3d, d] is laid out per head: its rows reshape
-to [H, 3, dh] (index 1: 0 query, 1 key, 2 value), so the value of head h is NOT the last
-third of the rows (PYTHIA.md).
+The layout (which HF tensor feeds which Flax leaf, shapes, transforms, the dimension split
+over a model axis) is the one table PARAMS; both directions of conversion, the shapes and
+`sharding.param_specs` derive from it. The fused torch `query_key_value.weight` [3d, d]
+is laid out per head: its rows reshape to [H, 3, dh] (index 1: 0 query, 1 key, 2 value),
+so the value of head h is NOT the last third of the rows (docs/pythia.md: the weight
+layout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
@@ -30,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -360,67 +354,164 @@ def read_state_dict(directory: str | os.PathLike) -> StateDict:
   return state
 
 
-# --------------------------------------------------------------------------- conversion
+# --------------------------------------------------------------------------- layout
+#
+# One table, PARAMS, is the Hugging Face <-> Flax layout; everything else derives from it:
+# `hf_shapes`, `param_shapes`, `param_tree`, `convert_state_dict` (HF -> Flax),
+# `params_to_state_dict` (Flax -> HF) and `sharding.param_specs` (its `model_dim` column).
+
+#: Dimension symbols used in the shape columns of PARAMS.
+DIM_SYMBOLS = ("L", "V", "d", "3d", "H", "dh", "f")
 
 
-def hf_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
-  """Expected torch shapes, by HF name (with the `gpt_neox.` prefix), of a checkpoint."""
-  d, f, V = config.d_model, config.d_mlp, config.vocab_size
-  shapes = {"gpt_neox.embed_in.weight": (V, d)}
-  for l in range(config.n_layers):
-    p = f"gpt_neox.layers.{l}."
-    shapes.update(
-      {
-        p + "input_layernorm.weight": (d,),
-        p + "input_layernorm.bias": (d,),
-        p + "post_attention_layernorm.weight": (d,),
-        p + "post_attention_layernorm.bias": (d,),
-        p + "attention.query_key_value.weight": (3 * d, d),
-        p + "attention.query_key_value.bias": (3 * d,),
-        p + "attention.dense.weight": (d, d),
-        p + "attention.dense.bias": (d,),
-        p + "mlp.dense_h_to_4h.weight": (f, d),
-        p + "mlp.dense_h_to_4h.bias": (f,),
-        p + "mlp.dense_4h_to_h.weight": (d, f),
-        p + "mlp.dense_4h_to_h.bias": (d,),
-      }
-    )
-  shapes["gpt_neox.final_layer_norm.weight"] = (d,)
-  shapes["gpt_neox.final_layer_norm.bias"] = (d,)
-  shapes["embed_out.weight"] = (V, d)
-  return shapes
+def dim_sizes(config: GPTNeoXConfig) -> dict[str, int]:
+  """Each symbol of DIM_SYMBOLS -> its size in `config`."""
+  d = config.d_model
+  return {
+    "L": config.n_layers,
+    "V": config.vocab_size,
+    "d": d,
+    "3d": 3 * d,
+    "H": config.n_heads,
+    "dh": config.d_head,
+    "f": config.d_mlp,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """How one layer's HF tensor becomes a Flax leaf slice, and back.
+
+  `to_flax(w, H, dh, part)` takes a numpy or jax array (methods only, so it runs under
+  jit); `to_hf(parts, H, dh)` takes the numpy slices of every Flax leaf that one HF tensor
+  feeds, in `part` order (three for the fused query_key_value, else one).
+  """
+
+  name: str
+  to_flax: Callable[..., Any]
+  to_hf: Callable[..., np.ndarray]
+
+
+COPY = Transform("copy", lambda w, H, dh, j: w, lambda parts, H, dh: parts[0])
+TRANSPOSE = Transform("transpose", lambda w, H, dh, j: w.T, lambda parts, H, dh: parts[0].T)
+# attention.dense.weight [d out, (H, dh) in] -> kernel [H, dh, d].
+HEADS_IN = Transform(
+  "transpose, split the input per head",
+  lambda w, H, dh, j: w.T.reshape(H, dh, w.shape[0]),
+  lambda parts, H, dh: parts[0].reshape(H * dh, -1).T,
+)
+# The fused query_key_value rows are [H, 3, dh] (docs/pythia.md: the weight layout): part j
+# (0 query, 1 key, 2 value) of each head, NOT the j-th third of the rows.
+QKV_KERNEL = Transform(
+  "qkv split per head, transpose",
+  lambda w, H, dh, j: w.reshape(H, 3, dh, w.shape[1])[:, j].transpose(2, 0, 1),
+  lambda parts, H, dh: np.stack([k.transpose(1, 2, 0) for k in parts], axis=1).reshape(
+    3 * H * dh, -1
+  ),
+)
+QKV_BIAS = Transform(
+  "qkv split per head",
+  lambda b, H, dh, j: b.reshape(H, 3, dh)[:, j],
+  lambda parts, H, dh: np.stack(parts, axis=1).reshape(3 * H * dh),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """One Flax parameter: where it comes from in a HF checkpoint and how it is laid out.
+
+  A `{l}` in `hf_name` makes it per-layer: the Flax leaf stacks the L layers' tensors on a
+  leading axis. Shapes are dim symbols (DIM_SYMBOLS) of one layer. `model_dim` is the
+  dimension split over the mesh's model axis (None: replicated).
+  """
+
+  path: str
+  hf_name: str
+  shape: str
+  hf_shape: str
+  transform: Transform
+  model_dim: str | None = None
+  part: int = 0
+
+  @property
+  def per_layer(self) -> bool:
+    return "{l}" in self.hf_name
+
+  @property
+  def dims(self) -> tuple[str, ...]:
+    """Dim symbols of the whole Flax leaf (the layer axis first when per-layer)."""
+    return ("L",) * self.per_layer + tuple(self.shape.split())
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return tuple(self.path.split("/"))
+
+  def hf_names(self, n_layers: int) -> list[str]:
+    """The source tensors, one per layer (per-layer) or one."""
+    if not self.per_layer:
+      return [self.hf_name]
+    return [self.hf_name.format(l=l) for l in range(n_layers)]
+
+
+_L = "gpt_neox.layers.{l}."
+
+# Kernels are (in, out): y = x @ kernel + bias. embed_out is stored transposed, [d, V], as
+# the model's x @ kernel wants it; keeping it [V, d] (a COPY row) would save the transpose
+# on load but needs the model to read it as x @ W.T.
+PARAMS: tuple[Param, ...] = (
+  # Flax path, HF name, Flax shape (one layer), HF shape, transform, model_dim, part
+  Param("embed_in/embedding", "gpt_neox.embed_in.weight", "V d", "V d", COPY, "V"),
+  Param("layers/ln_1/scale", _L + "input_layernorm.weight", "d", "d", COPY),
+  Param("layers/ln_1/bias", _L + "input_layernorm.bias", "d", "d", COPY),
+  *(
+    Param(f"layers/attn/{name}/kernel", _L + "attention.query_key_value.weight",
+          "d H dh", "3d d", QKV_KERNEL, "H", j)  # fmt: skip
+    for j, name in enumerate(("query", "key", "value"))
+  ),
+  *(
+    Param(f"layers/attn/{name}/bias", _L + "attention.query_key_value.bias",
+          "H dh", "3d", QKV_BIAS, "H", j)  # fmt: skip
+    for j, name in enumerate(("query", "key", "value"))
+  ),
+  Param("layers/attn/out/kernel", _L + "attention.dense.weight", "H dh d", "d d", HEADS_IN, "H"),
+  Param("layers/attn/out/bias", _L + "attention.dense.bias", "d", "d", COPY),
+  Param("layers/ln_2/scale", _L + "post_attention_layernorm.weight", "d", "d", COPY),
+  Param("layers/ln_2/bias", _L + "post_attention_layernorm.bias", "d", "d", COPY),
+  Param("layers/mlp/fc_in/kernel", _L + "mlp.dense_h_to_4h.weight", "d f", "f d", TRANSPOSE, "f"),
+  Param("layers/mlp/fc_in/bias", _L + "mlp.dense_h_to_4h.bias", "f", "f", COPY, "f"),
+  Param("layers/mlp/fc_out/kernel", _L + "mlp.dense_4h_to_h.weight", "f d", "d f", TRANSPOSE, "f"),
+  Param("layers/mlp/fc_out/bias", _L + "mlp.dense_4h_to_h.bias", "d", "d", COPY),
+  Param("ln_f/scale", "gpt_neox.final_layer_norm.weight", "d", "d", COPY),
+  Param("ln_f/bias", "gpt_neox.final_layer_norm.bias", "d", "d", COPY),
+  Param("embed_out/kernel", "embed_out.weight", "d V", "V d", TRANSPOSE, "V"),
+)  # fmt: skip
+
+
+def param_tree(leaf: Callable[[Param], Any]) -> dict[str, Any]:
+  """The Flax parameter tree with `leaf(param)` at each leaf."""
+  tree: dict[str, Any] = {}
+  for p in PARAMS:
+    node = tree
+    for key in p.keys[:-1]:
+      node = node.setdefault(key, {})
+    node[p.keys[-1]] = leaf(p)
+  return tree
 
 
 def param_shapes(config: GPTNeoXConfig) -> dict[str, Any]:
   """The Flax parameter tree of `config`, with shape tuples as leaves."""
-  L, d, H, dh, f, V = (
-    config.n_layers,
-    config.d_model,
-    config.n_heads,
-    config.d_head,
-    config.d_mlp,
-    config.vocab_size,
-  )
-  qkv = {"kernel": (L, d, H, dh), "bias": (L, H, dh)}
-  return {
-    "embed_in": {"embedding": (V, d)},
-    "layers": {
-      "ln_1": {"scale": (L, d), "bias": (L, d)},
-      "attn": {
-        "query": dict(qkv),
-        "key": dict(qkv),
-        "value": dict(qkv),
-        "out": {"kernel": (L, H, dh, d), "bias": (L, d)},
-      },
-      "ln_2": {"scale": (L, d), "bias": (L, d)},
-      "mlp": {
-        "fc_in": {"kernel": (L, d, f), "bias": (L, f)},
-        "fc_out": {"kernel": (L, f, d), "bias": (L, d)},
-      },
-    },
-    "ln_f": {"scale": (d,), "bias": (d,)},
-    "embed_out": {"kernel": (d, V)},
-  }
+  sizes = dim_sizes(config)
+  return param_tree(lambda p: tuple(sizes[s] for s in p.dims))
+
+
+def hf_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
+  """Expected torch shapes, by HF name (with the `gpt_neox.` prefix), of a checkpoint."""
+  sizes = dim_sizes(config)
+  shapes = {}
+  for p in PARAMS:
+    for name in p.hf_names(config.n_layers):
+      shapes[name] = tuple(sizes[s] for s in p.hf_shape.split())
+  return shapes
 
 
 def _canonical(name: str) -> str:
@@ -479,186 +570,64 @@ def _validated(state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig):
   return tensors, where
 
 
-def convert_state_dict(
-  state_dict: Mapping[str, np.ndarray], config: GPTNeoXConfig, dtype: Any = "float32"
-) -> dict[str, Any]:
-  """HF GPT-NeoX tensors -> the Flax parameter tree (numpy arrays of `dtype`).
+def _layout(config: GPTNeoXConfig, target: np.dtype):
+  """A jax function {canonical HF name: array} -> (params, {Flax path: finite flag(s)}).
 
-  Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
-  `embed_out.weight`); the mask and rotary buffers of old .bin files are ignored. Any
-  other unexpected tensor, a missing one, a shape that disagrees with `config` or a
-  non-finite value is a CheckpointError naming the tensor (and its file when known).
+  A per-layer leaf has one flag per layer, so a failure names the layer's tensor.
   """
-  target = resolve_dtype(dtype)
-  tensors, where = _validated(state_dict, config)
-  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
-
-  def src(canon):
-    return tensors[canon][1]
-
-  def finite(out, names):
-    """Checks one leaf is finite; on failure names the source tensor at fault.
-
-    `names` is the source tensor of the leaf, or a list of one per layer (stacked leaf).
-    """
-    if np.isfinite(out).all():
-      return out
-    parts = [(names, out)] if isinstance(names, str) else zip(names, out)
-    for canon, part in parts:
-      if not np.isfinite(part).all():
-        kind = "NaN" if np.isnan(part.astype(np.float32)).any() else "infinite"
-        cast = "" if src(canon).dtype == target else f" (in {dtype_name(target)})"
-        raise CheckpointError(f"{where(tensors[canon][0])}: holds {kind} values{cast}")
-    return out
-
-  def single(canon, transform=lambda w: w):
-    out = np.empty(transform(src(canon)).shape, target)
-    with np.errstate(over="ignore"):
-      out[...] = transform(src(canon))
-    return finite(out, canon)
-
-  def stacked(suffix, transform=lambda w: w):
-    names = [f"gpt_neox.layers.{l}.{suffix}" for l in range(L)]
-    first = transform(src(names[0]))
-    out = np.empty((L, *first.shape), target)
-    # Overflow on a narrowing cast is reported by `finite` with the tensor's name.
-    with np.errstate(over="ignore"):
-      for l, canon in enumerate(names):
-        # One pass per element: numpy casts and transposes while assigning.
-        out[l] = transform(src(canon))
-    return finite(out, names)
-
-  def qkv_part(j):
-    # Rows of the fused weight are [H, 3, dh]; j picks q/k/v inside each head.
-    kernel = stacked(
-      "attention.query_key_value.weight", lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1)
-    )
-    bias = stacked("attention.query_key_value.bias", lambda b: b.reshape(H, 3, dh)[:, j])
-    return {"kernel": kernel, "bias": bias}
-
-  return {
-    "embed_in": {"embedding": single("gpt_neox.embed_in.weight")},
-    "layers": {
-      "ln_1": {"scale": stacked("input_layernorm.weight"), "bias": stacked("input_layernorm.bias")},
-      "attn": {
-        "query": qkv_part(0),
-        "key": qkv_part(1),
-        "value": qkv_part(2),
-        "out": {
-          "kernel": stacked("attention.dense.weight", lambda w: w.T.reshape(H, dh, d)),
-          "bias": stacked("attention.dense.bias"),
-        },
-      },
-      "ln_2": {
-        "scale": stacked("post_attention_layernorm.weight"),
-        "bias": stacked("post_attention_layernorm.bias"),
-      },
-      "mlp": {
-        "fc_in": {
-          "kernel": stacked("mlp.dense_h_to_4h.weight", lambda w: w.T),
-          "bias": stacked("mlp.dense_h_to_4h.bias"),
-        },
-        "fc_out": {
-          "kernel": stacked("mlp.dense_4h_to_h.weight", lambda w: w.T),
-          "bias": stacked("mlp.dense_4h_to_h.bias"),
-        },
-      },
-    },
-    "ln_f": {
-      "scale": single("gpt_neox.final_layer_norm.weight"),
-      "bias": single("gpt_neox.final_layer_norm.bias"),
-    },
-    "embed_out": {"kernel": single("embed_out.weight", lambda w: w.T)},
-  }
-
-
-def _device_layout(config: GPTNeoXConfig, target: np.dtype):
-  """A jax function {canonical name: array} -> (params, finite flags), the same layout
-  as `convert_state_dict`, and [(flag path, source names)] to read the flags back."""
   import jax.numpy as jnp
 
-  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
-  per_layer = lambda suffix: [f"gpt_neox.layers.{l}.{suffix}" for l in range(L)]  # noqa: E731
-  qkv_w = lambda j: lambda w: w.reshape(H, 3, dh, d)[:, j].transpose(2, 0, 1)  # noqa: E731
-  qkv_b = lambda j: lambda b: b.reshape(H, 3, dh)[:, j]  # noqa: E731
-  ident, T = (lambda w: w), (lambda w: w.T)
-  # (leaf path, source: one name or one per layer, transform of one source tensor)
-  table = [
-    (("embed_in", "embedding"), "gpt_neox.embed_in.weight", ident),
-    (("layers", "ln_1", "scale"), per_layer("input_layernorm.weight"), ident),
-    (("layers", "ln_1", "bias"), per_layer("input_layernorm.bias"), ident),
-    *[
-      (("layers", "attn", n, "kernel"), per_layer("attention.query_key_value.weight"), qkv_w(j))
-      for j, n in enumerate(("query", "key", "value"))
-    ],
-    *[
-      (("layers", "attn", n, "bias"), per_layer("attention.query_key_value.bias"), qkv_b(j))
-      for j, n in enumerate(("query", "key", "value"))
-    ],
-    (
-      ("layers", "attn", "out", "kernel"),
-      per_layer("attention.dense.weight"),
-      lambda w: w.T.reshape(H, dh, d),
-    ),
-    (("layers", "attn", "out", "bias"), per_layer("attention.dense.bias"), ident),
-    (("layers", "ln_2", "scale"), per_layer("post_attention_layernorm.weight"), ident),
-    (("layers", "ln_2", "bias"), per_layer("post_attention_layernorm.bias"), ident),
-    (("layers", "mlp", "fc_in", "kernel"), per_layer("mlp.dense_h_to_4h.weight"), T),
-    (("layers", "mlp", "fc_in", "bias"), per_layer("mlp.dense_h_to_4h.bias"), ident),
-    (("layers", "mlp", "fc_out", "kernel"), per_layer("mlp.dense_4h_to_h.weight"), T),
-    (("layers", "mlp", "fc_out", "bias"), per_layer("mlp.dense_4h_to_h.bias"), ident),
-    (("ln_f", "scale"), "gpt_neox.final_layer_norm.weight", ident),
-    (("ln_f", "bias"), "gpt_neox.final_layer_norm.bias", ident),
-    (("embed_out", "kernel"), "embed_out.weight", T),
-  ]
+  L, H, dh = config.n_layers, config.n_heads, config.d_head
 
   def layout(src):
-    params, flags = {}, {}
-    for path, names, fn in table:
-      if isinstance(names, str):
-        leaf = fn(src[names]).astype(target)
-        flag = jnp.isfinite(leaf).all()
-      else:
-        leaf = jnp.stack([fn(src[n]) for n in names]).astype(target)
-        flag = jnp.isfinite(leaf).reshape(L, -1).all(axis=1)
-      node = params
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = leaf
-      flags["/".join(path)] = flag
-    return params, flags
+    flags = {}
 
-  return layout, [("/".join(path), names) for path, names, _ in table]
+    def leaf(p):
+      parts = [p.transform.to_flax(src[n], H, dh, p.part) for n in p.hf_names(L)]
+      out = (jnp.stack(parts) if p.per_layer else parts[0]).astype(target)
+      flag = jnp.isfinite(out)
+      flags[p.path] = flag.reshape(L, -1).all(axis=1) if p.per_layer else flag.all()
+      return out
+
+    return param_tree(leaf), flags
+
+  return layout
 
 
-def convert_state_dict_on_device(
+def convert_state_dict(
   state_dict: Mapping[str, np.ndarray],
   config: GPTNeoXConfig,
   dtype: Any = "float32",
   sharding: Any = None,
 ) -> dict[str, Any]:
-  """`convert_state_dict`, done by XLA: the stored tensors go to the device as they are
-  (fp16: half the bytes of fp32) and one jitted function casts, transposes, stacks and
-  checks finiteness there; the params come out as jax arrays on `sharding` (one Sharding
-  for all leaves or a matching pytree; None: the default device). Same checks, same
-  errors, bit-identical results; much faster than numpy's scalar fp16 casts.
+  """HF GPT-NeoX tensors -> the Flax parameter tree (jax arrays of `dtype`), per PARAMS.
+
+  Names are accepted with or without the `gpt_neox.` prefix (and `lm_head.weight` for
+  `embed_out.weight`); the mask and rotary buffers of old .bin files are ignored. Any
+  other unexpected tensor, a missing one, a shape that disagrees with `config` or a
+  non-finite value (also one made by the cast) is a CheckpointError naming the tensor and
+  its file when known.
+
+  The conversion is done by XLA: the stored tensors go to the device as they are (fp16:
+  half the bytes of fp32) and one jitted function casts, transposes, stacks and checks
+  finiteness there, much faster than numpy's scalar fp16 casts. The params come out on
+  `sharding` (one Sharding for all leaves or a matching pytree; None: the default device).
   """
   import jax
 
   target = resolve_dtype(dtype)
   tensors, where = _validated(state_dict, config)
-  layout, flag_sources = _device_layout(config, target)
   src = {canon: arr for canon, (_, arr) in tensors.items()}
   if sharding is None or isinstance(sharding, jax.sharding.Sharding):
     fn = _jit_cached(config, dtype_name(target), sharding)
   else:
-    fn = jax.jit(layout, out_shardings=(sharding, None))
+    fn = jax.jit(_layout(config, target), out_shardings=(sharding, None))
   params, flags = fn(src)
   flags = jax.device_get(flags)
-  for path, names in flag_sources:
-    ok = np.atleast_1d(flags[path])
+  for p in PARAMS:
+    ok = np.atleast_1d(flags[p.path])
     if not ok.all():
-      bad = names if isinstance(names, str) else names[int(np.argmin(ok))]
+      bad = p.hf_names(config.n_layers)[int(np.argmin(ok))]
       arr = np.asarray(tensors[bad][1], np.float32)
       kind = "NaN" if np.isnan(arr).any() else "infinite"
       # A finite source that is not finite after the cast overflowed the target dtype.
@@ -676,59 +645,47 @@ def _jit_cached(config: GPTNeoXConfig, dtype: str, sharding: Any):
 
   key = (config, dtype, sharding)
   if key not in _JIT_CACHE:
-    layout, _ = _device_layout(config, DTYPES[dtype])
+    layout = _layout(config, DTYPES[dtype])
     _JIT_CACHE[key] = jax.jit(layout, out_shardings=(sharding, None) if sharding else None)
   return _JIT_CACHE[key]
 
 
 def params_to_state_dict(params: Mapping[str, Any], config: GPTNeoXConfig) -> dict[str, np.ndarray]:
-  """The inverse of `convert_state_dict`: HF names (as save_pretrained writes them) and
-  torch layout, C-contiguous numpy arrays in the dtype of `params`."""
-  L, d, H, dh = config.n_layers, config.d_model, config.n_heads, config.d_head
+  """The inverse of `convert_state_dict`, per PARAMS: HF names (as save_pretrained writes
+  them) and torch layout, C-contiguous numpy arrays in the dtype of `params`."""
+  L, H, dh = config.n_layers, config.n_heads, config.d_head
   expected = param_shapes(config)
 
-  def leaf(*path):
+  def leaf(p):
     node, exp = params, expected
     try:
-      for key in path:
+      for key in p.keys:
         node, exp = node[key], exp[key]
     except (KeyError, TypeError):
-      raise CheckpointError(f"params: no leaf {'/'.join(path)}") from None
+      raise CheckpointError(f"params: no leaf {p.path}") from None
     arr = np.asarray(node)
     if arr.shape != exp:
       raise CheckpointError(
-        f"params: leaf {'/'.join(path)} has shape {list(arr.shape)}, the config gives {list(exp)}"
+        f"params: leaf {p.path} has shape {list(arr.shape)}, the config gives {list(exp)}"
       )
     return arr
 
-  c = np.ascontiguousarray
-  attn = ("layers", "attn")
-  out = {"gpt_neox.embed_in.weight": c(leaf("embed_in", "embedding"))}
-  q_k_v = [(leaf(*attn, n, "kernel"), leaf(*attn, n, "bias")) for n in ("query", "key", "value")]
-  for l in range(L):
-    p = f"gpt_neox.layers.{l}."
-    # [d, H, dh] x3 -> [H, 3, dh, d] -> [3d, d]: the per-head fused layout.
-    fused_w = np.stack([k[l].transpose(1, 2, 0) for k, _ in q_k_v], axis=1).reshape(3 * d, d)
-    fused_b = np.stack([b[l] for _, b in q_k_v], axis=1).reshape(3 * d)
-    out.update(
-      {
-        p + "input_layernorm.weight": c(leaf("layers", "ln_1", "scale")[l]),
-        p + "input_layernorm.bias": c(leaf("layers", "ln_1", "bias")[l]),
-        p + "post_attention_layernorm.weight": c(leaf("layers", "ln_2", "scale")[l]),
-        p + "post_attention_layernorm.bias": c(leaf("layers", "ln_2", "bias")[l]),
-        p + "attention.query_key_value.weight": c(fused_w),
-        p + "attention.query_key_value.bias": c(fused_b),
-        p + "attention.dense.weight": c(leaf(*attn, "out", "kernel")[l].reshape(H * dh, d).T),
-        p + "attention.dense.bias": c(leaf(*attn, "out", "bias")[l]),
-        p + "mlp.dense_h_to_4h.weight": c(leaf("layers", "mlp", "fc_in", "kernel")[l].T),
-        p + "mlp.dense_h_to_4h.bias": c(leaf("layers", "mlp", "fc_in", "bias")[l]),
-        p + "mlp.dense_4h_to_h.weight": c(leaf("layers", "mlp", "fc_out", "kernel")[l].T),
-        p + "mlp.dense_4h_to_h.bias": c(leaf("layers", "mlp", "fc_out", "bias")[l]),
-      }
-    )
-  out["gpt_neox.final_layer_norm.weight"] = c(leaf("ln_f", "scale"))
-  out["gpt_neox.final_layer_norm.bias"] = c(leaf("ln_f", "bias"))
-  out["embed_out.weight"] = c(leaf("embed_out", "kernel").T)
+  # The Flax leaves each HF tensor feeds, in part order (q, k, v for the fused one).
+  sources: dict[str, list[Param]] = {}
+  for p in PARAMS:
+    sources.setdefault(p.hf_name, []).append(p)
+  out = {}
+  for hf_name, ps in sources.items():
+    ps = sorted(ps, key=lambda p: p.part)
+    leaves = [leaf(p) for p in ps]
+    transform = ps[0].transform
+    if not ps[0].per_layer:
+      out[hf_name] = np.ascontiguousarray(transform.to_hf(leaves, H, dh))
+      continue
+    for l in range(L):
+      out[hf_name.format(l=l)] = np.ascontiguousarray(
+        transform.to_hf([x[l] for x in leaves], H, dh)
+      )
   return out
 
 

@@ -5,7 +5,7 @@
     data/train.{bin,idx}            MMapIndexedDataset: batch of step s = items s*B ...
     <model>/step<N>/config.json + model.safetensors
 
-The data files are written byte by byte here from the documented format (PYTHIA.md),
+The data files are written byte by byte here from the documented format (docs/pythia.md),
 independently of the project's writer.
 """
 

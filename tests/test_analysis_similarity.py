@@ -122,7 +122,7 @@ def test_streaming_equals_one_shot(debiased):
 
 
 def test_independent_gaussians_bias_method_numbers():
-  # METHOD.md: n=128, d=512, mean of 3 draws: biased ~0.80, debiased ~0.00.
+  # docs/method.md, the noise floor: n=128, d=512, mean of 3 draws: biased ~0.80, debiased ~0.00.
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   xs = jnp.stack([jax.random.normal(k, (128, 512)) for k in keys[:3]])
   ys = jnp.stack([jax.random.normal(k, (128, 512)) for k in keys[3:]])

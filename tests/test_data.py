@@ -1,4 +1,4 @@
-"""Token sources: the Megatron format is written byte by byte from PYTHIA.md's description
+"""Token sources: the Megatron format is written byte by byte from docs/pythia.md's description
 (independently of the project's writer), and tokenization is checked against `tokenizers`."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def write_megatron_by_hand(
   magic: bytes = b"MMIDIDX\x00\x00",
   version: int = 1,
 ) -> None:
-  """The format of PYTHIA.md, spelled out with struct: no numpy, no project code."""
+  """The format of docs/pythia.md, spelled out with struct: no numpy, no project code."""
   token_size = struct.calcsize(token_format)
   bin_bytes = b"".join(struct.pack(token_format, t) for item in items for t in item)
   sizes = [len(item) for item in items]

@@ -1,5 +1,5 @@
 """Published evaluations: a hand-written directory in the documented layout, and the real
-files in ../shared checked against the facts PYTHIA.md states."""
+files in ../shared checked against the facts docs/pythia.md states."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def lambada_acc(frame, model: str, step: int) -> float:
 
 
 def test_published_late_training_degradation(published):
-  # PYTHIA.md: 70m-deduped falls from 0.26 to 0.19, 2.8b-deduped rises from 0.60 to 0.65.
+  # docs/pythia.md: 70m-deduped falls from 0.26 to 0.19, 2.8b-deduped rises from 0.60 to 0.65.
   assert lambada_acc(published, "pythia-70m-deduped", 43000) == pytest.approx(0.26, abs=0.005)
   assert lambada_acc(published, "pythia-70m-deduped", 143000) == pytest.approx(0.19, abs=0.005)
   assert lambada_acc(published, "pythia-2.8b-deduped", 43000) == pytest.approx(0.60, abs=0.005)

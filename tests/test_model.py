@@ -2,7 +2,7 @@
 
 Ground truth for every capture site comes from torch forward hooks on the HF modules
 (and HF's own rotary function); the per-head layout of the fused qkv is written out here
-from PYTHIA.md, independently of the project's converter.
+from docs/pythia.md, independently of the project's converter.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def to_flax(tm, config):
 
 
 def per_head(fused, n_heads):
-  """[..., 3d] fused qkv output -> q, k, v [..., H, dh] (PYTHIA.md's per-head layout)."""
+  """[..., 3d] fused qkv output -> q, k, v [..., H, dh] (docs/pythia.md: the weight layout)."""
   x = fused.reshape(*fused.shape[:-1], n_heads, -1)
   return np.split(x, 3, axis=-1)
 

@@ -158,6 +158,33 @@ def test_param_specs_follow_the_layout():
   )
 
 
+def test_param_specs_from_the_table_equal_the_layout_written_out():
+  """weights.PARAMS' model_dim column gives, leaf by leaf, the specs written here by hand."""
+  m = "model"
+  heads_in = {"kernel": P(None, None, m, None), "bias": P(None, m, None)}
+  rep = P(None, None)
+  want = {
+    "embed_in": {"embedding": P(m, None)},
+    "layers": {
+      "ln_1": {"scale": rep, "bias": rep},
+      "attn": {
+        "query": heads_in,
+        "key": heads_in,
+        "value": heads_in,
+        "out": {"kernel": P(None, m, None, None), "bias": rep},
+      },
+      "ln_2": {"scale": rep, "bias": rep},
+      "mlp": {
+        "fc_in": {"kernel": P(None, None, m), "bias": P(None, m)},
+        "fc_out": {"kernel": P(None, m, None), "bias": rep},
+      },
+    },
+    "ln_f": {"scale": P(None), "bias": P(None)},
+    "embed_out": {"kernel": P(None, m)},
+  }
+  assert sharding.param_specs(CONFIG, 2) == want
+
+
 def test_placement_single_process():
   place = sharding.Placement.create(None)
   assert place.mesh is None and place.is_writer and place.process_count == 1

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_pythia import checkpoints, data, model, toy_suite
+from jax_pythia import checkpoints, data, model, toy_suite, toy_train
 from jax_pythia.toy_suite import TINY_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +43,10 @@ def _read_loss_csv(path: Path) -> list[dict[str, float]]:
 def _saved_state(root: Path, name: str):
   """(step, params) of a model's resume state, restored onto a freshly built tree."""
   size = next(s for s in OPTIONS.sizes if s.name == name)
-  init_params, init_opt, _, _ = toy_suite.compiled_programs(size, OPTIONS)
+  init_params, init_opt, _, _ = toy_train.compiled_programs(size, OPTIONS)
   params = init_params(jax.random.PRNGKey(OPTIONS.seed))
-  step, params, _, _ = toy_suite._load_train_state(
-    str(root / name / toy_suite.TRAIN_STATE_FILE), params, init_opt(params)
+  step, params, _, _ = toy_train._load_train_state(
+    str(root / name / toy_train.TRAIN_STATE_FILE), params, init_opt(params)
   )
   return step, params
 
@@ -105,7 +105,7 @@ def test_learning_rates_follow_pythias_table():
 
   # The fitted law reproduces the real table within a factor of 1.6 at every size...
   for s in suite.SIZES.values():
-    b, a = toy_suite.pythia_lr_law()
+    b, a = toy_train.pythia_lr_law()
     fitted = math.exp(a) * (12 * s.n_layers * s.d_model**2) ** b
     assert 1 / 1.6 < fitted / s.learning_rate < 1.6, s.name
   # ... and the default toy sizes get rates that fall as they grow.
@@ -198,7 +198,7 @@ def test_interrupted_builds_resume_to_the_same_bits(built, tmp_path):
   assert (small / "step20").is_dir() and not (small / "step30").exists()
   assert not (small / "train_loss.csv").exists()
   # Stopped at step 25; the resume state is the last checkpoint's.
-  assert toy_suite._saved_step(str(small / toy_suite.TRAIN_STATE_FILE)) == 20
+  assert toy_train._saved_step(str(small / toy_train.TRAIN_STATE_FILE)) == 20
   with pytest.raises(toy_suite.ToySuiteError, match="n_steps"):
     toy_suite.build_toy_suite(
       out, toy_suite.ToySuiteOptions(**{**OPTIONS.to_dict(), "n_steps": 50})

@@ -4,9 +4,10 @@
   python -m tools.make_toy_suite --out=/tmp/tiny --preset=tiny   # seconds, for tests
 
 Several GPT-NeoX sizes trained on the Python standard library's source, byte-level
-tokenized, with Pythia's recipe scaled down; see jax_pythia/toy_suite.py for the corpus,
-schedule and layout. Rerunning the same command continues an interrupted build to the
-same bits; on a complete suite it returns at once.
+tokenized, with Pythia's recipe scaled down; see jax_pythia/toy_suite.py (layout, build),
+toy_corpus.py (corpus, tokenizer) and toy_train.py (schedule, training). Rerunning the
+same command continues an interrupted build to the same bits; on a complete suite it
+returns at once.
 """
 
 from __future__ import annotations

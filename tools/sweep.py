@@ -76,7 +76,7 @@ flags.DEFINE_enum(
   "per_head",
   ["per_head", "reference"],
   "per_head: the true per-head values. reference: the reference code's "
-  "last third of the fused qkv (METHOD.md's defect), only to reproduce "
+  "last third of the fused qkv (docs/method.md: the value-slice defect), only to reproduce "
   "published numbers.",
 )
 flags.DEFINE_integer(
