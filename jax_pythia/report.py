@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import analysis  # noqa: E402
+from jax_pythia.errors import SweepError  # noqa: E402
 
 COMPONENT_LABELS = {
   "ov": "attention OV (whole layer)",
@@ -250,8 +251,6 @@ def write_report(
   out_dir: str, evals_dir: str | None = None, estimators: Sequence[str] = ("cka", "cka_debiased")
 ) -> list[str]:
   """Draws every figure and report.md from <out_dir>'s tables; returns the paths written."""
-  from jax_pythia.sweep import SweepError  # the sweep's own error type
-
   metrics_path = os.path.join(out_dir, "metrics.parquet")
   if not os.path.exists(metrics_path):
     raise SweepError(f"{metrics_path} not found: run tools.sweep with --out={out_dir} first")

@@ -143,7 +143,7 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import report, sharding, sweep
+  from jax_pythia import report, results, sharding, sources, sweep
 
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
@@ -159,8 +159,8 @@ def main(argv):
       # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
-  models = sweep.resolve_models(FLAGS.models)
-  source = sweep.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
+  models = sources.resolve_models(FLAGS.models)
+  source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     positions=FLAGS.positions,
@@ -191,6 +191,7 @@ def main(argv):
     progress=progress,
     placement=placement,
   )
+  runner.prepare()  # checks the data and --out before any work
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
@@ -205,7 +206,7 @@ def main(argv):
   placement.barrier("done")
   if not lead:
     return
-  paths = sweep.finalize(FLAGS.out, [m.name for m in models])
+  paths = results.finalize(FLAGS.out, [m.name for m in models])
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:
