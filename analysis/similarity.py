@@ -151,11 +151,6 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   return _broadcast_apply(lambda a, b: _cka_single(a, b, debiased), x, y, 2)
 
 
-def linear_cka_debiased(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Debiased linear CKA; x [..., n, dx], y [..., n, dy] -> [...]. See `linear_cka`."""
-  return linear_cka(x, y, debiased=True)
-
-
 def _zero_diagonal(k):
   return k - jnp.diag(jnp.diag(k))
 
@@ -513,8 +508,3 @@ def streaming_linear_cka(
     lambda s, xy: (cka_stream_update(s, *xy), None), acc, (x_batches[1:], y_batches[1:])
   )
   return cka_stream_result(acc, debiased)
-
-
-def minimum_samples(debiased: bool) -> int:
-  """Smallest n the estimators accept."""
-  return 4 if debiased else 2

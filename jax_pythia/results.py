@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import analysis
 from jax_pythia import study
 from jax_pythia.errors import SweepError
 from jax_pythia.files import atomic_write
 
 METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
-STATUS_COLUMNS = ("model", "step", "status", "message", "load_s", "compute_s")
+STATUS_COLUMNS = ("model", "step", "status", "message", "parameters", "load_s", "compute_s")
 
 
 def checkpoint_paths(out_dir: str, model: str, step: int) -> tuple[str, str, str]:
@@ -118,7 +119,7 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
   frames = []
   for component in loaded[0]:
     stacked = np.stack([a[component] for a in loaded])  # [C, L, (H,) n, e]
-    for metric, debiased in study.CKA_ESTIMATORS.items():
+    for metric, debiased in analysis.CKA_ESTIMATORS.items():
       matrix = np.asarray(study.pairwise_matrix(stacked, debiased))  # [L, (H,) C, C]
       lead = matrix.shape[:-2]
       for index in np.ndindex(*lead):

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
-from analysis.summary import CKA_ESTIMATORS, noise_floor_name
 from jax_pythia import model as model_lib
 from jax_pythia.config import GPTNeoXConfig
 
@@ -91,7 +90,7 @@ def checkpoint_metrics(
     out.setdefault(component, {})[estimator] = value
   if floor_key is not None:
     for (component, estimator), value in cka_noise_floor(acts, floor_key).items():
-      out[component][noise_floor_name(estimator)] = value
+      out[component][analysis.noise_floor_name(estimator)] = value
   for component, metrics in weight_metrics(layers, value_slice).items():
     out[component].update(metrics)
   if grads is not None:
@@ -113,7 +112,7 @@ def cka_against(acts: dict, ref: dict) -> dict:
   return {
     (c, name): analysis.linear_cka(acts[c], ref[c], debiased=debiased)
     for c in acts
-    for name, debiased in CKA_ESTIMATORS.items()
+    for name, debiased in analysis.CKA_ESTIMATORS.items()
   }
 
 
@@ -123,7 +122,7 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
   permuted: what CKA reads when the inputs do not correspond (docs/method.md)."""
   out = {}
   for c, x in ref.items():
-    for name, debiased in CKA_ESTIMATORS.items():
+    for name, debiased in analysis.CKA_ESTIMATORS.items():
       floors = analysis.cka_noise_floor(
         x, key, debiased=debiased, num_permutations=num_permutations
       )

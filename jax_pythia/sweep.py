@@ -86,6 +86,12 @@ def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
   return list(range(start, start + count))
 
 
+def parameter_count(config: GPTNeoXConfig) -> int:
+  """Parameters of a model of `config` (every weight and bias, embeddings included)."""
+  shapes = jax.tree.leaves(weights.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+  return int(sum(np.prod(shape) for shape in shapes))
+
+
 @dataclasses.dataclass
 class Loaded:
   step: int
@@ -266,6 +272,8 @@ class Sweep:
   def _process(self, m: ModelSource, loaded: Loaded) -> None:
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
+    if loaded.config is not None:
+      status["parameters"] = parameter_count(loaded.config)
     if loaded.error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
+import analysis
 from jax_pythia import model, report, results, sources, sweep
 from jax_pythia.errors import SweepError
 from tests import suite_fixtures as sf
@@ -223,7 +224,7 @@ def test_gradient_and_loss_metrics_equal_torch(swept, suite_dir):
   ) == pytest.approx(loss, rel=1e-4)
 
 
-def test_schema_pairwise_and_figures(swept):
+def test_schema_pairwise_and_figures(swept, suite_dir):
   out, _, written = swept
   metrics = pd.read_parquet(os.path.join(out, "metrics.parquet"))
   assert list(metrics.columns) == list(results.METRIC_COLUMNS)
@@ -246,6 +247,16 @@ def test_schema_pairwise_and_figures(swept):
   assert len(merged) == len(against_final) > 0
   status = pd.read_parquet(os.path.join(out, "checkpoints.parquet"))
   assert (status.status == "ok").all() and len(status) == 10
+  # Every metric written is in the one component x metric table, and the table is whole.
+  table = {(c, m) for c, ms in analysis.metric_table().items() for m in ms}
+  assert set(zip(metrics.component, metrics.metric)) == table
+  # The parameter count (torch's own) orders the models in the figures, smallest first.
+  counts = {
+    name: sum(p.numel() for p in torch_model(suite_dir, name, 8).parameters())
+    for name in sf.SUITE_MODELS
+  }
+  assert status.groupby("model").parameters.max().to_dict() == counts
+  assert report.model_order(metrics, status) == sorted(counts, key=counts.get)
   for stem in (
     "cka_bands",
     "cka_bands_debiased",
