@@ -23,7 +23,7 @@ Several processes (`Placement.split`):
                its own checkpoints and writes their files to the shared --out.
   shard        every process runs every checkpoint together on one global mesh (for
                models too big for one host); all of them compute, process 0 writes.
-Either way the caller runs `finalize` on process 0 only, after `barrier("done")`.
+Either way the caller runs `results.finalize` on process 0 only, after `barrier("done")`.
 """
 
 from __future__ import annotations
