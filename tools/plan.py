@@ -17,6 +17,7 @@ from tools import _cli
 
 FLAGS = flags.FLAGS
 _cli.define_work_flags()
+flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this tool's own
 flags.DEFINE_list(
   "models",
   ["pythia-70m-deduped"],

@@ -22,6 +22,7 @@ DEFAULT_TOY_SUITE = os.path.join("runs", "toy_suite")
 
 FLAGS = flags.FLAGS
 _cli.define_work_flags()
+flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this tool's own
 flags.DEFINE_list(
   "models",
   [DEFAULT_TOY_SUITE],
