@@ -262,11 +262,6 @@ def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   return jnp.einsum("lnhi,lhji->lhnj", values, r, precision=_HIGHEST)
 
 
-def head_outputs(z: jax.Array, out_kernel: jax.Array) -> jax.Array:
-  """Attention-mixed per-head output z_h @ W_O[:, h]^T (= hook_result). [..., n, H, d]."""
-  return ov_head_activations(z, out_kernel)
-
-
 def _check_head_dims(values, out_kernel):
   if values.ndim < 3 or out_kernel.ndim < 3:
     raise ValueError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from analysis.registry import register_metric
 from analysis.validation import require_ndim, require_nonempty
 
 PAPER_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -38,7 +37,6 @@ def percentile_bands(values: jax.Array, percentiles=PAPER_PERCENTILES) -> jax.Ar
   return jnp.percentile(values, jnp.asarray(percentiles, dtype=values.dtype), axis=-1)
 
 
-@register_metric("convergence_step", "convergence")
 def convergence_step(values: jax.Array, steps: jax.Array, threshold: float = 0.9) -> jax.Array:
   """The first step from which the value stays >= threshold at every later checkpoint.
 
@@ -62,7 +60,6 @@ def log_step_axis(steps: jax.Array) -> jax.Array:
   return jnp.log1p(jnp.asarray(steps, dtype=jnp.float32))
 
 
-@register_metric("cka_auc", "convergence")
 def area_under_log_step_curve(
   values: jax.Array, steps: jax.Array, normalise: bool = True
 ) -> jax.Array:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from analysis.registry import register_metric
 from analysis.spectra import proportional_effective_rank
 from analysis.validation import require_ndim, require_rank_bound
 
@@ -30,7 +29,6 @@ def gradient_norms(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
 
 
-@register_metric("grad_norm", "gradient")
 def mean_gradient_norm(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   """Mean over G batches of the Frobenius norm. [G, ..., *f] -> [...]."""
   return jnp.mean(gradient_norms(grads, feature_ndim), axis=0)
@@ -43,7 +41,6 @@ def cosine_similarity(a: jax.Array, b: jax.Array, feature_ndim: int = 2) -> jax.
   return dot / (jnp.linalg.norm(fa, axis=-1) * jnp.linalg.norm(fb, axis=-1))
 
 
-@register_metric("grad_cosine", "gradient")
 def mean_consecutive_cosine(grads: jax.Array, feature_ndim: int = 2) -> jax.Array:
   """Mean cosine similarity of consecutive gradients g_t, g_{t+1} over t = 0..G-2.
 
@@ -65,7 +62,6 @@ def mean_singular_values(s: jax.Array) -> jax.Array:
   return jnp.mean(-jnp.sort(-s, axis=-1), axis=0)
 
 
-@register_metric("grad_per", "gradient", needs_rank_bound=True)
 def mean_singular_value_per(s: jax.Array, k: int) -> jax.Array:
   """PER of the mean singular values over G gradient batches. s: [G, ..., m] -> [...]."""
   k = require_rank_bound(k)

@@ -1,14 +1,11 @@
-"""One name per metric: the registry the sweep iterates over.
+"""One name per spectral metric: the registry the sweep iterates over.
 
-A metric is a pure JAX function; registering it under a plain string name is all it takes
-for the summary functions (e.g. `spectral_metrics`) to compute it and for the sweep to write
-a column with that name. Families group functions that share a call signature:
-
-- 'spectral':    fn(s [..., m]) or fn(s [..., m], k) -> [...]   (singular values, descending)
-- 'similarity':  fn(x [..., n, dx], y [..., n, dy]) -> [...]
-- 'sparsity':    fn(x [..., m]) -> [...]
-- 'gradient':    fn(g [G, ..., m]) -> [...]                      (G gradient batches first)
-- 'convergence': fn(values [..., C], steps [C]) -> [...]         (checkpoint axis last)
+Every metric registered here runs in the sweep, for the weights and for the gradients:
+`spectral_metrics` calls each on the singular values of every component, so the weights
+get a column `<name>` and the gradients (of their mean singular values) `grad_<name>`
+(`analysis.summary.metric_table`). Adding a metric is one function and a
+`register_metric` line. The signature is fn(s [..., m]) or fn(s [..., m], k) -> [...]
+(singular values, descending; k the rank bound when `needs_rank_bound`).
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-FAMILIES = ("spectral", "similarity", "sparsity", "gradient", "convergence")
+FAMILIES = ("spectral",)
 
 
 @dataclasses.dataclass(frozen=True)

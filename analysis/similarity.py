@@ -34,7 +34,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from analysis.registry import register_metric
 from analysis.validation import require_ndim, require_nonempty
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -137,7 +136,6 @@ def _broadcast_apply(fn, x, y, core_ndim: int):
   return rec(x, y, 0)
 
 
-@register_metric("linear_cka", "similarity")
 def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   """Linear CKA between activations of the same n inputs.
 
@@ -151,12 +149,6 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
   """
   _check_pair(x, y, debiased)
   return _broadcast_apply(lambda a, b: _cka_single(a, b, debiased), x, y, 2)
-
-
-@register_metric("linear_cka_debiased", "similarity")
-def linear_cka_debiased(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Debiased linear CKA; x [..., n, dx], y [..., n, dy] -> [...]. See `linear_cka`."""
-  return linear_cka(x, y, debiased=True)
 
 
 def _zero_diagonal(k):
@@ -516,8 +508,3 @@ def streaming_linear_cka(
     lambda s, xy: (cka_stream_update(s, *xy), None), acc, (x_batches[1:], y_batches[1:])
   )
   return cka_stream_result(acc, debiased)
-
-
-def minimum_samples(debiased: bool) -> int:
-  """Smallest n the estimators accept."""
-  return 4 if debiased else 2

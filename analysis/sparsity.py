@@ -9,11 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from analysis.registry import register_metric
 from analysis.validation import require_ndim, require_nonempty
 
 
-@register_metric("gini", "sparsity")
 def gini(x: jax.Array) -> jax.Array:
   """Gini index of |x|: sum_i (2i - m - 1) c_(i) / (m sum c), c sorted ascending, i = 1..m.
 
@@ -27,7 +25,6 @@ def gini(x: jax.Array) -> jax.Array:
   return jnp.sum(weights * c, axis=-1) / (m * jnp.sum(c, axis=-1))
 
 
-@register_metric("hoyer", "sparsity")
 def hoyer(x: jax.Array) -> jax.Array:
   """Hoyer sparsity (sqrt(m) - ||x||_1 / ||x||_2) / (sqrt(m) - 1), in [0, 1].
 

@@ -1,10 +1,13 @@
-"""One-call summaries for the sweep: all weight / gradient spectra of one checkpoint.
+"""One-call summaries for the sweep, and the study's component x metric table.
 
-Output: {component: {metric: array}} with plain-string names the sweep can write into a
-table. Components (COMPONENTS): 'ov_head' -> arrays [L, H]; 'ov' -> [L]; 'mlp' -> [L].
-Metric names: every registered 'spectral' metric ('effective_rank', 'per',
-'condition_number', 'stable_rank', 'frobenius_norm', 'spectral_norm', plus any added
-later); gradient summaries add 'grad_norm' and 'grad_cosine'.
+`METRIC_TABLE` (via `metric_table()`) is the one list of every (component, metric) the
+sweep writes; the study, these summaries and the report read it. Components:
+'ov_head' -> arrays [L, H]; 'ov' -> [L]; 'mlp' -> [L] (weights, gradients, activations);
+'resid' -> [L] (activations only); 'model' -> [] (losses). Weight metrics are the
+registered 'spectral' metrics ('effective_rank', 'per', 'condition_number',
+'stable_rank', 'frobenius_norm', 'spectral_norm', plus any registered later); gradient
+metrics are the same of the mean gradient singular values, prefixed 'grad_', plus
+'grad_norm' and 'grad_cosine'.
 
 Rank bounds k (docs/method.md): d_head for a head's OV matrix, d for the whole OV and the MLP.
 A head's OV *gradient* has rank <= 2 d_head (sum of two rank-d_head products), so its
@@ -18,9 +21,40 @@ import jax.numpy as jnp
 
 from analysis import circuits
 from analysis.gradients import factored_inner_product, mean_singular_values
+from analysis.registry import metrics_in_family
 from analysis.spectra import product_singular_values, singular_values, spectral_metrics
 
+#: Components with weights (and gradients): the OV circuit per head and whole, the MLP.
 COMPONENTS = ("ov_head", "ov", "mlp")
+#: Components whose activations are compared by CKA.
+ACTIVATION_COMPONENTS = (*COMPONENTS, "resid")
+#: CKA estimators by metric name: whether each is the debiased one.
+CKA_ESTIMATORS = {"cka": False, "cka_debiased": True}
+#: Whole-model metrics (component 'model').
+MODEL_METRICS = ("train_loss", "heldout_loss")
+
+
+def noise_floor_name(estimator: str) -> str:
+  """The metric name of an estimator's noise floor: 'cka' -> 'cka_floor'."""
+  return f"{estimator}_floor"
+
+
+def gradient_name(metric: str) -> str:
+  """The metric name of a spectral metric of the gradients: 'per' -> 'grad_per'."""
+  return f"grad_{metric}"
+
+
+def metric_table() -> dict[str, tuple[str, ...]]:
+  """{component: metric names}: every value the sweep writes (the module doc)."""
+  cka = tuple(CKA_ESTIMATORS) + tuple(noise_floor_name(e) for e in CKA_ESTIMATORS)
+  spectral = tuple(metrics_in_family("spectral"))
+  gradient = tuple(gradient_name(m) for m in spectral) + ("grad_norm", "grad_cosine")
+  table = {c: cka + spectral + gradient for c in COMPONENTS}
+  table["resid"] = cka
+  table["model"] = MODEL_METRICS
+  return table
+
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -74,10 +108,10 @@ def gradient_spectra(
 ) -> dict[str, dict[str, jax.Array]]:
   """All gradient metrics of one checkpoint from G gradient batches.
 
-  Spectral metrics are of the singular values averaged over the G batches (docs/method.md);
-  'grad_norm' is the mean Frobenius norm of the component gradient, 'grad_cosine' the mean
-  cosine of consecutive batches (NaN if G == 1). Batches are processed one at a time
-  (lax.scan), so memory holds two batches' d x d OV gradients, not G.
+  Spectral metrics ('grad_per', ...) are of the singular values averaged over the G
+  batches (docs/method.md); 'grad_norm' is the mean Frobenius norm of the component gradient,
+  'grad_cosine' the mean cosine of consecutive batches (NaN if G == 1). Batches are
+  processed one at a time (lax.scan), so memory holds two batches' d x d OV gradients, not G.
 
   Args:
     grads: gradients with the params['layers'] layout, every leaf with a leading G axis:
@@ -133,7 +167,8 @@ def gradient_spectra(
   bounds = {"ov_head": k_head, "ov": d, "mlp": d_mlp}
   out = {}
   for component in COMPONENTS:
-    metrics = spectral_metrics(mean_singular_values(svals[component]), bounds[component])
+    spectral = spectral_metrics(mean_singular_values(svals[component]), bounds[component])
+    metrics = {gradient_name(name): value for name, value in spectral.items()}
     metrics["grad_norm"] = jnp.mean(norms[component], axis=0)
     metrics["grad_cosine"] = (
       jnp.mean(cosines[component][1:], axis=0)

@@ -29,7 +29,7 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import data, sweep
+from jax_pythia import data, results, sources, sweep
 
 PYTHIA_70M = dict(
   vocab_size=50304,
@@ -184,7 +184,7 @@ def main():
   t_reference = (time.perf_counter() - start) / len(steps)
 
   out = os.path.join(root, "out")
-  models = sweep.resolve_models([model_dir])
+  models = sources.resolve_models([model_dir])
   options = sweep.SweepOptions(
     n_sequences=args.n_sequences, gradient_sequences=args.gradient_sequences
   )
@@ -192,13 +192,13 @@ def main():
   start = time.perf_counter()
   runner.run()
   t_sweep_total = time.perf_counter() - start
-  _, status = sweep.collect(out)
+  _, status = results.collect(out)
   compute = status.compute_s.to_numpy()
   load = status.load_s.to_numpy()
   t_first = float(status.set_index("step").loc[final, "compute_s"])
   t_steady = (t_sweep_total - t_first) / max(len(steps) - 1, 1)
 
-  metrics, _ = sweep.collect(out)
+  metrics, _ = results.collect(out)
   worst = 0.0
   for step, rows in reference_rows.items():
     got = metrics[metrics.step == step].set_index(["metric", "component", "layer", "head"])

@@ -44,7 +44,6 @@ HUB_ATTEMPTS = 2
 HUB_BACKOFF_S = 2.0
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_STEP_DIR_RE = re.compile(r"^step(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
     for name in candidates:
       if os.path.isdir(os.path.join(local, name)):
         return CheckpointSpec(path=os.path.join(local, name))
-    steps = sorted(n for n in os.listdir(local) if _STEP_DIR_RE.match(n))
+    steps = sorted(n for n in os.listdir(local) if suite.STEP_DIR_RE.match(n))
     raise CheckpointError(
       f"{local}: no {revision} subfolder (it holds "
       f"{_few_dirs(steps) if steps else 'no step<N> subfolders'})"
@@ -325,7 +324,7 @@ def resolve_checkpoint(
   if parsed.is_local:
     directory = parsed.path
     if not os.path.isfile(os.path.join(directory, weights.CONFIG_FILE)):
-      steps = sorted(n for n in os.listdir(directory) if _STEP_DIR_RE.match(n))
+      steps = sorted(n for n in os.listdir(directory) if suite.STEP_DIR_RE.match(n))
       hint = (
         (
           f"; it holds step subfolders ({_few_dirs(steps)}): give a step, "
@@ -456,6 +455,21 @@ def is_converted(directory: str | os.PathLike) -> bool:
   return os.path.isfile(os.path.join(directory, _META_FILE)) and os.path.isdir(
     os.path.join(directory, _PARAMS_DIR)
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """A `save_converted` directory, restored only when placed (`sharding.Placement.params`),
+  straight onto the mesh's shardings."""
+
+  directory: str
+
+
+def converted_config(directory: str) -> GPTNeoXConfig:
+  """The config stored in a converted checkpoint, read without restoring the params."""
+  path = os.path.join(directory, _META_FILE)
+  with open(path) as f:
+    return GPTNeoXConfig.from_hf_dict(json.load(f)["config"], source=path)
 
 
 def restore_converted(

@@ -18,3 +18,7 @@ class CheckpointError(JaxPythiaError, ValueError):
 
 class ToySuiteError(JaxPythiaError, ValueError):
   """A toy-suite request that cannot be honoured (bad sizes, an out dir of another suite)."""
+
+
+class SweepError(JaxPythiaError, ValueError):
+  """A sweep that cannot run as asked (models, steps, data, output directory)."""

@@ -107,38 +107,67 @@ class SiteRequest:
     return cls(names, frozenset(layer_sites), frozenset(global_sites))
 
 
-def site_table() -> str:
-  """The capture-site table as Markdown (the README embeds the same table)."""
-  rows = ["| site | shape | meaning |", "|---|---|---|"]
-  rows += [f"| `{n}` | {s} | {m} |" for n, (s, m) in GLOBAL_SITES.items()]
-  rows += [f"| `blocks.{{l}}.{n}` | {s} | {m} |" for n, (s, m) in LAYER_SITES.items()]
-  return "\n".join(rows)
+def parse_positions(spec: str, what: str = "positions") -> tuple[str, Any]:
+  """The one parser of a positions spec: `last`, `all`, `random:K` (K >= 1) or a comma
+  list of indices -> ("last", None), ("all", None), ("random", K) or ("indices", [k]).
+
+  `what` names the flag in the error (`--positions`).
+  """
+  if spec in ("last", "all"):
+    return spec, None
+  random = re.match(r"^random:(\d+)$", spec)
+  if random and int(random.group(1)) >= 1:
+    return "random", int(random.group(1))
+  try:
+    return "indices", np.array([int(p) for p in spec.split(",")], dtype=np.int32)
+  except ValueError:
+    raise ValueError(
+      f"{what}={spec!r}: expected last, all, random:K (K >= 1) or a comma list of integers"
+    ) from None
 
 
 def position_index(
-  positions: str | Sequence[int] | np.ndarray | Array | None, seq_len: int
+  positions: str | Sequence[int] | np.ndarray | Array | None,
+  seq_len: int,
+  *,
+  n: int | None = None,
+  seed: int = 0,
+  what: str = "positions",
 ) -> Array | None:
-  """Token positions to keep: None (all), [k] shared by the batch, or [b, k] per sequence.
+  """Token positions to keep: None (all), [k] shared by the batch, or [n, k] per sequence.
 
-  `positions` is "all", "last", or integer indices (negative counts from the end).
+  `positions` is a spec for `parse_positions` (`random:K` draws K distinct sorted positions
+  for each of the `n` sequences from `seed`), or integer indices [k] / [b, k] (negative
+  counts from the end).
   """
-  if positions is None or (isinstance(positions, str) and positions == "all"):
+  if positions is None:
     return None
   if isinstance(positions, str):
-    if positions != "last":
-      raise ValueError(f"positions={positions!r}: expected 'last', 'all' or indices")
-    return jnp.array([seq_len - 1], dtype=jnp.int32)
+    kind, arg = parse_positions(positions, what)
+    if kind == "all":
+      return None
+    if kind == "last":
+      return jnp.array([seq_len - 1], dtype=jnp.int32)
+    if kind == "random":
+      if arg > seq_len:
+        raise ValueError(f"{what}={positions}: only {seq_len} positions per sequence")
+      if n is None:
+        raise ValueError(f"{what}={positions}: random positions need the number of sequences")
+      rng = np.random.default_rng(seed)
+      draws = np.stack([rng.choice(seq_len, arg, replace=False) for _ in range(n)])
+      return jnp.asarray(np.sort(draws, axis=1), dtype=jnp.int32)
+    positions = arg
   if isinstance(positions, jax.core.Tracer):
     return positions
   idx = np.asarray(positions)
   if idx.ndim not in (1, 2) or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
     raise ValueError(
-      f"positions: expected a non-empty [k] or [b, k] integer array, got "
+      f"{what}: expected a non-empty [k] or [b, k] integer array, got "
       f"shape {idx.shape} dtype {idx.dtype}"
     )
   if idx.min() < -seq_len or idx.max() >= seq_len:
     raise ValueError(
-      f"positions out of range for sequence length {seq_len}: [{idx.min()}, {idx.max()}]"
+      f"{what} out of range for sequence length {seq_len}: [{idx.min()}, {idx.max()}]"
     )
   return jnp.asarray(idx % seq_len, dtype=jnp.int32)
 
@@ -389,6 +418,8 @@ def forward(
 ) -> tuple[Array | None, dict[str, Array]]:
   """Runs the model on tokens [b, s]: (logits [b, s, V] float32 or None, captures).
 
+  The one place the Flax module is applied; `make_forward`, the study and the loss call it.
+
   Pure in (params, tokens); wrap in `jax.jit` with `config`, `sites` and `return_logits`
   static (see `make_forward`), or vmap over a stacked checkpoint axis of params.
   Captures map each requested site name to its array, at the kept `positions`.
@@ -409,8 +440,7 @@ def make_forward(
 
   @jax.jit
   def fn(params, tokens, idx=None):
-    model = GPTNeoX(config, dtype=params_dtype(params))
-    return model.apply({"params": params}, tokens, idx, sites, return_logits)
+    return forward(params, tokens, config, sites, idx, return_logits)
 
   return fn
 

@@ -79,18 +79,16 @@ def from_suite(name: str, seq_len: int | None = None) -> Shape:
 
 def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
   """Every model of a local suite (or one model's directory of step<N>/)."""
-  from jax_pythia import sweep, weights
+  from jax_pythia import checkpoints, sources, weights
 
   shapes = []
-  for m in sweep.resolve_models([path]):
+  for m in sources.resolve_models([path]):
     step_dir = os.path.join(m.location, suite.revision(m.final_step))
     config_path = os.path.join(step_dir, weights.CONFIG_FILE)
     if os.path.isfile(config_path):
       config = GPTNeoXConfig.from_json_file(config_path)
     else:
-      from jax_pythia import sharding
-
-      config = sharding.converted_config(step_dir)
+      config = checkpoints.converted_config(step_dir)
     size = sum(
       os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
     )

@@ -1,7 +1,8 @@
 """The study's figures and a short report.md, drawn from a sweep's stored tables.
 
-Nothing is recomputed from checkpoints: everything comes from metrics.parquet and
-pairwise_cka.parquet under the sweep's output directory (`tools.report` redraws them).
+Nothing is recomputed from checkpoints: everything comes from metrics.parquet,
+pairwise_cka.parquet and checkpoints.parquet under the sweep's output directory
+(`tools.report` redraws them).
 Figures (PNG and PDF under <out>/figures):
   cka_bands[_debiased]   CKA to the final checkpoint, 10/25/50/75/90th percentiles across
                          layers per checkpoint (the paper's Figure 1), with the noise floor
@@ -25,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import analysis  # noqa: E402
+from jax_pythia.errors import SweepError  # noqa: E402
+from jax_pythia.files import atomic_write  # noqa: E402
 
 COMPONENT_LABELS = {
   "ov": "attention OV (whole layer)",
@@ -41,9 +44,8 @@ def _save(fig, out_dir: str, name: str) -> list[str]:
   paths = []
   for ext in ("png", "pdf"):
     path = os.path.join(out_dir, f"{name}.{ext}")
-    tmp = os.path.join(out_dir, f".tmp-{name}.{ext}")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)
-    os.replace(tmp, path)
+    save = lambda tmp, ext=ext: fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)  # noqa: E731
+    atomic_write(path, save, "." + ext)
     paths.append(path)
   plt.close(fig)
   return paths
@@ -56,11 +58,14 @@ def _log_axis(ax):
   ax.set_xlabel("training step")
 
 
-def _model_order(metrics: pd.DataFrame) -> list[str]:
-  """Models smallest first (by layer count x width proxy: number of layer rows)."""
-  sizes = metrics[metrics.metric == "frobenius_norm"].groupby("model")["layer"].max()
+def model_order(metrics: pd.DataFrame, status: pd.DataFrame | None = None) -> list[str]:
+  """Models smallest first: by parameter count (checkpoints.parquet's `parameters`), then
+  by name (models without a count last)."""
+  sizes = {}
+  if status is not None and "parameters" in status:
+    sizes = status.dropna(subset=["parameters"]).groupby("model")["parameters"].max().to_dict()
   names = list(dict.fromkeys(metrics["model"]))
-  return sorted(names, key=lambda n: (sizes.get(n, 0), n))
+  return sorted(names, key=lambda n: (n not in sizes, sizes.get(n, 0), n))
 
 
 def cka_table(
@@ -77,8 +82,9 @@ def cka_table(
   return table.index.to_numpy(), table.to_numpy()
 
 
-def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
-  models = _model_order(metrics)
+def figure_cka_bands(
+  metrics: pd.DataFrame, models: Sequence[str], out_dir: str, estimator: str
+) -> list[str]:
   fig, axes = plt.subplots(
     len(BAND_COMPONENTS),
     len(models),
@@ -101,7 +107,7 @@ def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> lis
       floor = metrics[
         (metrics.model == model)
         & (metrics.component == component)
-        & (metrics.metric == estimator + "_floor")
+        & (metrics.metric == analysis.noise_floor_name(estimator))
         & (metrics["head"] == -1)
       ]
       if len(floor):
@@ -120,10 +126,10 @@ def figure_cka_bands(metrics: pd.DataFrame, out_dir: str, estimator: str) -> lis
   return _save(fig, out_dir, "cka_bands" + ("_debiased" if "debiased" in estimator else ""))
 
 
-def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
-  models = _model_order(metrics)
+def figure_per(metrics: pd.DataFrame, models: Sequence[str], out_dir: str) -> list[str]:
   fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False, constrained_layout=True)
-  for row, (metric, what) in enumerate((("per", "weights"), ("grad_per", "gradients"))):
+  per_rows = (("per", "weights"), (analysis.gradient_name("per"), "gradients"))
+  for row, (metric, what) in enumerate(per_rows):
     for col, component in enumerate(("ov", "mlp")):
       ax = axes[row, col]
       for i, model in enumerate(models):
@@ -142,10 +148,12 @@ def figure_per(metrics: pd.DataFrame, out_dir: str) -> list[str]:
   return _save(fig, out_dir, "per_over_training")
 
 
-def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str) -> pd.DataFrame:
+def per_convergence_points(
+  metrics: pd.DataFrame, models: Sequence[str], component: str, estimator: str
+) -> pd.DataFrame:
   """One row per (model, layer): final-checkpoint PER and CKA area over log-steps."""
   points = []
-  for model in _model_order(metrics):
+  for model in models:
     steps, values = cka_table(metrics, model, component, estimator)
     if len(steps) < 2:
       continue
@@ -164,13 +172,13 @@ def per_convergence_points(metrics: pd.DataFrame, component: str, estimator: str
 
 
 def figure_per_vs_convergence(
-  metrics: pd.DataFrame, out_dir: str, estimator: str
+  metrics: pd.DataFrame, models: Sequence[str], out_dir: str, estimator: str
 ) -> tuple[list[str], dict]:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
   stats = {}
   for col, component in enumerate(("ov", "mlp")):
     ax = axes[0, col]
-    points = per_convergence_points(metrics, component, estimator)
+    points = per_convergence_points(metrics, models, component, estimator)
     if points.empty:
       continue
     for i, (model, group) in enumerate(points.groupby("model", sort=False)):
@@ -196,8 +204,8 @@ def figure_per_vs_convergence(
   return _save(fig, out_dir, "per_vs_convergence"), stats
 
 
-def figure_evals(evals: pd.DataFrame, metrics: pd.DataFrame, out_dir: str) -> list[str]:
-  models = [m for m in _model_order(metrics) if m in set(evals.model)]
+def figure_evals(evals: pd.DataFrame, models: Sequence[str], out_dir: str) -> list[str]:
+  models = [m for m in models if m in set(evals.model)]
   tasks = [t for t in EVAL_TASKS if t in set(evals.task)]
   if not models or not tasks:
     return []
@@ -250,20 +258,21 @@ def write_report(
   out_dir: str, evals_dir: str | None = None, estimators: Sequence[str] = ("cka", "cka_debiased")
 ) -> list[str]:
   """Draws every figure and report.md from <out_dir>'s tables; returns the paths written."""
-  from jax_pythia.sweep import SweepError  # the sweep's own error type
-
   metrics_path = os.path.join(out_dir, "metrics.parquet")
   if not os.path.exists(metrics_path):
     raise SweepError(f"{metrics_path} not found: run tools.sweep with --out={out_dir} first")
   metrics = pd.read_parquet(metrics_path)
+  status_path = os.path.join(out_dir, "checkpoints.parquet")
+  status = pd.read_parquet(status_path) if os.path.exists(status_path) else None
+  models = model_order(metrics, status)
   pairwise_path = os.path.join(out_dir, "pairwise_cka.parquet")
   pairwise = pd.read_parquet(pairwise_path) if os.path.exists(pairwise_path) else None
   figures = os.path.join(out_dir, "figures")
   written = []
   for estimator in estimators:
-    written += figure_cka_bands(metrics, figures, estimator)
-  written += figure_per(metrics, figures)
-  paths, stats = figure_per_vs_convergence(metrics, figures, estimators[0])
+    written += figure_cka_bands(metrics, models, figures, estimator)
+  written += figure_per(metrics, models, figures)
+  paths, stats = figure_per_vs_convergence(metrics, models, figures, estimators[0])
   written += paths
   if pairwise is not None and not pairwise.empty:
     written += figure_pairwise(pairwise, figures, estimators[-1])
@@ -271,21 +280,24 @@ def write_report(
   if evals_dir:
     from jax_pythia.evals import load_evals
 
-    drawn = figure_evals(load_evals(evals_dir), metrics, figures)
+    drawn = figure_evals(load_evals(evals_dir), models, figures)
     written += drawn
     evals_note = "figures/evals.png" if drawn else f"no swept model has evaluations in {evals_dir}"
   report_path = os.path.join(out_dir, "report.md")
-  text = _report_text(metrics, stats, estimators, evals_note)
-  tmp = report_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, report_path)
+  text = _report_text(metrics, models, stats, estimators, evals_note)
+  atomic_write(report_path, lambda tmp: _write_text(tmp, text), ".md")
   return written + [report_path]
 
 
-def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str) -> str:
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _report_text(
+  metrics: pd.DataFrame, models: Sequence[str], stats: dict, estimators, evals_note: str
+) -> str:
   lines = ["# Sweep report", ""]
-  models = _model_order(metrics)
   lines += [
     f"Models: {', '.join(models)}. Checkpoints per model: "
     + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
@@ -306,12 +318,12 @@ def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str
         if not len(steps):
           continue
         median = np.median(values, axis=1)
-        above = np.flatnonzero(np.minimum.accumulate(median[::-1] >= 0.9)[::-1])
-        first = str(int(steps[above[0]])) if len(above) else "never"
+        converged = float(analysis.convergence_step(jax.numpy.asarray(median), steps, 0.9))
+        first = "never" if np.isnan(converged) else str(int(converged))
         floor = metrics[
           (metrics.model == model)
           & (metrics.component == component)
-          & (metrics.metric == estimator + "_floor")
+          & (metrics.metric == analysis.noise_floor_name(estimator))
           & (metrics["head"] == -1)
         ]
         lines.append(
@@ -328,9 +340,11 @@ def _report_text(metrics: pd.DataFrame, stats: dict, estimators, evals_note: str
   for model in models:
     final = metrics[(metrics.model == model)]
     final = final[final.step == final.step.max()]
-    for component in ("ov_head", "ov", "mlp"):
+    for component in analysis.COMPONENTS:
       w = final[(final.component == component) & (final.metric == "per")].value.mean()
-      g = final[(final.component == component) & (final.metric == "grad_per")].value.mean()
+      g = final[
+        (final.component == component) & (final.metric == analysis.gradient_name("per"))
+      ].value.mean()
       lines.append(f"| {model} | {component} | {w:.3f} | {g:.3f} |")
   lines += ["", "## PER vs convergence (layers pooled over models)", ""]
   for component, s in stats.items():

@@ -23,14 +23,12 @@ Several processes (`Placement.split`):
                its own checkpoints and writes their files to the shared --out.
   shard        every process runs every checkpoint together on one global mesh (for
                models too big for one host); all of them compute, process 0 writes.
-Either way the caller runs `finalize` on process 0 only, after `barrier("done")`.
+Either way the caller runs `results.finalize` on process 0 only, after `barrier("done")`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -40,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia import weights
+from jax_pythia import checkpoints, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
@@ -197,25 +195,6 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-# --------------------------------------------------------------------- orbax caches
-
-
-@dataclasses.dataclass(frozen=True)
-class Converted:
-  """A `checkpoints.save_converted` directory, restored when placed (onto the mesh)."""
-
-  directory: str
-
-
-def converted_config(directory: str) -> GPTNeoXConfig:
-  """The config stored in a converted checkpoint, read without restoring the params."""
-  from jax_pythia import checkpoints
-
-  path = os.path.join(directory, checkpoints._META_FILE)
-  with open(path) as f:
-    return GPTNeoXConfig.from_hf_dict(json.load(f)["config"], source=path)
-
-
 # ------------------------------------------------------------------------ processes
 
 
@@ -324,11 +303,10 @@ class Placement:
   # -- arrays
 
   def params(self, params: Any, config: GPTNeoXConfig) -> Any:
-    """Converted params (weights.convert_state_dict) or a `Converted` cache onto the devices."""
+    """Converted params (weights.convert_state_dict) or a `checkpoints.Converted` cache onto
+    the devices."""
     target = None if self.mesh is None else param_shardings(config, self.mesh)
-    if isinstance(params, Converted):
-      from jax_pythia import checkpoints
-
+    if isinstance(params, checkpoints.Converted):
       _, restored = checkpoints.restore_converted(params.directory, sharding=target)
       return restored
     if target is None:

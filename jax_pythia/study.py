@@ -1,10 +1,11 @@
 """The study's per-checkpoint computations (docs/method.md), each one compiled call.
 
 Pure functions of (params, tokens) that wire the model's capture sites into the
-`analysis` kernels: activations for CKA, weight spectra, gradient statistics, loss. The
-sweep (`jax_pythia.sweep`) does the I/O around them.
+`analysis` kernels: activations for CKA, weight spectra, gradient statistics, loss.
+`checkpoint_metrics` gathers one checkpoint's results under the names of the tables
+(`analysis.metric_table`); the sweep (`jax_pythia.sweep`) only moves them to files.
 
-Activation components (`ACTIVATION_COMPONENTS`), with n = sequences x kept positions:
+Activation components (`analysis.ACTIVATION_COMPONENTS`), n = sequences x kept positions:
   ov_head [L, H, n, dh]  a token's own value through head h's W_O (the paper's OV
                          activation), stored in a d_head-dim basis that preserves every
                          inner product (see `analysis.ov_head_features`), so CKA is unchanged
@@ -16,17 +17,15 @@ Activation components (`ACTIVATION_COMPONENTS`), with n = sequences x kept posit
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import analysis
 from jax_pythia import model as model_lib
 from jax_pythia.config import GPTNeoXConfig
-
-ACTIVATION_COMPONENTS = ("ov_head", "ov", "mlp", "resid")
-WEIGHT_COMPONENTS = analysis.COMPONENTS
-CKA_ESTIMATORS = {"cka": False, "cka_debiased": True}
 
 
 def activation_sites(value_slice: str) -> tuple[str, ...]:
@@ -43,9 +42,7 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
 
   @jax.jit
   def fn(params, tokens, idx):
-    _, caps = model_lib.GPTNeoX(config, dtype=model_lib.params_dtype(params)).apply(
-      {"params": params}, tokens, idx, request, False
-    )
+    _, caps = model_lib.forward(params, tokens, config, request, idx, return_logits=False)
     # [L, b, k, ...] -> [L, n, ...] with n = b * k
     flat = {
       name: x.reshape(x.shape[0], -1, *x.shape[3:]).astype(jnp.float32) for name, x in caps.items()
@@ -67,13 +64,55 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
   return fn
 
 
+def checkpoint_metrics(
+  acts: dict,
+  reference: dict,
+  layers: dict,
+  value_slice: str,
+  *,
+  floor_key: jax.Array | None = None,
+  grads: dict | None = None,
+  train_losses: Any = None,
+  heldout_loss: Any = None,
+) -> dict[str, dict[str, Any]]:
+  """Every metric of one checkpoint: {component: {metric: [L, H] | [L] | []}}, named as in
+  the tables (`analysis.metric_table`).
+
+  Args:
+    acts, reference: `activation_fn` outputs of this checkpoint and of the final one.
+    layers: params['layers'] (leaves [L, ...]) for the weight spectra.
+    floor_key: given (at the final checkpoint), CKA's noise floor is added from this key.
+    grads, train_losses: `gradient_fn` outputs (gradient leaves [G, ...], losses [G]).
+    heldout_loss: the loss on a batch no checkpoint trained on.
+  """
+  out: dict[str, dict[str, Any]] = {}
+  for (component, estimator), value in cka_against(acts, reference).items():
+    out.setdefault(component, {})[estimator] = value
+  if floor_key is not None:
+    for (component, estimator), value in cka_noise_floor(acts, floor_key).items():
+      out[component][analysis.noise_floor_name(estimator)] = value
+  for component, metrics in weight_metrics(layers, value_slice).items():
+    out[component].update(metrics)
+  if grads is not None:
+    for component, metrics in gradient_metrics(grads, layers, value_slice).items():
+      out[component].update(metrics)
+  model = {}
+  if train_losses is not None:
+    model["train_loss"] = np.mean(np.asarray(train_losses))
+  if heldout_loss is not None:
+    model["heldout_loss"] = heldout_loss
+  if model:
+    out["model"] = model
+  return out
+
+
 @jax.jit
 def cka_against(acts: dict, ref: dict) -> dict:
   """{(component, estimator): [L] or [L, H]}: CKA of each layer (head) against `ref`."""
   return {
     (c, name): analysis.linear_cka(acts[c], ref[c], debiased=debiased)
     for c in acts
-    for name, debiased in CKA_ESTIMATORS.items()
+    for name, debiased in analysis.CKA_ESTIMATORS.items()
   }
 
 
@@ -83,7 +122,7 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
   permuted: what CKA reads when the inputs do not correspond (docs/method.md)."""
   out = {}
   for c, x in ref.items():
-    for name, debiased in CKA_ESTIMATORS.items():
+    for name, debiased in analysis.CKA_ESTIMATORS.items():
       floors = analysis.cka_noise_floor(
         x, key, debiased=debiased, num_permutations=num_permutations
       )

@@ -7,6 +7,7 @@ imports them from here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 HUB_ORG = "EleutherAI"
@@ -116,33 +117,24 @@ def parse_model(name: str) -> Model:
   return Model(size, deduped, seed)
 
 
-def all_models() -> list[Model]:
-  models = []
-  for size in SIZES.values():
-    models.append(Model(size))
-    if size.has_deduped:
-      models.append(Model(size, deduped=True))
-    if size.has_seeds:
-      models.extend(Model(size, seed=s) for s in SEEDS)
-  return models
-
-
 def revision(step: int) -> str:
   """The Hub git revision holding checkpoint `step` (`main` equals `step143000`)."""
   return f"step{int(step)}"
 
 
-_REVISION_RE = re.compile(r"^step(\d+)$")
+#: A checkpoint's revision and folder name, `step<N>` (the one place this pattern lives).
+STEP_DIR_RE = re.compile(r"^step(\d+)$")
 
 
-def parse_revision(rev: str) -> int:
-  """`step3000` -> 3000; `main` -> 143000."""
-  if rev == "main":
-    return FINAL_STEP
-  m = _REVISION_RE.match(rev)
-  if not m:
-    raise ValueError(f"revision {rev!r} is not of the form step<N> (or main)")
-  return int(m.group(1))
+def local_steps(directory: str) -> tuple[int, ...]:
+  """The checkpoints of a local model directory: the N of its `step<N>/` subfolders, sorted."""
+  return tuple(
+    sorted(
+      int(m.group(1))
+      for n in os.listdir(directory)
+      if (m := STEP_DIR_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
+    )
+  )
 
 
 def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int, ...]:

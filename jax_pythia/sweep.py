@@ -3,14 +3,13 @@
 For each model the final checkpoint is processed first (it is every CKA's reference),
 then the other selected steps. While one checkpoint computes, the next is fetched and
 converted in a background thread. Each finished checkpoint is written at once,
-atomically, under `<out>/checkpoints/<model>/step<N>.parquet` (its metric rows) and
-`<out>/activations/<model>/step<N>.npz` (the sampled activations pairwise CKA needs);
-rerunning the same command skips what exists, so a kill loses at most the checkpoint in
-flight. `finalize` gathers everything into `metrics.parquet`, `pairwise_cka.parquet`
-and `checkpoints.parquet` (one status row per checkpoint).
+atomically (`jax_pythia.results`: its metric rows, the sampled activations pairwise CKA
+needs, a status record); rerunning the same command skips what exists, so a kill loses
+at most the checkpoint in flight. `results.finalize` gathers everything into
+`metrics.parquet`, `pairwise_cka.parquet` and `checkpoints.parquet`.
 
-metrics.parquet columns (`METRIC_COLUMNS`): model, step, layer, component, head, metric,
-value; head is -1 for whole-layer values, layer -1 for whole-model values (loss).
+Where models and tokens come from: `jax_pythia.sources`. What is computed:
+`jax_pythia.study.checkpoint_metrics`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,117 +26,13 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jax_pythia import checkpoints, data, sharding, study, suite, weights
+from jax_pythia import checkpoints, data, model, results, sharding, study, suite, weights
 from jax_pythia.config import GPTNeoXConfig
-from jax_pythia.errors import JaxPythiaError
-from jax_pythia.files import atomic_write, save_npz
+from jax_pythia.errors import JaxPythiaError, SweepError
+from jax_pythia.files import save_npz
+from jax_pythia.sources import ModelSource
 
-METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
-PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
-STATUS_COLUMNS = ("model", "step", "status", "message", "load_s", "compute_s")
-SUITE_MANIFEST = "suite.json"
-_STEP_DIR_RE = re.compile(r"^step(\d+)$")
-
-
-class SweepError(JaxPythiaError, ValueError):
-  """A sweep that cannot run as asked (models, steps, data, output directory)."""
-
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-  """Where one model's checkpoints live: a local directory of step<N>/ or a Hub repo."""
-
-  name: str
-  location: str  # directory holding step<N>/ subfolders, or a Hub repo id
-  steps: tuple[int, ...]  # every checkpoint available
-  is_hub: bool = False
-  suite_dir: str | None = None  # the suite directory (with suite.json) it belongs to
-
-  @property
-  def final_step(self) -> int:
-    return self.steps[-1]
-
-  def spec(self, step: int) -> str:
-    return f"{self.location}@{suite.revision(step)}"
-
-
-def _local_steps(directory: str) -> tuple[int, ...]:
-  return tuple(
-    sorted(
-      int(m.group(1))
-      for n in os.listdir(directory)
-      if (m := _STEP_DIR_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
-    )
-  )
-
-
-def resolve_models(names: Sequence[str]) -> list[ModelSource]:
-  """Models from suite names (`pythia-160m-deduped`), Hub ids (`org/name`), directories
-  holding `step<N>/` checkpoints, or suite directories holding several such models."""
-  models: list[ModelSource] = []
-  for name in names:
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-      path = os.path.abspath(path)
-      steps = _local_steps(path)
-      if steps:
-        parent = os.path.dirname(path)
-        suite_dir = parent if os.path.isfile(os.path.join(parent, SUITE_MANIFEST)) else None
-        models.append(ModelSource(os.path.basename(path), path, steps, suite_dir=suite_dir))
-        continue
-      members = sorted(
-        n
-        for n in os.listdir(path)
-        if os.path.isdir(os.path.join(path, n)) and _local_steps(os.path.join(path, n))
-      )
-      if not members:
-        raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models that do)")
-      suite_dir = path if os.path.isfile(os.path.join(path, SUITE_MANIFEST)) else None
-      for member in _manifest_order(path, members):
-        sub = os.path.join(path, member)
-        models.append(ModelSource(member, sub, _local_steps(sub), suite_dir=suite_dir))
-      continue
-    try:
-      repo_id = suite.parse_model(name).repo_id
-    except ValueError as e:
-      if re.match(r"^[\w.-]+/[\w.-]+$", name) and not name.startswith("."):
-        repo_id = name
-      else:
-        raise SweepError(f"--models: unknown model {name!r}: not a directory and {e}") from None
-    models.append(ModelSource(repo_id.split("/")[-1], repo_id, suite.ALL_STEPS, is_hub=True))
-  seen = set()
-  for m in models:
-    if m.name in seen:
-      raise SweepError(f"--models: model name {m.name!r} appears twice")
-    seen.add(m.name)
-  return models
-
-
-def _manifest_order(suite_dir: str, members: list[str]) -> list[str]:
-  """Models in the manifest's order (smallest first), else alphabetical."""
-  manifest = read_manifest(suite_dir)
-  order = [m["name"] for m in manifest.get("models", [])] if manifest else []
-  known = [m for m in order if m in members]
-  return known + [m for m in members if m not in known]
-
-
-def read_manifest(suite_dir: str | None) -> dict:
-  if not suite_dir:
-    return {}
-  path = os.path.join(suite_dir, SUITE_MANIFEST)
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return {}
-  except json.JSONDecodeError as e:
-    raise SweepError(f"{path}: not valid JSON ({e})") from None
-
-
-# ---------------------------------------------------------------------------- options
+OPTIONS_FILE = "sweep.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,38 +65,13 @@ class SweepOptions:
       raise SweepError(
         f"--gradient_microbatch={mb} must divide --gradient_sequences={self.gradient_sequences}"
       )
-    parse_positions(self.positions)
+    try:
+      model.parse_positions(self.positions, "--positions")
+    except ValueError as e:
+      raise SweepError(str(e)) from None
 
   def fingerprint(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def parse_positions(spec: str) -> tuple[str, int]:
-  """`last`, `all` or `random:K` -> (kind, K)."""
-  if spec in ("last", "all"):
-    return spec, 0
-  m = re.match(r"^random:(\d+)$", spec)
-  if not m or int(m.group(1)) < 1:
-    raise SweepError(f"--positions={spec!r}: expected last, all or random:K (K >= 1)")
-  return "random", int(m.group(1))
-
-
-def position_index(spec: str, n: int, seq_len: int, seed: int) -> np.ndarray | None:
-  """[n, k] token positions per sequence (None for all)."""
-  kind, k = parse_positions(spec)
-  if kind == "all":
-    return None
-  if kind == "last":
-    return np.full((n, 1), seq_len - 1, np.int32)
-  if k > seq_len:
-    raise SweepError(f"--positions={spec}: only {seq_len} positions per sequence")
-  rng = np.random.default_rng(seed)
-  return np.sort(
-    np.stack([rng.choice(seq_len, k, replace=False) for _ in range(n)]), axis=1
-  ).astype(np.int32)
-
-
-# ------------------------------------------------------------------------------ data
 
 
 def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
@@ -217,70 +86,10 @@ def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
   return list(range(start, start + count))
 
 
-def open_data(
-  path: str | None,
-  models: Sequence[ModelSource],
-  tokenizer: str | None,
-  sequences_per_step: int | None,
-) -> data.TokenSource:
-  """The token source: --data, else the data of the suite the models come from."""
-  manifest = {}
-  if path is None:
-    suite_dirs = {m.suite_dir for m in models}
-    if len(suite_dirs) != 1 or None in suite_dirs:
-      raise SweepError(
-        "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
-        "prefix), a .npy token array or a .txt file with --tokenizer"
-      )
-    suite_dir = suite_dirs.pop()
-    manifest = read_manifest(suite_dir)
-    path = os.path.join(suite_dir, manifest["data_prefix"])
-    tokenizer = tokenizer or (
-      os.path.join(suite_dir, manifest["tokenizer"]) if manifest.get("tokenizer") else None
-    )
-  if sequences_per_step is None:
-    sequences_per_step = manifest.get("sequences_per_step", suite.SEQUENCES_PER_STEP)
-  return data.open_token_source(path, tokenizer=tokenizer, sequences_per_step=sequences_per_step)
-
-
-# ------------------------------------------------------------------------------- rows
-
-
-def metric_rows(model: str, step: int, component: str, metric: str, values: Any) -> pd.DataFrame:
-  """Tidy rows from values [] (whole model), [L] (per layer) or [L, H] (per head)."""
-  v = np.asarray(values, dtype=np.float64)
-  if v.ndim == 0:
-    layer, head, flat = np.array([-1]), np.array([-1]), v.reshape(1)
-  elif v.ndim == 1:
-    layer, head, flat = np.arange(v.shape[0]), np.full(v.shape[0], -1), v
-  elif v.ndim == 2:
-    layer, head = np.meshgrid(np.arange(v.shape[0]), np.arange(v.shape[1]), indexing="ij")
-    layer, head, flat = layer.ravel(), head.ravel(), v.ravel()
-  else:
-    raise ValueError(f"metric {metric!r} of {component!r}: unexpected shape {v.shape}")
-  return pd.DataFrame(
-    {
-      "model": model,
-      "step": np.int64(step),
-      "layer": layer.astype(np.int64),
-      "component": component,
-      "head": head.astype(np.int64),
-      "metric": metric,
-      "value": flat,
-    }
-  )
-
-
-def write_parquet(frame: pd.DataFrame, path: str) -> None:
-  atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False), ".parquet")
-
-
-def load_activations(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
-
-
-# ------------------------------------------------------------------------------ sweep
+def parameter_count(config: GPTNeoXConfig) -> int:
+  """Parameters of a model of `config` (every weight and bias, embeddings included)."""
+  shapes = jax.tree.leaves(weights.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+  return int(sum(np.prod(shape) for shape in shapes))
 
 
 @dataclasses.dataclass
@@ -294,7 +103,11 @@ class Loaded:
 
 
 class Sweep:
-  """Runs the study for some models and steps into `out_dir` (see the module doc)."""
+  """Runs the study for some models and steps into `out_dir` (see the module doc).
+
+  The constructor only plans (which steps of which model); `prepare` (called by `run`)
+  checks the data and records the options in `<out_dir>/sweep.json`.
+  """
 
   def __init__(
     self,
@@ -318,9 +131,8 @@ class Sweep:
     self.placement = placement or sharding.Placement()
     self._references: dict[str, dict[str, np.ndarray]] = {}
     self._inputs: dict[str, np.ndarray] = {}
+    self._prepared = False
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
-    self._check_output_dir()
-    self._check_data()
 
   # -- planning
 
@@ -332,8 +144,17 @@ class Sweep:
     # The final checkpoint is the reference of every CKA, so it is always swept, first.
     return [m.final_step] + [s for s in steps if s != m.final_step]
 
+  def prepare(self) -> None:
+    """Checks that the data holds every batch the plan needs, and that `out_dir` holds
+    no results of other options (recording these options there); once."""
+    if self._prepared:
+      return
+    self._check_data()
+    self._check_output_dir()
+    self._prepared = True
+
   def _check_output_dir(self):
-    path = os.path.join(self.out_dir, "sweep.json")
+    path = os.path.join(self.out_dir, OPTIONS_FILE)
     record = {"options": self.options.fingerprint()}
     if os.path.exists(path):
       with open(path) as f:
@@ -349,18 +170,13 @@ class Sweep:
           f"(old, new: {diff}); use another --out or remove it"
         )
     else:
-      atomic_write(path, lambda tmp: _write_json(tmp, record), ".json")
+      results.write_json(path, record)
 
   def _check_data(self):
     o = self.options
     if o.data_step is not None and o.data_step < 0:
       raise SweepError(f"--data_step={o.data_step}: must be >= 0")
-    tokens = (
-      self.source.batch(self.data_step(self.models[0]), o.n_sequences)[:, :-1]
-      if self.source.has_training_steps
-      else self.source.fixed_inputs(o.n_sequences)
-    )
-    self.seq_len = tokens.shape[1]
+    self.inputs(self.models[0])  # raises naming the file when the fixed batch is missing
     if o.gradients:
       if not self.source.has_training_steps:
         raise SweepError(
@@ -399,12 +215,7 @@ class Sweep:
     return self._inputs[m.name]
 
   def paths(self, model: str, step: int) -> tuple[str, str, str]:
-    base = os.path.join(self.out_dir, "{}", model, f"step{step}")
-    return (
-      base.format("checkpoints") + ".parquet",
-      base.format("activations") + ".npz",
-      base.format("status") + ".json",
-    )
+    return results.checkpoint_paths(self.out_dir, model, step)
 
   def pending(self) -> dict[str, list[int]]:
     return {
@@ -415,6 +226,7 @@ class Sweep:
   # -- running
 
   def run(self) -> None:
+    self.prepare()
     pending = self.pending()
     everything = [(m, s) for m in self.models for s in pending[m.name]]
     for queue in self.placement.schedule(everything):  # this process's share, in phases
@@ -438,8 +250,8 @@ class Sweep:
         # An orbax cache: restored in compute, straight onto the mesh's shardings.
         return Loaded(
           step,
-          sharding.converted_config(local),
-          sharding.Converted(local),
+          checkpoints.converted_config(local),
+          checkpoints.Converted(local),
           local,
           seconds=time.perf_counter() - start,
         )
@@ -455,29 +267,27 @@ class Sweep:
   def _reference(self, m: ModelSource) -> dict[str, np.ndarray]:
     if m.name in self._references:  # computed here (split=shard: only process 0 writes)
       return self._references[m.name]
-    return load_activations(self.paths(m.name, m.final_step)[1])
+    return results.load_activations(self.paths(m.name, m.final_step)[1])
 
   def _process(self, m: ModelSource, loaded: Loaded) -> None:
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
+    if loaded.config is not None:
+      status["parameters"] = parameter_count(loaded.config)
     if loaded.error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""
         raise SweepError(f"{m.name} step {loaded.step}: {loaded.error}{why}")
-      atomic_write(
-        status_path,
-        lambda tmp: _write_json(tmp, {**status, "status": "failed", "message": loaded.error}),
-        ".json",
-      )
+      results.write_json(status_path, {**status, "status": "failed", "message": loaded.error})
       return
     start = time.perf_counter()
     rows, acts = self.compute(m, loaded)
     if not self.placement.is_writer:
       return
     save_npz(acts_path, acts)
-    write_parquet(rows, metrics_path)  # last: its existence marks the step done
+    results.write_parquet(rows, metrics_path)  # last: its existence marks the step done
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
-    atomic_write(status_path, lambda tmp: _write_json(tmp, status), ".json")
+    results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
 
@@ -488,7 +298,12 @@ class Sweep:
     params = place.params(loaded.params, config)
     tokens = self.inputs(m)
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
-    idx = position_index(o.positions, len(tokens), tokens.shape[1], o.seed)
+    try:
+      idx = model.position_index(
+        o.positions, tokens.shape[1], n=len(tokens), seed=o.seed, what="--positions"
+      )
+    except ValueError as e:
+      raise SweepError(str(e)) from None
     acts = study.activation_fn(config, o.value_slice)(
       params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
     )
@@ -496,23 +311,10 @@ class Sweep:
     if step == m.final_step:
       self._references[m.name] = acts
     reference = acts if step == m.final_step else self._reference(m)
-    frames = []
-    add = lambda c, metric, v: frames.append(  # noqa: E731
-      metric_rows(m.name, step, c, metric, place.host(v))
-    )
-
-    for (component, estimator), value in study.cka_against(acts, reference).items():
-      add(component, estimator, value)
-    if step == m.final_step:
-      key = jax.random.PRNGKey(o.seed)
-      for (component, estimator), value in study.cka_noise_floor(acts, key).items():
-        add(component, estimator + "_floor", value)
     # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
     # repeat them), and they are small next to the forward and backward passes.
     layers = place.single_device(params["layers"])
-    for component, metrics in study.weight_metrics(layers, o.value_slice).items():
-      for metric, value in metrics.items():
-        add(component, metric, value)
+    grads = losses = heldout = None
     if o.gradients:
       batches = np.stack(
         [
@@ -526,109 +328,28 @@ class Sweep:
       losses, grads = study.gradient_fn(config, o.value_slice)(
         params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)")
       )
-      grad_metrics = study.gradient_metrics(place.single_device(grads), layers, o.value_slice)
-      for component, metrics in grad_metrics.items():
-        for metric, value in metrics.items():
-          name = metric if metric.startswith("grad_") else "grad_" + metric
-          add(component, name, value)
-      add("model", "train_loss", np.mean(place.host(losses)))
+      grads, losses = place.single_device(grads), place.host(losses)
     if o.loss_sequences:
-      heldout = self.heldout_tokens(m)
-      add(
-        "model",
-        "heldout_loss",
-        study.loss_fn(config)(params, place.batch(heldout, 0, "--loss_sequences")),
+      heldout = study.loss_fn(config)(
+        params, place.batch(self.heldout_tokens(m), 0, "--loss_sequences")
       )
+    values = study.checkpoint_metrics(
+      acts,
+      reference,
+      layers,
+      o.value_slice,
+      floor_key=jax.random.PRNGKey(o.seed) if step == m.final_step else None,
+      grads=grads,
+      train_losses=losses,
+      heldout_loss=heldout,
+    )
+    frames = [
+      results.metric_rows(m.name, step, component, metric, place.host(value))
+      for component, metrics in values.items()
+      for metric, value in metrics.items()
+    ]
     return pd.concat(frames, ignore_index=True), acts
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
     """The batch of the final step: in the stream, but no checkpoint trained on it."""
     return self.source.batch(m.final_step, self.options.loss_sequences)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-
-
-# --------------------------------------------------------------------------- finalize
-
-
-def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-  """(metrics, status) gathered from the per-checkpoint files under out_dir."""
-  frames = []
-  root = os.path.join(out_dir, "checkpoints")
-  for dirpath, _, files in sorted(os.walk(root)):
-    frames += [
-      pd.read_parquet(os.path.join(dirpath, f))
-      for f in sorted(files)
-      if f.endswith(".parquet") and not f.startswith(".tmp-")
-    ]
-  metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
-  metrics = metrics.sort_values(
-    ["model", "step", "component", "metric", "layer", "head"], kind="stable", ignore_index=True
-  )
-  statuses = []
-  for dirpath, _, files in sorted(os.walk(os.path.join(out_dir, "status"))):
-    for f in sorted(files):
-      if f.endswith(".json") and not f.startswith(".tmp-"):
-        with open(os.path.join(dirpath, f)) as fh:
-          statuses.append(json.load(fh))
-  status = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
-  return metrics, status.sort_values(["model", "step"], ignore_index=True)
-
-
-def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
-  """CKA between every pair of swept checkpoints of one model, per layer and component."""
-  paths = [os.path.join(out_dir, "activations", model, f"step{s}.npz") for s in steps]
-  present = [(s, p) for s, p in zip(steps, paths) if os.path.exists(p)]
-  if len(present) < 2:
-    return pd.DataFrame(columns=PAIRWISE_COLUMNS)
-  steps = [s for s, _ in present]
-  loaded = [load_activations(p) for _, p in present]
-  frames = []
-  for component in loaded[0]:
-    stacked = np.stack([a[component] for a in loaded])  # [C, L, (H,) n, e]
-    for metric, debiased in study.CKA_ESTIMATORS.items():
-      matrix = np.asarray(study.pairwise_matrix(stacked, debiased))  # [L, (H,) C, C]
-      lead = matrix.shape[:-2]
-      for index in np.ndindex(*lead):
-        layer = index[0]
-        head = index[1] if len(index) > 1 else -1
-        m = matrix[index]
-        a, b = np.meshgrid(np.arange(len(steps)), np.arange(len(steps)), indexing="ij")
-        frames.append(
-          pd.DataFrame(
-            {
-              "model": model,
-              "step": np.asarray(steps)[a.ravel()],
-              "other_step": np.asarray(steps)[b.ravel()],
-              "layer": layer,
-              "component": component,
-              "head": head,
-              "metric": metric,
-              "value": m.ravel().astype(np.float64),
-            }
-          )
-        )
-  return pd.concat(frames, ignore_index=True)
-
-
-def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str]:
-  """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet; their paths."""
-  metrics, status = collect(out_dir)
-  if metrics.empty:
-    raise SweepError(f"{out_dir}: no finished checkpoints to gather")
-  paths = {
-    name: os.path.join(out_dir, name + ".parquet")
-    for name in ("metrics", "checkpoints", "pairwise_cka")
-  }
-  write_parquet(metrics, paths["metrics"])
-  write_parquet(status, paths["checkpoints"])
-  models = models or sorted(metrics["model"].unique())
-  pair = [
-    pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
-    for name in models
-  ]
-  write_parquet(pd.concat(pair, ignore_index=True), paths["pairwise_cka"])
-  return paths

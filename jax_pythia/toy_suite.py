@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from jax_pythia import sources
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import ToySuiteError
 from jax_pythia.toy_corpus import (
@@ -94,7 +95,7 @@ __all__ = [
   "load_manifest",
 ]
 
-MANIFEST_FILE = "suite.json"
+MANIFEST_FILE = sources.MANIFEST_FILE  # read by the one reader, sources.read_manifest
 PARTIAL_MANIFEST_FILE = "suite.partial.json"
 TOKENIZER_FILE = "tokenizer.json"
 DATA_PREFIX = "data/stdlib_text_document"
@@ -250,16 +251,12 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
   """
   out = os.path.abspath(os.fspath(out_dir))
   path = os.path.join(out, MANIFEST_FILE)
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
+  manifest = sources.read_manifest(out)
+  if manifest is None:
     raise ToySuiteError(
       f"{path}: no toy-suite manifest (the suite is not complete; build "
       "it with python -m tools.make_toy_suite)"
-    ) from None
-  except json.JSONDecodeError as e:
-    raise ToySuiteError(f"{path}: not valid JSON ({e})") from None
+    )
   if manifest.get("format") != MANIFEST_FORMAT:
     raise ToySuiteError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
   return {**manifest, "root": out}

@@ -263,8 +263,8 @@ def test_reference_slice_on_gradients_and_summaries():
   grads = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a + 0.1]), random_layers(11, 2, 12, 3, 4))
   ref = analysis.gradient_spectra(grads, layers, "reference")
   true = analysis.gradient_spectra(grads, layers)
-  assert ref["ov_head"]["per"].shape == (2, 3)
-  assert float(jnp.max(jnp.abs(ref["ov"]["per"] - true["ov"]["per"]))) > 1e-4
+  assert ref["ov_head"]["grad_per"].shape == (2, 3)
+  assert float(jnp.max(jnp.abs(ref["ov"]["grad_per"] - true["ov"]["grad_per"]))) > 1e-4
   # The reference value kernel is the fused W[-d:, :] regrouped into the Flax layout.
   fused = np_fused_qkv(layers["attn"], 1)
   np.testing.assert_array_equal(

@@ -91,7 +91,7 @@ def test_gradient_spectra_summary():
     )  # [G, H, d, d]
     for h in range(heads):
       s = np.linalg.svd(heads_g[:, h], compute_uv=False)
-      assert float(out["ov_head"]["per"][l, h]) == pytest.approx(
+      assert float(out["ov_head"]["grad_per"][l, h]) == pytest.approx(
         np_per(s.mean(0), 2 * head_dim), rel=1e-4
       )
       norms = np.linalg.norm(heads_g[:, h], axis=(1, 2))
@@ -102,16 +102,16 @@ def test_gradient_spectra_summary():
       assert float(out["ov_head"]["grad_cosine"][l, h]) == pytest.approx(np.mean(cos), abs=1e-5)
     whole = heads_g.sum(1)
     s = np.linalg.svd(whole, compute_uv=False)
-    assert float(out["ov"]["per"][l]) == pytest.approx(np_per(s.mean(0), d), rel=1e-4)
+    assert float(out["ov"]["grad_per"][l]) == pytest.approx(np_per(s.mean(0), d), rel=1e-4)
     mlp = np.asarray(grads["mlp"]["fc_out"]["kernel"])[:, l]
     s = np.linalg.svd(mlp, compute_uv=False)
-    assert float(out["mlp"]["per"][l]) == pytest.approx(np_per(s.mean(0), d), rel=1e-4)
+    assert float(out["mlp"]["grad_per"][l]) == pytest.approx(np_per(s.mean(0), d), rel=1e-4)
     cos = [
       np.sum(mlp[t] * mlp[t + 1]) / (np.linalg.norm(mlp[t]) * np.linalg.norm(mlp[t + 1]))
       for t in range(g - 1)
     ]
     assert float(out["mlp"]["grad_cosine"][l]) == pytest.approx(np.mean(cos), abs=1e-5)
-  assert out["ov_head"]["per"].shape == (num_layers, heads)
+  assert out["ov_head"]["grad_per"].shape == (num_layers, heads)
 
 
 def test_gini_and_hoyer_against_formulas():
@@ -190,9 +190,9 @@ def test_correlations_against_scipy():
 
 
 def test_registry():
-  assert {"per", "effective_rank", "linear_cka", "linear_cka_debiased", "gini", "hoyer"} <= set(
-    analysis.METRICS
-  )
+  # What is registered is what the sweep runs: the spectral family, nothing else.
+  assert set(analysis.METRICS) == set(analysis.metrics_in_family("spectral"))
+  assert {"per", "effective_rank", "condition_number", "stable_rank"} <= set(analysis.METRICS)
   assert analysis.METRICS["per"].fn is analysis.proportional_effective_rank
   with pytest.raises(TypeError):
     analysis.METRICS["per"] = None  # read-only mapping

@@ -16,7 +16,9 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import report, sweep
+import analysis
+from jax_pythia import model, report, results, sources, sweep
+from jax_pythia.errors import SweepError
 from tests import suite_fixtures as sf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +42,11 @@ def suite_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(suite_dir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
-  models = sweep.resolve_models([str(suite_dir)])
-  source = sweep.open_data(None, models, None, None)
+  models = sources.resolve_models([str(suite_dir)])
+  source = sources.open_data(None, models, None, None)
   runner = sweep.Sweep(models, "all", source, out, sweep.SweepOptions(**OPTIONS))
   runner.run()
-  sweep.finalize(out)
+  results.finalize(out)
   written = report.write_report(out)
   return out, runner, written
 
@@ -146,7 +148,7 @@ def test_stored_metrics_equal_torch_and_numpy_ground_truth(swept, suite_dir):
   assert m.name == name
   tokens = runner.inputs(m)
   np.testing.assert_array_equal(tokens, runner.source.batch(7, 6)[:, :-1])
-  idx = sweep.position_index("random:2", 6, tokens.shape[1], 0)
+  idx = np.asarray(model.position_index("random:2", tokens.shape[1], n=6, seed=0))
   tm, tf = torch_model(suite_dir, name, step), torch_model(suite_dir, name, final)
   at, af = torch_site_values(tm, tokens, idx), torch_site_values(tf, tokens, idx)
   for l in range(3):
@@ -222,10 +224,10 @@ def test_gradient_and_loss_metrics_equal_torch(swept, suite_dir):
   ) == pytest.approx(loss, rel=1e-4)
 
 
-def test_schema_pairwise_and_figures(swept):
+def test_schema_pairwise_and_figures(swept, suite_dir):
   out, _, written = swept
   metrics = pd.read_parquet(os.path.join(out, "metrics.parquet"))
-  assert list(metrics.columns) == list(sweep.METRIC_COLUMNS)
+  assert list(metrics.columns) == list(results.METRIC_COLUMNS)
   assert not metrics.duplicated(["model", "step", "layer", "component", "head", "metric"]).any()
   assert set(metrics.model) == set(sf.SUITE_MODELS)
   assert sorted(metrics.step.unique()) == list(sf.SUITE_STEPS)
@@ -245,6 +247,16 @@ def test_schema_pairwise_and_figures(swept):
   assert len(merged) == len(against_final) > 0
   status = pd.read_parquet(os.path.join(out, "checkpoints.parquet"))
   assert (status.status == "ok").all() and len(status) == 10
+  # Every metric written is in the one component x metric table, and the table is whole.
+  table = {(c, m) for c, ms in analysis.metric_table().items() for m in ms}
+  assert set(zip(metrics.component, metrics.metric)) == table
+  # The parameter count (torch's own) orders the models in the figures, smallest first.
+  counts = {
+    name: sum(p.numel() for p in torch_model(suite_dir, name, 8).parameters())
+    for name in sf.SUITE_MODELS
+  }
+  assert status.groupby("model").parameters.max().to_dict() == counts
+  assert report.model_order(metrics, status) == sorted(counts, key=counts.get)
   for stem in (
     "cka_bands",
     "cka_bands_debiased",
@@ -309,13 +321,13 @@ def test_corrupt_checkpoint_is_skipped_and_recorded_or_stops(suite_dir, tmp_path
   weights = broken / "small-2l" / "step2" / "model.safetensors"
   weights.write_bytes(weights.read_bytes()[:-100])
   options = sweep.SweepOptions(**{**OPTIONS, "gradients": False, "loss_sequences": 0})
-  models = sweep.resolve_models([str(broken / "small-2l")])
-  source = sweep.open_data(str(broken / "data" / "train"), models, None, 8)
-  with pytest.raises(sweep.SweepError, match=r"small-2l step 2: .*model.safetensors"):
+  models = sources.resolve_models([str(broken / "small-2l")])
+  source = sources.open_data(str(broken / "data" / "train"), models, None, 8)
+  with pytest.raises(SweepError, match=r"small-2l step 2: .*model.safetensors"):
     sweep.Sweep(models, "0,2,8", source, str(tmp_path / "stop"), options).run()
   out = str(tmp_path / "skip")
   sweep.Sweep(models, "0,2,8", source, out, options, on_error="skip").run()
-  sweep.finalize(out)
+  results.finalize(out)
   status = pd.read_parquet(os.path.join(out, "checkpoints.parquet")).set_index("step")
   assert status.loc[2, "status"] == "failed"
   assert "model.safetensors" in status.loc[2, "message"]
@@ -324,30 +336,33 @@ def test_corrupt_checkpoint_is_skipped_and_recorded_or_stops(suite_dir, tmp_path
 
 
 def test_bad_input_errors_name_the_culprit(suite_dir, tmp_path):
-  with pytest.raises(sweep.SweepError, match="unknown model 'pythia-99m'"):
-    sweep.resolve_models(["pythia-99m"])
-  models = sweep.resolve_models([str(suite_dir / "small-2l")])
-  source = sweep.open_data(str(suite_dir / "data" / "train"), models, None, 8)
+  with pytest.raises(SweepError, match="unknown model 'pythia-99m'"):
+    sources.resolve_models(["pythia-99m"])
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
+  source = sources.open_data(str(suite_dir / "data" / "train"), models, None, 8)
   options = sweep.SweepOptions(**OPTIONS)
-  with pytest.raises(sweep.SweepError, match="step 3 is not a checkpoint"):
+  with pytest.raises(SweepError, match="step 3 is not a checkpoint"):
     sweep.Sweep(models, "0,3", source, str(tmp_path / "a"), options)
+  # Constructing a sweep plans only: nothing is read or written until prepare (or run).
+  sweep.Sweep(models, "all", source, str(tmp_path / "lazy"), options)
+  assert not (tmp_path / "lazy").exists()
   # A stream too short for the gradient batches the steps need.
   short = tmp_path / "short" / "train"
   items = np.asarray(source.batch(0, 8))
   sf.write_token_stream(short, np.concatenate([items] * 8))  # steps 0..7 only
-  short_source = sweep.open_data(str(short), models, None, 8)
+  short_source = sources.open_data(str(short), models, None, 8)
   with pytest.raises(Exception, match=r"short/train"):
-    sweep.Sweep(models, "all", short_source, str(tmp_path / "b"), options)
+    sweep.Sweep(models, "all", short_source, str(tmp_path / "b"), options).prepare()
   # Rerunning into an --out made with other options is refused, not mixed.
-  sweep.Sweep(models, "0", source, str(tmp_path / "c"), options)
-  with pytest.raises(sweep.SweepError, match="other options"):
+  sweep.Sweep(models, "0", source, str(tmp_path / "c"), options).prepare()
+  with pytest.raises(SweepError, match="other options"):
     sweep.Sweep(
       models,
       "0",
       source,
       str(tmp_path / "c"),
       sweep.SweepOptions(**{**OPTIONS, "value_slice": "reference"}),
-    )
+    ).prepare()
 
 
 def test_cli_reports_bad_flags_in_one_line(tmp_path):

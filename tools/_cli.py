@@ -40,3 +40,34 @@ def run(main: Callable[[list[str]], None]) -> None:
 def reject_extra_args(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}: every option is a --flag (see --help)")
+
+
+def define_work_flags() -> None:
+  """The flags that set what a sweep computes per checkpoint, defined once: tools.sweep
+  runs that work, tools.plan prices it, with the same names, defaults and help."""
+  flags.DEFINE_string(
+    "steps",
+    "all",
+    "Checkpoints: all, paper (the study's 27), a comma "
+    "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
+    "included: it is every CKA's reference.",
+  )
+  flags.DEFINE_integer(
+    "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
+  )
+  flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
+  flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
+  flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
+  flags.DEFINE_integer(
+    "gradient_microbatch",
+    0,
+    "Split gradient batches into microbatches "
+    "of this many sequences to bound memory (0: whole batch).",
+  )
+  flags.DEFINE_integer(
+    "loss_sequences",
+    0,
+    "Also record the loss on this many sequences of "
+    "the final step's batch, which no checkpoint trained on (0: off).",
+  )
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")

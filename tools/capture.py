@@ -46,17 +46,6 @@ flags.DEFINE_integer("batch_size", 32, "Sequences per compiled call (bounds memo
 flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 
 
-def _positions(spec: str):
-  if spec in ("last", "all"):
-    return spec
-  try:
-    return np.array([int(p) for p in spec.split(",")], dtype=np.int32)
-  except ValueError:
-    raise ValueError(
-      f"--positions={spec!r}: expected last, all or a comma list of integers"
-    ) from None
-
-
 def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import checkpoints, files, model
@@ -72,7 +61,9 @@ def main(argv):
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
   check_token_ids(tokens, config.vocab_size, FLAGS.tokens)
   sites = model.SiteRequest.parse(FLAGS.sites, config)
-  idx = model.position_index(_positions(FLAGS.positions), tokens.shape[1])
+  idx = model.position_index(
+    FLAGS.positions, tokens.shape[1], n=len(tokens), seed=0, what="--positions"
+  )
   fn = model.make_forward(config, sites, return_logits=FLAGS.logits)
   chunks: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(tokens), FLAGS.batch_size):

@@ -16,15 +16,12 @@ from absl import flags
 from tools import _cli
 
 FLAGS = flags.FLAGS
+_cli.define_work_flags()
+flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this tool's own
 flags.DEFINE_list(
   "models",
   ["pythia-70m-deduped"],
   "Pythia names, or local suite/model directories (their config.json gives the shapes).",
-)
-flags.DEFINE_string(
-  "steps",
-  "all",
-  "Checkpoints: all, paper, a comma list or START:STOP[:EVERY] (the final one is always added).",
 )
 flags.DEFINE_integer("devices", None, "Devices the sweep will run on (default: this machine's).")
 flags.DEFINE_integer("hosts", 1, "Hosts fetching checkpoints in parallel (--split=checkpoints).")
@@ -48,13 +45,6 @@ flags.DEFINE_float("bandwidth", 200e6, "Download bytes/s of one host from the Hu
 flags.DEFINE_integer(
   "seq_len", None, "Tokens per sequence (default: 2048 for Pythia, max_seq_len of a local config)."
 )
-flags.DEFINE_integer("n_sequences", 128, "As in tools.sweep.")
-flags.DEFINE_bool("gradients", True, "As in tools.sweep.")
-flags.DEFINE_integer("gradient_window", 5, "As in tools.sweep.")
-flags.DEFINE_integer("gradient_sequences", 128, "As in tools.sweep.")
-flags.DEFINE_integer("gradient_microbatch", 0, "As in tools.sweep.")
-flags.DEFINE_integer("loss_sequences", 0, "As in tools.sweep.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "As in tools.sweep.")
 
 
 def main(argv):

@@ -28,10 +28,10 @@ flags.mark_flag_as_required("out")
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import report, sweep
+  from jax_pythia import report, results
 
   if FLAGS.gather:
-    sweep.finalize(FLAGS.out)
+    results.finalize(FLAGS.out)
   for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
     print(f"wrote {path}")
 

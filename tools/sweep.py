@@ -21,6 +21,8 @@ from tools import _cli
 DEFAULT_TOY_SUITE = os.path.join("runs", "toy_suite")
 
 FLAGS = flags.FLAGS
+_cli.define_work_flags()
+flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this tool's own
 flags.DEFINE_list(
   "models",
   [DEFAULT_TOY_SUITE],
@@ -28,13 +30,6 @@ flags.DEFINE_list(
   "directories of step<N>/ checkpoints, or a suite directory of such models. "
   f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
   "if missing.",
-)
-flags.DEFINE_string(
-  "steps",
-  "all",
-  "Checkpoints: all, paper (the study's 27), a comma "
-  "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
-  "included: it is every CKA's reference.",
 )
 flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
 flags.DEFINE_string(
@@ -50,26 +45,16 @@ flags.DEFINE_integer(
   None,
   "Sequences per training batch in --data (Pythia: 1024; a suite's manifest says its own).",
 )
-flags.DEFINE_integer(
-  "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
-)
 flags.DEFINE_string(
-  "positions", "last", "Token positions per sequence: last (the paper), all, or random:K."
+  "positions",
+  "last",
+  "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
 )
 flags.DEFINE_integer(
   "data_step",
   None,
   "Training step whose batch gives the fixed inputs "
   "(default: the step before the final checkpoint, 142999 for Pythia).",
-)
-flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
-flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
-flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
-flags.DEFINE_integer(
-  "gradient_microbatch",
-  0,
-  "Split gradient batches into microbatches "
-  "of this many sequences to bound memory (0: whole batch).",
 )
 flags.DEFINE_enum(
   "value_slice",
@@ -79,13 +64,6 @@ flags.DEFINE_enum(
   "last third of the fused qkv (docs/method.md: the value-slice defect), only to reproduce "
   "published numbers.",
 )
-flags.DEFINE_integer(
-  "loss_sequences",
-  0,
-  "Also record the loss on this many sequences of "
-  "the final step's batch, which no checkpoint trained on (0: off).",
-)
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
 flags.DEFINE_integer("seed", 0, "Seed of random positions and the CKA noise floor.")
 flags.DEFINE_enum(
   "on_error",
@@ -143,7 +121,7 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import report, sharding, sweep
+  from jax_pythia import report, results, sharding, sources, sweep
 
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
@@ -159,8 +137,8 @@ def main(argv):
       # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
-  models = sweep.resolve_models(FLAGS.models)
-  source = sweep.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
+  models = sources.resolve_models(FLAGS.models)
+  source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     positions=FLAGS.positions,
@@ -191,6 +169,7 @@ def main(argv):
     progress=progress,
     placement=placement,
   )
+  runner.prepare()  # checks the data and --out before any work
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
@@ -205,7 +184,7 @@ def main(argv):
   placement.barrier("done")
   if not lead:
     return
-  paths = sweep.finalize(FLAGS.out, [m.name for m in models])
+  paths = results.finalize(FLAGS.out, [m.name for m in models])
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:

@@ -1,0 +1,164 @@
+"""The sweep's result tables: tidy rows, per-checkpoint files and the gathered tables.
+
+Per checkpoint (written by `jax_pythia.sweep` as it finishes):
+  <out>/checkpoints/<model>/step<N>.parquet  its metric rows (`METRIC_COLUMNS`)
+  <out>/activations/<model>/step<N>.npz      the sampled activations pairwise CKA needs
+  <out>/status/<model>/step<N>.json          one status record (`STATUS_COLUMNS`)
+`finalize` gathers them into `metrics.parquet`, `pairwise_cka.parquet` and
+`checkpoints.parquet`.
+
+metrics.parquet columns (`METRIC_COLUMNS`): model, step, layer, component, head, metric,
+value; head is -1 for whole-layer values, layer -1 for whole-model values (loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import analysis
+from jax_pythia import study
+from jax_pythia.errors import SweepError
+from jax_pythia.files import atomic_write
+
+METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
+PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
+STATUS_COLUMNS = ("model", "step", "status", "message", "parameters", "load_s", "compute_s")
+
+
+def checkpoint_paths(out_dir: str, model: str, step: int) -> tuple[str, str, str]:
+  """(metric rows .parquet, activations .npz, status .json) of one checkpoint."""
+  base = os.path.join(out_dir, "{}", model, f"step{step}")
+  return (
+    base.format("checkpoints") + ".parquet",
+    base.format("activations") + ".npz",
+    base.format("status") + ".json",
+  )
+
+
+def metric_rows(model: str, step: int, component: str, metric: str, values: Any) -> pd.DataFrame:
+  """Tidy rows from values [] (whole model), [L] (per layer) or [L, H] (per head)."""
+  v = np.asarray(values, dtype=np.float64)
+  if v.ndim == 0:
+    layer, head, flat = np.array([-1]), np.array([-1]), v.reshape(1)
+  elif v.ndim == 1:
+    layer, head, flat = np.arange(v.shape[0]), np.full(v.shape[0], -1), v
+  elif v.ndim == 2:
+    layer, head = np.meshgrid(np.arange(v.shape[0]), np.arange(v.shape[1]), indexing="ij")
+    layer, head, flat = layer.ravel(), head.ravel(), v.ravel()
+  else:
+    raise ValueError(f"metric {metric!r} of {component!r}: unexpected shape {v.shape}")
+  return pd.DataFrame(
+    {
+      "model": model,
+      "step": np.int64(step),
+      "layer": layer.astype(np.int64),
+      "component": component,
+      "head": head.astype(np.int64),
+      "metric": metric,
+      "value": flat,
+    }
+  )
+
+
+def write_parquet(frame: pd.DataFrame, path: str) -> None:
+  atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False), ".parquet")
+
+
+def write_json(path: str, obj: Any) -> None:
+  atomic_write(path, lambda tmp: _dump_json(tmp, obj), ".json")
+
+
+def _dump_json(path: str, obj: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def load_activations(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(metrics, status) gathered from the per-checkpoint files under out_dir."""
+  frames = []
+  root = os.path.join(out_dir, "checkpoints")
+  for dirpath, _, files in sorted(os.walk(root)):
+    frames += [
+      pd.read_parquet(os.path.join(dirpath, f))
+      for f in sorted(files)
+      if f.endswith(".parquet") and not f.startswith(".tmp-")
+    ]
+  metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
+  metrics = metrics.sort_values(
+    ["model", "step", "component", "metric", "layer", "head"], kind="stable", ignore_index=True
+  )
+  statuses = []
+  for dirpath, _, files in sorted(os.walk(os.path.join(out_dir, "status"))):
+    for f in sorted(files):
+      if f.endswith(".json") and not f.startswith(".tmp-"):
+        with open(os.path.join(dirpath, f)) as fh:
+          statuses.append(json.load(fh))
+  status = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
+  return metrics, status.sort_values(["model", "step"], ignore_index=True)
+
+
+def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
+  """CKA between every pair of swept checkpoints of one model, per layer and component."""
+  paths = [checkpoint_paths(out_dir, model, s)[1] for s in steps]
+  present = [(s, p) for s, p in zip(steps, paths) if os.path.exists(p)]
+  if len(present) < 2:
+    return pd.DataFrame(columns=PAIRWISE_COLUMNS)
+  steps = [s for s, _ in present]
+  loaded = [load_activations(p) for _, p in present]
+  frames = []
+  for component in loaded[0]:
+    stacked = np.stack([a[component] for a in loaded])  # [C, L, (H,) n, e]
+    for metric, debiased in analysis.CKA_ESTIMATORS.items():
+      matrix = np.asarray(study.pairwise_matrix(stacked, debiased))  # [L, (H,) C, C]
+      lead = matrix.shape[:-2]
+      for index in np.ndindex(*lead):
+        layer = index[0]
+        head = index[1] if len(index) > 1 else -1
+        m = matrix[index]
+        a, b = np.meshgrid(np.arange(len(steps)), np.arange(len(steps)), indexing="ij")
+        frames.append(
+          pd.DataFrame(
+            {
+              "model": model,
+              "step": np.asarray(steps)[a.ravel()],
+              "other_step": np.asarray(steps)[b.ravel()],
+              "layer": layer,
+              "component": component,
+              "head": head,
+              "metric": metric,
+              "value": m.ravel().astype(np.float64),
+            }
+          )
+        )
+  return pd.concat(frames, ignore_index=True)
+
+
+def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str]:
+  """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet; their paths."""
+  metrics, status = collect(out_dir)
+  if metrics.empty:
+    raise SweepError(f"{out_dir}: no finished checkpoints to gather")
+  paths = {
+    name: os.path.join(out_dir, name + ".parquet")
+    for name in ("metrics", "checkpoints", "pairwise_cka")
+  }
+  write_parquet(metrics, paths["metrics"])
+  write_parquet(status, paths["checkpoints"])
+  models = models or sorted(metrics["model"].unique())
+  pair = [
+    pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
+    for name in models
+  ]
+  write_parquet(pd.concat(pair, ignore_index=True), paths["pairwise_cka"])
+  return paths

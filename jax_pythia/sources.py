@@ -1,0 +1,129 @@
+"""Where a sweep's checkpoints and tokens come from: model sources and suite manifests.
+
+A model is a Pythia name (`pythia-160m-deduped`), a Hub id (`org/name`), a directory of
+`step<N>/` checkpoints, or a suite directory holding several such models. A suite
+directory may carry a manifest, `suite.json` (`MANIFEST_FILE`; the toy suite writes one):
+its `models` (in order, smallest first), `data_prefix` and `tokenizer` (relative to the
+suite directory) and `sequences_per_step`. `read_manifest` is the one reader of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Sequence
+
+from jax_pythia import data, suite
+from jax_pythia.errors import SweepError
+
+MANIFEST_FILE = "suite.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where one model's checkpoints live: a local directory of step<N>/ or a Hub repo."""
+
+  name: str
+  location: str  # directory holding step<N>/ subfolders, or a Hub repo id
+  steps: tuple[int, ...]  # every checkpoint available
+  is_hub: bool = False
+  suite_dir: str | None = None  # the suite directory (with suite.json) it belongs to
+
+  @property
+  def final_step(self) -> int:
+    return self.steps[-1]
+
+  def spec(self, step: int) -> str:
+    return f"{self.location}@{suite.revision(step)}"
+
+
+def resolve_models(names: Sequence[str]) -> list[ModelSource]:
+  """Models from suite names (`pythia-160m-deduped`), Hub ids (`org/name`), directories
+  holding `step<N>/` checkpoints, or suite directories holding several such models."""
+  models: list[ModelSource] = []
+  for name in names:
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+      path = os.path.abspath(path)
+      steps = suite.local_steps(path)
+      if steps:
+        parent = os.path.dirname(path)
+        suite_dir = parent if os.path.isfile(os.path.join(parent, MANIFEST_FILE)) else None
+        models.append(ModelSource(os.path.basename(path), path, steps, suite_dir=suite_dir))
+        continue
+      members = sorted(
+        n
+        for n in os.listdir(path)
+        if os.path.isdir(os.path.join(path, n)) and suite.local_steps(os.path.join(path, n))
+      )
+      if not members:
+        raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models that do)")
+      suite_dir = path if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else None
+      for member in _manifest_order(path, members):
+        sub = os.path.join(path, member)
+        models.append(ModelSource(member, sub, suite.local_steps(sub), suite_dir=suite_dir))
+      continue
+    try:
+      repo_id = suite.parse_model(name).repo_id
+    except ValueError as e:
+      if re.match(r"^[\w.-]+/[\w.-]+$", name) and not name.startswith("."):
+        repo_id = name
+      else:
+        raise SweepError(f"--models: unknown model {name!r}: not a directory and {e}") from None
+    models.append(ModelSource(repo_id.split("/")[-1], repo_id, suite.ALL_STEPS, is_hub=True))
+  seen = set()
+  for m in models:
+    if m.name in seen:
+      raise SweepError(f"--models: model name {m.name!r} appears twice")
+    seen.add(m.name)
+  return models
+
+
+def _manifest_order(suite_dir: str, members: list[str]) -> list[str]:
+  """Models in the manifest's order (smallest first), else alphabetical."""
+  manifest = read_manifest(suite_dir) or {}
+  order = [m["name"] for m in manifest.get("models", [])]
+  known = [m for m in order if m in members]
+  return known + [m for m in members if m not in known]
+
+
+def read_manifest(suite_dir: str | os.PathLike | None) -> dict | None:
+  """The suite's `suite.json` as a dict; None when there is none (or no suite_dir)."""
+  if not suite_dir:
+    return None
+  path = os.path.join(os.fspath(suite_dir), MANIFEST_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except json.JSONDecodeError as e:
+    raise SweepError(f"{path}: not valid JSON ({e})") from None
+
+
+def open_data(
+  path: str | None,
+  models: Sequence[ModelSource],
+  tokenizer: str | None,
+  sequences_per_step: int | None,
+) -> data.TokenSource:
+  """The token source: --data, else the data of the suite the models come from."""
+  manifest = {}
+  if path is None:
+    suite_dirs = {m.suite_dir for m in models}
+    if len(suite_dirs) != 1 or None in suite_dirs:
+      raise SweepError(
+        "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
+        "prefix), a .npy token array or a .txt file with --tokenizer"
+      )
+    suite_dir = suite_dirs.pop()
+    manifest = read_manifest(suite_dir) or {}
+    path = os.path.join(suite_dir, manifest["data_prefix"])
+    tokenizer = tokenizer or (
+      os.path.join(suite_dir, manifest["tokenizer"]) if manifest.get("tokenizer") else None
+    )
+  if sequences_per_step is None:
+    sequences_per_step = manifest.get("sequences_per_step", suite.SEQUENCES_PER_STEP)
+  return data.open_token_source(path, tokenizer=tokenizer, sequences_per_step=sequences_per_step)
