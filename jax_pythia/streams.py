@@ -781,3 +781,20 @@ def stage(
     os.path.join(out_dir, STAGED_MANIFEST), lambda tmp: _write_json(tmp, manifest), ".json"
   )
   return manifest
+
+
+def pile_for_models(names: list[str]) -> str:
+  """The Hub stream Pythia models trained on: the deduplicated Pile for `-deduped` models,
+  the standard Pile for the others. Models of both kinds need two runs, one per stream."""
+  deduped = {"deduped" in name for name in names}
+  if len(deduped) != 1:
+    raise DataError(
+      f"--models {names} trained on two streams (deduped and standard Pile); stage or sweep "
+      f"each kind separately, or name the stream with --data"
+    )
+  return PILE_DEDUPED if deduped.pop() else PILE_STANDARD
+
+
+def batch_bytes(needs: dict[int, int], item_tokens: int, token_bytes: int = 2) -> int:
+  """Bytes of the batches `needs` ({step: sequences}) at `item_tokens` tokens an item."""
+  return sum(needs.values()) * item_tokens * token_bytes

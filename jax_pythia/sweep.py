@@ -92,6 +92,44 @@ def parameter_count(config: GPTNeoXConfig) -> int:
   return int(sum(np.prod(shape) for shape in shapes))
 
 
+def selected_steps(m: ModelSource, spec: str) -> list[int]:
+  """The checkpoints of `m` a sweep processes for `--steps=spec`, the final one first."""
+  try:
+    steps = suite.parse_steps(spec, m.steps)
+  except ValueError as e:
+    raise SweepError(f"--steps for {m.name}: {e}") from None
+  # The final checkpoint is the reference of every CKA, so it is always swept, first.
+  return [m.final_step] + [s for s in steps if s != m.final_step]
+
+
+def fixed_input_step(options: SweepOptions, m: ModelSource) -> int:
+  """The training step whose batch gives `m`'s fixed inputs (--data_step, else the step
+  before the final checkpoint: 142,999 for Pythia)."""
+  return options.data_step if options.data_step is not None else max(m.final_step - 1, 0)
+
+
+def batches_needed(
+  models: Sequence[ModelSource], steps: str, options: SweepOptions
+) -> dict[int, int]:
+  """{training step: sequences} of every batch a sweep reads from a training stream: the
+  fixed inputs, each checkpoint's gradient window and the held-out loss batch. What
+  `tools.fetch_data` stages and `tools.plan` counts."""
+  needs: dict[int, int] = {}
+
+  def need(step: int, n: int) -> None:
+    needs[step] = max(needs.get(step, 0), n)
+
+  for m in models:
+    need(fixed_input_step(options, m), options.n_sequences)
+    if options.gradients:
+      for s in selected_steps(m, steps):
+        for g in gradient_steps(s, options.gradient_window, m.final_step - 1):
+          need(g, options.gradient_sequences)
+    if options.loss_sequences:
+      need(m.final_step, options.loss_sequences)
+  return dict(sorted(needs.items()))
+
+
 @dataclasses.dataclass
 class Loaded:
   step: int
@@ -132,17 +170,13 @@ class Sweep:
     self._references: dict[str, dict[str, np.ndarray]] = {}
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
+    self._steps_spec = steps
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
 
   # -- planning
 
   def _selected_steps(self, m: ModelSource, spec: str) -> list[int]:
-    try:
-      steps = suite.parse_steps(spec, m.steps)
-    except ValueError as e:
-      raise SweepError(f"--steps for {m.name}: {e}") from None
-    # The final checkpoint is the reference of every CKA, so it is always swept, first.
-    return [m.final_step] + [s for s in steps if s != m.final_step]
+    return selected_steps(m, spec)
 
   def prepare(self) -> None:
     """Checks that the data holds every batch the plan needs, and that `out_dir` holds
@@ -184,24 +218,18 @@ class Sweep:
           f"{self.source.name} does not have; pass --nogradients or "
           "give --data a .bin/.idx training stream"
         )
-      for m in self.models:
-        last = max(
-          max(gradient_steps(s, o.gradient_window, m.final_step - 1), default=0)
-          for s in self.plan[m.name]
-        )
-        self.source.batch(last, o.gradient_sequences)  # raises naming file and step
-    if o.loss_sequences:
-      if not self.source.has_training_steps:
-        raise SweepError(
-          f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
-        )
-      for m in self.models:
-        self.source.batch(m.final_step, o.loss_sequences)
+    if o.loss_sequences and not self.source.has_training_steps:
+      raise SweepError(
+        f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
+      )
+    if self.source.has_training_steps:
+      # Every batch the run will read, now: one that is missing (past the stream's end, not
+      # staged) fails here naming file and step, not hours in; a remote stream caches them.
+      for step, n in batches_needed(self.models, self._steps_spec, o).items():
+        self.source.batch(step, n)
 
   def data_step(self, m: ModelSource) -> int:
-    return (
-      self.options.data_step if self.options.data_step is not None else max(m.final_step - 1, 0)
-    )
+    return fixed_input_step(self.options, m)
 
   def inputs(self, m: ModelSource) -> np.ndarray:
     """The fixed inputs every checkpoint of `m` is run on (read once per model)."""
