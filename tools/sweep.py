@@ -2,7 +2,7 @@
 
   python -m tools.sweep                      # the offline toy suite (built if missing)
   python -m tools.sweep --models=pythia-70m-deduped,pythia-160m-deduped --steps=paper \
-      --data=/data/pile-deduped/document --out=runs/pythia
+      --data=hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled --out=runs/pythia
 
 For every model the final checkpoint goes first (the CKA reference), then the selected
 steps, the next one fetched while the current one computes. Results land under --out as
@@ -35,9 +35,11 @@ flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
 flags.DEFINE_string(
   "data",
   None,
-  "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
-  "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
-  "Default: the data of the suite the models come from.",
+  "Token data: Pythia's training stream read by byte range "
+  "(hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled, any fsspec URL, a folder "
+  "of its shards, or a folder staged by tools.fetch_data), a joined .bin/.idx prefix, a "
+  ".npy [batch, seq] array, or a .txt file with --tokenizer. Default: the Hub stream the "
+  "models trained on (deduped or standard Pile), or the data of their local suite.",
 )
 flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
 flags.DEFINE_integer(
