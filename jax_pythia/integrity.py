@@ -91,6 +91,12 @@ def check_tensors(state_dict: weights.StateDict, directory: str) -> None:
     )
 
 
+def checked_hash(state_dict: weights.StateDict, directory: str) -> WeightsHash:
+  """`check_tensors`, then `content_hash`: what the sweep does with each checkpoint read."""
+  check_tensors(state_dict, directory)
+  return content_hash(state_dict)
+
+
 def flag_duplicates(status: pd.DataFrame) -> pd.DataFrame:
   """`status` (one row per checkpoint: model, step, weights_hash) with `same_as_step`
   and `flag`: a non-final step equal to its model's final is "same weights as the final

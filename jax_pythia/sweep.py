@@ -26,7 +26,17 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jax_pythia import checkpoints, data, model, results, sharding, study, suite, weights
+from jax_pythia import (
+  checkpoints,
+  data,
+  integrity,
+  model,
+  results,
+  sharding,
+  study,
+  suite,
+  weights,
+)
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
@@ -138,6 +148,7 @@ class Loaded:
   directory: str | None = None
   error: str | None = None
   seconds: float = 0.0
+  weights_hash: integrity.WeightsHash | None = None  # None: restored from a converted cache
 
 
 class Sweep:
@@ -156,12 +167,17 @@ class Sweep:
     options: SweepOptions = SweepOptions(),
     *,
     on_error: str = "stop",
+    on_duplicate: str = "keep",
     keep_checkpoints: bool = True,
     progress: Callable[[str, int], Any] | None = None,
     placement: sharding.Placement | None = None,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
+    if on_duplicate not in ("keep", "skip"):
+      raise SweepError(f"--on_duplicate={on_duplicate!r}: keep or skip")
+    self.on_duplicate = on_duplicate
+    self._hashes: dict[str, dict[str, int]] = {}  # model -> {weights hash: first step}
     self.models, self.source, self.out_dir = list(models), source, out_dir
     self.options, self.on_error, self.keep = options, on_error, keep_checkpoints
     self.progress = progress
@@ -285,10 +301,13 @@ class Sweep:
         )
       directory = checkpoints.resolve_checkpoint(m.spec(step))
       config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
-      params = weights.convert_state_dict(
-        weights.read_state_dict(directory), config, self.options.dtype
-      )
-      return Loaded(step, config, params, directory, seconds=time.perf_counter() - start)
+      state = weights.read_state_dict(directory)
+      # Hashed as read (the hash's pass faults the mmap in; conversion then reads the page
+      # cache), in this prefetch thread, so it overlaps the previous checkpoint's compute.
+      digest = integrity.checked_hash(state, directory)
+      params = weights.convert_state_dict(state, config, self.options.dtype)
+      seconds = time.perf_counter() - start
+      return Loaded(step, config, params, directory, seconds=seconds, weights_hash=digest)
     except JaxPythiaError as e:
       return Loaded(step, error=str(e), seconds=time.perf_counter() - start)
 
@@ -297,11 +316,37 @@ class Sweep:
       return self._references[m.name]
     return results.load_activations(self.paths(m.name, m.final_step)[1])
 
+  def _seen_hashes(self, m: ModelSource) -> dict[str, int]:
+    """{weights hash: first step} of `m`'s checkpoints processed so far (this run or an
+    earlier one into the same --out)."""
+    if m.name not in self._hashes:
+      seen: dict[str, int] = {}
+      folder = os.path.dirname(self.paths(m.name, m.final_step)[2])
+      for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.startswith(".tmp-"):
+          with open(os.path.join(folder, name)) as f:
+            record = json.load(f)
+          if record.get(integrity.HASH_COLUMN):
+            digest, step = record[integrity.HASH_COLUMN], int(record["step"])
+            seen[digest] = min(step, seen.get(digest, step))
+      self._hashes[m.name] = seen
+    return self._hashes[m.name]
+
   def _process(self, m: ModelSource, loaded: Loaded) -> None:
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.config is not None:
       status["parameters"] = parameter_count(loaded.config)
+    if loaded.weights_hash is not None:
+      status[integrity.HASH_COLUMN] = loaded.weights_hash.digest
+      status[integrity.SHARDS_COLUMN] = ",".join(loaded.weights_hash.shards)
+      seen = self._seen_hashes(m)
+      first = seen.setdefault(loaded.weights_hash.digest, loaded.step)
+      if first != loaded.step and self.on_duplicate == "skip" and loaded.step != m.final_step:
+        message = f"same weights as step {first}; skipped (--on_duplicate=skip)"
+        if self.placement.is_writer:
+          results.write_json(status_path, {**status, "status": "duplicate", "message": message})
+        return
     if loaded.error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""

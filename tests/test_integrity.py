@@ -145,3 +145,84 @@ def test_12b_style_sharded_bin_through_the_hub_cache(model, tmp_path, monkeypatc
   # Offline, the cached revision is read again without the Hub.
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   assert ck.resolve_checkpoint(spec, cache_dir=cache) == directory
+
+
+# ------------------------------------------------------------------------ in a sweep
+
+
+@pytest.fixture(scope="module")
+def mixed_suite(tmp_path_factory):
+  """fp16 model (the Hub's layout) with step1 = step0, and an fp32 model whose step0 holds
+  the final's weights, beside each other in one suite; a tiny uint16 token stream."""
+  import shutil
+
+  from tests import suite_fixtures as sf
+
+  root = tmp_path_factory.mktemp("mixed")
+  for step, seed in ((0, 10), (2, 12)):
+    hf.write_hub_layout(hf.tiny_model(seed), root / "fp16-m" / f"step{step}", dtype="float16")
+  shutil.copytree(root / "fp16-m" / "step0", root / "fp16-m" / "step1")
+  for step, seed in ((1, 21), (2, 22)):
+    hf.write_safetensors(hf.tiny_model(seed), root / "fp32-m" / f"step{step}")
+  shutil.copytree(root / "fp32-m" / "step2", root / "fp32-m" / "step0")
+  rng = np.random.default_rng(0)
+  sf.write_token_stream(root / "data" / "train", rng.integers(0, 97, (4 * 4, 17)))
+  return root
+
+
+def run_sweep(root, out, on_duplicate, figures=True):
+  from jax_pythia import data, report, sweep
+
+  models = sweep.resolve_models([str(root / "fp16-m"), str(root / "fp32-m")])
+  source = data.MMapTokenSource(root / "data" / "train", sequences_per_step=4)
+  options = sweep.SweepOptions(n_sequences=4, gradients=False)
+  sweep.Sweep(models, "all", source, str(out), options, on_duplicate=on_duplicate).run()
+  sweep.finalize(str(out))
+  if figures:
+    report.write_report(str(out))
+  return pd.read_parquet(out / "checkpoints.parquet"), pd.read_parquet(out / "metrics.parquet")
+
+
+def test_fp16_and_fp32_models_in_one_sweep_with_duplicates_flagged(mixed_suite, tmp_path):
+  out = tmp_path / "keep"
+  status, metrics = run_sweep(mixed_suite, out, "keep")
+  status = status.set_index(["model", "step"])
+  assert (status.status == "ok").all() and len(status) == 6
+  # The hashes are those of each file's own dtype (fp16 header vs fp32), spelled out here.
+  for model, step in (("fp16-m", 0), ("fp32-m", 1)):
+    stored = weights.read_safetensors(mixed_suite / model / f"step{step}" / "model.safetensors")
+    assert {a.dtype for a in stored.values()} == {
+      np.dtype(np.float16 if model == "fp16-m" else np.float32)
+    }
+    assert status.loc[(model, step), "weights_hash"] == expected_hash(stored)
+  assert status.loc[("fp16-m", 1), "flag"] == "same weights as step 0"
+  assert status.loc[("fp32-m", 0), "flag"] == "same weights as the final step 2"
+  assert status.loc[("fp32-m", 0), "same_as_step"] == 2
+  assert (status.drop([("fp16-m", 1), ("fp32-m", 0)]).flag == "").all()
+  # Both models computed from their own weights: the fp16 one's MLP weight norm is that of
+  # its fp16 file; the fp32 step0 is the final, so its CKA to the final is 1.
+  w = weights.read_safetensors(mixed_suite / "fp16-m" / "step2" / "model.safetensors")
+  w_mlp = w["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"].astype(np.float64)
+  row = metrics[
+    (metrics.model == "fp16-m")
+    & (metrics.step == 2)
+    & (metrics.component == "mlp")
+    & (metrics.metric == "frobenius_norm")
+    & (metrics.layer == 1)
+  ]
+  assert row.value.item() == pytest.approx(np.linalg.norm(w_mlp), rel=1e-5)
+  cka = metrics[(metrics.model == "fp32-m") & (metrics.step == 0) & (metrics.metric == "cka")].value
+  np.testing.assert_allclose(cka, 1.0, atol=1e-5)
+  text = (out / "report.md").read_text()
+  assert "| fp16-m | 1 | ok | same weights as step 0 |" in text
+  assert "| fp32-m | 0 | ok | same weights as the final step 2 |" in text
+
+
+def test_on_duplicate_skip_records_instead_of_computing(mixed_suite, tmp_path):
+  status, metrics = run_sweep(mixed_suite, tmp_path / "skip", "skip", figures=False)
+  status = status.set_index(["model", "step"])
+  assert status.loc[("fp16-m", 1), "status"] == "duplicate"
+  assert "same weights as step 0" in status.loc[("fp16-m", 1), "message"]
+  assert status.loc[("fp32-m", 0), "status"] == "duplicate"
+  computed = set(zip(metrics.model, metrics.step))
+  assert computed == {("fp16-m", 0), ("fp16-m", 2), ("fp32-m", 1), ("fp32-m", 2)}

@@ -73,6 +73,14 @@ flags.DEFINE_enum(
   ["stop", "skip"],
   "A checkpoint that fails to load: stop the run, or skip it and record it in checkpoints.parquet.",
 )
+flags.DEFINE_enum(
+  "on_duplicate",
+  "keep",
+  ["keep", "skip"],
+  "A checkpoint whose weights equal an earlier step's (by content hash; step0 = step1 on "
+  "every Pythia model): keep computing it (flagged in checkpoints.parquet and report.md) "
+  "or skip it (recorded as duplicate).",
+)
 flags.DEFINE_bool(
   "keep_checkpoints",
   False,
@@ -167,6 +175,7 @@ def main(argv):
     FLAGS.out,
     options,
     on_error=FLAGS.on_error,
+    on_duplicate=FLAGS.on_duplicate,
     keep_checkpoints=FLAGS.keep_checkpoints,
     progress=progress,
     placement=placement,
