@@ -410,6 +410,7 @@ class ShardedStream:
       self.cache = os.path.join(cache_dir, f"{readable}-{digest}")
     self._layout: Layout | None = None
     self._checked_shards: set[int] = set()
+    self._last: tuple[int, int, np.ndarray] | None = None  # the last items read
 
   def __repr__(self) -> str:
     return f"ShardedStream({self.location!r}, cache={self.cache!r})"
@@ -513,24 +514,24 @@ class ShardedStream:
     return np.dtype(self.layout.dtype)
 
   def item_sizes(self, start: int, stop: int) -> np.ndarray:
-    cached = self._from_cache(start, stop)
-    if cached is not None:
-      return np.full(stop - start, cached.shape[1], np.int64)
     if (start, stop) == (0, 1):
       return np.array([self.layout.first_item_size])
-    return self._read(start, stop, sizes_only=True)
+    # batch_of_step asks for the sizes, then the items: one read serves both.
+    return np.full(stop - start, self.read_items(start, stop).shape[1], np.int64)
 
   def read_items(self, start: int, stop: int) -> np.ndarray:
-    cached = self._from_cache(start, stop)
-    if cached is not None:
-      return cached
-    items = self._read(start, stop)
-    self._to_cache(start, stop, items)
+    if self._last is not None and self._last[:2] == (start, stop):
+      return self._last[2]
+    items = self._from_cache(start, stop)
+    if items is None:
+      items = self._read(start, stop)
+      self._to_cache(start, stop, items)
+    self._last = (start, stop, items)
     return items
 
   # -- reading
 
-  def _read(self, start: int, stop: int, sizes_only: bool = False) -> np.ndarray:
+  def _read(self, start: int, stop: int) -> np.ndarray:
     layout = self.layout
     if not 0 <= start < stop <= layout.count:
       raise DataError(f"{self.location} holds {layout.count} items; asked for {start}..{stop - 1}")
@@ -538,8 +539,6 @@ class ShardedStream:
     header = data.IndexHeader(np.dtype(layout.dtype), layout.count, layout.doc_count)
     idx_url = self.transport.url(layout.idx_name)
     sizes, pointers = self._index_entries(remote, layout.idx_name, header, start, stop - start)
-    if sizes_only:
-      return sizes.astype(np.int64)
     itemsize = header.dtype.itemsize
     if sizes.min() != sizes.max():
       raise DataError(

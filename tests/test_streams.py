@@ -388,3 +388,18 @@ def test_staged_folder_serves_exactly_the_staged_steps(pile, tmp_path):
     staged.batch(7, 4)
   with pytest.raises(DataError, match="staged with 4 sequences a step"):
     data.open_token_source(str(tmp_path / "staged"), sequences_per_step=8)
+
+
+def test_http_requests_per_batch(pile, server, tmp_path):
+  """A batch costs its index entries (sizes, pointers) and its bytes, one range per
+  shard it touches, plus one size check the first time a middle shard is touched."""
+  source = http_source(server, tmp_path / "cache")
+  server.requests = 0
+  source.batch(0, 4)  # bytes 0..71: shard 0
+  assert server.requests == 3
+  server.requests = 0
+  source.batch(1, 4)  # bytes 72..143: shards 0 and 1 (a middle shard: its size checked)
+  assert server.requests == 5
+  server.requests = 0
+  source.batch(2, 4)  # bytes 144..215: shards 1 and 2
+  assert server.requests == 5
