@@ -13,6 +13,7 @@ from config.json, but one checkpoint must agree with itself (`check_tensors`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -28,7 +29,8 @@ from jax_pythia.errors import CheckpointError
 HASH_COLUMN = "weights_hash"
 SHARDS_COLUMN = "shard_hashes"  # per weight file, comma-separated, file-name order
 SAME_AS_COLUMN = "same_as_step"  # -1: unique
-FLAG_COLUMN = "flag"  # "" or "same weights as step N" / "... as the final step N"
+FLAG_COLUMN = "flag"
+HASH_THREADS = 8  # "" or "same weights as step N" / "... as the final step N"
 
 
 def _is_buffer(name: str) -> bool:
@@ -51,16 +53,20 @@ def content_hash(state_dict: Mapping[str, np.ndarray]) -> WeightsHash:
   canonical-name order (the same for safetensors and .bin, one file or shards), each file
   the SHA-256 of its own. Mask and rotary buffers of old .bin files are not weights."""
   sources = getattr(state_dict, "sources", {})
-  per_tensor: dict[str, tuple[str, str]] = {}
-  for name, arr in state_dict.items():
-    if _is_buffer(name):
-      continue
-    arr = np.ascontiguousarray(arr)
-    canon = weights._canonical(name)
-    digest = hashlib.sha256(f"{canon}|{arr.dtype.str}|{arr.shape}\n".encode())
+  names = [name for name in state_dict if not _is_buffer(name)]
+
+  def tensor_digest(name: str) -> str:
+    arr = np.ascontiguousarray(state_dict[name])
+    digest = hashlib.sha256(f"{weights._canonical(name)}|{arr.dtype.str}|{arr.shape}\n".encode())
     if arr.size:
       digest.update(memoryview(arr.reshape(-1).view(np.uint8)))
-    per_tensor[canon] = (digest.hexdigest(), sources.get(name, ""))
+    return digest.hexdigest()
+
+  # hashlib releases the GIL on large buffers: tensors hash in parallel on many-core hosts.
+  workers = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(names)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    digests = dict(zip(names, pool.map(tensor_digest, names)))
+  per_tensor = {weights._canonical(name): (digests[name], sources.get(name, "")) for name in names}
   whole = hashlib.sha256()
   files: dict[str, hashlib._Hash] = {}
   for canon in sorted(per_tensor):

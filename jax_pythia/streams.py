@@ -4,10 +4,11 @@ server, or a local folder of unjoined shards. Never a whole shard.
 The Hub ships the pre-tokenized Pile (`EleutherAI/pile-deduped-pythia-preshuffled`, and
 `...-standard-...` for the standard models) as shards named like Pythia's
 `utils/shard_memmap.py` writes them, `<base>-<i:05>-of-<last:05>.bin`, plus one
-`<base>.idx` indexing the joined stream (docs/pythia.md, "The training data"). Joined, item i (one 2,049-token training
-sequence) lies at bytes [pointers[i], pointers[i] + sizes[i] * 2) of the concatenation, so
-it lives in shard `offset // shard_size`; sequences and batches straddle shard ends. As in
-Pythia's `utils/unshard_memmap.py`, the shard size is shard 0's file size (never assumed).
+`<base>.idx` indexing the joined stream (docs/pythia.md, "The training data"). Joined,
+item i (one 2,049-token training sequence) lies at bytes
+[pointers[i], pointers[i] + sizes[i] * 2) of the concatenation, so it lives in shard
+`offset // shard_size`; sequences and batches straddle shard ends. As in Pythia's
+`utils/unshard_memmap.py`, the shard size is shard 0's file size (never assumed).
 
 `ShardedStream` is an `data.IndexedStream`: `data.MMapTokenSource` and `data.batch_of_step`
 read it exactly as they read a local `document.bin/.idx` (one formula for the batch of a
