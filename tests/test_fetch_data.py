@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_pythia import data, streams, sweep
+from jax_pythia import data, sources, streams, sweep
 from tests import suite_fixtures as sf
 from tests.test_streams import shard_like_pythia
 
@@ -25,7 +25,7 @@ def test_batches_of_the_papers_protocol():
   512 -> 11 each (55); 1000, 3000, 13000, ..., 133000 and 143000 (shifted to
   142989..142999, which holds the fixed inputs' 142999) -> 16 x 11. 22 + 55 + 176 = 253.
   """
-  models = sweep.resolve_models(["pythia-160m-deduped"])
+  models = sources.resolve_models(["pythia-160m-deduped"])
   needs = sweep.batches_needed(models, "paper", sweep.SweepOptions())
   assert len(needs) == 253 and set(needs.values()) == {128}
   assert [s for s in needs if s < 30] == list(range(22)) + list(range(27, 30))
@@ -73,16 +73,16 @@ def test_fetch_data_stages_what_the_sweep_reads(suite_dir, tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   assert f"--data={staged}" in proc.stdout
-  models = sweep.resolve_models([str(suite_dir / "small-2l")])
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
   options = sweep.SweepOptions(**OPTIONS)
   needs = sweep.batches_needed(models, "0", options)
   # Final step 8: window 5..7 (7 = the fixed inputs), step 0: 0..2, loss: the batch of 8.
   assert needs == {0: 4, 1: 4, 2: 4, 5: 4, 6: 4, 7: 6, 8: 4}
-  source = sweep.open_data(str(staged), models, None, sf.SEQUENCES_PER_STEP)
+  source = sources.open_data(str(staged), models, None, sf.SEQUENCES_PER_STEP)
   reference = data.MMapTokenSource(joined, sf.SEQUENCES_PER_STEP)
   for step, n in needs.items():
     np.testing.assert_array_equal(source.batch(step, n), reference.batch(step, n))
   # The sweep's own checks read every batch it will need: all there.
-  sweep.Sweep(models, "0", source, str(tmp_path / "out"), options)
+  sweep.Sweep(models, "0", source, str(tmp_path / "out"), options).prepare()
   with pytest.raises(data.DataError, match=r"\(step 3\) were not staged"):
-    sweep.Sweep(models, "4", source, str(tmp_path / "out4"), options)
+    sweep.Sweep(models, "4", source, str(tmp_path / "out4"), options).prepare()

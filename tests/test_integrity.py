@@ -171,13 +171,13 @@ def mixed_suite(tmp_path_factory):
 
 
 def run_sweep(root, out, on_duplicate, figures=True):
-  from jax_pythia import data, report, sweep
+  from jax_pythia import data, report, results, sources, sweep
 
-  models = sweep.resolve_models([str(root / "fp16-m"), str(root / "fp32-m")])
+  models = sources.resolve_models([str(root / "fp16-m"), str(root / "fp32-m")])
   source = data.MMapTokenSource(root / "data" / "train", sequences_per_step=4)
   options = sweep.SweepOptions(n_sequences=4, gradients=False)
   sweep.Sweep(models, "all", source, str(out), options, on_duplicate=on_duplicate).run()
-  sweep.finalize(str(out))
+  results.finalize(str(out))
   if figures:
     report.write_report(str(out))
   return pd.read_parquet(out / "checkpoints.parquet"), pd.read_parquet(out / "metrics.parquet")

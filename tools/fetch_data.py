@@ -19,7 +19,6 @@ from tools import _cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "Models, as in tools.sweep (they set the final step).")
-flags.DEFINE_string("steps", "paper", "Checkpoints, as in tools.sweep.")
 flags.DEFINE_string("out", None, "Folder to stage into (shared by the pod).")
 flags.DEFINE_string(
   "data",
@@ -34,23 +33,24 @@ flags.DEFINE_string(
   "Range-read cache (default: $JAX_PYTHIA_DATA_CACHE or ~/.cache/jax_pythia/data).",
 )
 flags.DEFINE_integer("sequences_per_step", 1024, "Sequences per training batch (Pythia: 1024).")
-flags.DEFINE_integer("n_sequences", 128, "As in tools.sweep.")
-flags.DEFINE_integer("data_step", None, "As in tools.sweep.")
-flags.DEFINE_bool("gradients", True, "As in tools.sweep.")
-flags.DEFINE_integer("gradient_window", 5, "As in tools.sweep.")
-flags.DEFINE_integer("gradient_sequences", 128, "As in tools.sweep.")
-flags.DEFINE_integer("loss_sequences", 0, "As in tools.sweep.")
+_cli.define_work_flags()  # the sweep's own flags: what it computes is what is staged
+flags.DEFINE_integer(
+  "data_step",
+  None,
+  "As in tools.sweep: the step whose batch gives the fixed inputs (default: the step "
+  "before the final checkpoint).",
+)
 
 
 def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import data, streams, sweep
+  from jax_pythia import data, sources, streams, sweep
 
   if not FLAGS.models or not FLAGS.out:
     raise ValueError("give --models and --out (see --help)")
-  models = sweep.resolve_models(FLAGS.models)
+  models = sources.resolve_models(FLAGS.models)
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     data_step=FLAGS.data_step,

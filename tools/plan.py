@@ -90,7 +90,7 @@ def main(argv):
     for s in shapes
   ]
   # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
-  from jax_pythia import streams, sweep
+  from jax_pythia import sources, streams, sweep
 
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
@@ -99,7 +99,7 @@ def main(argv):
     gradient_sequences=FLAGS.gradient_sequences,
     loss_sequences=FLAGS.loss_sequences,
   )
-  needs = sweep.batches_needed(sweep.resolve_models(FLAGS.models), FLAGS.steps, options)
+  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models), FLAGS.steps, options)
   data_bytes = streams.batch_bytes(needs, max(s.seq_len for s in shapes) + 1)
   print(
     plan.format_plan(
