@@ -34,6 +34,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("sequences_per_step", 1024, "Sequences per training batch (Pythia: 1024).")
 _cli.define_work_flags()  # the sweep's own flags: what it computes is what is staged
+flags.adopt_module_key_flags(_cli)  # --help lists them with this tool's own
 flags.DEFINE_integer(
   "data_step",
   None,
