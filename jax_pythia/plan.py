@@ -25,6 +25,8 @@ from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Pythia's joined training stream: 146,432,000 sequences of 2,049 uint16 tokens.
+PILE_BYTES = 146_432_000 * 2_049 * 2
 
 
 class PlanError(JaxPythiaError, ValueError):
@@ -284,8 +286,16 @@ def _duration(s: float) -> str:
 
 
 def format_plan(
-  plans: Sequence[ModelPlan], devices: int, hosts: int, flops_per_second: float, source: str
+  plans: Sequence[ModelPlan],
+  devices: int,
+  hosts: int,
+  flops_per_second: float,
+  source: str,
+  data_bytes: int | None = None,
+  data_batches: int = 0,
 ) -> str:
+  """The plan as text; `data_bytes` of training data in `data_batches` batches (what
+  tools.fetch_data stages, from jax_pythia.sweep.batches_needed) go beside the checkpoints."""
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
@@ -325,6 +335,12 @@ def format_plan(
   total = sum(p.total_s(hosts) for p in plans)
   lines += [
     "",
-    f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
+    f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} of checkpoints to fetch, "
+    f"about {_duration(total)}",
   ]
+  if data_bytes is not None:
+    lines.append(
+      f"training data: {_si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
+      f"range; tools.fetch_data stages them), not the whole {_si(PILE_BYTES, 'B')} stream"
+    )
   return "\n".join(lines)

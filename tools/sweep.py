@@ -2,7 +2,7 @@
 
   python -m tools.sweep                      # the offline toy suite (built if missing)
   python -m tools.sweep --models=pythia-70m-deduped,pythia-160m-deduped --steps=paper \
-      --data=/data/pile-deduped/document --out=runs/pythia
+      --data=hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled --out=runs/pythia
 
 For every model the final checkpoint goes first (the CKA reference), then the selected
 steps, the next one fetched while the current one computes. Results land under --out as
@@ -35,9 +35,11 @@ flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
 flags.DEFINE_string(
   "data",
   None,
-  "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
-  "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
-  "Default: the data of the suite the models come from.",
+  "Token data: Pythia's training stream read by byte range "
+  "(hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled, any fsspec URL, a folder "
+  "of its shards, or a folder staged by tools.fetch_data), a joined .bin/.idx prefix, a "
+  ".npy [batch, seq] array, or a .txt file with --tokenizer. Default: the Hub stream the "
+  "models trained on (deduped or standard Pile), or the data of their local suite.",
 )
 flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
 flags.DEFINE_integer(
@@ -70,6 +72,14 @@ flags.DEFINE_enum(
   "stop",
   ["stop", "skip"],
   "A checkpoint that fails to load: stop the run, or skip it and record it in checkpoints.parquet.",
+)
+flags.DEFINE_enum(
+  "on_duplicate",
+  "keep",
+  ["keep", "skip"],
+  "A checkpoint whose weights equal an earlier step's (by content hash; step0 = step1 on "
+  "every Pythia model): keep computing it (flagged in checkpoints.parquet and report.md) "
+  "or skip it (recorded as duplicate).",
 )
 flags.DEFINE_bool(
   "keep_checkpoints",
@@ -165,6 +175,7 @@ def main(argv):
     FLAGS.out,
     options,
     on_error=FLAGS.on_error,
+    on_duplicate=FLAGS.on_duplicate,
     keep_checkpoints=FLAGS.keep_checkpoints,
     progress=progress,
     placement=placement,
