@@ -641,7 +641,10 @@ def main(argv=None) -> None:
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device, seconds")
-  parser.add_argument("--budget_s", type=float, default=None, help="default 420 (smoke: 120)")
+  parser.add_argument(
+    "--shapes", default=None, help="comma-separated subset of 160m,410m,1.4b (default: all)"
+  )
+  parser.add_argument("--budget_s", type=float, default=None, help="default 420 (smoke: 600)")
   parser.add_argument("--out", default=None, help="JSON path when $OUT is not set")
   parser.add_argument(
     "--results_md",
@@ -651,7 +654,16 @@ def main(argv=None) -> None:
   )
   args = parser.parse_args(argv)
   protocol = smoke_protocol() if args.smoke else full_protocol()
-  budget = Budget(args.budget_s or (120 if args.smoke else 420))
+  if args.shapes:
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in protocol.shapes]
+    if unknown or protocol.reference_shape not in names:
+      parser.error(
+        f"--shapes={args.shapes}: choose from {','.join(protocol.shapes)}, "
+        f"{protocol.reference_shape} included (the reference and the deviation run on it)"
+      )
+    protocol = dataclasses.replace(protocol, shapes={n: protocol.shapes[n] for n in names})
+  budget = Budget(args.budget_s or (600 if args.smoke else 420))
   if os.environ.get("OUT"):
     json_path = os.path.join(os.environ["OUT"], "accelerator.json")
   elif args.out:
