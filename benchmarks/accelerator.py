@@ -29,10 +29,16 @@ try/except (a failure is printed and recorded, and the run goes on):
              matrix and its QR-core product route; `analysis.SPECTRA_ROUTES`, when that
              exists, adds its routes by name)
 
+Order: device, reference, 160m float32 and bfloat16, deviation, spectra, then the larger
+shapes in bfloat16, then in float32. Seconds per checkpoint leave loading out (the sweep
+loads the next checkpoint in a background thread); the reference's include from_pretrained.
+
 Results go, after every part, to JSON ($OUT/accelerator.json when $OUT is set, else --out)
 and a Markdown section beside it; at the end that section, dated, is appended to
---results_md (benchmarks/RESULTS.md). `--smoke` runs every part on tiny shapes on CPU in
-seconds (tests/test_accelerator.py) and appends nothing unless --results_md is given.
+--results_md (benchmarks/RESULTS.md). Only $OUT comes back from a lent machine: record its
+JSON in this repository's RESULTS.md with `--record accelerator.json`. `--smoke` runs every
+part on tiny shapes on CPU (tests/test_accelerator.py) and appends nothing unless
+--results_md is given.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ class Protocol:
   gradient_sequences: int = 128
   peak_n: int = 8192
   reference_shape: str = "160m"
-  reference_batches: int = 2  # timed one by one, projected to GRADIENT_BATCHES
+  reference_batches: int = 1  # timed one by one, projected to GRADIENT_BATCHES
   reference_microbatch: int = 4
 
 
@@ -453,28 +459,32 @@ def reference_part(config: GPTNeoXConfig, protocol: Protocol) -> dict:
   with tempfile.TemporaryDirectory() as directory:
     torch.manual_seed(0)
     transformers.GPTNeoXForCausalLM(hf).to(torch.float16).save_pretrained(directory)
-    times = []
-    for k in range(1, protocol.reference_batches + 1):
-      start = time.perf_counter()
-      bench_sweep.reference_checkpoint(
-        directory,
-        inputs,
-        batches[:k],
-        None,
-        device=device,
-        microbatch=protocol.reference_microbatch,
-      )
-      times.append(time.perf_counter() - start)
-      if device == "cuda":
-        torch.cuda.empty_cache()
-  # The k-batch run minus the (k-1)-batch one: what one more gradient batch costs.
-  per_batch = times[-1] - times[-2] if len(times) > 1 else times[0]
-  fixed = max(times[0] - per_batch, 0.0)
+    marks = []
+    start = time.perf_counter()
+    bench_sweep.reference_checkpoint(
+      directory,
+      inputs,
+      batches,
+      None,
+      device=device,
+      microbatch=protocol.reference_microbatch,
+      marks=marks,
+    )
+    total = time.perf_counter() - start
+    if device == "cuda":
+      torch.cuda.empty_cache()
+  # Everything but the gradient batches once, then each batch as timed (the last one, once
+  # the first has warmed the device up, when there are several).
+  batch_s = [float(x) for x in np.diff(marks)]
+  fixed = total - sum(batch_s)
+  per_batch = batch_s[-1]
   return {
     "device": device,
     "torch": torch.__version__,
     "transformers": transformers.__version__,
-    "runs_s": times,
+    "run_s": total,
+    "gradient_batches_timed": len(batch_s),
+    "gradient_batch_s": batch_s,
     "per_gradient_batch_s": per_batch,
     "seconds_per_checkpoint": fixed + GRADIENT_BATCHES * per_batch,
     "microbatch": protocol.reference_microbatch,
@@ -527,8 +537,9 @@ def markdown(data: dict) -> str:
   if ref:
     lines.append(
       f"Reference's method (HF torch hooks + numpy, {ref['device']}): "
-      f"{ref['seconds_per_checkpoint']:.1f} s/checkpoint (projected from "
-      f"{len(ref['runs_s'])} runs, {ref['per_gradient_batch_s']:.1f} s per gradient batch)."
+      f"{ref['seconds_per_checkpoint']:.1f} s/checkpoint (projected to {GRADIENT_BATCHES} "
+      f"gradient batches from {ref['gradient_batches_timed']} timed, "
+      f"{ref['per_gradient_batch_s']:.1f} s each; microbatch {ref['microbatch']})."
     )
     ratio = parts.get("ratio")
     if ratio:
@@ -647,12 +658,27 @@ def main(argv=None) -> None:
   parser.add_argument("--budget_s", type=float, default=None, help="default 420 (smoke: 600)")
   parser.add_argument("--out", default=None, help="JSON path when $OUT is not set")
   parser.add_argument(
+    "--record",
+    default=None,
+    metavar="JSON",
+    help="only append the section of a finished run's JSON to --results_md (the lent "
+    "machine sends back $OUT, not the repository: record its accelerator.json here)",
+  )
+  parser.add_argument(
     "--results_md",
     default=None,
     help="Markdown file the dated section is appended to (default benchmarks/RESULTS.md; "
     "with --smoke: none)",
   )
   args = parser.parse_args(argv)
+  default_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+  if args.record:
+    with open(args.record) as f:
+      section = markdown(json.load(f))
+    with open(args.results_md or default_md, "a") as f:
+      f.write("\n" + section)
+    print(section)
+    return
   protocol = smoke_protocol() if args.smoke else full_protocol()
   if args.shapes:
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
@@ -672,7 +698,7 @@ def main(argv=None) -> None:
     parser.error("--out is required when $OUT is not set")
   results_md = args.results_md
   if results_md is None and not args.smoke:
-    results_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    results_md = default_md
   report = Report(json_path)
   report.data["protocol"] = {
     k: v for k, v in dataclasses.asdict(protocol).items() if k != "shapes"

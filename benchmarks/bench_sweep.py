@@ -79,10 +79,11 @@ def np_per(s, k):
 
 
 def reference_checkpoint(
-  directory, inputs, gradient_batches, final_acts, device="cpu", microbatch=0
+  directory, inputs, gradient_batches, final_acts, device="cpu", microbatch=0, marks=None
 ):
   """The reference's metrics of one checkpoint. On `device` (torch), each gradient batch in
-  microbatches of `microbatch` sequences (0: whole), their gradients accumulated."""
+  microbatches of `microbatch` sequences (0: whole), their gradients accumulated. `marks`,
+  a list, gets time.perf_counter() before the first gradient batch and after each."""
   model = GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
   cfg = model.config
   d, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -134,6 +135,8 @@ def reference_checkpoint(
   grad_s = {}
   previous = {}
   cosines = {}
+  if marks is not None:
+    marks.append(time.perf_counter())
   for batch in gradient_batches:
     model.zero_grad()
     parts = np.array_split(batch, max(1, len(batch) // (microbatch or len(batch))))
@@ -162,6 +165,8 @@ def reference_checkpoint(
             np.sum(g * previous[key]) / np.linalg.norm(g) / np.linalg.norm(previous[key])
           )
         previous[key] = g
+    if marks is not None:
+      marks.append(time.perf_counter())
   for key, s in grad_s.items():
     k = 2 * dh if key[0] == "ov_head" else d
     results[("grad_per",) + key] = np_per(np.mean(s, axis=0), k)

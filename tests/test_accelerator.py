@@ -47,3 +47,10 @@ def test_smoke_run_writes_every_part(tmp_path):
   assert section.startswith("# Results\n") and "## Accelerator run" in section
   assert "| 160m | float32 |" in section
   assert (tmp_path / "run.md").exists()
+
+  # --record: the section of a run's JSON (what comes back from a lent machine), appended.
+  from benchmarks import accelerator
+
+  recorded = tmp_path / "recorded.md"
+  accelerator.main(["--record", str(out), "--results_md", str(recorded)])
+  assert "| 160m | bfloat16 |" in recorded.read_text()
