@@ -14,7 +14,7 @@ Parameter layout (layer axis first; kernels are (in, out), i.e. `y = x @ kernel 
   layers.mlp.fc_in.kernel   [L, d, f]        bias [L, f]
   layers.mlp.fc_out.kernel  [L, f, d]        bias [L, d]
   ln_f.{scale,bias}         [d]
-  embed_out.kernel          [d, V]
+  embed_out.embedding       [V, d]                       (HF's layout: logits = x @ E.T)
 
 Capture sites are named as in TransformerLens. `SITES` below is the one table of them.
 A request names sites per layer (`blocks.3.attn.hook_z`), for every layer stacked on a
@@ -393,14 +393,14 @@ class GPTNeoX(nn.Module):
       captures["ln_final.hook_normalized"] = _select(x, idx)
     if not return_logits:
       return None, captures
-    logits = nn.Dense(
+    logits = nn.Embed(
       cfg.vocab_size,
-      use_bias=False,
+      cfg.d_model,
       name="embed_out",
       dtype=self.dtype,
       param_dtype=self.dtype,
-      kernel_init=nn.initializers.normal(small),
-    )(x)
+      embedding_init=nn.initializers.normal(small),
+    ).attend(x)
     return logits.astype(jnp.float32), captures
 
 
@@ -471,7 +471,7 @@ LOSS_CHUNK_TOKENS = 1024
 
 def unembedding(params: Params) -> Array:
   """The unembedding matrix E [V, d] (HF's layout): logits = x @ E.T."""
-  return params["embed_out"]["kernel"].T
+  return params["embed_out"]["embedding"]
 
 
 def _chunk_logits(h: Array, unembed: Array) -> Array:

@@ -455,9 +455,8 @@ class Param:
 
 _L = "gpt_neox.layers.{l}."
 
-# Kernels are (in, out): y = x @ kernel + bias. embed_out is stored transposed, [d, V], as
-# the model's x @ kernel wants it; keeping it [V, d] (a COPY row) would save the transpose
-# on load but needs the model to read it as x @ W.T.
+# Kernels are (in, out): y = x @ kernel + bias. The unembedding keeps HF's [V, d] layout (an
+# embedding table, read as x @ E.T), so loading copies it instead of transposing V x d.
 PARAMS: tuple[Param, ...] = (
   # Flax path, HF name, Flax shape (one layer), HF shape, transform, model_dim, part
   Param("embed_in/embedding", "gpt_neox.embed_in.weight", "V d", "V d", COPY, "V"),
@@ -483,7 +482,7 @@ PARAMS: tuple[Param, ...] = (
   Param("layers/mlp/fc_out/bias", _L + "mlp.dense_4h_to_h.bias", "d", "d", COPY),
   Param("ln_f/scale", "gpt_neox.final_layer_norm.weight", "d", "d", COPY),
   Param("ln_f/bias", "gpt_neox.final_layer_norm.bias", "d", "d", COPY),
-  Param("embed_out/kernel", "embed_out.weight", "d V", "V d", TRANSPOSE, "V"),
+  Param("embed_out/embedding", "embed_out.weight", "V d", "V d", COPY, "V"),
 )  # fmt: skip
 
 
