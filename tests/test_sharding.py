@@ -148,7 +148,7 @@ def test_param_specs_follow_the_layout():
   assert layers["mlp"]["fc_out"]["kernel"] == P(None, "model", None)  # f
   assert specs["embed_in"]["embedding"] == P("model", None)  # vocab 64 divides
   odd = GPTNeoXConfig(vocab_size=50, d_model=64, n_layers=1, n_heads=8, d_mlp=256)
-  assert sharding.param_specs(odd, 8)["embed_out"]["kernel"] == P(None, None)
+  assert sharding.param_specs(odd, 8)["embed_out"]["embedding"] == P(None, None)
   with pytest.raises(sharding.ShardingError, match="n_heads"):
     sharding.param_specs(CONFIG, 16)
   # Without a model axis nothing is split.
@@ -180,7 +180,7 @@ def test_param_specs_from_the_table_equal_the_layout_written_out():
       },
     },
     "ln_f": {"scale": P(None), "bias": P(None)},
-    "embed_out": {"kernel": P(None, m)},
+    "embed_out": {"embedding": P(m, None)},
   }
   assert sharding.param_specs(CONFIG, 2) == want
 
