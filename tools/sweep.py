@@ -7,7 +7,9 @@
 For every model the final checkpoint goes first (the CKA reference), then the selected
 steps, the next one fetched while the current one computes. Results land under --out as
 they finish (rerun the same command to resume): metrics.parquet (model, step, layer,
-component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/.
+component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/. A
+run that makes no progress for --stall_timeout (a wedged device collective) exits with
+status 3 and one line naming the checkpoint and the phase it was in.
 """
 
 from __future__ import annotations
