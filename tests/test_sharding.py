@@ -24,22 +24,34 @@ from jax_pythia.config import GPTNeoXConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = ["model", "step", "layer", "component", "head", "metric"]
-SEQ = 64
-SEQUENCES_PER_STEP = 32
-# pythia-14m's shape (6 layers, d 128, d_mlp 512) with vocab 512, and 8 heads (14m has 4)
-# so every mesh of 8 devices divides them; batches of 32 sequences of 65 tokens. Smaller
-# batches hid a CPU-mesh deadlock (issue 13: jax_pythia.xla_cpu).
-CONFIG = GPTNeoXConfig(
-  vocab_size=512, d_model=128, n_layers=6, n_heads=8, d_mlp=512, max_seq_len=128
-)
+SEQ = 16
+SEQUENCES_PER_STEP = 8
+# 8 heads and vocab 64: every mesh of 8 devices divides them (d_head 8: rotary dim 2).
+CONFIG = GPTNeoXConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, d_mlp=256, max_seq_len=64)
 STEPS = (0, 1, 2)
+# pythia-14m's shape (vocab 512 here) and batches of 32 sequences of 65 tokens, at which
+# every CPU mesh hung before jax_pythia sized XLA:CPU's thread pool (issue 13,
+# jax_pythia.xla_cpu). The small CONFIG cannot show it: its QR of W_O is too small for
+# jaxlib to split over the pool.
+CONFIG_14M = GPTNeoXConfig(
+  vocab_size=512, d_model=128, n_layers=6, n_heads=4, d_mlp=512, max_seq_len=128
+)
+SEQ_14M, SEQUENCES_PER_STEP_14M = 64, 32
 
 
-def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG, name: str = "mini-h8") -> str:
-  """A suite directory: random checkpoints step<N>/ of one model, a token stream and
-  suite.json (`resolve_models` and `open_data` read it as they read the toy suite)."""
+def make_suite(
+  out: str,
+  steps=STEPS,
+  config: GPTNeoXConfig = CONFIG,
+  name: str = "mini-h8",
+  seq: int = SEQ,
+  sequences_per_step: int = SEQUENCES_PER_STEP,
+) -> str:
+  """A suite directory: random checkpoints step<N>/ of one model, a token stream of
+  `seq + 1`-token items and suite.json (`resolve_models` and `open_data` read it as they
+  read the toy suite)."""
   rng = np.random.default_rng(0)
-  seqs = [rng.integers(0, config.vocab_size, SEQ + 1) for _ in range(SEQUENCES_PER_STEP * 12)]
+  seqs = [rng.integers(0, config.vocab_size, seq + 1) for _ in range(sequences_per_step * 12)]
   data.write_mmap_indexed_dataset(os.path.join(out, "data", "train"), seqs)
   for s in steps:
     params = model.init_params(config, jax.random.PRNGKey(s))
@@ -49,16 +61,16 @@ def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG, name: str 
       {
         "models": [{"name": name}],
         "data_prefix": "data/train",
-        "sequences_per_step": SEQUENCES_PER_STEP,
+        "sequences_per_step": sequences_per_step,
       },
       f,
     )
   return out
 
 
-#: Options of the CPU sweeps (gradients included).
+#: Options of the CPU sweeps (small, gradients included).
 SWEEP_ARGS = (
-  "--n_sequences=32",
+  "--n_sequences=8",
   "--loss_sequences=8",
   "--nofigures",
   "--gradient_window=1",
@@ -289,14 +301,37 @@ def suite_and_baseline(tmp_path_factory):
   return suite, baseline, root
 
 
-@pytest.mark.parametrize(
-  "mesh, devices", [("data:8", 8), ("model:8", 8), ("data:4,model:2", 8), ("data:2", 2)]
-)
-def test_sharded_sweep_matches_single_device(suite_and_baseline, mesh, devices):
+@pytest.mark.parametrize("mesh", ["data:8", "model:8"])
+def test_sharded_sweep_matches_single_device(suite_and_baseline, mesh):
   suite, baseline, root = suite_and_baseline
   out = str(root / mesh.replace(":", "").replace(",", "_"))
-  proc = run_sweep(suite, out, *SWEEP_ARGS, f"--mesh={mesh}", devices=devices)
-  assert f"({devices} devices)" in proc.stdout
+  proc = run_sweep(suite, out, *SWEEP_ARGS, f"--mesh={mesh}", devices=8)
+  assert "(8 devices)" in proc.stdout
+  assert_same_table(baseline, out)
+
+
+#: Activations on 32 sequences of 64 tokens; gradients on 2 batches of 8 sequences.
+ARGS_14M = ("--n_sequences=32", "--nofigures", "--gradient_window=1", "--gradient_sequences=8")
+
+
+@pytest.fixture(scope="module")
+def suite_14m_and_baseline(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sharding_14m")
+  suite = make_suite(
+    str(root / "suite"), (0, 1), CONFIG_14M, "mini-14m", SEQ_14M, SEQUENCES_PER_STEP_14M
+  )
+  baseline = str(root / "single")
+  run_sweep(suite, baseline, *ARGS_14M)
+  return suite, baseline, root
+
+
+@pytest.mark.parametrize("mesh, devices", [("data:4,model:2", 8), ("data:2", 2)])
+def test_sharded_sweep_at_realistic_sizes(suite_14m_and_baseline, mesh, devices):
+  """The meshes of issue 13 that hung, gradients included, give the single-device table."""
+  suite, baseline, root = suite_14m_and_baseline
+  out = str(root / mesh.replace(":", "").replace(",", "_"))
+  proc = run_sweep(suite, out, *ARGS_14M, f"--mesh={mesh}", devices=devices)
+  assert f"mesh {mesh if ',' in mesh else mesh + ',model:1'} ({devices} devices)" in proc.stdout
   assert_same_table(baseline, out)
 
 
