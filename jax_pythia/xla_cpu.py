@@ -4,11 +4,13 @@ XLA:CPU runs the programs of all a process's CPU devices (`--xla_force_host_plat
 device_count`) on one intra-op thread pool, whose size `PJRT_NPROC` sets when JAX
 creates its CPU backend (default: the cores). Two kinds of step block a pool thread until
 others finish: a collective waits for every device's program to arrive, and jaxlib
-0.10's batched LAPACK kernels (the QR of W_O in the activations, the SVDs of the spectra)
+0.10's batched LAPACK kernels (in a sharded program: the QR of W_O in the activations)
 split their batch into pieces on the same pool and wait for them. Once every thread
-waits, nothing runs the pieces: the sweep hangs at 0% CPU. Collectives of one program run
-one at a time, so each device's program holds at most two waiting threads (one
-collective, one LAPACK call); `threads_needed` threads always leave one free.
+waits, nothing runs the pieces: the sweep hangs at 0% CPU (gdb: every pool thread in
+ParallelBatchMap or a collective rendezvous). XLA runs the collectives of one program one
+at a time (they share its communicator), so each device's program holds at most two
+waiting threads, one collective and one LAPACK call; `threads_needed` always leaves one
+thread free.
 """
 
 from __future__ import annotations
