@@ -35,6 +35,7 @@ from jax_pythia import (
   sharding,
   study,
   suite,
+  watchdog,
   weights,
 )
 from jax_pythia.config import GPTNeoXConfig
@@ -171,6 +172,7 @@ class Sweep:
     keep_checkpoints: bool = True,
     progress: Callable[[str, int], Any] | None = None,
     placement: sharding.Placement | None = None,
+    heartbeat: watchdog.Heartbeat | None = None,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
@@ -183,6 +185,8 @@ class Sweep:
     self.progress = progress
     # Mesh and process split (jax_pythia.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
+    # Where the sweep is, for a stall watchdog (jax_pythia.watchdog) if one watches it.
+    self.heartbeat = heartbeat or watchdog.Heartbeat()
     self._references: dict[str, dict[str, np.ndarray]] = {}
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
@@ -273,13 +277,16 @@ class Sweep:
     self.prepare()
     pending = self.pending()
     everything = [(m, s) for m in self.models for s in pending[m.name]]
+    self.heartbeat.beat(phase="waiting for the other processes")
     for queue in self.placement.schedule(everything):  # this process's share, in phases
       self._run_queue(queue)
+      self.heartbeat.beat(phase="waiting for the other processes")
 
   def _run_queue(self, queue: list[tuple[ModelSource, int]]) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
       future = pool.submit(self._load, *queue[0]) if queue else None
       for i, (m, step) in enumerate(queue):
+        self.heartbeat.beat(m.name, step, "loading")
         loaded = future.result()
         future = pool.submit(self._load, *queue[i + 1]) if i + 1 < len(queue) else None
         self._process(m, loaded)
@@ -357,6 +364,7 @@ class Sweep:
     rows, acts = self.compute(m, loaded)
     if not self.placement.is_writer:
       return
+    self.heartbeat.beat(m.name, loaded.step, "writing")
     save_npz(acts_path, acts)
     results.write_parquet(rows, metrics_path)  # last: its existence marks the step done
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
@@ -368,6 +376,8 @@ class Sweep:
     """All metrics of one checkpoint: (tidy rows, activations to store)."""
     o, config, step = self.options, loaded.config, loaded.step
     place = self.placement
+    beat = lambda phase: self.heartbeat.beat(m.name, step, phase)  # noqa: E731
+    beat("activations")
     params = place.params(loaded.params, config)
     tokens = self.inputs(m)
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
@@ -389,6 +399,7 @@ class Sweep:
     layers = place.single_device(params["layers"])
     grads = losses = heldout = None
     if o.gradients:
+      beat("gradients")
       batches = np.stack(
         [
           self.source.batch(s, o.gradient_sequences)
@@ -403,9 +414,11 @@ class Sweep:
       )
       grads, losses = place.single_device(grads), place.host(losses)
     if o.loss_sequences:
+      beat("heldout loss")
       heldout = study.loss_fn(config)(
         params, place.batch(self.heldout_tokens(m), 0, "--loss_sequences")
       )
+    beat("metrics (CKA, spectra, gradient statistics)")
     values = study.checkpoint_metrics(
       acts,
       reference,

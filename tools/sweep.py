@@ -7,7 +7,9 @@
 For every model the final checkpoint goes first (the CKA reference), then the selected
 steps, the next one fetched while the current one computes. Results land under --out as
 they finish (rerun the same command to resume): metrics.parquet (model, step, layer,
-component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/.
+component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/. A
+run that makes no progress for --stall_timeout (a wedged device collective) exits with
+status 3 and one line naming the checkpoint and the phase it was in.
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ flags.DEFINE_string(
   "evals/pythia-v1) to draw downstream accuracy on the same step axis.",
 )
 flags.DEFINE_bool("figures", True, "Draw the figures and report.md when done.")
+flags.DEFINE_string(
+  "stall_timeout",
+  "30m",
+  "Exit (status 3, one line naming the checkpoint and phase) when the sweep makes no "
+  "progress for this long: seconds or a duration (90s, 30m, 2h); 0: never. A wedged "
+  "device collective cannot be interrupted, so set it above the slowest phase of one "
+  "checkpoint.",
+)
 # Scale-out (jax_pythia.sharding): a device mesh and JAX's multi-process runtime.
 flags.DEFINE_string(
   "mesh",
@@ -131,8 +141,9 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import report, results, sharding, sources, sweep
+  from jax_pythia import report, results, sharding, sources, sweep, watchdog
 
+  stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
@@ -147,6 +158,8 @@ def main(argv):
       # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
+  heartbeat = watchdog.Heartbeat()
+  watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
   models = sources.resolve_models(FLAGS.models)
   source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
@@ -179,6 +192,7 @@ def main(argv):
     keep_checkpoints=FLAGS.keep_checkpoints,
     progress=progress,
     placement=placement,
+    heartbeat=heartbeat,
   )
   runner.prepare()  # checks the data and --out before any work
   pending = runner.pending()
@@ -192,13 +206,16 @@ def main(argv):
   with bar:
     runner.run()
   # Every process's files are on the shared --out before process 0 gathers them.
+  heartbeat.beat(phase="waiting for the other processes")
   placement.barrier("done")
   if not lead:
     return
+  heartbeat.beat(phase="gathering results")
   paths = results.finalize(FLAGS.out, [m.name for m in models])
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:
+    heartbeat.beat(phase="drawing figures")
     for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
       print(f"wrote {path}")
 
