@@ -2,6 +2,12 @@
 
 Run: python -m benchmarks.bench_spectra [--sizes 70m,410m] [--grad-batches 11]
      [--grad-layers-410m 2]
+     python -m benchmarks.bench_spectra --routes [--repeats 3]
+       per-route timings (analysis.spectra: svd, qr_svd, gram_eigh; one call over a batch
+       vs a compiled loop) on the study's shapes, then the 70m gradient spectra (11 batches)
+       side by side: route='svd' (the route before the rule) vs route='auto', same inputs,
+       same process, and the ratio. Timings are best-of-N wall AND process-CPU seconds:
+       the host may be shared, and process time is the steadier of the two there.
 
 "Reference way" = what pretraining-playground's checkpoint_metric_computation.py does:
 loop over layers and heads, build each d x d OV matrix (and the chain-rule gradient),
@@ -241,6 +247,71 @@ def bench_size(name, grad_batches, grad_layers):
   return worst
 
 
+def best_of(fn, *args, repeats=None):
+  """(best wall s, best process-CPU s) of warm runs of a compiled fn."""
+  jax.block_until_ready(fn(*args))
+  wall = cpu = float("inf")
+  for _ in range(repeats or REPEATS):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    wall = min(wall, time.perf_counter() - start)
+    cpu = min(cpu, time.process_time() - start_cpu)
+  return wall, cpu
+
+
+ROUTE_SHAPES = (  # (count, m, n): 70m MLP gradient, 70m OV, a head's 2dh core
+  (6, 2048, 512),
+  (6, 512, 512),
+  (48, 128, 128),
+)
+
+
+def bench_routes():
+  """Per-route seconds per matrix; the constants of analysis.spectra.choose_route."""
+  from analysis import spectra
+
+  rng = np.random.default_rng(0)
+  print(f"per-route seconds per matrix ({jax.default_backend()}; wall / process CPU):")
+  for count, m, n in ROUTE_SHAPES:
+    batch = jnp.asarray(rng.standard_normal((count, m, n)), jnp.float32)
+    cells = []
+    for route in ("svd", "qr_svd", "gram_eigh"):
+      for how, fn in (
+        ("loop", lambda a, r=route: jax.lax.map(lambda x: spectra.singular_values(x, r), a)),
+        ("batched", lambda a, r=route: jax.vmap(lambda x: spectra.singular_values(x, r))(a)),
+      ):
+        wall, cpu = best_of(jax.jit(fn), batch)
+        cells.append(f"{route}/{how} {wall / count:.4f}/{cpu / count:.4f}")
+    print(f"  {m}x{n} (x{count}): " + "  ".join(cells), flush=True)
+  picks = (f"{m}x{n} -> {spectra.choose_route((m, n))}" for _, m, n in ROUTE_SHAPES)
+  print("  rule picks: " + ", ".join(picks))
+
+
+def bench_gradient_routes(grad_batches):
+  """70m gradient spectra, route='svd' (before) vs route='auto', same inputs and process."""
+  shape = SHAPES["70m"]
+  layers_np, grads_np = random_checkpoint(shape, grad_batches, shape["layers"])
+  layers = jax.tree.map(jnp.asarray, layers_np)
+  grads = jax.tree.map(jnp.asarray, grads_np)
+  results = {}
+  for route in ("svd", "auto"):
+    fn = jax.jit(lambda g, p, r=route: analysis.gradient_spectra(g, p, route=r))
+    results[route] = (best_of(fn, grads, layers), fn(grads, layers))
+  (old_wall, old_cpu), old = results["svd"]
+  (new_wall, new_cpu), new = results["auto"]
+  rel = max(
+    max_relative_difference(new[c][m], old[c][m])
+    for c in analysis.COMPONENTS
+    for m in ("per", "effective_rank")
+  )
+  print(
+    f"70m gradient spectra ({grad_batches} batches, best of {REPEATS}): route='svd' "
+    f"{old_wall:.2f} s wall / {old_cpu:.2f} s CPU, route='auto' {new_wall:.2f} s wall / "
+    f"{new_cpu:.2f} s CPU; ratio {old_wall / new_wall:.2f}x wall, {old_cpu / new_cpu:.2f}x "
+    f"CPU; max rel diff of PER/ER {rel:.1e} (load average {os.getloadavg()[0]:.1f})"
+  )
+
+
 def main(argv=None):
   global REPEATS
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -253,8 +324,14 @@ def main(argv=None):
     default=2,
     help="layers of 410m used for the gradient comparison (0 = all 24)",
   )
+  parser.add_argument("--routes", action="store_true", help="per-route and old-vs-new timings")
   args = parser.parse_args(argv)
   REPEATS = args.repeats
+  if args.routes:
+    print(f"jax {jax.__version__}; float32; {os.cpu_count()} cores")
+    bench_routes()
+    bench_gradient_routes(args.grad_batches)
+    return 0
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")
   worst = 0.0
   for name in args.sizes.split(","):
