@@ -43,12 +43,14 @@ SVD_ERROR_PER_SQRT_DIM = 2.0
 # singular value that `condition_number` reports within CONDITION_RELATIVE_ERROR.
 ER_RELATIVE_ERROR = 5e-5
 CONDITION_RELATIVE_ERROR = 1e-2
-# Where the Gram route pays (CPU timings, process seconds per matrix, loaded 2-core host):
-# 2048x512: gesdd 0.77, qr+svd 0.61, Gram+eigh 0.18; 512x512: gesdd 0.30, Gram+eigh 0.21;
-# 128x128: gesdd 0.018, Gram+eigh 0.019. So on CPU the Gram route is chosen for tall/wide
-# matrices (aspect >= GRAM_MIN_ASPECT), where it is ~4x faster; for square ones the gain is
-# small and the guard would often fall back (a square matrix is rarely well conditioned).
-GRAM_MIN_ASPECT = 2.0
+# Measured (bench_spectra --routes, CPU, process seconds per matrix, loaded 2-core host):
+# 2048x512: gesdd 1.30, QR+SVD 1.12, Gram+eigh 0.33; 512x512: gesdd 0.30, Gram+eigh 0.21;
+# 128x128: gesdd 0.018, Gram+eigh 0.019. The Gram route is ~4x faster on tall matrices, but
+# on the study's real gradients its guard refuses them (e.g. a 70m MLP gradient: bound 6e-4
+# on the ER error, because LayerNorm leaves it an exact null direction and its spectrum
+# spans 1e-2..1), and eigh + fallback costs more than QR+SVD alone. So on CPU the rule takes
+# QR+SVD for tall/wide matrices (aspect >= TALL_ASPECT) and gesdd for the others.
+TALL_ASPECT = 2.0
 # On CPU, a batch of matrices at least this large (smaller side) is decomposed one at a time
 # (lax.map): one batched LAPACK call over large matrices was ~10x slower than a loop.
 _SEQUENTIAL_MIN_DIM = 128
@@ -60,10 +62,12 @@ GPU_BATCHED_SVD_MAX_DIM = 32
 def choose_route(shape: tuple[int, ...], dtype=jnp.float32, platform: str | None = None) -> str:
   """The route `singular_values(route='auto')` takes for matrices [..., m, n].
 
-  CPU: 'gram_eigh' for aspect >= GRAM_MIN_ASPECT, else 'svd' (measured, see above).
+  CPU: 'qr_svd' for aspect >= TALL_ASPECT, else 'svd' (measured, see above).
   GPU: 'svd' up to 32 x 32 (truly batched), else 'gram_eigh'.
   TPU: 'gram_eigh' (its SVD is a slow Jacobi solver; eigh-based routes are recommended).
-  'gram_eigh' is always guarded, so the rule trades only speed, never accuracy.
+  'gram_eigh' is always guarded, so the rule trades only speed, never accuracy. On GPU and
+  TPU the rule follows the documented facts above; benchmarks/bench_spectra.py --routes is
+  the measurement to rerun there.
   Args:
     shape: the matrices' shape; dtype: their dtype (unused today: float64 Gram matrices are
       resolved by the guard's eps); platform: 'cpu' | 'gpu' | 'tpu' (default: jax's backend).
@@ -76,12 +80,12 @@ def choose_route(shape: tuple[int, ...], dtype=jnp.float32, platform: str | None
     return "gram_eigh"
   if platform in ("gpu", "cuda", "rocm"):
     return "svd" if small <= GPU_BATCHED_SVD_MAX_DIM else "gram_eigh"
-  return "gram_eigh" if large >= GRAM_MIN_ASPECT * small else "svd"
+  return "qr_svd" if large >= TALL_ASPECT * small else "svd"
 
 
 def _accurate_route(shape) -> str:
   m, n = shape[-2:]
-  return "qr_svd" if max(m, n) >= GRAM_MIN_ASPECT * min(m, n) else "svd"
+  return "qr_svd" if max(m, n) >= TALL_ASPECT * min(m, n) else "svd"
 
 
 def _svd_values(matrices: jax.Array) -> jax.Array:

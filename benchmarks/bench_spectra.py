@@ -266,6 +266,35 @@ ROUTE_SHAPES = (  # (count, m, n): 70m MLP gradient, 70m OV, a head's 2dh core
 )
 
 
+def bench_route_errors():
+  """The error constants of analysis.spectra: Gram eigenvalue error in eps * s_max^2 and SVD
+  error in sqrt(k) * eps * s_max, on U diag(s) V^T with log-spaced s (float64 truth)."""
+  import scipy.stats
+
+  from analysis import spectra
+
+  rng = np.random.default_rng(1)
+  eps = np.finfo(np.float32).eps
+  gram_worst = svd_worst = 0.0
+  cases = (((2048, 512), 1e3), ((512, 512), 1e6), ((512, 128), 1e1), ((1024, 64), 1e6))
+  for (m, n), kappa in cases:
+    s = np.logspace(0, -np.log10(kappa), n)
+    u = scipy.stats.ortho_group.rvs(m, random_state=rng)[:, :n]
+    v = scipy.stats.ortho_group.rvs(n, random_state=rng)
+    a = jnp.asarray((u * s) @ v.T, jnp.float32)
+    truth = scipy.linalg.svdvals(np.asarray(a, np.float64))
+    gram = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
+    eigenvalues = np.sort(np.asarray(jnp.linalg.eigvalsh(gram), np.float64))[::-1]
+    gram_worst = max(gram_worst, np.max(np.abs(eigenvalues - truth**2)) / (eps * truth[0] ** 2))
+    svd = np.asarray(spectra.singular_values(a, "svd"), np.float64)
+    svd_worst = max(svd_worst, np.max(np.abs(svd - truth)) / (np.sqrt(n) * eps * truth[0]))
+  print(
+    f"errors: Gram eigenvalues <= {gram_worst:.2f} eps s_max^2 (GRAM_EIGENVALUE_ERROR = "
+    f"{spectra.GRAM_EIGENVALUE_ERROR}); SVD <= {svd_worst:.2f} sqrt(k) eps s_max "
+    f"(SVD_ERROR_PER_SQRT_DIM = {spectra.SVD_ERROR_PER_SQRT_DIM})"
+  )
+
+
 def bench_routes():
   """Per-route seconds per matrix; the constants of analysis.spectra.choose_route."""
   from analysis import spectra
@@ -362,6 +391,7 @@ def main(argv=None):
   REPEATS = args.repeats
   if args.routes:
     print(f"jax {jax.__version__}; float32; {os.cpu_count()} cores")
+    bench_route_errors()
     bench_routes()
     bench_gradient_routes(args.grad_batches)
     return 0
