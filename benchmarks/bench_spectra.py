@@ -239,7 +239,7 @@ def bench_size(name, grad_batches, grad_layers):
     jax.tree.map(jnp.asarray, grads_sub),
     jax.tree.map(jnp.asarray, layers_sub),
   )
-  rel = max(max_relative_difference(spectra[c]["per"], ref_per[c]) for c in ref_per)
+  rel = max(max_relative_difference(spectra[c]["grad_per"], ref_per[c]) for c in ref_per)
   worst = max(
     worst, report("all (gradient_spectra)", sum(ref_times.values()), run_s, compile_s, rel)
   )
@@ -363,7 +363,7 @@ def bench_gradient_routes(grad_batches):
   rel = max(
     max_relative_difference(new[c][m], old[c][m])
     for c in analysis.COMPONENTS
-    for m in ("per", "effective_rank")
+    for m in ("grad_per", "grad_effective_rank")
   )
   print(
     f"70m gradient spectra ({grad_batches} real gradient batches, best of {REPEATS}): "
