@@ -33,23 +33,25 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 #               that matrix falls back to 'qr_svd' (tall) or 'svd' (square).
 ROUTES = ("auto", "svd", "qr_svd", "gram_eigh")
 
-# Measured by `python -m benchmarks.bench_spectra --routes` (jax 0.10.2, float32):
-# |eigvalsh(A^T A) - s^2| <= 2.7 eps s_max^2 on 2048x512, 512x512, 512x128, 1024x64 with
-# condition numbers 1e1..1e6; 10 keeps a margin of ~4x.
+# Measured by `python -m benchmarks.bench_spectra --routes` (jax 0.10.2, float32) on
+# U diag(s) V^T with log-spaced s (2048x512, 512x512, 512x128, 1024x64; kappa 1e1..1e6):
+# |eigvalsh(A^T A) - s^2| <= 2.85 eps s_max^2, so 10 keeps a margin of ~3.5x;
 GRAM_EIGENVALUE_ERROR = 10.0
-# |svd(A) - s| <= 0.8 sqrt(k) eps s_max on the same matrices (LAPACK gesdd); 2 keeps a margin.
+# |svd(A) - s| <= 0.42 sqrt(k) eps s_max (0.8 in an earlier probe at 512x512), so 2.
 SVD_ERROR_PER_SQRT_DIM = 2.0
 # Accuracy the routes promise: effective rank / PER within this relative error, and every
 # singular value that `condition_number` reports within CONDITION_RELATIVE_ERROR.
 ER_RELATIVE_ERROR = 5e-5
 CONDITION_RELATIVE_ERROR = 1e-2
-# Measured (bench_spectra --routes, CPU, process seconds per matrix, loaded 2-core host):
-# 2048x512: gesdd 1.30, QR+SVD 1.12, Gram+eigh 0.33; 512x512: gesdd 0.30, Gram+eigh 0.21;
-# 128x128: gesdd 0.018, Gram+eigh 0.019. The Gram route is ~4x faster on tall matrices, but
-# on the study's real gradients its guard refuses them (e.g. a 70m MLP gradient: bound 6e-4
-# on the ER error, because LayerNorm leaves it an exact null direction and its spectrum
-# spans 1e-2..1), and eigh + fallback costs more than QR+SVD alone. So on CPU the rule takes
-# QR+SVD for tall/wide matrices (aspect >= TALL_ASPECT) and gesdd for the others.
+# Measured (bench_spectra --routes, CPU, process-CPU seconds per matrix, two runs on a
+# loaded 2-core host): 2048x512: gesdd 1.30 | 2.21, QR+SVD 1.12 | 1.87, Gram+eigh 0.33 |
+# 0.57 (an earlier probe of the same routes: 512x512 gesdd 0.30, Gram+eigh 0.21; 128x128
+# gesdd 0.018, Gram+eigh 0.019). The Gram route is ~4x faster on tall matrices, but on the
+# study's real gradients its guard refuses them (a 70m MLP gradient: bound 6e-4 on the ER
+# error, because LayerNorm leaves it an exact null direction and its spectrum spans two
+# decades; bench_spectra prints how many it accepts), and eigh + fallback costs more than
+# QR+SVD alone. So on CPU the rule takes QR+SVD for tall/wide matrices (aspect >=
+# TALL_ASPECT) and gesdd for the others.
 TALL_ASPECT = 2.0
 # On CPU, a batch of matrices at least this large (smaller side) is decomposed one at a time
 # (lax.map): one batched LAPACK call over large matrices was ~10x slower than a loop.

@@ -387,12 +387,16 @@ def main(argv=None):
     help="layers of 410m used for the gradient comparison (0 = all 24)",
   )
   parser.add_argument("--routes", action="store_true", help="per-route and old-vs-new timings")
+  parser.add_argument(
+    "--no-route-table", action="store_true", help="with --routes: only the old-vs-new timing"
+  )
   args = parser.parse_args(argv)
   REPEATS = args.repeats
   if args.routes:
     print(f"jax {jax.__version__}; float32; {os.cpu_count()} cores")
-    bench_route_errors()
-    bench_routes()
+    if not args.no_route_table:
+      bench_route_errors()
+      bench_routes()
     bench_gradient_routes(args.grad_batches)
     return 0
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")

@@ -24,7 +24,7 @@ KEYS = ["model", "step", "component", "metric", "layer", "head"]
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
   root = tmp_path_factory.mktemp("suite")
-  sf.write_suite(root, models={"small-2l": sf.SUITE_MODELS["small-2l"]}, steps=(0, 4, 8))
+  sf.write_suite(root, models={"small-2l": sf.SUITE_MODELS["small-2l"]}, steps=(0, 8))
   models = sources.resolve_models([str(root)])
   source = sources.open_data(None, models, None, None)
   out = {}
