@@ -474,9 +474,9 @@ def cka_stream_result(acc: CKAAccumulator, debiased: bool = False) -> jax.Array:
   #   1'K~L~1 = (X s_x - a).(Y s_y - b) = s_x' X'Y s_y - s_x' X'b - s_y' Y'a + a.b
   def terms(xty, s1, s2, x1_b, y2_a, sum_a, sum_b, a_dot_b):
     trace = jnp.sum(jnp.square(xty)) - a_dot_b
-    k_sum = jnp.dot(s1, s1) - sum_a
-    l_sum = jnp.dot(s2, s2) - sum_b
-    k1_l1 = jnp.dot(s1, _mm(xty, s2)) - jnp.dot(s1, x1_b) - jnp.dot(s2, y2_a) + a_dot_b
+    k_sum = _mm(s1, s1) - sum_a
+    l_sum = _mm(s2, s2) - sum_b
+    k1_l1 = _mm(s1, _mm(xty, s2)) - _mm(s1, x1_b) - _mm(s2, y2_a) + a_dot_b
     return _unbiased_hsic_from_terms(trace, k_sum, l_sum, k1_l1, n)
 
   xy = terms(acc.xty, sx, sy, acc.xt_b, acc.yt_a, acc.sum_a, acc.sum_b, acc.sum_ab)

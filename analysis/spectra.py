@@ -17,30 +17,178 @@ from analysis.registry import metrics_in_family, register_metric
 from analysis.validation import require_ndim, require_nonempty, require_rank_bound
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Matrices at least this large (smaller side) are decomposed one at a time; see below.
-_SEQUENTIAL_SVD_MIN_DIM = 128
+
+# ----- routes to the singular values ------------------------------------------------------
+#
+# Three routes give the singular values of an m x n matrix (k = min(m, n)):
+#   'svd'       the backend's SVD (LAPACK gesdd on CPU; on GPU a batched Jacobi SVD for
+#               small matrices, looped otherwise; on TPU a slow Jacobi/polar solver).
+#   'qr_svd'    R = qr(A) (k x k, Householder, backward stable) then the SVD of R: the same
+#               accuracy as 'svd', less work when max(m, n) >> k.
+#   'gram_eigh' eigh of the k x k Gram matrix (A^T A or A A^T, float32 HIGHEST), s = sqrt(l).
+#               A matmul and a symmetric eigensolver: the fastest route on every backend for
+#               tall matrices, but it squares the condition number, so small singular values
+#               lose accuracy. It is therefore GUARDED: per matrix, its values are used only
+#               when they are provably accurate enough (see `_gram_is_accurate`); otherwise
+#               that matrix falls back to 'qr_svd' (tall) or 'svd' (square).
+ROUTES = ("auto", "svd", "qr_svd", "gram_eigh")
+
+# Measured by `python -m benchmarks.bench_spectra --routes` (jax 0.10.2, float32) on
+# U diag(s) V^T with log-spaced s (2048x512, 512x512, 512x128, 1024x64; kappa 1e1..1e6):
+# |eigvalsh(A^T A) - s^2| <= 2.85 eps s_max^2, so 10 keeps a margin of ~3.5x;
+GRAM_EIGENVALUE_ERROR = 10.0
+# |svd(A) - s| <= 0.42 sqrt(k) eps s_max (0.8 in an earlier probe at 512x512), so 2.
+SVD_ERROR_PER_SQRT_DIM = 2.0
+# Accuracy the routes promise: effective rank / PER within this relative error, and every
+# singular value that `condition_number` reports within CONDITION_RELATIVE_ERROR.
+ER_RELATIVE_ERROR = 5e-5
+CONDITION_RELATIVE_ERROR = 1e-2
+# Measured (bench_spectra --routes, CPU, process-CPU seconds per matrix, two runs on a
+# loaded 2-core host): 2048x512: gesdd 1.30 | 2.21, QR+SVD 1.12 | 1.87, Gram+eigh 0.33 |
+# 0.57 (an earlier probe of the same routes: 512x512 gesdd 0.30, Gram+eigh 0.21; 128x128
+# gesdd 0.018, Gram+eigh 0.019). The Gram route is ~4x faster on tall matrices, but on the
+# study's real gradients its guard refuses them (a 70m MLP gradient: bound 6e-4 on the ER
+# error, because LayerNorm leaves it an exact null direction and its spectrum spans two
+# decades; bench_spectra prints how many it accepts: 0 of 12), and eigh + fallback costs
+# more than the SVD alone. QR+SVD does the very operations LAPACK's gesdd does for a tall
+# matrix (its path for m >> n is geqrf, then the SVD of R): the values come out bit-equal
+# and the timings differ only by noise (side by side on 70m gradients: 1.16x wall, 0.67x
+# process CPU). So on CPU the rule takes gesdd for every shape; 'qr_svd' is the Gram
+# route's fallback on accelerators, whose SVDs of tall matrices do not reduce first.
+# From this aspect ratio a matrix counts as tall/wide (its Gram fallback is QR+SVD).
+TALL_ASPECT = 2.0
+# On CPU, a batch of matrices at least this large (smaller side) is decomposed one at a time
+# (lax.map): one batched LAPACK call over large matrices was ~10x slower than a loop.
+_SEQUENTIAL_MIN_DIM = 128
+# GPU: cuSOLVER's batched Jacobi SVD covers matrices up to 32 x 32; larger SVDs are looped
+# on the host, so above that the Gram route (batched syevd) is preferred.
+GPU_BATCHED_SVD_MAX_DIM = 32
 
 
-def singular_values(matrices: jax.Array) -> jax.Array:
-  """Singular values, descending, of a batch of matrices.
+def choose_route(shape: tuple[int, ...], dtype=jnp.float32, platform: str | None = None) -> str:
+  """The route `singular_values(route='auto')` takes for matrices [..., m, n].
+
+  CPU: 'svd' (LAPACK gesdd; measured, see above).
+  GPU: 'svd' up to 32 x 32 (truly batched), else 'gram_eigh'.
+  TPU: 'gram_eigh' (its SVD is a slow Jacobi solver; eigh-based routes are recommended).
+  'gram_eigh' is always guarded, so the rule trades only speed, never accuracy. On GPU and
+  TPU the rule follows the documented facts above; benchmarks/bench_spectra.py --routes is
+  the measurement to rerun there.
+  Args:
+    shape: the matrices' shape; dtype: their dtype (unused today: float64 Gram matrices are
+      resolved by the guard's eps); platform: 'cpu' | 'gpu' | 'tpu' (default: jax's backend).
+  """
+  del dtype
+  platform = platform or jax.default_backend()
+  m, n = shape[-2:]
+  small = min(m, n)
+  if platform == "tpu":
+    return "gram_eigh"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "svd" if small <= GPU_BATCHED_SVD_MAX_DIM else "gram_eigh"
+  return "svd"
+
+
+def _accurate_route(shape) -> str:
+  m, n = shape[-2:]
+  return "qr_svd" if max(m, n) >= TALL_ASPECT * min(m, n) else "svd"
+
+
+def _svd_values(matrices: jax.Array) -> jax.Array:
+  return jnp.linalg.svd(matrices, compute_uv=False)
+
+
+def _qr_svd_values(matrices: jax.Array) -> jax.Array:
+  """SVD of the k x k R factor of the tall orientation. [..., m, n] -> [..., k]."""
+  if matrices.shape[-2] < matrices.shape[-1]:
+    matrices = jnp.swapaxes(matrices, -1, -2)
+  return _svd_values(jnp.linalg.qr(matrices, mode="r"))
+
+
+def _gram_values(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Singular values from the k x k Gram matrix, and whether they are accurate.
+
+  Returns:
+    (s [..., k] descending, accurate [...] bool).
+  """
+  if matrices.shape[-2] < matrices.shape[-1]:
+    matrices = jnp.swapaxes(matrices, -1, -2)
+  gram = jnp.matmul(jnp.swapaxes(matrices, -1, -2), matrices, precision=_HIGHEST)
+  eigenvalues = jnp.linalg.eigvalsh(gram)[..., ::-1]  # descending
+  return jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), _gram_is_accurate(eigenvalues)
+
+
+def _gram_is_accurate(eigenvalues: jax.Array) -> jax.Array:
+  """Whether Gram eigenvalues l [..., k] (descending) give accurate singular values.
+
+  Each l_i is within d = GRAM_EIGENVALUE_ERROR * eps * l_max of s_i^2, so s_i lies in
+  [sqrt(l_i - d), sqrt(l_i + d)]. Accurate means both:
+  - the smallest value, hence every value, is within CONDITION_RELATIVE_ERROR
+    (d / (2 l_min) <= 1e-2): a condition number computed from them is right;
+  - the first-order bound sum_i |log p_i + H| ds_i / sum(s) on the relative error of the
+    effective rank exp(H) (p = s / sum(s)) is at most ER_RELATIVE_ERROR.
+  Zero, NaN or inf matrices are never accurate (the fallback route handles them).
+  """
+  eps = jnp.finfo(eigenvalues.dtype).eps
+  top = eigenvalues[..., :1]
+  slack = GRAM_EIGENVALUE_ERROR * eps * top
+  low = jnp.sqrt(jnp.maximum(eigenvalues - slack, 0.0))
+  high = jnp.sqrt(jnp.maximum(eigenvalues, 0.0) + slack)
+  s = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+  total = jnp.sum(s, axis=-1, keepdims=True)
+  p = jnp.maximum(s / total, jnp.finfo(s.dtype).tiny)
+  entropy = -jnp.sum(p * jnp.log(p), axis=-1, keepdims=True)
+  er_bound = jnp.sum(jnp.abs(jnp.log(p) + entropy) * (high - low), axis=-1) / total[..., 0]
+  resolved = eigenvalues[..., -1] * 2 * CONDITION_RELATIVE_ERROR >= slack[..., 0]
+  return resolved & (er_bound <= ER_RELATIVE_ERROR) & (top[..., 0] > 0) & jnp.isfinite(er_bound)
+
+
+def _per_matrix(fn, matrices: jax.Array, sequential: bool) -> jax.Array:
+  """fn over the flattened batch [c, m, n]: one call, or a compiled loop (lax.map)."""
+  return jax.lax.map(fn, matrices) if sequential else fn(matrices)
+
+
+def singular_values(matrices: jax.Array, route: str = "auto") -> jax.Array:
+  """Singular values, descending, of a batch of matrices, by the route for this backend.
+
+  Every route returns the same values to float32 accuracy: the Gram route is guarded and
+  falls back per matrix (a real conditional inside lax.map on CPU, one batch-level
+  conditional elsewhere; under a caller's vmap both branches run, so pass the batch here
+  rather than vmapping this function). Inputs are promoted to at least float32.
 
   Args:
     matrices: [..., a, b].
+    route: 'auto' (`choose_route`), 'svd', 'qr_svd' or 'gram_eigh' (guarded).
   Returns:
     [..., min(a, b)], descending.
   """
   require_ndim("matrices", matrices, 2)
   require_nonempty("matrices", matrices)
+  if route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
   # float16/bfloat16 weights (as stored on the Hub) are decomposed in float32.
   matrices = matrices.astype(jnp.promote_types(matrices.dtype, jnp.float32))
   *lead, a, b = matrices.shape
+  if route == "auto":
+    route = choose_route(matrices.shape, matrices.dtype)
   count = math.prod(lead)
-  if count <= 1 or min(a, b) < _SEQUENTIAL_SVD_MIN_DIM:
-    return jnp.linalg.svd(matrices, compute_uv=False)
-  # Measured on CPU (jax 0.10): one batched SVD call over large matrices is ~10x slower than
-  # the same SVDs one by one, so large batches go through lax.map (a compiled loop).
   flat = matrices.reshape(count, a, b)
-  values = jax.lax.map(lambda m: jnp.linalg.svd(m, compute_uv=False), flat)
+  sequential = jax.default_backend() == "cpu" and count > 1 and min(a, b) >= _SEQUENTIAL_MIN_DIM
+  accurate = _qr_svd_values if _accurate_route((a, b)) == "qr_svd" else _svd_values
+  if route == "svd":
+    values = _per_matrix(_svd_values, flat, sequential)
+  elif route == "qr_svd":
+    values = _per_matrix(_qr_svd_values, flat, sequential)
+  elif sequential:
+
+    def guarded(matrix):
+      s, ok = _gram_values(matrix)
+      return jax.lax.cond(ok, lambda: s, lambda: accurate(matrix))
+
+    values = jax.lax.map(guarded, flat)
+  else:
+    s, ok = _gram_values(flat)
+    values = jax.lax.cond(jnp.all(ok), lambda: s, lambda: jnp.where(ok[:, None], s, accurate(flat)))
   return values.reshape(*lead, min(a, b))
 
 
@@ -49,7 +197,9 @@ def _r_factor(tall: jax.Array) -> jax.Array:
   return jnp.linalg.qr(tall, mode="r")
 
 
-def product_singular_values(left: jax.Array, right: jax.Array, method: str = "auto") -> jax.Array:
+def product_singular_values(
+  left: jax.Array, right: jax.Array, method: str = "auto", route: str = "auto"
+) -> jax.Array:
   """Singular values of the product left @ right without forming it when that is cheaper.
 
   With left = Q_l R_l and right^T = Q_r R_r (reduced QR), left @ right = Q_l (R_l R_r^T) Q_r^T,
@@ -63,6 +213,7 @@ def product_singular_values(left: jax.Array, right: jax.Array, method: str = "au
     method: 'core' (QR core), 'direct' (SVD of the formed product) or 'auto' (core when
       r < min(m, n), i.e. when it is smaller; otherwise direct, since a square core is
       no cheaper than the product it replaces).
+    route: how the core (or the product) is decomposed, see `singular_values`.
   Returns:
     [..., min(m, n, r)] for 'core', [..., min(m, n)] for 'direct' (the extra values are
     zero up to rounding, since the product has rank <= r). Descending.
@@ -78,7 +229,7 @@ def product_singular_values(left: jax.Array, right: jax.Array, method: str = "au
   if method == "auto":
     method = "core" if r < min(m, n) else "direct"
   if method == "direct":
-    return singular_values(jnp.matmul(left, right, precision=_HIGHEST))
+    return singular_values(jnp.matmul(left, right, precision=_HIGHEST), route)
   if method != "core":
     raise ValueError(f"method must be 'auto', 'core' or 'direct', got {method!r}")
   if r > m or r > n:
@@ -86,7 +237,7 @@ def product_singular_values(left: jax.Array, right: jax.Array, method: str = "au
   r_left = _r_factor(left)
   r_right = _r_factor(jnp.swapaxes(right, -1, -2))
   core = jnp.matmul(r_left, jnp.swapaxes(r_right, -1, -2), precision=_HIGHEST)
-  return singular_values(core)
+  return singular_values(core, route)
 
 
 def top_k(s: jax.Array, k: int) -> jax.Array:
@@ -141,18 +292,33 @@ def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
   return effective_rank(top_k(s, k)) / k
 
 
+def condition_resolution(s: jax.Array) -> jax.Array:
+  """Smallest s_k / s_1 that float SVDs of a matrix with m = s.shape[-1] values resolve to
+  CONDITION_RELATIVE_ERROR: SVD_ERROR_PER_SQRT_DIM * sqrt(m) * eps / 1e-2 (float32, m = 512:
+  5.4e-4, i.e. condition numbers up to ~1800; float64: ~1e12). A scalar."""
+  eps = jnp.finfo(s.dtype).eps
+  return SVD_ERROR_PER_SQRT_DIM * math.sqrt(s.shape[-1]) * eps / CONDITION_RELATIVE_ERROR
+
+
 @register_metric("condition_number", "spectral", needs_rank_bound=True)
 def condition_number(s: jax.Array, k: int) -> jax.Array:
   """s_1 / s_k over the top-k singular values (k = rank bound, so a head's d x d OV
   matrix, which has rank <= d_head, is not trivially infinite).
 
+  NaN where 0 < s_k < s_1 * condition_resolution(s): the SVD of a matrix stored in this
+  dtype cannot resolve so small an s_k to 1e-2 relative (its absolute error is about
+  sqrt(m) eps s_1), so the ratio would be noise; NaN says "unresolved", never a wrong
+  number. In float32 that is a condition number above ~1800 for m = 512.
   Args:
     s: [..., m]. k: static int.
   Returns:
-    [...]; inf where s_k = 0 < s_1, NaN for a zero matrix.
+    [...]; inf where s_k = 0 < s_1 (k exceeds the values given), NaN for a zero matrix or
+    an unresolved s_k.
   """
   top = top_k(s, k)
-  return top[..., 0] / top[..., -1]
+  first, last = top[..., 0], top[..., -1]
+  unresolved = (last > 0) & (last < first * condition_resolution(s))
+  return jnp.where(unresolved, jnp.nan, first / last)
 
 
 @register_metric("stable_rank", "spectral")

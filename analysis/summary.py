@@ -105,6 +105,7 @@ def gradient_spectra(
   layers: dict,
   value_slice: str = "per_head",
   head_gradient_rank_bound: int | None = None,
+  route: str = "auto",
 ) -> dict[str, dict[str, jax.Array]]:
   """All gradient metrics of one checkpoint from G gradient batches.
 
@@ -119,6 +120,8 @@ def gradient_spectra(
       mlp.fc_out.kernel [G, L, f, d] (and attn.query/key kernels for 'reference').
     layers: params['layers'] at the checkpoint (leaves [L, ...]).
     head_gradient_rank_bound: k for 'ov_head' (default 2 * d_head).
+    route: how singular values are computed (analysis.spectra.singular_values; 'auto'
+      picks per backend and shape, 'svd' is the plain SVD everywhere).
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
@@ -142,9 +145,9 @@ def gradient_spectra(
     left, right = circuits.ov_head_gradient_factors(attn, grad["attn"], value_slice)
     whole = circuits.ov_gradients(attn, grad["attn"], value_slice)
     mlp = grad["fc_out"]
-    s_head = product_singular_values(left, right)
-    s_whole = singular_values(whole)
-    s_mlp = singular_values(mlp)
+    s_head = product_singular_values(left, right, route=route)
+    s_whole = singular_values(whole, route)
+    s_mlp = singular_values(mlp, route)
     norms = {
       "ov_head": jnp.sqrt(jnp.sum(jnp.square(s_head), -1)),
       "ov": jnp.linalg.norm(whole, axis=(-2, -1)),

@@ -2,6 +2,12 @@
 
 Run: python -m benchmarks.bench_spectra [--sizes 70m,410m] [--grad-batches 11]
      [--grad-layers-410m 2]
+     python -m benchmarks.bench_spectra --routes [--repeats 3]
+       per-route timings (analysis.spectra: svd, qr_svd, gram_eigh; one call over a batch
+       vs a compiled loop) on the study's shapes, then the 70m gradient spectra (11 batches)
+       side by side: route='svd' (the route before the rule) vs route='auto', same inputs,
+       same process, and the ratio. Timings are best-of-N wall AND process-CPU seconds:
+       the host may be shared, and process time is the steadier of the two there.
 
 "Reference way" = what pretraining-playground's checkpoint_metric_computation.py does:
 loop over layers and heads, build each d x d OV matrix (and the chain-rule gradient),
@@ -233,12 +239,139 @@ def bench_size(name, grad_batches, grad_layers):
     jax.tree.map(jnp.asarray, grads_sub),
     jax.tree.map(jnp.asarray, layers_sub),
   )
-  rel = max(max_relative_difference(spectra[c]["per"], ref_per[c]) for c in ref_per)
+  rel = max(max_relative_difference(spectra[c]["grad_per"], ref_per[c]) for c in ref_per)
   worst = max(
     worst, report("all (gradient_spectra)", sum(ref_times.values()), run_s, compile_s, rel)
   )
   print("   reference split: " + ", ".join(f"{c} {t:.2f} s" for c, t in ref_times.items()))
   return worst
+
+
+def best_of(fn, *args, repeats=None):
+  """(best wall s, best process-CPU s) of warm runs of a compiled fn."""
+  jax.block_until_ready(fn(*args))
+  wall = cpu = float("inf")
+  for _ in range(repeats or REPEATS):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    wall = min(wall, time.perf_counter() - start)
+    cpu = min(cpu, time.process_time() - start_cpu)
+  return wall, cpu
+
+
+ROUTE_SHAPES = (  # (count, m, n): 70m MLP gradient, 70m OV, a head's 2dh core
+  (6, 2048, 512),
+  (6, 512, 512),
+  (48, 128, 128),
+)
+
+
+def bench_route_errors():
+  """The error constants of analysis.spectra: Gram eigenvalue error in eps * s_max^2 and SVD
+  error in sqrt(k) * eps * s_max, on U diag(s) V^T with log-spaced s (float64 truth)."""
+  import scipy.stats
+
+  from analysis import spectra
+
+  rng = np.random.default_rng(1)
+  eps = np.finfo(np.float32).eps
+  gram_worst = svd_worst = 0.0
+  cases = (((2048, 512), 1e3), ((512, 512), 1e6), ((512, 128), 1e1), ((1024, 64), 1e6))
+  for (m, n), kappa in cases:
+    s = np.logspace(0, -np.log10(kappa), n)
+    u = scipy.stats.ortho_group.rvs(m, random_state=rng)[:, :n]
+    v = scipy.stats.ortho_group.rvs(n, random_state=rng)
+    a = jnp.asarray((u * s) @ v.T, jnp.float32)
+    truth = scipy.linalg.svdvals(np.asarray(a, np.float64))
+    gram = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
+    eigenvalues = np.sort(np.asarray(jnp.linalg.eigvalsh(gram), np.float64))[::-1]
+    gram_worst = max(gram_worst, np.max(np.abs(eigenvalues - truth**2)) / (eps * truth[0] ** 2))
+    svd = np.asarray(spectra.singular_values(a, "svd"), np.float64)
+    svd_worst = max(svd_worst, np.max(np.abs(svd - truth)) / (np.sqrt(n) * eps * truth[0]))
+  print(
+    f"errors: Gram eigenvalues <= {gram_worst:.2f} eps s_max^2 (GRAM_EIGENVALUE_ERROR = "
+    f"{spectra.GRAM_EIGENVALUE_ERROR}); SVD <= {svd_worst:.2f} sqrt(k) eps s_max "
+    f"(SVD_ERROR_PER_SQRT_DIM = {spectra.SVD_ERROR_PER_SQRT_DIM})"
+  )
+
+
+def bench_routes():
+  """Per-route seconds per matrix; the constants of analysis.spectra.choose_route."""
+  from analysis import spectra
+
+  rng = np.random.default_rng(0)
+  print(f"per-route seconds per matrix ({jax.default_backend()}; wall / process CPU):")
+  for count, m, n in ROUTE_SHAPES:
+    batch = jnp.asarray(rng.standard_normal((count, m, n)), jnp.float32)
+    cells = []
+    for route in ("svd", "qr_svd", "gram_eigh"):
+      variants = [
+        ("loop", lambda a, r=route: jax.lax.map(lambda x: spectra.singular_values(x, r), a))
+      ]
+      if min(m, n) < 256:  # one batched LAPACK call over large matrices is ~10x slower
+        variants.append(("batched", lambda a, r=route: spectra.singular_values(a, r)))
+      for how, fn in variants:
+        wall, cpu = best_of(jax.jit(fn), batch)
+        cells.append(f"{route}/{how} {wall / count:.4f}/{cpu / count:.4f}")
+    print(f"  {m}x{n} (x{count}): " + "  ".join(cells), flush=True)
+  picks = (f"{m}x{n} -> {spectra.choose_route((m, n))}" for _, m, n in ROUTE_SHAPES)
+  print("  rule picks: " + ", ".join(picks))
+
+
+def model_gradients(grad_batches, sequences=4, seq_len=128, seed=0):
+  """Real gradients: G backward passes of a random-init 70m-shaped model (jax_pythia.model) on
+  random tokens. Unlike Gaussian noise they have the structure of the study's gradients
+  (e.g. LayerNorm leaves the MLP and W_O gradients an exact null direction, and the spectra
+  spread over orders of magnitude), which decides whether the guarded Gram route is taken.
+  Returns (grads with leaves [G, L, ...], params['layers'])."""
+  from jax_pythia import model as model_lib
+  from jax_pythia.config import GPTNeoXConfig
+
+  shape = SHAPES["70m"]
+  config = GPTNeoXConfig(
+    vocab_size=50304,
+    d_model=shape["d"],
+    n_layers=shape["layers"],
+    n_heads=shape["heads"],
+    d_mlp=4 * shape["d"],
+  )
+  params = model_lib.init_params(config, jax.random.PRNGKey(seed))
+  wrt = ("attn.value.kernel", "attn.out.kernel", "mlp.fc_out.kernel")
+  grad_fn = jax.jit(lambda p, t: model_lib.loss_and_grads(p, t, config, wrt)[1])
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), grad_batches)
+  grads = [grad_fn(params, jax.random.randint(k, (sequences, seq_len + 1), 0, 50277)) for k in keys]
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads), params["layers"]
+
+
+def bench_gradient_routes(grad_batches):
+  """70m gradient spectra, route='svd' (before) vs route='auto', same inputs and process."""
+  from analysis import spectra
+
+  grads, layers = model_gradients(grad_batches)
+  mlp = grads["mlp"]["fc_out"]["kernel"]
+  accepted = np.asarray(spectra._gram_values(mlp.reshape(-1, *mlp.shape[-2:]))[1])
+  print(
+    f"guarded Gram route on the real MLP gradients: accepted {accepted.sum()} of "
+    f"{accepted.size} (others fall back to QR+SVD)"
+  )
+  results = {}
+  for route in ("svd", "auto"):
+    fn = jax.jit(lambda g, p, r=route: analysis.gradient_spectra(g, p, route=r))
+    results[route] = (best_of(fn, grads, layers), fn(grads, layers))
+  (old_wall, old_cpu), old = results["svd"]
+  (new_wall, new_cpu), new = results["auto"]
+  rel = max(
+    max_relative_difference(new[c][m], old[c][m])
+    for c in analysis.COMPONENTS
+    for m in ("grad_per", "grad_effective_rank")
+  )
+  print(
+    f"70m gradient spectra ({grad_batches} real gradient batches, best of {REPEATS}): "
+    f"route='svd' {old_wall:.2f} s wall / {old_cpu:.2f} s CPU, route='auto' {new_wall:.2f} s "
+    f"wall / {new_cpu:.2f} s CPU; ratio {old_wall / new_wall:.2f}x wall, "
+    f"{old_cpu / new_cpu:.2f}x CPU; max rel diff of PER/ER {rel:.1e} "
+    f"(load average {os.getloadavg()[0]:.1f})"
+  )
 
 
 def main(argv=None):
@@ -253,8 +386,19 @@ def main(argv=None):
     default=2,
     help="layers of 410m used for the gradient comparison (0 = all 24)",
   )
+  parser.add_argument("--routes", action="store_true", help="per-route and old-vs-new timings")
+  parser.add_argument(
+    "--no-route-table", action="store_true", help="with --routes: only the old-vs-new timing"
+  )
   args = parser.parse_args(argv)
   REPEATS = args.repeats
+  if args.routes:
+    print(f"jax {jax.__version__}; float32; {os.cpu_count()} cores")
+    if not args.no_route_table:
+      bench_route_errors()
+      bench_routes()
+    bench_gradient_routes(args.grad_batches)
+    return 0
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32")
   worst = 0.0
   for name in args.sizes.split(","):

@@ -59,7 +59,8 @@ class SweepOptions:
   gradient_microbatch: int = 0  # 0: whole batch at once
   value_slice: str = "per_head"
   loss_sequences: int = 0  # held-out loss on this many sequences (0: off)
-  dtype: str = "float32"
+  dtype: str = "float32"  # forward/backward compute dtype (metric inputs: float32, HIGHEST)
+  matmul_precision: str = "default"  # of the forward/backward: default | high | highest
   seed: int = 0
 
   def __post_init__(self):
@@ -80,9 +81,22 @@ class SweepOptions:
       model.parse_positions(self.positions, "--positions")
     except ValueError as e:
       raise SweepError(str(e)) from None
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise SweepError(
+        f"--matmul_precision={self.matmul_precision!r}: one of {', '.join(MATMUL_PRECISIONS)}"
+      )
 
   def fingerprint(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    options = dataclasses.asdict(self)
+    if options["matmul_precision"] == "default":  # runs from before the option still resume
+      del options["matmul_precision"]
+    return options
+
+
+# jax.default_matmul_precision values for the model's forward/backward. 'default' is the
+# backend's own (float32 on CPU; one bfloat16 pass on TPU, TF32 on recent GPUs); analysis
+# kernels always use Precision.HIGHEST on float32 inputs, whatever this says.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
@@ -278,9 +292,10 @@ class Sweep:
     pending = self.pending()
     everything = [(m, s) for m in self.models for s in pending[m.name]]
     self.heartbeat.beat(phase="waiting for the other processes")
-    for queue in self.placement.schedule(everything):  # this process's share, in phases
-      self._run_queue(queue)
-      self.heartbeat.beat(phase="waiting for the other processes")
+    with jax.default_matmul_precision(self.options.matmul_precision):
+      for queue in self.placement.schedule(everything):  # this process's share, in phases
+        self._run_queue(queue)
+        self.heartbeat.beat(phase="waiting for the other processes")
 
   def _run_queue(self, queue: list[tuple[ModelSource, int]]) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

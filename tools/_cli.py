@@ -70,4 +70,17 @@ def define_work_flags() -> None:
     "Also record the loss on this many sequences of "
     "the final step's batch, which no checkpoint trained on (0: off).",
   )
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+  flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16", "float16"],
+    "Compute dtype of the forward/backward (weights are cast to it). Metric inputs "
+    "(activations, weights, gradients, Gram matrices) are always float32 at HIGHEST precision.",
+  )
+  flags.DEFINE_string(  # a string, checked by SweepOptions: a bad value is one error line
+    "matmul_precision",
+    "default",
+    "default | high | highest: matmul precision of the forward/backward "
+    "(jax.default_matmul_precision). 'default' is the backend's: full float32 on CPU, one "
+    "bfloat16 pass on TPU, TF32 on recent GPUs.",
+  )

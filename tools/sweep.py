@@ -173,6 +173,7 @@ def main(argv):
     value_slice=FLAGS.value_slice,
     loss_sequences=FLAGS.loss_sequences,
     dtype=FLAGS.dtype,
+    matmul_precision=FLAGS.matmul_precision,
     seed=FLAGS.seed,
   )
   bar = tqdm(unit="ckpt", dynamic_ncols=True, delay=0.5)
