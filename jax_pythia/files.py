@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 
@@ -18,8 +19,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
   """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-  os.close(fd)
+  tmp = _create_temp_file(directory, suffix)
   try:
     write(tmp)
     _fsync(tmp, os.O_RDONLY)
@@ -28,6 +28,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     if os.path.exists(tmp):
       os.unlink(tmp)
   _fsync(directory, os.O_RDONLY)
+
+
+def _create_temp_file(directory: str, suffix: str) -> str:
+  """A new empty `.tmp-*` file whose mode follows the umask, as open() gives ordinary files.
+
+  (tempfile.mkstemp makes 0600 files, which other users of a shared --out cannot read.)
+  """
+  for _ in range(100):
+    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}{suffix}")
+    try:
+      os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+      continue
+    return tmp
+  raise FileExistsError(f"{directory}: no free temporary file name after 100 tries")
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+  """tempfile.mkdtemp, but with the mode a plain mkdir gives (mkdtemp makes it 0700)."""
+  tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
+  os.chmod(tmp, 0o777 & ~_umask())
+  return tmp
+
+
+def _umask() -> int:
+  """This process's umask, read without changing it (os.umask sets it, racing threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def _fsync(path: str, flags: int) -> None:

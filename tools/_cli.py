@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from jax_pythia.errors import JaxPythiaError
 
@@ -22,6 +24,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, reporting input errors as `<tool>: error: <message>` and exit 2."""
 
   def guarded(argv):
+    quiet_libraries()
     try:
       main(argv)
     except _USER_ERRORS as e:
@@ -35,6 +38,19 @@ def run(main: Callable[[list[str]], None]) -> None:
       sys.exit(130)
 
   app.run(guarded)
+
+
+def quiet_libraries() -> None:
+  """Only the tool's own lines, unless --verbosity asks for more.
+
+  absl logs INFO by default, so every CPU run would show jax's "Unable to initialize
+  backend 'tpu'" and matplotlib's font-cache lines; warnings and errors still show.
+  """
+  if flags.FLAGS["verbosity"].present:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  # Font lookups warn about fonts a figure falls back from: noise, not a result.
+  logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
 def reject_extra_args(argv: list[str]) -> None:
@@ -71,3 +87,18 @@ def define_work_flags() -> None:
     "the final step's batch, which no checkpoint trained on (0: off).",
   )
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+
+
+def require_items(flag: str, values: list[str]) -> None:
+  """A list flag given empty (`--models=`) means nothing to do: say so, rather than run."""
+  if not [v for v in values if v.strip()]:
+    raise ValueError(f"--{flag} is empty: give at least one (see --help)")
+
+
+def require_positive(flag: str, value: float | None, at_most: float | None = None) -> None:
+  """A count, rate or fraction that must be > 0 (and <= at_most when given)."""
+  if value is None:
+    return
+  if not value > 0 or (at_most is not None and value > at_most):
+    bound = f"in (0, {at_most:g}]" if at_most is not None else "> 0"
+    raise ValueError(f"--{flag}={value:g}: must be {bound}")

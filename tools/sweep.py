@@ -143,6 +143,7 @@ def main(argv):
 
   from jax_pythia import report, results, sharding, sources, sweep, watchdog
 
+  _cli.require_items("models", FLAGS.models)
   stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(

@@ -1,0 +1,242 @@
+"""The defects of a fault-injection run (issue 12), one test each: bad inputs are refused in
+one line naming the culprit, nothing a user owns is deleted, nothing wrong is silently kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_pythia import checkpoints, files
+from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.errors import CheckpointError, ConfigError
+from tests import hf_fixtures as hf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(tool, *args, env=None, timeout=300):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env or {})}
+  env = {k: v for k, v in env.items() if v is not None}
+  return subprocess.run(
+    [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def one_line_error(result, tool, *expected):
+  """The tool failed with exit 2 and one `<tool>: error:` line holding every `expected`."""
+  assert result.returncode == 2, (result.returncode, result.stderr)
+  assert "Traceback" not in result.stderr, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{tool}: error:"), result.stderr
+  for text in expected:
+    assert text in last, (text, last)
+  return last
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A small suite-like tree: root/model/step0 (a Hub-layout checkpoint) and tokens."""
+  root = tmp_path_factory.mktemp("faults")
+  ckpt = hf.make_checkpoint(root / "suite" / "model" / "step0", form="hub", seed=5)
+  (root / "suite" / "suite.json").write_text(json.dumps({"models": [{"name": "model"}]}))
+  tokens = np.random.default_rng(0).integers(0, 97, (3, 10)).astype(np.int32)
+  np.save(root / "tokens.npy", tokens)
+  return root, ckpt
+
+
+def snapshot(path: Path) -> dict[str, int]:
+  """Every file under `path` (or `path` itself) with its size: what must survive."""
+  if path.is_file():
+    return {str(path): path.stat().st_size}
+  return {str(p): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ 1. convert deletes --out
+
+
+def test_convert_refuses_to_replace_the_suite_and_deletes_nothing(tiny):
+  root, ckpt = tiny
+  before = snapshot(root / "suite")
+  result = run_tool("convert", f"--checkpoint={ckpt.path}", f"--out={root / 'suite'}")
+  one_line_error(result, "convert", str(root / "suite"), "not a converted cache")
+  assert snapshot(root / "suite") == before
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "parent", "file"])
+def test_save_converted_refuses_anything_it_did_not_write(tiny, target):
+  root, ckpt = tiny
+  config, params = checkpoints.load_checkpoint(ckpt.path)
+  regular = root / "notes.txt"
+  regular.write_text("mine")
+  path = {"checkpoint": ckpt.path, "parent": ckpt.path.parent, "file": regular}[target]
+  before = snapshot(path)
+  with pytest.raises(CheckpointError, match="refusing to replace"):
+    checkpoints.save_converted(path, config, params)
+  assert snapshot(path) == before
+
+
+def test_convert_replaces_its_own_cache_and_cleans_what_a_kill_left(tiny, tmp_path):
+  _, ckpt = tiny
+  config, params = checkpoints.load_checkpoint(ckpt.path)
+  cache = tmp_path / "cache"
+  checkpoints.save_converted(cache, config, params)
+  # What a kill -9 inside an earlier save leaves beside the cache.
+  (tmp_path / ".cache.tmp-abc123" / "params").mkdir(parents=True)
+  (tmp_path / ".cache.old-def456" / "x").mkdir(parents=True)
+  (tmp_path / ".other.tmp-keep").mkdir()  # another cache's: not ours to remove
+  doubled = {k: v for k, v in params.items()}
+  doubled["embed_in"] = {"embedding": 2 * params["embed_in"]["embedding"]}
+  checkpoints.save_converted(cache, config, doubled)
+  _, restored = checkpoints.restore_converted(cache)
+  np.testing.assert_array_equal(
+    restored["embed_in"]["embedding"], 2 * np.asarray(params["embed_in"]["embedding"])
+  )
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "cache"]
+
+
+# ------------------------------------------------------------------ 3. config value types
+
+
+@pytest.mark.parametrize(
+  "key, value, shown",
+  [
+    ("use_parallel_residual", "false", 'use_parallel_residual="false"'),
+    ("use_parallel_residual", 0, "use_parallel_residual=0"),
+    ("layer_norm_eps", "1e-5", 'layer_norm_eps="1e-5"'),
+    ("layer_norm_eps", None, "layer_norm_eps=null"),
+    ("layer_norm_eps", float("nan"), "layer_norm_eps=nan"),
+    ("rotary_pct", None, "rotary_pct=null"),
+    ("rotary_emb_base", "10000", 'rotary_emb_base="10000"'),
+    ("hidden_size", 32.0, "hidden_size=32.0"),
+    ("num_attention_heads", True, "num_attention_heads=true"),
+    ("tie_word_embeddings", 0, "tie_word_embeddings=0"),
+  ],
+)
+def test_config_values_of_the_wrong_type_are_refused_naming_file_key_value(
+  tmp_path, key, value, shown
+):
+  model = hf.tiny_model(0)
+  config = {**hf.hub_config_dict(model), key: value}
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(config))
+  with pytest.raises(ConfigError) as caught:
+    GPTNeoXConfig.from_json_file(path)
+  message = str(caught.value)
+  assert str(path) in message and "\n" not in message
+  assert shown in message
+
+
+@pytest.mark.parametrize("key", ["partial_rotary_factor", "rope_theta"])
+def test_rope_parameters_of_the_wrong_type_are_refused(tmp_path, key):
+  config = hf.tiny_model(0).config.to_dict()
+  config["rope_parameters"] = {**config["rope_parameters"], key: None}
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match=rf"config\.json: rope_parameters\.{key}=null"):
+    GPTNeoXConfig.from_json_file(path)
+
+
+def test_the_valid_configs_still_load(tmp_path):
+  model = hf.tiny_model(0, use_parallel_residual=False)
+  for name, config in (("hub", hf.hub_config_dict(model)), ("v5", model.config.to_dict())):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+    loaded = GPTNeoXConfig.from_json_file(tmp_path / name / "config.json")
+    assert loaded.use_parallel_residual is False and loaded.layer_norm_eps == 1e-5
+
+
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_bytes(b'{"model_type": "gpt_neox", "name": "\xff\xfe"}')
+  with pytest.raises(ConfigError, match=rf"{path}: not UTF-8"):
+    GPTNeoXConfig.from_json_file(path)
+
+
+# ------------------------------------------------------------------ unclear errors of the tools
+
+
+@pytest.mark.parametrize(
+  "shape, expected",
+  [((4, 0), "(4, 0)"), ((0, 16), "(0, 16)"), ((2, 65), "at most 64 (max_position_embeddings)")],
+)
+def test_capture_refuses_empty_or_too_long_tokens_in_one_line(tiny, shape, expected):
+  root, ckpt = tiny
+  tokens = root / f"tokens_{shape[0]}x{shape[1]}.npy"
+  np.save(tokens, np.zeros(shape, np.int32))
+  out = root / "empty.npz"
+  result = run_tool(
+    "capture",
+    f"--checkpoint={ckpt.path}",
+    f"--tokens={tokens}",
+    "--sites=blocks.0.hook_resid_post",
+    f"--out={out}",
+  )
+  line = one_line_error(result, "capture", str(tokens), expected)
+  if shape[1] > 64:
+    assert str(ckpt.path) in line  # names the model whose limit it is
+  assert not out.exists()
+
+
+@pytest.mark.parametrize(
+  "flag, expected",
+  [
+    ("--devices=0", "--devices=0: must be > 0"),
+    ("--utilisation=-0.4", "--utilisation=-0.4: must be in (0, 1]"),
+    ("--utilisation=1.5", "--utilisation=1.5: must be in (0, 1]"),
+    ("--models=", "--models is empty"),
+  ],
+)
+def test_plan_refuses_impossible_numbers(flag, expected):
+  result = run_tool("plan", "--devices=8", "--flops_per_device=1e12", flag)
+  one_line_error(result, "plan", expected)
+
+
+def test_sweep_refuses_an_empty_model_list(tmp_path):
+  result = run_tool("sweep", "--models=", f"--out={tmp_path / 'out'}")
+  one_line_error(result, "sweep", "--models is empty")
+  assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ smaller things
+
+
+def test_result_files_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    files.save_npz(tmp_path / "a.npz", {"x": np.zeros(3)})
+    directory = files.make_temp_dir(str(tmp_path), ".d.tmp-")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE((tmp_path / "a.npz").stat().st_mode) == 0o644
+  assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+
+
+def test_a_cpu_run_prints_only_the_tools_own_lines(tiny, tmp_path):
+  """No `Unable to initialize backend 'tpu'` (jax looks for every platform when
+  JAX_PLATFORMS is unset), unless --verbosity asks for library logs."""
+  root, ckpt = tiny
+  args = [
+    f"--checkpoint={ckpt.path}",
+    f"--tokens={root / 'tokens.npy'}",
+    "--sites=blocks.0.hook_resid_post",
+    f"--out={tmp_path / 'a.npz'}",
+  ]
+  env = {"JAX_PLATFORMS": None, "MPLCONFIGDIR": str(tmp_path / "mpl")}
+  result = run_tool("capture", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  assert result.stderr == ""
+  assert result.stdout.startswith(f"wrote {tmp_path / 'a.npz'}")
+  chatty = run_tool("capture", *args, "--verbosity=0", env=env)
+  assert "Unable to initialize backend" in chatty.stderr
