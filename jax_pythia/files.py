@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from jax_pythia.errors import JaxPythiaError
+
+
+class WriteError(JaxPythiaError, OSError):
+  """A result that could not be written (full disk, no permission, a file in the way):
+  the message names the path being written; nothing half-written is left behind."""
+
+  @classmethod
+  def of(cls, path: str | os.PathLike, error: OSError) -> WriteError:
+    if isinstance(error, WriteError):
+      return error
+    why = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+      why += " (finished results are kept: free space and rerun to resume)"
+    elif error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename:
+      why = f"{error.filename} is in the way: a file where a directory belongs"
+    elif error.filename and os.fspath(error.filename) != os.fspath(path):
+      why += f": {error.filename}"
+    return cls(error.errno, f"{os.fspath(path)}: cannot write it: {why}")
+
+  def __str__(self) -> str:
+    return self.strerror or super().__str__()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
@@ -18,14 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
   are fsynced, so a power loss cannot leave a complete-looking but empty file.
   """
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = _create_temp_file(directory, suffix)
+  tmp = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    tmp = _create_temp_file(directory, suffix)
     write(tmp)
     _fsync(tmp, os.O_RDONLY)
     os.replace(tmp, path)
+  except OSError as e:
+    raise WriteError.of(path, e) from None
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
   _fsync(directory, os.O_RDONLY)
 

@@ -3,8 +3,10 @@ one line naming the culprit, nothing a user owns is deleted, nothing wrong is si
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from jax_pythia import checkpoints, files
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError
 from tests import hf_fixtures as hf
+from tests import suite_fixtures as sf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,3 +243,50 @@ def test_a_cpu_run_prints_only_the_tools_own_lines(tiny, tmp_path):
   assert result.stdout.startswith(f"wrote {tmp_path / 'a.npz'}")
   chatty = run_tool("capture", *args, "--verbosity=0", env=env)
   assert "Unable to initialize backend" in chatty.stderr
+
+
+def test_a_full_disk_names_the_file_being_written_and_leaves_nothing(tmp_path):
+  def fill_the_disk(tmp):
+    with open(tmp, "wb") as f:
+      f.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  target = tmp_path / "out" / "metrics.parquet"
+  with pytest.raises(OSError) as caught:
+    files.atomic_write(target, fill_the_disk, ".parquet")
+  assert str(caught.value).startswith(f"{target}: cannot write it: No space left on device")
+  assert "[Errno" not in str(caught.value)
+  assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_file_in_the_way_of_an_output_directory_is_named(tmp_path):
+  (tmp_path / "out").write_text("not a directory")
+  with pytest.raises(OSError, match=rf"{tmp_path / 'out'} is in the way"):
+    files.save_npz(tmp_path / "out" / "a.npz", {"x": np.zeros(1)})
+
+
+# ------------------------------------------------------------------ the sweep
+
+SWEEP_FLAGS = ["--steps=4,8", "--nogradients", "--nofigures", "--n_sequences=6"]
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+  return sf.write_suite(tmp_path_factory.mktemp("suite"))
+
+
+def copy_model(suite_dir, name, destination):
+  """A copy of one model of the suite (with its data and manifest) to damage."""
+  shutil.copytree(suite_dir / "data", destination / "data")
+  shutil.copy(suite_dir / "suite.json", destination / "suite.json")
+  shutil.copytree(suite_dir / name, destination / name)
+  return destination / name
+
+
+def test_a_sweep_error_starts_on_a_line_of_its_own(suite_dir, tmp_path):
+  """The final checkpoint fails within tqdm's delay, which then leaves its bar unended."""
+  model = copy_model(suite_dir, "small-2l", tmp_path / "suite")
+  weights = model / "step8" / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000])
+  result = run_tool("sweep", f"--models={model}", f"--out={tmp_path / 'out'}", *SWEEP_FLAGS)
+  one_line_error(result, "sweep", "small-2l step 8", str(weights))

@@ -28,16 +28,53 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except _USER_ERRORS as e:
+      _end_progress_line()
       if flags.FLAGS.traceback:
         traceback.print_exc()
       tool = os.path.basename(sys.argv[0]).removesuffix(".py")
       print(f"{tool}: error: {e}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
+      _end_progress_line()
       print("interrupted", file=sys.stderr)
       sys.exit(130)
 
   app.run(guarded)
+
+
+class _LineTracker:
+  """A text stream that remembers whether its cursor is at the start of a line."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.at_line_start = True
+
+  def write(self, text: str) -> int:
+    if text:
+      self.at_line_start = text.endswith("\n")
+    return self._stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+_progress_stream: _LineTracker | None = None
+
+
+def progress_bar(**kwargs):
+  """A tqdm bar on stderr; an error reported while it is drawn starts on a line of its own
+  (a bar that fails before tqdm's `delay` passed is left without a newline by tqdm)."""
+  global _progress_stream
+  from tqdm import tqdm
+
+  _progress_stream = _LineTracker(sys.stderr)
+  return tqdm(file=_progress_stream, **kwargs)
+
+
+def _end_progress_line() -> None:
+  if _progress_stream is not None and not _progress_stream.at_line_start:
+    _progress_stream.write("\n")
+    _progress_stream.flush()
 
 
 def quiet_libraries() -> None:

@@ -139,8 +139,6 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from tqdm import tqdm
-
   from jax_pythia import report, results, sharding, sources, sweep, watchdog
 
   _cli.require_items("models", FLAGS.models)
@@ -176,7 +174,7 @@ def main(argv):
     dtype=FLAGS.dtype,
     seed=FLAGS.seed,
   )
-  bar = tqdm(unit="ckpt", dynamic_ncols=True, delay=0.5)
+  bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):
     bar.set_postfix_str(f"{model} step {step}")
