@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_pythia import checkpoints, files
+from jax_pythia import checkpoints, files, sweep
 from jax_pythia.config import GPTNeoXConfig
-from jax_pythia.errors import CheckpointError, ConfigError
+from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from tests import hf_fixtures as hf
 from tests import suite_fixtures as sf
 
@@ -290,3 +290,96 @@ def test_a_sweep_error_starts_on_a_line_of_its_own(suite_dir, tmp_path):
   weights.write_bytes(weights.read_bytes()[:1000])
   result = run_tool("sweep", f"--models={model}", f"--out={tmp_path / 'out'}", *SWEEP_FLAGS)
   one_line_error(result, "sweep", "small-2l step 8", str(weights))
+
+
+# ------------------------------------------------------------------ 2, 8. what --out records
+
+OPTIONS = dict(n_sequences=6, gradients=False)
+
+
+def prepared(models, steps, source, out, **options):
+  """A sweep checked and claimed (--out recorded), nothing computed."""
+  runner = sweep.Sweep(
+    models, steps, source, str(out), sweep.SweepOptions(**{**OPTIONS, **options})
+  )
+  if hasattr(runner, "prepare"):
+    runner.prepare()
+  return runner
+
+
+def test_a_rerun_with_other_inputs_is_refused_naming_the_flag_and_both_values(suite_dir, tmp_path):
+  out = tmp_path / "out"
+  models = sweep.resolve_models([str(suite_dir / "small-2l")])
+  train = suite_dir / "data" / "train"
+  prepared(models, "8", sweep.open_data(str(train), models, None, 8), out)
+
+  other = tmp_path / "other" / "train"  # another token stream of the same shape
+  rng = np.random.default_rng(7)
+  sf.write_token_stream(other, rng.integers(0, sf.VOCAB, (88, sf.SEQ_LEN + 1)))
+  with pytest.raises(JaxPythiaError) as caught:
+    prepared(models, "8", sweep.open_data(str(other), models, None, 8), out)
+  message = str(caught.value)
+  assert "--data: old " in message and f"{train}.idx" in message and f"{other}.idx" in message
+
+  with pytest.raises(JaxPythiaError, match="--sequences_per_step: old 8, new 4"):
+    prepared(models, "8", sweep.open_data(str(train), models, None, 4), out, n_sequences=4)
+
+  moved = tmp_path / "moved" / "small-2l"
+  shutil.copytree(suite_dir / "small-2l", moved)
+  elsewhere = sweep.resolve_models([str(moved)])
+  with pytest.raises(JaxPythiaError, match=r"--models \(small-2l's checkpoints\): old .*, new "):
+    prepared(elsewhere, "8", sweep.open_data(str(train), elsewhere, None, 8), out)
+
+  with pytest.raises(JaxPythiaError, match=r'--value_slice: old "per_head", new "reference"'):
+    prepared(
+      models, "8", sweep.open_data(str(train), models, None, 8), out, value_slice="reference"
+    )
+
+  # The same inputs, and another model beside, are welcome.
+  both = sweep.resolve_models([str(suite_dir)])
+  prepared(both, "8", sweep.open_data(str(train), both, None, 8), out)
+  record = json.loads((out / "sweep.json").read_text())
+  assert sorted(record["models"]) == ["large-3l", "small-2l"]
+
+
+def test_a_run_refused_for_its_inputs_does_not_claim_out(suite_dir, tmp_path):
+  out = tmp_path / "out"
+  models = sweep.resolve_models([str(suite_dir / "small-2l")])
+  source = sweep.open_data(str(suite_dir / "data" / "train"), models, None, 8)
+  with pytest.raises(JaxPythiaError, match=r"^--n_sequences=100: "):
+    prepared(models, "8", source, out, n_sequences=100)
+  assert not (out / "sweep.json").exists()
+  with pytest.raises(JaxPythiaError, match=r"^--n_sequences=3: .* 3 samples"):
+    prepared(models, "8", source, out, n_sequences=3)  # before compiling anything
+  prepared(models, "8", source, out, n_sequences=6)  # the corrected flags are welcome
+
+
+@pytest.mark.parametrize(
+  "damage, expected",
+  [
+    ("sweep.json", "sweep.json: the record of the options"),
+    ("status", "step8.json: a status record is damaged"),
+  ],
+)
+def test_damaged_json_in_out_is_named(suite_dir, tmp_path, damage, expected):
+  out = tmp_path / "out"
+  models = sweep.resolve_models([str(suite_dir / "small-2l")])
+  source = sweep.open_data(str(suite_dir / "data" / "train"), models, None, 8)
+  prepared(models, "8", source, out)
+  if damage == "sweep.json":
+    (out / "sweep.json").write_text('{"options": {"n_seq')
+    with pytest.raises(JaxPythiaError, match=expected):
+      prepared(models, "8", source, out)
+  else:
+    status = out / "status" / "small-2l" / "step8.json"
+    status.parent.mkdir(parents=True)
+    status.write_bytes(b"\x00\x00\x00")
+    with pytest.raises(JaxPythiaError, match=expected):
+      sweep.collect(str(out))
+
+
+def test_out_that_is_a_file_is_named(suite_dir, tmp_path):
+  out = tmp_path / "results"
+  out.write_text("a file")
+  result = run_tool("sweep", f"--models={suite_dir / 'small-2l'}", f"--out={out}", *SWEEP_FLAGS)
+  one_line_error(result, "sweep", f"--out={out} is a file")

@@ -210,7 +210,7 @@ def main(argv):
   if not lead:
     return
   heartbeat.beat(phase="gathering results")
-  paths = results.finalize(FLAGS.out, [m.name for m in models])
+  paths = results.finalize(FLAGS.out)
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:
