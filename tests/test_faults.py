@@ -4,18 +4,21 @@ one line naming the culprit, nothing a user owns is deleted, nothing wrong is si
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from jax_pythia import checkpoints, files, sweep
+from jax_pythia import checkpoints, files, outdir, sweep
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from tests import hf_fixtures as hf
@@ -383,3 +386,185 @@ def test_out_that_is_a_file_is_named(suite_dir, tmp_path):
   out.write_text("a file")
   result = run_tool("sweep", f"--models={suite_dir / 'small-2l'}", f"--out={out}", *SWEEP_FLAGS)
   one_line_error(result, "sweep", f"--out={out} is a file")
+
+
+# ------------------------------------------------------------------ 4-7. runs into one --out
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache for this module's sweep processes: each compiles once."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache"))}
+
+
+def start_sweep(model, out, *flags, env):
+  full = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **env}
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "tools.sweep",
+      f"--models={model}",
+      f"--out={out}",
+      *SWEEP_FLAGS,
+      *flags,
+    ],
+    cwd=REPO,
+    env=full,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def finish(proc, timeout=400):
+  stdout, stderr = proc.communicate(timeout=timeout)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def lock_waiters(path: Path) -> int:
+  """Processes blocked on the flock of `path` (the `->` lines of /proc/locks)."""
+  inode = f":{path.stat().st_ino} "
+  lines = Path("/proc/locks").read_text().splitlines()
+  return sum(1 for line in lines if "->" in line and inode in line + " ")
+
+
+@pytest.fixture(scope="module")
+def race(suite_dir, tmp_path_factory, compile_cache):
+  """Two sweeps with different --seed started into one --out while it is locked, so both
+  reach the claim before either can finish it; then the lock is released."""
+  if not Path("/proc/locks").exists():
+    pytest.skip("needs Linux /proc/locks to see processes waiting on the lock")
+  out = tmp_path_factory.mktemp("race") / "out"
+  out.mkdir()
+  lock = out / outdir.LOCK_FILE
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  model = suite_dir / "small-2l"
+  procs = {seed: start_sweep(model, out, f"--seed={seed}", env=compile_cache) for seed in (0, 1)}
+  try:
+    deadline = time.time() + 240
+    while lock_waiters(lock) < 2 and time.time() < deadline:
+      assert all(p.poll() is None for p in procs.values()), "a sweep ran without the lock"
+      time.sleep(0.2)
+    waiting = lock_waiters(lock)
+  finally:
+    os.close(fd)
+  results = {seed: finish(p) for seed, p in procs.items()}
+  assert waiting == 2, {s: r.stderr[-2000:] for s, r in results.items()}
+  return out, results
+
+
+def test_two_sweeps_with_different_options_cannot_both_claim_one_out(race):
+  out, results = race
+  codes = sorted(r.returncode for r in results.values())
+  assert codes == [0, 2], {s: r.stderr[-2000:] for s, r in results.items()}
+  loser = next(r for r in results.values() if r.returncode == 2)
+  one_line_error(loser, "sweep", "--seed: old ")
+  winner = next(s for s, r in results.items() if r.returncode == 0)
+  assert json.loads((out / "sweep.json").read_text())["options"]["seed"] == winner
+
+
+def test_two_identical_sweeps_at_once_write_one_correct_table(
+  race, suite_dir, tmp_path, compile_cache
+):
+  out, results = race
+  seed = next(s for s, r in results.items() if r.returncode == 0)
+  together = tmp_path / "together"
+  procs = [
+    start_sweep(suite_dir / "small-2l", together, f"--seed={seed}", env=compile_cache)
+    for _ in range(2)
+  ]
+  for result in map(finish, procs):
+    assert result.returncode == 0, result.stderr[-2000:]
+  for table in ("metrics", "pairwise_cka"):
+    pd.testing.assert_frame_equal(
+      pd.read_parquet(together / f"{table}.parquet"), pd.read_parquet(out / f"{table}.parquet")
+    )
+  status = pd.read_parquet(together / "checkpoints.parquet")
+  assert list(status.step) == [4, 8] and set(status.status) == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def two_models(race, suite_dir, tmp_path_factory, compile_cache):
+  """The race's --out (small-2l), then a second run with large-3l only into it."""
+  out, results = race
+  seed = next(s for s, r in results.items() if r.returncode == 0)
+  both = tmp_path_factory.mktemp("two") / "out"
+  shutil.copytree(out, both)
+  second = finish(start_sweep(suite_dir / "large-3l", both, f"--seed={seed}", env=compile_cache))
+  assert second.returncode == 0, second.stderr[-2000:]
+  return both, seed
+
+
+def test_pairwise_cka_keeps_the_models_of_earlier_runs(two_models):
+  out, _ = two_models
+  pairs = pd.read_parquet(out / "pairwise_cka.parquet")
+  counts = pairs.groupby("model").size()
+  assert sorted(counts.index) == ["large-3l", "small-2l"]
+  # Every ordered pair of the 2 steps, per layer, head and estimator of each component.
+  metrics = pd.read_parquet(out / "metrics.parquet")
+  assert set(metrics.model) == {"large-3l", "small-2l"}
+  assert counts["small-2l"] > 0 and counts["large-3l"] > counts["small-2l"]
+
+
+def test_a_rerun_recomputes_damaged_steps_and_restores_lost_statuses(
+  two_models, suite_dir, tmp_path, compile_cache
+):
+  clean, seed = two_models
+  out = tmp_path / "out"
+  shutil.copytree(clean, out)
+  (out / "status" / "small-2l" / "step4.json").unlink()  # died between rows and status
+  rows = out / "checkpoints" / "large-3l" / "step4.parquet"
+  rows.write_bytes(rows.read_bytes()[:-200])  # truncated
+  acts = out / "activations" / "small-2l" / "step8.npz"
+  acts.write_bytes(acts.read_bytes()[: len(acts.read_bytes()) // 2])
+  untouched = out / "checkpoints" / "small-2l" / "step4.parquet"
+  mtime = untouched.stat().st_mtime_ns
+  for name in ("metrics", "pairwise_cka", "checkpoints"):
+    (out / f"{name}.parquet").unlink()
+  result = finish(start_sweep(suite_dir, out, f"--seed={seed}", env=compile_cache))
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stderr.splitlines()
+  assert any(
+    l.startswith("large-3l step 4: ") and str(rows) in l and "computing it again" in l
+    for l in lines
+  ), result.stderr
+  assert any(l.startswith("small-2l step 8: ") and str(acts) in l for l in lines), result.stderr
+  assert "4 checkpoints, 2 already done" in result.stdout
+  assert untouched.stat().st_mtime_ns == mtime  # a whole step is not recomputed
+  status = pd.read_parquet(out / "checkpoints.parquet")
+  assert len(status) == 4 and set(status.status) == {"ok"}
+  for table in ("metrics", "pairwise_cka"):
+    pd.testing.assert_frame_equal(
+      pd.read_parquet(out / f"{table}.parquet"), pd.read_parquet(clean / f"{table}.parquet")
+    )
+
+
+# ------------------------------------------------------------------ skipping a bad checkpoint
+
+
+@pytest.mark.parametrize("fault", ["string_eps", "other_architecture"])
+def test_a_config_fault_mid_sweep_is_skipped_under_on_error_skip(suite_dir, tmp_path, fault):
+  model = copy_model(suite_dir, "small-2l", tmp_path / "suite")
+  config_path = model / "step4" / "config.json"
+  if fault == "string_eps":
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "layer_norm_eps": "1e-5"}))
+    expected = 'layer_norm_eps="1e-5"'
+  else:  # a valid checkpoint, but not of the model the final step is
+    shutil.rmtree(model / "step4")
+    shutil.copytree(suite_dir / "large-3l" / "step4", model / "step4")
+    expected = "a different architecture"
+  models = sweep.resolve_models([str(model)])
+  source = sweep.open_data(None, models, None, None)
+  options = sweep.SweepOptions(**OPTIONS)
+  out = tmp_path / "out"
+  runner = sweep.Sweep(models, "2,4,8", source, str(out), options, on_error="skip")
+  runner.run()
+  sweep.finalize(str(out))
+  status = pd.read_parquet(out / "checkpoints.parquet").set_index("step")
+  assert list(status.status) == ["ok", "failed", "ok"]
+  assert expected in status.loc[4, "message"]
+  with pytest.raises(JaxPythiaError, match=f"small-2l step 4: .*{expected}"):
+    sweep.Sweep(models, "4,8", source, str(tmp_path / "stop"), options).run()
