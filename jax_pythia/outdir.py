@@ -154,7 +154,7 @@ def claim(
     differences = _differences(previous, record)
     if differences:
       raise OutDirError(
-        f"--out={out_dir} holds results computed with other inputs: "
+        f"--out={out_dir} holds results computed with other options: "
         f"{'; '.join(differences)}. Use another --out, or remove it"
       )
     # Records from before data and model locations were recorded gain them now.
