@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jax_pythia import checkpoints, files, outdir, sweep
+from jax_pythia import checkpoints, files, outdir, sweep, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from tests import hf_fixtures as hf
@@ -218,15 +218,20 @@ def test_sweep_refuses_an_empty_model_list(tmp_path):
 # ------------------------------------------------------------------ smaller things
 
 
-def test_result_files_follow_the_umask(tmp_path):
+def test_result_files_follow_the_umask(tiny, tmp_path):
   old = os.umask(0o022)
   try:
     files.save_npz(tmp_path / "a.npz", {"x": np.zeros(3)})
     directory = files.make_temp_dir(str(tmp_path), ".d.tmp-")
+    config, params = checkpoints.load_checkpoint(tiny[1].path)
+    checkpoints.save_converted(tmp_path / "cache", config, params)
+    weights.save_hf_checkpoint(tmp_path / "hf", params, config)
   finally:
     os.umask(old)
   assert stat.S_IMODE((tmp_path / "a.npz").stat().st_mode) == 0o644
-  assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+  for made in (directory, tmp_path / "cache", tmp_path / "hf"):
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o755, made
+  assert stat.S_IMODE((tmp_path / "hf" / "config.json").stat().st_mode) == 0o644
 
 
 def test_a_cpu_run_prints_only_the_tools_own_lines(tiny, tmp_path):
