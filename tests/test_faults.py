@@ -384,6 +384,11 @@ def test_damaged_json_in_out_is_named(suite_dir, tmp_path, damage, expected):
     status.write_bytes(b"\x00\x00\x00")
     with pytest.raises(JaxPythiaError, match=expected):
       sweep.collect(str(out))
+  acts = out / "activations" / "small-2l" / "step8.npz"
+  acts.parent.mkdir(parents=True)
+  acts.write_bytes(b"PK\x03\x04 truncated")
+  with pytest.raises(JaxPythiaError, match=f"{acts}: damaged"):
+    sweep.load_activations(str(acts))
 
 
 def test_out_that_is_a_file_is_named(suite_dir, tmp_path):
