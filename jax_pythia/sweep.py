@@ -218,12 +218,9 @@ class Sweep:
     locations = {
       m.name: m.location if m.is_hub else os.path.realpath(m.location) for m in self.models
     }
-    try:
-      outdir.claim(
-        self.out_dir, self.options.fingerprint(), outdir.data_identity(self.source), locations
-      )
-    except outdir.OutDirError as e:
-      raise SweepError(str(e)) from None
+    outdir.claim(
+      self.out_dir, self.options.fingerprint(), outdir.data_identity(self.source), locations
+    )
     finished = {(m.name, s): self.paths(m.name, s) for m in self.models for s in self.plan[m.name]}
     lead = self.placement.process_index == 0  # every process checks; one says so
     outdir.verify_finished(finished, self.notify if lead else lambda line: None)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jax_pythia import checkpoints, files, outdir, sweep, weights
+from jax_pythia import checkpoints, files, outdir, results, sources, sweep, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from tests import hf_fixtures as hf
@@ -310,50 +310,49 @@ def prepared(models, steps, source, out, **options):
   runner = sweep.Sweep(
     models, steps, source, str(out), sweep.SweepOptions(**{**OPTIONS, **options})
   )
-  if hasattr(runner, "prepare"):
-    runner.prepare()
+  runner.prepare()
   return runner
 
 
 def test_a_rerun_with_other_inputs_is_refused_naming_the_flag_and_both_values(suite_dir, tmp_path):
   out = tmp_path / "out"
-  models = sweep.resolve_models([str(suite_dir / "small-2l")])
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
   train = suite_dir / "data" / "train"
-  prepared(models, "8", sweep.open_data(str(train), models, None, 8), out)
+  prepared(models, "8", sources.open_data(str(train), models, None, 8), out)
 
   other = tmp_path / "other" / "train"  # another token stream of the same shape
   rng = np.random.default_rng(7)
   sf.write_token_stream(other, rng.integers(0, sf.VOCAB, (88, sf.SEQ_LEN + 1)))
   with pytest.raises(JaxPythiaError) as caught:
-    prepared(models, "8", sweep.open_data(str(other), models, None, 8), out)
+    prepared(models, "8", sources.open_data(str(other), models, None, 8), out)
   message = str(caught.value)
   assert "--data: old " in message and f"{train}.idx" in message and f"{other}.idx" in message
 
   with pytest.raises(JaxPythiaError, match="--sequences_per_step: old 8, new 4"):
-    prepared(models, "8", sweep.open_data(str(train), models, None, 4), out, n_sequences=4)
+    prepared(models, "8", sources.open_data(str(train), models, None, 4), out, n_sequences=4)
 
   moved = tmp_path / "moved" / "small-2l"
   shutil.copytree(suite_dir / "small-2l", moved)
-  elsewhere = sweep.resolve_models([str(moved)])
+  elsewhere = sources.resolve_models([str(moved)])
   with pytest.raises(JaxPythiaError, match=r"--models \(small-2l's checkpoints\): old .*, new "):
-    prepared(elsewhere, "8", sweep.open_data(str(train), elsewhere, None, 8), out)
+    prepared(elsewhere, "8", sources.open_data(str(train), elsewhere, None, 8), out)
 
   with pytest.raises(JaxPythiaError, match=r'--value_slice: old "per_head", new "reference"'):
     prepared(
-      models, "8", sweep.open_data(str(train), models, None, 8), out, value_slice="reference"
+      models, "8", sources.open_data(str(train), models, None, 8), out, value_slice="reference"
     )
 
   # The same inputs, and another model beside, are welcome.
-  both = sweep.resolve_models([str(suite_dir)])
-  prepared(both, "8", sweep.open_data(str(train), both, None, 8), out)
+  both = sources.resolve_models([str(suite_dir)])
+  prepared(both, "8", sources.open_data(str(train), both, None, 8), out)
   record = json.loads((out / "sweep.json").read_text())
   assert sorted(record["models"]) == ["large-3l", "small-2l"]
 
 
 def test_a_run_refused_for_its_inputs_does_not_claim_out(suite_dir, tmp_path):
   out = tmp_path / "out"
-  models = sweep.resolve_models([str(suite_dir / "small-2l")])
-  source = sweep.open_data(str(suite_dir / "data" / "train"), models, None, 8)
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
+  source = sources.open_data(str(suite_dir / "data" / "train"), models, None, 8)
   with pytest.raises(JaxPythiaError, match=r"^--n_sequences=100: "):
     prepared(models, "8", source, out, n_sequences=100)
   assert not (out / "sweep.json").exists()
@@ -371,8 +370,8 @@ def test_a_run_refused_for_its_inputs_does_not_claim_out(suite_dir, tmp_path):
 )
 def test_damaged_json_in_out_is_named(suite_dir, tmp_path, damage, expected):
   out = tmp_path / "out"
-  models = sweep.resolve_models([str(suite_dir / "small-2l")])
-  source = sweep.open_data(str(suite_dir / "data" / "train"), models, None, 8)
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
+  source = sources.open_data(str(suite_dir / "data" / "train"), models, None, 8)
   prepared(models, "8", source, out)
   if damage == "sweep.json":
     (out / "sweep.json").write_text('{"options": {"n_seq')
@@ -383,12 +382,12 @@ def test_damaged_json_in_out_is_named(suite_dir, tmp_path, damage, expected):
     status.parent.mkdir(parents=True)
     status.write_bytes(b"\x00\x00\x00")
     with pytest.raises(JaxPythiaError, match=expected):
-      sweep.collect(str(out))
+      results.collect(str(out))
   acts = out / "activations" / "small-2l" / "step8.npz"
   acts.parent.mkdir(parents=True)
   acts.write_bytes(b"PK\x03\x04 truncated")
   with pytest.raises(JaxPythiaError, match=f"{acts}: damaged"):
-    sweep.load_activations(str(acts))
+    results.load_activations(str(acts))
 
 
 def test_out_that_is_a_file_is_named(suite_dir, tmp_path):
@@ -566,13 +565,13 @@ def test_a_config_fault_mid_sweep_is_skipped_under_on_error_skip(suite_dir, tmp_
     shutil.rmtree(model / "step4")
     shutil.copytree(suite_dir / "large-3l" / "step4", model / "step4")
     expected = "a different architecture"
-  models = sweep.resolve_models([str(model)])
-  source = sweep.open_data(None, models, None, None)
+  models = sources.resolve_models([str(model)])
+  source = sources.open_data(None, models, None, None)
   options = sweep.SweepOptions(**OPTIONS)
   out = tmp_path / "out"
   runner = sweep.Sweep(models, "2,4,8", source, str(out), options, on_error="skip")
   runner.run()
-  sweep.finalize(str(out))
+  results.finalize(str(out))
   status = pd.read_parquet(out / "checkpoints.parquet").set_index("step")
   assert list(status.status) == ["ok", "failed", "ok"]
   assert expected in status.loc[4, "message"]
