@@ -25,14 +25,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from jax_pythia import suite, weights
+from jax_pythia import files, suite, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError
 
@@ -407,16 +406,58 @@ _PARAMS_DIR = "params"
 _FORMAT_VERSION = 1
 
 
+def check_converted_target(directory: str | os.PathLike) -> str:
+  """The absolute `directory`, if `save_converted` may write it; else CheckpointError.
+
+  Writing replaces the whole directory, so it may name only something that does not
+  exist yet or a cache `save_converted` wrote itself (its marker file and params/,
+  nothing else): never a checkpoint, a suite, a parent of either, or a file.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.lexists(directory):
+    return directory
+  if os.path.islink(directory) or not os.path.isdir(directory):
+    kind = "a symbolic link" if os.path.islink(directory) else "a file"
+    raise CheckpointError(f"{directory}: is {kind}, not a converted cache; refusing to replace it")
+  entries = set(os.listdir(directory))
+  if not entries:
+    return directory
+  if not (is_converted(directory) and entries == {_META_FILE, _PARAMS_DIR}):
+    held = _few_dirs(sorted(entries))
+    raise CheckpointError(
+      f"{directory}: exists and is not a converted cache written by convert (it holds "
+      f"{held}); refusing to replace it: give a new directory"
+    )
+  return directory
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+  """Drops what a killed save left beside `directory` (`.<name>.tmp-*`, `.<name>.old-*`)."""
+  parent, name = os.path.split(directory)
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+      path = os.path.join(parent, entry)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.unlink(path)
+
+
 def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: Any) -> str:
   """Saves converted params (orbax) and their config (JSON) for `restore_converted`.
 
   Everything is written in a temporary sibling that is renamed onto `directory` last,
-  so a crash leaves no directory that looks complete.
+  so a crash leaves no directory that looks complete; what an earlier, killed save left
+  beside it is removed first. `directory` must be new, empty or an earlier output of this
+  function (`check_converted_target`): nothing else is ever replaced.
   """
   import jax
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(os.fspath(directory))
+  directory = check_converted_target(directory)
+  _remove_stale_temporaries(directory)
   leaves = jax.tree.leaves(params)
   dtypes = {np.dtype(leaf.dtype) for leaf in leaves}
   if len(dtypes) != 1:
@@ -428,7 +469,7 @@ def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: 
     raise CheckpointError("params: tree or shapes do not match the config")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  tmp = files.make_temp_dir(parent, prefix=f".{os.path.basename(directory)}.tmp-")
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, _PARAMS_DIR), params)

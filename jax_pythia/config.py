@@ -89,6 +89,63 @@ _REQUIRED_VALUES: dict[str, Any] = {
 _SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
+# The type every understood key must have; JSON allows anything, and a string "false" or
+# a null would otherwise run a different model or fail deep inside the forward pass.
+_INT_KEYS = (
+  "vocab_size",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "intermediate_size",
+  "max_position_embeddings",
+)
+_NUMBER_KEYS = (
+  "layer_norm_eps",
+  "rotary_pct",
+  "rotary_emb_base",
+  "rope_theta",
+  "partial_rotary_factor",
+)
+_BOOL_KEYS = ("use_parallel_residual",)
+_ROPE_NUMBER_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(hf: dict[str, Any], where: str) -> None:
+  """Refuses, naming the key and value, an understood key whose JSON value has the wrong type."""
+
+  def refuse(key, value, expected):
+    shown = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    raise ConfigError(f"{where}{key}={shown}: expected {expected}")
+
+  for key in _INT_KEYS:
+    if key in hf and not _is_int(hf[key]):
+      refuse(key, hf[key], "an integer")
+  for key in _NUMBER_KEYS:
+    if key in hf and not _is_finite_number(hf[key]):
+      refuse(key, hf[key], "a finite number")
+  for key in _BOOL_KEYS:
+    if key in hf and not isinstance(hf[key], bool):
+      refuse(key, hf[key], "true or false")
+  rope = hf.get("rope_parameters")
+  if isinstance(rope, dict):
+    for key in _ROPE_NUMBER_KEYS:
+      if key in rope and not _is_finite_number(rope[key]):
+        refuse(f"rope_parameters.{key}", rope[key], "a finite number")
+    if "rope_type" in rope and not isinstance(rope["rope_type"], str):
+      refuse("rope_parameters.rope_type", rope["rope_type"], "a string")
+  for key in ("dtype", "torch_dtype"):
+    if hf.get(key) is not None and not isinstance(hf[key], str):
+      refuse(key, hf[key], 'a dtype name such as "float16"')
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTNeoXConfig:
   """The GPT-NeoX architecture this project implements (see docs/pythia.md)."""
@@ -110,6 +167,13 @@ class GPTNeoXConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}={value!r}: must be a positive integer")
+    for name in ("rotary_pct", "rotary_base", "layer_norm_eps"):
+      if not _is_finite_number(getattr(self, name)):
+        raise ConfigError(f"{name}={getattr(self, name)!r}: must be a finite number")
+    if not isinstance(self.use_parallel_residual, bool):
+      raise ConfigError(
+        f"use_parallel_residual={self.use_parallel_residual!r}: must be true or false"
+      )
     if self.d_model % self.n_heads:
       raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
     if not 0.0 < self.rotary_pct <= 1.0:
@@ -145,8 +209,10 @@ class GPTNeoXConfig:
       raise ConfigError(f"{where}unsupported {key}={value!r} ({why})")
 
     for key, expected in _REQUIRED_VALUES.items():
-      if key in hf and hf[key] != expected:
+      # type() too: 1 == True and 0 == False, but a config holding them is not a bool.
+      if key in hf and (hf[key] != expected or type(hf[key]) is not type(expected)):
         refuse(key, hf[key], f"only {expected!r} is implemented")
+    _check_types(hf, where)
     if "model_type" not in hf:
       raise ConfigError(f"{where}no model_type; expected 'gpt_neox'")
 
@@ -242,10 +308,14 @@ class GPTNeoXConfig:
   def from_json_file(cls, path: str | os.PathLike) -> GPTNeoXConfig:
     path = os.fspath(path)
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         hf = json.load(f)
     except FileNotFoundError:
       raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+      raise ConfigError(
+        f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
+      ) from None
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):

@@ -388,6 +388,21 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source_name: str) -> No
     )
 
 
+def check_sequence_length(
+  tokens: np.ndarray, max_seq_len: int, model_name: str, source_name: str
+) -> None:
+  """Raises DataError if sequences are longer than the model's max_position_embeddings.
+
+  Rotary attention would run on them, but the model never saw such positions in training.
+  """
+  length = np.shape(tokens)[-1]
+  if length > max_seq_len:
+    raise DataError(
+      f"{source_name}: sequences of {length} tokens; {model_name} takes at most "
+      f"{max_seq_len} (max_position_embeddings)"
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # Token sources
 
@@ -517,9 +532,10 @@ class ArrayTokenSource(_NoTrainingSteps):
       raise DataFileNotFoundError(f"token array {self.name} not found") from None
     except ValueError as error:
       raise DataError(f"token array {self.name} is not a readable .npy file: {error}") from None
-    if array.ndim != 2:
+    if array.ndim != 2 or 0 in array.shape:
       raise DataError(
-        f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len]"
+        f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len], "
+        f"both at least 1"
       )
     self.tokens = _to_int32_tokens(np.asarray(array), f"token array {self.name}")
     self.seq_len = _checked_seq_len(seq_len, self.tokens.shape[1], self.name)

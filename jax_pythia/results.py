@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,9 +90,32 @@ def _dump_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=1, sort_keys=True)
 
 
+def read_json(path: str, what: str) -> Any:
+  """A JSON file of --out (`what` it is, for the message); a damaged one is named."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise SweepError(f"{path}: {what} is damaged ({e}); remove it and rerun") from None
+
+
 def load_activations(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise SweepError(_damaged(path, e)) from None
+
+
+def _read_parquet(path: str) -> pd.DataFrame:
+  try:
+    return pd.read_parquet(path)
+  except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+    raise SweepError(_damaged(path, e)) from None
+
+
+def _damaged(path: str, error: Exception) -> str:
+  return f"{path}: damaged ({type(error).__name__}: {error}); rerun the sweep to compute it again"
 
 
 def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -100,7 +124,7 @@ def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   root = os.path.join(out_dir, "checkpoints")
   for dirpath, _, files in sorted(os.walk(root)):
     frames += [
-      pd.read_parquet(os.path.join(dirpath, f))
+      _read_parquet(os.path.join(dirpath, f))
       for f in sorted(files)
       if f.endswith(".parquet") and not f.startswith(".tmp-")
     ]
@@ -112,8 +136,7 @@ def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   for dirpath, _, files in sorted(os.walk(os.path.join(out_dir, "status"))):
     for f in sorted(files):
       if f.endswith(".json") and not f.startswith(".tmp-"):
-        with open(os.path.join(dirpath, f)) as fh:
-          statuses.append(json.load(fh))
+        statuses.append(read_json(os.path.join(dirpath, f), "a status record"))
   status = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
   return metrics, status.sort_values(["model", "step"], ignore_index=True)
 
@@ -154,8 +177,9 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
   return pd.concat(frames, ignore_index=True)
 
 
-def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str]:
-  """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet; their paths."""
+def finalize(out_dir: str) -> dict[str, str]:
+  """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet from everything
+  in `out_dir` (every model any run put there, not only the last run's); their paths."""
   metrics, status = collect(out_dir)
   if metrics.empty:
     raise SweepError(f"{out_dir}: no finished checkpoints to gather")
@@ -166,10 +190,9 @@ def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str
   write_parquet(metrics, paths["metrics"])
   # Duplicate weights flagged (jax_pythia.integrity): same as an earlier step, or the final.
   write_parquet(integrity.flag_duplicates(status), paths["checkpoints"])
-  models = models or sorted(metrics["model"].unique())
   pair = [
     pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
-    for name in models
+    for name in sorted(metrics["model"].unique())
   ]
   write_parquet(pd.concat(pair, ignore_index=True), paths["pairwise_cka"])
   return paths

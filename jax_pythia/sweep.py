@@ -15,9 +15,11 @@ Where models and tokens come from: `jax_pythia.sources`. What is computed:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +33,7 @@ from jax_pythia import (
   data,
   integrity,
   model,
+  outdir,
   results,
   sharding,
   study,
@@ -39,11 +42,9 @@ from jax_pythia import (
   weights,
 )
 from jax_pythia.config import GPTNeoXConfig
-from jax_pythia.errors import JaxPythiaError, SweepError
+from jax_pythia.errors import ConfigError, JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
 from jax_pythia.sources import ModelSource
-
-OPTIONS_FILE = "sweep.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +171,8 @@ class Sweep:
   """Runs the study for some models and steps into `out_dir` (see the module doc).
 
   The constructor only plans (which steps of which model); `prepare` (called by `run`)
-  checks the data and records the options in `<out_dir>/sweep.json`.
+  checks the data, claims `out_dir` for these inputs (`jax_pythia.outdir`: recorded in
+  `<out_dir>/sweep.json`) and checks the checkpoints it already holds.
   """
 
   def __init__(
@@ -187,6 +189,7 @@ class Sweep:
     progress: Callable[[str, int], Any] | None = None,
     placement: sharding.Placement | None = None,
     heartbeat: watchdog.Heartbeat | None = None,
+    notify: Callable[[str], Any] | None = None,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
@@ -197,6 +200,7 @@ class Sweep:
     self.models, self.source, self.out_dir = list(models), source, out_dir
     self.options, self.on_error, self.keep = options, on_error, keep_checkpoints
     self.progress = progress
+    self.notify = notify or (lambda line: print(line, file=sys.stderr))
     # Mesh and process split (jax_pythia.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
     # Where the sweep is, for a stall watchdog (jax_pythia.watchdog) if one watches it.
@@ -217,34 +221,38 @@ class Sweep:
     no results of other options (recording these options there); once."""
     if self._prepared:
       return
+    outdir.check_is_directory(self.out_dir)
+    # Inputs first: a run refused for its flags must not claim --out for them.
     self._check_data()
     self._check_output_dir()
     self._prepared = True
 
   def _check_output_dir(self):
-    path = os.path.join(self.out_dir, OPTIONS_FILE)
-    record = {"options": self.options.fingerprint()}
-    if os.path.exists(path):
-      with open(path) as f:
-        previous = json.load(f)
-      if previous.get("options") != record["options"]:
-        diff = {
-          k: (previous.get("options", {}).get(k), v)
-          for k, v in record["options"].items()
-          if previous.get("options", {}).get(k) != v
-        }
-        raise SweepError(
-          f"--out={self.out_dir} holds results computed with other options "
-          f"(old, new: {diff}); use another --out or remove it"
-        )
-    else:
-      results.write_json(path, record)
+    """Claims --out for these inputs (see jax_pythia.outdir), then checks what it holds."""
+    locations = {
+      m.name: m.location if m.is_hub else os.path.realpath(m.location) for m in self.models
+    }
+    outdir.claim(
+      self.out_dir, self.options.fingerprint(), outdir.data_identity(self.source), locations
+    )
+    finished = {(m.name, s): self.paths(m.name, s) for m in self.models for s in self.plan[m.name]}
+    lead = self.placement.process_index == 0  # every process checks; one says so
+    outdir.verify_finished(finished, self.notify if lead else lambda line: None)
 
   def _check_data(self):
     o = self.options
     if o.data_step is not None and o.data_step < 0:
       raise SweepError(f"--data_step={o.data_step}: must be >= 0")
-    self.inputs(self.models[0])  # raises naming the file when the fixed batch is missing
+    with _naming_flag("--n_sequences", o.n_sequences):
+      tokens = self.inputs(self.models[0])  # raises naming the file when it lacks the batch
+    kind, k = model.parse_positions(o.positions, "--positions")
+    per_sequence = {"last": 1, "all": tokens.shape[1], "random": k}.get(kind)
+    samples = o.n_sequences * (len(k) if per_sequence is None else per_sequence)
+    if samples < 4:  # found here, not by the estimator after compiling
+      raise SweepError(
+        f"--n_sequences={o.n_sequences}: with --positions={o.positions} it gives {samples} "
+        "samples; the debiased CKA needs at least 4"
+      )
     if o.gradients:
       if not self.source.has_training_steps:
         raise SweepError(
@@ -369,20 +377,26 @@ class Sweep:
         if self.placement.is_writer:
           results.write_json(status_path, {**status, "status": "duplicate", "message": message})
         return
-    if loaded.error is not None:
+    error, start = loaded.error, time.perf_counter()
+    if error is None:
+      try:
+        rows, acts = self.compute(m, loaded)
+      except JaxPythiaError as e:  # a checkpoint the study cannot run: as one that fails to load
+        error = str(e)
+    if error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""
-        raise SweepError(f"{m.name} step {loaded.step}: {loaded.error}{why}")
-      results.write_json(status_path, {**status, "status": "failed", "message": loaded.error})
+        raise SweepError(f"{m.name} step {loaded.step}: {error}{why}")
+      if self.placement.is_writer:
+        results.write_json(status_path, {**status, "status": "failed", "message": error})
       return
-    start = time.perf_counter()
-    rows, acts = self.compute(m, loaded)
     if not self.placement.is_writer:
       return
     self.heartbeat.beat(m.name, loaded.step, "writing")
     save_npz(acts_path, acts)
-    results.write_parquet(rows, metrics_path)  # last: its existence marks the step done
-    status.update(status="ok", message="", compute_s=time.perf_counter() - start)
+    results.write_parquet(rows, metrics_path)  # its existence marks the step done; a rerun
+    # restores the status below if the process dies first (outdir.verify_finished).
+    status.update(status="ok", message="", compute_s=time.perf_counter() - start, rows=len(rows))
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
@@ -396,6 +410,8 @@ class Sweep:
     params = place.params(loaded.params, config)
     tokens = self.inputs(m)
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
+    where = loaded.directory or f"{m.name} step {step}"
+    data.check_sequence_length(tokens, config.max_seq_len, where, self.source.name)
     try:
       idx = model.position_index(
         o.positions, tokens.shape[1], n=len(tokens), seed=o.seed, what="--positions"
@@ -409,6 +425,7 @@ class Sweep:
     if step == m.final_step:
       self._references[m.name] = acts
     reference = acts if step == m.final_step else self._reference(m)
+    _check_like_reference(acts, reference, where)
     # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
     # repeat them), and they are small next to the forward and backward passes.
     layers = place.single_device(params["layers"])
@@ -454,3 +471,24 @@ class Sweep:
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
     """The batch of the final step: in the stream, but no checkpoint trained on it."""
     return self.source.batch(m.final_step, self.options.loss_sequences)
+
+
+def _check_like_reference(acts: dict, reference: dict, where: str) -> None:
+  """CKA against the final checkpoint needs the same sites and shapes (architecture)."""
+  for name, value in acts.items():
+    expected = reference.get(name)
+    if expected is None or expected.shape != value.shape:
+      shape = None if expected is None else expected.shape
+      raise ConfigError(
+        f"{where}: its {name} activations have shape {value.shape}, the final checkpoint's "
+        f"{shape}: a different architecture (config.json), which CKA against it cannot compare"
+      )
+
+
+@contextlib.contextmanager
+def _naming_flag(flag: str, value: Any):
+  """Data errors raised for a flag's value start with the flag."""
+  try:
+    yield
+  except data.DataError as e:
+    raise SweepError(f"{flag}={value}: {e}") from None

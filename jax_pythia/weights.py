@@ -30,6 +30,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jax_pythia import files
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError
 
@@ -749,7 +750,7 @@ def save_hf_checkpoint(
   hf["torch_dtype"] = name  # what transformers 4.x readers look for
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  tmp = files.make_temp_dir(parent, prefix=f".{os.path.basename(directory)}.tmp-")
   try:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from jax_pythia.errors import JaxPythiaError
 
@@ -22,19 +24,70 @@ def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, reporting input errors as `<tool>: error: <message>` and exit 2."""
 
   def guarded(argv):
+    quiet_libraries()
     try:
       main(argv)
     except _USER_ERRORS as e:
+      _end_progress_line()
       if flags.FLAGS.traceback:
         traceback.print_exc()
       tool = os.path.basename(sys.argv[0]).removesuffix(".py")
       print(f"{tool}: error: {e}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
+      _end_progress_line()
       print("interrupted", file=sys.stderr)
       sys.exit(130)
 
   app.run(guarded)
+
+
+class _LineTracker:
+  """A text stream that remembers whether its cursor is at the start of a line."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.at_line_start = True
+
+  def write(self, text: str) -> int:
+    if text:
+      self.at_line_start = text.endswith("\n")
+    return self._stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+_progress_stream: _LineTracker | None = None
+
+
+def progress_bar(**kwargs):
+  """A tqdm bar on stderr; an error reported while it is drawn starts on a line of its own
+  (a bar that fails before tqdm's `delay` passed is left without a newline by tqdm)."""
+  global _progress_stream
+  from tqdm import tqdm
+
+  _progress_stream = _LineTracker(sys.stderr)
+  return tqdm(file=_progress_stream, **kwargs)
+
+
+def _end_progress_line() -> None:
+  if _progress_stream is not None and not _progress_stream.at_line_start:
+    _progress_stream.write("\n")
+    _progress_stream.flush()
+
+
+def quiet_libraries() -> None:
+  """Only the tool's own lines, unless --verbosity asks for more.
+
+  absl logs INFO by default, so every CPU run would show jax's "Unable to initialize
+  backend 'tpu'" and matplotlib's font-cache lines; warnings and errors still show.
+  """
+  if flags.FLAGS["verbosity"].present:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  # Font lookups warn about fonts a figure falls back from: noise, not a result.
+  logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
 def reject_extra_args(argv: list[str]) -> None:
@@ -84,3 +137,18 @@ def define_work_flags() -> None:
     "(jax.default_matmul_precision). 'default' is the backend's: full float32 on CPU, one "
     "bfloat16 pass on TPU, TF32 on recent GPUs.",
   )
+
+
+def require_items(flag: str, values: list[str]) -> None:
+  """A list flag given empty (`--models=`) means nothing to do: say so, rather than run."""
+  if not [v for v in values if v.strip()]:
+    raise ValueError(f"--{flag} is empty: give at least one (see --help)")
+
+
+def require_positive(flag: str, value: float | None, at_most: float | None = None) -> None:
+  """A count, rate or fraction that must be > 0 (and <= at_most when given)."""
+  if value is None:
+    return
+  if not value > 0 or (at_most is not None and value > at_most):
+    bound = f"in (0, {at_most:g}]" if at_most is not None else "> 0"
+    raise ValueError(f"--{flag}={value:g}: must be {bound}")

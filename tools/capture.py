@@ -49,7 +49,7 @@ flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import checkpoints, files, model
-  from jax_pythia.data import ArrayTokenSource, check_token_ids
+  from jax_pythia.data import ArrayTokenSource, check_sequence_length, check_token_ids
 
   if not FLAGS.out.endswith(".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .npz path")
@@ -60,6 +60,7 @@ def main(argv):
   tokens = ArrayTokenSource(FLAGS.tokens).tokens
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
   check_token_ids(tokens, config.vocab_size, FLAGS.tokens)
+  check_sequence_length(tokens, config.max_seq_len, FLAGS.checkpoint, FLAGS.tokens)
   sites = model.SiteRequest.parse(FLAGS.sites, config)
   idx = model.position_index(
     FLAGS.positions, tokens.shape[1], n=len(tokens), seed=0, what="--positions"

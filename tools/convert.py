@@ -19,7 +19,12 @@ flags.DEFINE_string(
   "Local Hugging Face-format directory, or "
   "<repo>@<revision> (e.g. EleutherAI/pythia-160m-deduped@step3000).",
 )
-flags.DEFINE_string("out", None, "Directory of the orbax cache to write.")
+flags.DEFINE_string(
+  "out",
+  None,
+  "Directory of the orbax cache to write: a new directory, or one an earlier convert wrote "
+  "(it is replaced). Anything else is refused, never deleted.",
+)
 flags.DEFINE_enum(
   "dtype",
   "float32",
@@ -33,6 +38,7 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import checkpoints
 
+  checkpoints.check_converted_target(FLAGS.out)  # before the slow part: refuse at once
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
   checkpoints.save_converted(FLAGS.out, config, params)
   print(f"wrote {FLAGS.out}: {config.n_layers} layers, d_model {config.d_model}, {FLAGS.dtype}")

@@ -51,6 +51,10 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import plan, sharding
 
+  _cli.require_items("models", FLAGS.models)
+  for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences"):
+    _cli.require_positive(flag, getattr(FLAGS, flag))
+  _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)
   devices = FLAGS.devices
   if devices is None or FLAGS.measure:
     import jax

@@ -139,10 +139,9 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from tqdm import tqdm
-
   from jax_pythia import report, results, sharding, sources, sweep, watchdog
 
+  _cli.require_items("models", FLAGS.models)
   stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
@@ -176,7 +175,7 @@ def main(argv):
     matmul_precision=FLAGS.matmul_precision,
     seed=FLAGS.seed,
   )
-  bar = tqdm(unit="ckpt", dynamic_ncols=True, delay=0.5)
+  bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):
     bar.set_postfix_str(f"{model} step {step}")
@@ -212,7 +211,7 @@ def main(argv):
   if not lead:
     return
   heartbeat.beat(phase="gathering results")
-  paths = results.finalize(FLAGS.out, [m.name for m in models])
+  paths = results.finalize(FLAGS.out)
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:
