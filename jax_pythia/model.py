@@ -70,6 +70,17 @@ GLOBAL_SITES: dict[str, tuple[str, str]] = {
 }
 _SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(.+)$")
 
+#: What the backward pass recomputes instead of keeping, per layer (`jax.checkpoint` on the
+#: scanned layer). "none" keeps every residual; "attention" keeps the weight matmuls'
+#: outputs (q, k, v, attention and MLP projections) and recomputes the s x s attention
+#: scores, softmax and GELU, the largest residuals at long sequences, for little compute;
+#: "layer" keeps only each layer's input and recomputes the whole layer (one more forward).
+REMAT_POLICIES: dict[str, Any] = {
+  "none": None,
+  "attention": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "layer": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteRequest:
@@ -347,6 +358,7 @@ class GPTNeoX(nn.Module):
 
   config: GPTNeoXConfig
   dtype: Any = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES
 
   @nn.compact
   def __call__(
@@ -372,8 +384,11 @@ class GPTNeoX(nn.Module):
     if "hook_embed" in sites.global_sites:
       captures["hook_embed"] = _select(x, idx)
     cos, sin = rotary_tables(cfg, seq_len)
+    block = Block
+    if self.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     layers = nn.scan(
-      Block,
+      block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
@@ -415,6 +430,7 @@ def forward(
   sites: SiteRequest | str | Sequence[str] = (),
   positions: str | Sequence[int] | Array = "last",
   return_logits: bool = True,
+  remat: str = "none",
 ) -> tuple[Array | None, dict[str, Array]]:
   """Runs the model on tokens [b, s]: (logits [b, s, V] float32 or None, captures).
 
@@ -423,11 +439,14 @@ def forward(
   Pure in (params, tokens); wrap in `jax.jit` with `config`, `sites` and `return_logits`
   static (see `make_forward`), or vmap over a stacked checkpoint axis of params.
   Captures map each requested site name to its array, at the kept `positions`.
+  `remat` (REMAT_POLICIES) changes only what a backward pass keeps, never the values.
   """
   if not isinstance(sites, SiteRequest):
     sites = SiteRequest.parse(sites, config)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: one of {', '.join(REMAT_POLICIES)}")
   idx = position_index(positions, tokens.shape[1])
-  model = GPTNeoX(config, dtype=params_dtype(params))
+  model = GPTNeoX(config, dtype=params_dtype(params), remat=remat)
   return model.apply({"params": params}, tokens, idx, sites, return_logits)
 
 
@@ -464,9 +483,9 @@ GRADIENT_WEIGHTS: tuple[str, ...] = (
 )
 
 
-def lm_loss(params: Params, tokens: Array, config: GPTNeoXConfig) -> Array:
+def lm_loss(params: Params, tokens: Array, config: GPTNeoXConfig, remat: str = "none") -> Array:
   """Mean next-token cross-entropy of tokens [b, s+1] (inputs [:, :-1], targets [:, 1:])."""
-  logits, _ = forward(params, tokens[:, :-1], config, return_logits=True)
+  logits, _ = forward(params, tokens[:, :-1], config, return_logits=True, remat=remat)
   logp = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   return -target_logp.mean()
@@ -500,13 +519,17 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def loss_and_grads(
-  params: Params, tokens: Array, config: GPTNeoXConfig, wrt: Sequence[str] = GRADIENT_WEIGHTS
+  params: Params,
+  tokens: Array,
+  config: GPTNeoXConfig,
+  wrt: Sequence[str] = GRADIENT_WEIGHTS,
+  remat: str = "none",
 ) -> tuple[Array, dict[str, Any]]:
   """LM loss of tokens [b, s+1] and its gradient w.r.t. the layer weights `wrt` only.
 
   Returns (loss, grads) with grads nested like params["layers"] but holding only the
   requested leaves (e.g. grads["attn"]["value"]["kernel"] [L, d, H, dh]); gradients of
-  other weights are never formed.
+  other weights are never formed. `remat` trades memory for recomputation (REMAT_POLICIES).
   """
   for path in wrt:
     try:
@@ -519,7 +542,7 @@ def loss_and_grads(
     layers = params["layers"]
     for path, value in chosen.items():
       layers = _set(layers, path, value)
-    return lm_loss({**params, "layers": layers}, tokens, config)
+    return lm_loss({**params, "layers": layers}, tokens, config, remat)
 
   loss, grads = jax.value_and_grad(loss_of)(chosen)
   return loss, nest(grads)

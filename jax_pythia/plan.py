@@ -9,12 +9,20 @@ masked s x s square), plus the SVDs of the spectra (about 4 m n^2 each). Memory 
 device is params + the chosen weights' gradients + activations kept for the backward
 pass, under the mesh's model and data split (jax_pythia.sharding). These are estimates,
 meant to size a pod, not to replace a measured run.
+
+Memory decides how the gradients are computed: `choose_gradient_layout` picks the largest
+gradient microbatch, and the cheapest rematerialisation (`model.REMAT_POLICIES`), whose
+planned peak stays under `HEADROOM` of the device's memory (`--device_memory`, by default
+what the device reports). The per-token coefficients of the activation model count the
+residuals the backward pass keeps and were checked against XLA's own buffer assignment
+(`compiled.memory_analysis()`, tests/test_plan.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -25,6 +33,11 @@ from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Fraction of the device's memory the planned peak may use; the rest is for what the
+#: plan does not count (XLA's workspace, fragmentation, the runtime).
+HEADROOM = 0.9
+#: Rematerialisation policies from least to most recomputation (model.REMAT_POLICIES).
+REMAT = ("none", "attention", "layer")
 
 
 class PlanError(JaxPythiaError, ValueError):
@@ -166,8 +179,38 @@ def flops_per_checkpoint(shape: Shape, work: Work) -> dict[str, float]:
   return parts
 
 
-def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[str, float]:
-  """{part: bytes} on one device under `mesh` ({'data': D, 'model': M})."""
+#: Values kept per token for the backward pass, by rematerialisation policy, as
+#: (per layer: d, f, H*s), (the one layer being differentiated: d, f, H*s), logits: V.
+#: Counted from what each policy saves (none: the LayerNorm, q/k/v/rotary, z, MLP
+#: pre/post residuals and the attention scores and pattern; attention: only the weight
+#: matmuls' outputs; layer: only the layer input) and rounded to XLA's buffer assignment
+#: (compiled.memory_analysis() on CPU, tests/test_plan.py holds the total within 25%).
+#: d and f values are in the compute dtype, scores and logits in float32.
+_ACTIVATION_VALUES = {
+  "none": ((10, 4, 2), (0, 3, 2), 3),
+  "attention": ((8, 0.5, 0), (0, 5, 0.5), 2.5),
+  "layer": ((1, 0, 0), (12, 4.5, 0.5), 2),
+}
+
+
+def gradient_call_bytes(
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  microbatch: int | None = None,
+  remat: str = "none",
+  checkpoints_per_call: int = 1,
+) -> dict[str, float]:
+  """{part: bytes} on one device of the compiled gradient call (study.gradient_fn) under
+  `mesh`: params, outputs (G batches' float32 gradients), accumulators (the microbatch
+  scan's running sum and one microbatch's gradient), activations (what the backward pass
+  keeps for one microbatch, `remat` deciding how much) and tokens; total.
+
+  `checkpoints_per_call` checkpoints in one call multiply every part (a call vmapped over
+  a checkpoint axis holds each one's weights, outputs and activations).
+  """
+  if remat not in _ACTIVATION_VALUES:
+    raise PlanError(f"remat={remat!r}: one of {', '.join(REMAT)}")
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
   d, f, L, V, H, s = (
@@ -179,24 +222,112 @@ def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[st
     shape.seq_len,
   )
   vocab_split = M if V % M == 0 else 1
+  grad_values = L * (2 * d * d + f * d) / M  # value, out and fc_out kernels
+  mb = microbatch or work.gradient_microbatch or work.gradient_sequences
+  (ld, lf, ls), (wd, wf, ws), lv = _ACTIVATION_VALUES[remat]
+  per_token = (
+    L * (b * (ld * d + lf * f / M) + 4 * ls * (H / M) * s)
+    + b * (wd * d + wf * f / M)
+    + 4 * ws * (H / M) * s
+    + 4 * lv * V / vocab_split
+  )
+  parts = {
+    "params": _param_bytes(shape, work, mesh),
+    "outputs": 4 * (work.gradient_batches * grad_values + work.gradient_batches),
+    "accumulators": 2 * b * grad_values,
+    "activations": mb / D * s * per_token,
+    "tokens": 4 * work.gradient_batches * work.gradient_sequences / D * (s + 1),
+  }
+  parts = {k: v * checkpoints_per_call for k, v in parts.items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def _param_bytes(shape: Shape, work: Work, mesh: dict[str, int]) -> float:
+  M = mesh.get("model", 1)
+  d, f, L, V = shape.d_model, shape.d_mlp, shape.n_layers, shape.vocab
+  vocab_split = M if V % M == 0 else 1
   embeddings = 2 * V * d / vocab_split
   layers = (shape.layer_params + L * (3 * d + f)) / M  # kernels and split biases
   small = L * (6 * d) + 2 * d  # LayerNorms, out/fc_out biases: replicated
-  params = b * (embeddings + layers + small)
-  # Gradients of the value, out and fc_out kernels: the scan's float32 accumulator and
-  # the step's own gradient.
-  grads = 2 * 4 * L * (2 * d * d + f * d) / M if work.gradients else 0.0
-  mb = work.gradient_microbatch or work.gradient_sequences
-  per_token_layer = b * (10 * d + 2 * f / M) + 4 * 2 * (H / M) * s  # saved + scores
+  return DTYPE_BYTES[work.dtype] * (embeddings + layers + small)
+
+
+def memory_per_device(
+  shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none"
+) -> dict[str, float]:
+  """{params, grads, activations, total}: bytes on one device under `mesh` ({'data': D,
+  'model': M}) of the largest call, the gradient call (work.gradient_microbatch, `remat`)
+  or, without gradients, the capture and loss forward passes."""
   if work.gradients:
-    tokens = mb / D * s
-    acts = tokens * (L * per_token_layer + 3 * 4 * V / vocab_split)
+    g = gradient_call_bytes(shape, work, mesh, remat=remat)
+    out = {
+      "params": g["params"],
+      "grads": g["outputs"] + g["accumulators"],
+      "activations": g["activations"] + g["tokens"],
+    }
   else:
+    D, M = mesh.get("data", 1), mesh.get("model", 1)
+    b = DTYPE_BYTES[work.dtype]
+    d, f, V, H, s = shape.d_model, shape.d_mlp, shape.vocab, shape.n_heads, shape.seq_len
+    vocab_split = M if V % M == 0 else 1
+    # A forward keeps one layer's intermediates at a time.
+    per_token_layer = b * (10 * d + 2 * f / M) + 4 * 2 * (H / M) * s
     tokens = max(work.n_sequences, work.loss_sequences) / D * s
-    acts = tokens * (per_token_layer + (3 * 4 * V / vocab_split if work.loss_sequences else 0))
-  out = {"params": params, "grads": grads, "activations": acts}
+    logits = 3 * 4 * V / vocab_split if work.loss_sequences else 0.0
+    out = {
+      "params": _param_bytes(shape, work, mesh),
+      "grads": 0.0,
+      "activations": tokens * (per_token_layer + logits),
+    }
   out["total"] = sum(out.values())
   return out
+
+
+def gradient_layouts(shape: Shape, work: Work, mesh: dict[str, int]) -> list[tuple[int, str]]:
+  """(microbatch, remat) the sweep may use, best first: larger microbatches first (fewer,
+  fuller steps), and for each the least recomputation. A microbatch divides the gradient
+  batch and splits over the mesh's data axis; an explicit work.gradient_microbatch is the
+  only one. (Checkpoints per call, once a call holds several, join this order.)"""
+  D = mesh.get("data", 1)
+  n = work.gradient_sequences
+  sizes = (
+    [work.gradient_microbatch]
+    if work.gradient_microbatch
+    else [m for m in range(n, 0, -1) if n % m == 0 and m % D == 0]
+  )
+  return [(m, r) for m in sizes for r in REMAT]
+
+
+def choose_gradient_layout(
+  shape: Shape, work: Work, mesh: dict[str, int], device_bytes: float
+) -> GradientLayout:
+  """The first of `gradient_layouts` whose planned peak stays under HEADROOM x
+  device_bytes; if none fits, the most frugal one, whose `fits` is False."""
+  limit = HEADROOM * device_bytes
+  layout = None
+  for mb, remat in gradient_layouts(shape, work, mesh):
+    peak = gradient_call_bytes(shape, work, mesh, mb, remat)["total"]
+    layout = GradientLayout(mb, remat, peak, limit)
+    if layout.fits:
+      return layout
+  return layout
+
+
+def require_fit(name: str, layout: GradientLayout, work: Work) -> GradientLayout:
+  """`layout` if it fits, else a PlanError naming the microbatch, estimate and limit."""
+  if layout.fits:
+    return layout
+  if work.gradient_microbatch:
+    what, hint = f"--gradient_microbatch={layout.microbatch}", "choose a smaller one or 0 (auto)"
+  else:
+    what = f"even --gradient_microbatch={layout.microbatch}"
+    hint = "use more devices (--mesh=model:N) or --dtype=bfloat16"
+  raise PlanError(
+    f"{name}: {what} (remat={layout.remat}) needs an estimated {_si(layout.peak, 'B')} per "
+    f"device, over the limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of "
+    f"--device_memory); {hint}"
+  )
 
 
 def measure_flops_per_device(seconds: float = 2.0) -> float:
@@ -328,3 +459,66 @@ def format_plan(
     f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
   ]
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- device memory
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str, flag: str = "--device_memory") -> int:
+  """'16GB' -> 16e9, '80GiB' -> 80 * 2**30, '512MB', '1.5T', '123456' (bytes)."""
+  m = _SIZE_RE.match(str(text))
+  if not m or float(m.group(1)) <= 0 or (m.group(3) and not m.group(2)):
+    raise PlanError(f"{flag}={text!r}: expected a size such as 16GB, 80GiB or 512MB")
+  number, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+  power = "kmgtp".find(prefix) + 1 if prefix else 0
+  return int(number * (1024 if binary else 1000) ** power)
+
+
+def available_ram() -> int:
+  """Bytes of RAM free for new work: MemAvailable, else free pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device=None) -> tuple[int, str]:
+  """(bytes, where from) of one device: its allocator's limit on GPU and TPU, free RAM on
+  CPU (whose memory_stats() is None)."""
+  import jax
+
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform} memory_stats()"
+  return available_ram(), "available RAM"
+
+
+# ------------------------------------------------------------------ gradient memory
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientLayout:
+  """How one checkpoint's gradient batches run: microbatch size and rematerialisation,
+  with the planned peak per device and the limit it was held under."""
+
+  microbatch: int
+  remat: str
+  peak: float  # bytes per device, gradient_call_bytes()["total"]
+  limit: float  # bytes per device the peak may use
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.limit
+
+  def describe(self) -> str:
+    return (
+      f"gradient microbatch {self.microbatch}, remat {self.remat}: "
+      f"{_si(self.peak, 'B')} of {_si(self.limit, 'B')} per device"
+    )

@@ -144,11 +144,13 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def gradient_fn(config: GPTNeoXConfig, value_slice: str):
+def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]).
 
   Each of the G batches (one training step's sequences, split into m microbatches of mb
   so memory stays bounded) gives one gradient of the weights `gradient_weights` names.
+  `remat` (model.REMAT_POLICIES) is what the backward pass recomputes to save memory;
+  jax_pythia.plan chooses mb and remat from the device's memory.
   """
   wrt = gradient_weights(value_slice)
 
@@ -156,7 +158,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
   def fn(params, batches):
     def one_batch(microbatches):
       def accumulate(total, tokens):
-        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt)
+        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat)
         return jax.tree.map(jnp.add, total, (loss, grads)), None
 
       zeros = (

@@ -1,0 +1,77 @@
+"""The memory plan against XLA's own numbers, and the sweep held under --device_memory.
+
+XLA's buffer assignment (`compiled.memory_analysis()`: temp + argument + output bytes) of
+the compiled gradient call is the ground truth the plan's memory model must track.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_pythia import model, plan, study
+from jax_pythia.config import GPTNeoXConfig
+
+
+def xla_bytes(config: GPTNeoXConfig, batches_shape, remat: str) -> int:
+  params = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  batches = jax.ShapeDtypeStruct(batches_shape, jnp.int32)
+  compiled = study.gradient_fn(config, "per_head", remat).lower(params, batches).compile()
+  a = compiled.memory_analysis()
+  return a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+
+
+# Shapes unlike those the coefficients were rounded on (tests/test_memory.py's docstring).
+SHAPES = [
+  # (layers, d, heads, d_mlp, vocab, seq, G, microbatches, microbatch)
+  (3, 96, 6, 384, 640, 96, 3, 2, 6),
+  (2, 64, 2, 256, 300, 128, 2, 4, 4),
+]
+
+
+@pytest.mark.parametrize("remat", plan.REMAT)
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: f"L{d[0]}d{d[1]}s{d[5]}")
+def test_plan_tracks_xla_memory_analysis(dims, remat):
+  L, d, H, f, V, s, G, m, mb = dims
+  config = GPTNeoXConfig(vocab_size=V, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=s)
+  measured = xla_bytes(config, (G, m, mb, s + 1), remat)
+  shape = plan.Shape("t", L, d, H, f, V, s, (0,))
+  work = plan.Work(gradient_window=(G - 1) // 2, gradient_sequences=m * mb)
+  planned = plan.gradient_call_bytes(shape, work, {"data": 1}, mb, remat)["total"]
+  assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
+
+
+def test_remat_policies_are_the_models():
+  assert plan.REMAT == tuple(model.REMAT_POLICIES)
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [("16GB", 16e9), ("80GiB", 80 * 2**30), ("512 MB", 512e6), ("1.5T", 1.5e12), ("4096", 4096)],
+)
+def test_parse_bytes(text, expected):
+  assert plan.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "16XB", "3iB"])
+def test_parse_bytes_refuses_naming_the_flag(text):
+  with pytest.raises(plan.PlanError, match="--device_memory"):
+    plan.parse_bytes(text)
+
+
+def test_remat_changes_memory_not_gradients():
+  config = GPTNeoXConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=16
+  )
+  params = model.init_params(config, jax.random.PRNGKey(1))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 3, 2, 17), 0, 97)
+  base_loss, base_grads = study.gradient_fn(config, "per_head")(params, tokens)
+  for remat in plan.REMAT[1:]:
+    loss, grads = study.gradient_fn(config, "per_head", remat)(params, tokens)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="remat"):
+    model.forward(params, tokens[0, 0], config, remat="sometimes")
