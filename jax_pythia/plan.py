@@ -145,6 +145,7 @@ class Work:
   gradient_microbatch: int = 0
   loss_sequences: int = 0
   dtype: str = "float32"
+  kept_positions: int = 1  # token positions captured per sequence (--positions)
 
   @property
   def gradient_batches(self) -> int:
@@ -184,12 +185,14 @@ def flops_per_checkpoint(shape: Shape, work: Work) -> dict[str, float]:
 #: Counted from what each policy saves (none: the LayerNorm, q/k/v/rotary, z, MLP
 #: pre/post residuals and the attention scores and pattern; attention: only the weight
 #: matmuls' outputs; layer: only the layer input) and rounded to XLA's buffer assignment
-#: (compiled.memory_analysis() on CPU, tests/test_plan.py holds the total within 25%).
-#: d and f values are in the compute dtype, scores and logits in float32.
+#: (compiled.memory_analysis() on CPU; tests/test_memory.py holds the total within 25%).
+#: The layer being differentiated holds at least one whole score matrix, as an accelerator
+#: materialises it (XLA:CPU fuses part of it away). d and f values are in the compute
+#: dtype, scores and logits in float32.
 _ACTIVATION_VALUES = {
   "none": ((10, 4, 2), (0, 3, 2), 3),
-  "attention": ((8, 0.5, 0), (0, 5, 0.5), 2.5),
-  "layer": ((1, 0, 0), (12, 4.5, 0.5), 2),
+  "attention": ((8, 0.5, 0), (0, 5, 1), 2.5),
+  "layer": ((1, 0, 0), (12, 4.5, 1), 2),
 }
 
 
@@ -253,80 +256,169 @@ def _param_bytes(shape: Shape, work: Work, mesh: dict[str, int]) -> float:
   return DTYPE_BYTES[work.dtype] * (embeddings + layers + small)
 
 
+def forward_call_bytes(
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  sequences: int,
+  microbatch: int,
+  logits: bool = False,
+  checkpoints_per_call: int = 1,
+) -> dict[str, float]:
+  """{part: bytes} on one device of a forward call on `sequences` sequences, run
+  `microbatch` at a time: the capture call (study.activation_fn: captured outputs) or,
+  with `logits`, the loss call (study.loss_fn). A forward keeps one layer's intermediates
+  at a time: the larger of the attention phase (input, normalised, q, k, v, rotated q and
+  k, and the float32 scores and pattern) and the MLP phase (input, normalised,
+  pre/post-activation, output)."""
+  D, M = mesh.get("data", 1), mesh.get("model", 1)
+  b = DTYPE_BYTES[work.dtype]
+  d, f, L, V, H, s = (
+    shape.d_model,
+    shape.d_mlp,
+    shape.n_layers,
+    shape.vocab,
+    shape.n_heads,
+    shape.seq_len,
+  )
+  vocab_split = M if V % M == 0 else 1
+  per_token = max(b * 6 * d + 4 * 2 * (H / M) * s, b * (3 * d + 2 * f / M))
+  if logits:
+    per_token += 3 * 4 * V / vocab_split
+  # ov_head, ov, mlp and resid of every kept token, float32, twice (result and stacking).
+  captured = 0.0 if logits else 2 * 4 * L * 4 * d * sequences / D * work.kept_positions
+  parts = {
+    "params": _param_bytes(shape, work, mesh),
+    "outputs": captured,
+    "activations": microbatch / D * s * per_token,
+    "tokens": 4 * sequences / D * (s + 1),
+  }
+  parts = {k: v * checkpoints_per_call for k, v in parts.items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
 def memory_per_device(
   shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none"
 ) -> dict[str, float]:
   """{params, grads, activations, total}: bytes on one device under `mesh` ({'data': D,
-  'model': M}) of the largest call, the gradient call (work.gradient_microbatch, `remat`)
-  or, without gradients, the capture and loss forward passes."""
+  'model': M}) of the gradient call (work.gradient_microbatch, `remat`) or, without
+  gradients, of the capture forward (all sequences at once)."""
   if work.gradients:
     g = gradient_call_bytes(shape, work, mesh, remat=remat)
-    out = {
-      "params": g["params"],
-      "grads": g["outputs"] + g["accumulators"],
-      "activations": g["activations"] + g["tokens"],
-    }
+    out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"]}
   else:
-    D, M = mesh.get("data", 1), mesh.get("model", 1)
-    b = DTYPE_BYTES[work.dtype]
-    d, f, V, H, s = shape.d_model, shape.d_mlp, shape.vocab, shape.n_heads, shape.seq_len
-    vocab_split = M if V % M == 0 else 1
-    # A forward keeps one layer's intermediates at a time.
-    per_token_layer = b * (10 * d + 2 * f / M) + 4 * 2 * (H / M) * s
-    tokens = max(work.n_sequences, work.loss_sequences) / D * s
-    logits = 3 * 4 * V / vocab_split if work.loss_sequences else 0.0
-    out = {
-      "params": _param_bytes(shape, work, mesh),
-      "grads": 0.0,
-      "activations": tokens * (per_token_layer + logits),
-    }
-  out["total"] = sum(out.values())
+    g = forward_call_bytes(shape, work, mesh, work.n_sequences, work.n_sequences)
+    out = {"params": g["params"], "grads": 0.0}
+  out["activations"] = g["total"] - sum(out.values())
+  out["total"] = g["total"]
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one checkpoint's calls run on a device: microbatches and rematerialisation, with
+  each call's planned peak (bytes per device) and the limit they were held under."""
+
+  gradient_microbatch: int
+  remat: str
+  capture_microbatch: int
+  loss_microbatch: int
+  peaks: dict[str, float]  # {call: bytes}: capture, gradients, loss
+  limit: float
+
+  @property
+  def peak(self) -> float:
+    return max(self.peaks.values())
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.limit
+
+  def describe(self) -> str:
+    grad = f"gradient microbatch {self.gradient_microbatch} (remat {self.remat}), "
+    return (
+      (grad if "gradients" in self.peaks else "")
+      + f"capture microbatch {self.capture_microbatch}: peak {_si(self.peak, 'B')} of "
+      f"{_si(self.limit, 'B')} per device"
+    )
+
+
+def _microbatches(sequences: int, data: int) -> list[int]:
+  """Sizes that divide `sequences` and split over the data axis, largest first."""
+  return [m for m in range(sequences, 0, -1) if sequences % m == 0 and m % data == 0] or [sequences]
+
+
 def gradient_layouts(shape: Shape, work: Work, mesh: dict[str, int]) -> list[tuple[int, str]]:
-  """(microbatch, remat) the sweep may use, best first: larger microbatches first (fewer,
-  fuller steps), and for each the least recomputation. A microbatch divides the gradient
-  batch and splits over the mesh's data axis; an explicit work.gradient_microbatch is the
-  only one. (Checkpoints per call, once a call holds several, join this order.)"""
-  D = mesh.get("data", 1)
-  n = work.gradient_sequences
+  """(microbatch, remat) the gradient call may use, best first: larger microbatches first
+  (fewer, fuller steps), and for each the least recomputation, so remat is used only when
+  it lets a larger microbatch fit. An explicit work.gradient_microbatch is the only size.
+  (Checkpoints per call, once a call holds several, join this order.)"""
   sizes = (
     [work.gradient_microbatch]
     if work.gradient_microbatch
-    else [m for m in range(n, 0, -1) if n % m == 0 and m % D == 0]
+    else _microbatches(work.gradient_sequences, mesh.get("data", 1))
   )
   return [(m, r) for m in sizes for r in REMAT]
 
 
-def choose_gradient_layout(
-  shape: Shape, work: Work, mesh: dict[str, int], device_bytes: float
-) -> GradientLayout:
-  """The first of `gradient_layouts` whose planned peak stays under HEADROOM x
-  device_bytes; if none fits, the most frugal one, whose `fits` is False."""
+def _first_fit(candidates, cost, limit):
+  """(candidate, bytes) of the first candidate whose cost fits `limit`, else the last."""
+  for c in candidates:
+    peak = cost(c)
+    if peak <= limit:
+      break
+  return c, peak
+
+
+def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: float) -> Layout:
+  """For each call the first of its candidates whose planned peak stays under HEADROOM x
+  device_bytes (the gradient call: `gradient_layouts`; the forward calls: the largest
+  microbatch). Where nothing fits, the most frugal candidate, and `fits` is False."""
   limit = HEADROOM * device_bytes
-  layout = None
-  for mb, remat in gradient_layouts(shape, work, mesh):
-    peak = gradient_call_bytes(shape, work, mesh, mb, remat)["total"]
-    layout = GradientLayout(mb, remat, peak, limit)
-    if layout.fits:
-      return layout
-  return layout
+  D = mesh.get("data", 1)
+  peaks = {}
+  capture, peaks["capture"] = _first_fit(
+    _microbatches(work.n_sequences, D),
+    lambda m: forward_call_bytes(shape, work, mesh, work.n_sequences, m)["total"],
+    limit,
+  )
+  loss = 0
+  if work.loss_sequences:
+    loss, peaks["loss"] = _first_fit(
+      _microbatches(work.loss_sequences, D),
+      lambda m: forward_call_bytes(shape, work, mesh, work.loss_sequences, m, True)["total"],
+      limit,
+    )
+  microbatch, remat = 0, "none"
+  if work.gradients:
+    (microbatch, remat), peaks["gradients"] = _first_fit(
+      gradient_layouts(shape, work, mesh),
+      lambda c: gradient_call_bytes(shape, work, mesh, *c)["total"],
+      limit,
+    )
+  return Layout(microbatch, remat, capture, loss, peaks, limit)
 
 
-def require_fit(name: str, layout: GradientLayout, work: Work) -> GradientLayout:
-  """`layout` if it fits, else a PlanError naming the microbatch, estimate and limit."""
+def require_fit(name: str, layout: Layout, work: Work) -> Layout:
+  """`layout` if it fits, else a PlanError naming the call, the value, the estimate and
+  the limit."""
   if layout.fits:
     return layout
-  if work.gradient_microbatch:
-    what, hint = f"--gradient_microbatch={layout.microbatch}", "choose a smaller one or 0 (auto)"
+  call = max(layout.peaks, key=layout.peaks.get)
+  if call == "gradients" and work.gradient_microbatch:
+    what = f"--gradient_microbatch={layout.gradient_microbatch} (remat={layout.remat})"
+    hint = "choose a smaller one, or 0 to let the sweep choose"
   else:
-    what = f"even --gradient_microbatch={layout.microbatch}"
-    hint = "use more devices (--mesh=model:N) or --dtype=bfloat16"
+    size = {
+      "gradients": f"gradient microbatch {layout.gradient_microbatch} (remat={layout.remat})",
+      "capture": f"capture microbatch {layout.capture_microbatch}",
+      "loss": f"loss microbatch {layout.loss_microbatch}",
+    }[call]
+    what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
   raise PlanError(
-    f"{name}: {what} (remat={layout.remat}) needs an estimated {_si(layout.peak, 'B')} per "
-    f"device, over the limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of "
-    f"--device_memory); {hint}"
+    f"{name}: {what} needs an estimated {_si(layout.peaks[call], 'B')} per device, over the "
+    f"limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of --device_memory); {hint}"
   )
 
 
@@ -360,6 +452,7 @@ class ModelPlan:
   memory: dict[str, float]
   compute_s: float  # per checkpoint, on all devices
   fetch_s: float  # per checkpoint, one host
+  layout: Layout | None = None  # chosen from the device's memory, when it is known
 
   @property
   def fetch_bytes(self) -> int:
@@ -379,8 +472,11 @@ def make_plan(
   mesh: dict[str, int],
   flops_per_second: float,
   bandwidth: float,
+  device_bytes: float | None = None,
 ) -> ModelPlan:
-  """`flops_per_second`: what all devices together sustain (peak x utilisation)."""
+  """`flops_per_second`: what all devices together sustain (peak x utilisation).
+  `device_bytes`: one device's memory; the plan then runs each call in the microbatches
+  (and rematerialisation) that `choose_layout` picks, and reports memory under them."""
   try:
     chosen = suite.parse_steps(steps, shape.steps)
   except ValueError as e:
@@ -388,7 +484,21 @@ def make_plan(
   if shape.steps[-1] not in chosen:
     chosen = chosen + (shape.steps[-1],)  # the sweep always adds the final checkpoint
   flops = flops_per_checkpoint(shape, work)
-  memory = memory_per_device(shape, work, mesh)
+  layout = None
+  if device_bytes:
+    layout = choose_layout(shape, work, mesh, device_bytes)
+    work = dataclasses.replace(work, gradient_microbatch=layout.gradient_microbatch)
+    g_seqs = work.gradient_batches * work.gradient_sequences
+    # What rematerialisation recomputes: the attention core, or the whole layer's forward.
+    extra = {
+      "none": 0.0,
+      "attention": attention_flops(shape, g_seqs),
+      "layer": 2 * shape.layer_params * g_seqs * shape.seq_len + attention_flops(shape, g_seqs),
+    }[layout.remat]
+    flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
+  memory = memory_per_device(shape, work, mesh, layout.remat if layout else "none")
+  if layout:
+    memory = {**memory, "total": layout.peak}
   return ModelPlan(
     shape,
     chosen,
@@ -396,6 +506,7 @@ def make_plan(
     memory,
     flops["total"] / flops_per_second,
     shape.bytes_per_checkpoint / bandwidth,
+    layout,
   )
 
 
@@ -404,6 +515,11 @@ def _si(x: float, unit: str) -> str:
     if abs(x) >= scale:
       return f"{x / scale:.3g} {prefix}{unit}"
   return f"{x:.3g} {unit}"
+
+
+def format_bytes(x: float) -> str:
+  """1.6e10 -> '16 GB' (decimal prefixes, as --device_memory reads them)."""
+  return _si(x, "B")
 
 
 def _duration(s: float) -> str:
@@ -415,13 +531,20 @@ def _duration(s: float) -> str:
 
 
 def format_plan(
-  plans: Sequence[ModelPlan], devices: int, hosts: int, flops_per_second: float, source: str
+  plans: Sequence[ModelPlan],
+  devices: int,
+  hosts: int,
+  flops_per_second: float,
+  source: str,
+  memory_source: str = "",
 ) -> str:
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
-    "",
   ]
+  if memory_source:
+    lines.append(f"memory: {memory_source}; peaks held under {HEADROOM:.0%} of it")
+  lines.append("")
   header = (
     "model",
     "ckpts",
@@ -429,6 +552,7 @@ def format_plan(
     "fetch",
     "FLOPs/ckpt",
     "(capture/grad)",
+    "microbatch",
     "mem/device",
     "(params/grads/acts)",
     "s/ckpt",
@@ -445,6 +569,7 @@ def format_plan(
         _si(p.fetch_bytes, "B"),
         _si(f["total"], ""),
         f"{_si(f['capture'], '')}/{_si(f['gradients'], '')}",
+        _layout_cell(p.layout),
         _si(m["total"], "B"),
         f"{_si(m['params'], 'B')}/{_si(m['grads'], 'B')}/{_si(m['activations'], 'B')}",
         f"{max(p.compute_s, p.fetch_s / hosts):.3g}",
@@ -458,7 +583,23 @@ def format_plan(
     "",
     f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
   ]
+  misfits = [p.shape.name for p in plans if p.layout and not p.layout.fits]
+  if misfits:
+    lines.append(
+      f"DOES NOT FIT (*): {', '.join(misfits)}: even the smallest microbatch with remat "
+      "exceeds the limit; use more devices (--mesh=model:N) or --dtype=bfloat16"
+    )
   return "\n".join(lines)
+
+
+def _layout_cell(layout: Layout | None) -> str:
+  """'16' or '4 remat:attention' (the gradient microbatch), '*' marking a misfit."""
+  if layout is None:
+    return "given"
+  cell = str(layout.gradient_microbatch or layout.capture_microbatch)
+  if layout.remat != "none":
+    cell += f" remat:{layout.remat}"
+  return cell if layout.fits else cell + " *"
 
 
 # ------------------------------------------------------------------- device memory
@@ -501,24 +642,3 @@ def device_memory(device=None) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------ gradient memory
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientLayout:
-  """How one checkpoint's gradient batches run: microbatch size and rematerialisation,
-  with the planned peak per device and the limit it was held under."""
-
-  microbatch: int
-  remat: str
-  peak: float  # bytes per device, gradient_call_bytes()["total"]
-  limit: float  # bytes per device the peak may use
-
-  @property
-  def fits(self) -> bool:
-    return self.peak <= self.limit
-
-  def describe(self) -> str:
-    return (
-      f"gradient microbatch {self.microbatch}, remat {self.remat}: "
-      f"{_si(self.peak, 'B')} of {_si(self.limit, 'B')} per device"
-    )

@@ -75,3 +75,63 @@ def test_remat_changes_memory_not_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="remat"):
     model.forward(params, tokens[0, 0], config, remat="sometimes")
+
+
+PYTHIA_SHAPE = plan.from_suite("pythia-410m-deduped")
+
+
+@pytest.mark.parametrize("device_gb", [8, 16, 40, 80, 400])
+def test_chooser_takes_the_largest_microbatch_then_the_least_remat(device_gb):
+  work = plan.Work()  # the paper's protocol: 11 batches of 128 x 2048 tokens
+  mesh = {"data": 1}
+  layout = plan.choose_layout(PYTHIA_SHAPE, work, mesh, device_gb * 1e9)
+  limit = plan.HEADROOM * device_gb * 1e9
+  cost = lambda mb, r: plan.gradient_call_bytes(PYTHIA_SHAPE, work, mesh, mb, r)["total"]  # noqa: E731
+  fitting = [
+    (mb, r) for mb in range(1, 129) if 128 % mb == 0 for r in plan.REMAT if cost(mb, r) <= limit
+  ]
+  if not fitting:
+    assert not layout.fits and (layout.gradient_microbatch, layout.remat) == (1, "layer")
+    return
+  best = max(mb for mb, _ in fitting)
+  least = next(r for r in plan.REMAT if (best, r) in fitting)
+  assert (layout.gradient_microbatch, layout.remat) == (best, least)
+  assert layout.peaks["gradients"] == cost(best, least) <= limit
+  # The capture call: the largest microbatch of the 128 fixed sequences that fits.
+  assert layout.peaks["capture"] <= limit
+
+
+def test_explicit_microbatch_that_cannot_fit_is_refused_in_one_line():
+  work = plan.Work(gradient_microbatch=64)
+  layout = plan.choose_layout(PYTHIA_SHAPE, work, {"data": 1}, 16e9)
+  assert layout.gradient_microbatch == 64 and not layout.fits
+  with pytest.raises(plan.PlanError) as e:
+    plan.require_fit("pythia-410m-deduped", layout, work)
+  message = str(e.value)
+  assert "\n" not in message and "--gradient_microbatch=64" in message
+  assert plan.format_bytes(layout.peaks["gradients"]) in message
+  assert plan.format_bytes(0.9 * 16e9) in message
+
+
+def test_more_devices_on_the_model_axis_fit_larger_microbatches():
+  work = plan.Work()
+  one = plan.choose_layout(PYTHIA_SHAPE, work, {"data": 1}, 16e9)
+  eight = plan.choose_layout(PYTHIA_SHAPE, work, {"model": 8}, 16e9)
+  assert eight.gradient_microbatch > one.gradient_microbatch and eight.fits
+
+
+def test_forward_microbatches_give_the_same_activations_and_loss():
+  config = GPTNeoXConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=16
+  )
+  params = model.init_params(config, jax.random.PRNGKey(1))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 17), 0, 97)
+  idx = jax.random.randint(jax.random.PRNGKey(3), (8, 3), 0, 16)
+  for positions in (idx, None):
+    whole = study.activation_fn(config, "per_head")(params, tokens[:, :-1], positions)
+    split = study.activation_fn(config, "per_head", 2)(params, tokens[:, :-1], positions)
+    for name in whole:
+      np.testing.assert_allclose(split[name], whole[name], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    study.loss_fn(config, 4)(params, tokens), study.loss_fn(config)(params, tokens), rtol=1e-6
+  )

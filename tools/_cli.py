@@ -71,3 +71,10 @@ def define_work_flags() -> None:
     "the final step's batch, which no checkpoint trained on (0: off).",
   )
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+  flags.DEFINE_string(
+    "device_memory",
+    None,
+    "Memory of one device, e.g. 16GB or 80GiB (default: what the first local device "
+    "reports: memory_stats() on GPU/TPU, available RAM on CPU). Microbatches and "
+    "rematerialisation are chosen so each compiled call's planned peak stays under 90% of it.",
+  )

@@ -4,9 +4,11 @@
       --devices=64 --mesh=data:8,model:8 --flops_per_device=197e12 --utilisation=0.4
   python -m tools.plan --models=runs/toy_suite --measure   # this machine's devices
 
-Throughput is either measured (--measure: a small forward on this machine's devices) or
-given (--flops_per_device in FLOP/s, times --utilisation). See jax_pythia/plan.py for the
-formulas.
+Memory per device is the peak under the microbatches (and rematerialisation) the sweep
+would choose for --device_memory (default: what this machine's first device reports);
+the microbatch column shows the gradient microbatch. Throughput is either measured
+(--measure: a small forward on this machine's devices) or given (--flops_per_device in
+FLOP/s, times --utilisation). See jax_pythia/plan.py for the formulas.
 """
 
 from __future__ import annotations
@@ -84,12 +86,18 @@ def main(argv):
     FLAGS.loss_sequences,
     FLAGS.dtype,
   )
+  if FLAGS.device_memory:
+    device_bytes = plan.parse_bytes(FLAGS.device_memory)
+    memory_source = f"--device_memory={FLAGS.device_memory} per device"
+  else:
+    device_bytes, where = plan.device_memory()
+    memory_source = f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
   plans = [
-    plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices, FLAGS.bandwidth)
+    plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
     for s in shapes
   ]
-  print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source))
+  print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source, memory_source))
 
 
 if __name__ == "__main__":
