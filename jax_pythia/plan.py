@@ -92,33 +92,41 @@ def from_suite(name: str, seq_len: int | None = None) -> Shape:
 
 def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
   """Every model of a local suite (or one model's directory of step<N>/)."""
-  from jax_pythia import checkpoints, sources, weights
+  from jax_pythia import sources
 
-  shapes = []
-  for m in sources.resolve_models([path]):
-    step_dir = os.path.join(m.location, suite.revision(m.final_step))
-    config_path = os.path.join(step_dir, weights.CONFIG_FILE)
-    if os.path.isfile(config_path):
-      config = GPTNeoXConfig.from_json_file(config_path)
-    else:
-      config = checkpoints.converted_config(step_dir)
-    size = sum(
-      os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
-    )
-    shapes.append(
-      Shape(
-        m.name,
-        config.n_layers,
-        config.d_model,
-        config.n_heads,
-        config.d_mlp,
-        config.vocab_size,
-        seq_len or config.max_seq_len,
-        m.steps,
-        checkpoint_bytes=size,
-      )
-    )
-  return shapes
+  return [of_source(m, seq_len) for m in sources.resolve_models([path])]
+
+
+def of_source(m, seq_len: int | None = None) -> Shape | None:
+  """The shape of a sources.ModelSource: a suite name's, or its final checkpoint's config
+  (None for a Hub id outside the suite, whose config is not known before fetching)."""
+  if m.is_hub:
+    try:
+      return dataclasses.replace(from_suite(m.name, seq_len), steps=m.steps)
+    except ValueError:
+      return None
+  from jax_pythia import checkpoints, weights
+
+  step_dir = os.path.join(m.location, suite.revision(m.final_step))
+  config_path = os.path.join(step_dir, weights.CONFIG_FILE)
+  if os.path.isfile(config_path):
+    config = GPTNeoXConfig.from_json_file(config_path)
+  else:
+    config = checkpoints.converted_config(step_dir)
+  size = sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
+  )
+  return Shape(
+    m.name,
+    config.n_layers,
+    config.d_model,
+    config.n_heads,
+    config.d_mlp,
+    config.vocab_size,
+    seq_len or config.max_seq_len,
+    m.steps,
+    checkpoint_bytes=size,
+  )
 
 
 def resolve(names: Sequence[str], seq_len: int | None = None) -> list[Shape]:
@@ -420,6 +428,46 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
     f"{name}: {what} needs an estimated {_si(layout.peaks[call], 'B')} per device, over the "
     f"limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of --device_memory); {hint}"
   )
+
+
+def kept_positions(spec: str, seq_len: int) -> int:
+  """Token positions per sequence a --positions spec keeps."""
+  from jax_pythia import model
+
+  kind, arg = model.parse_positions(spec, "--positions")
+  return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
+
+
+def sweep_work(options, seq_len: int) -> Work:
+  """The Work of sweep.SweepOptions on sequences of seq_len tokens."""
+  return Work(
+    options.n_sequences,
+    options.gradients,
+    options.gradient_window,
+    options.gradient_sequences,
+    options.gradient_microbatch,
+    options.loss_sequences,
+    options.dtype,
+    kept_positions(options.positions, seq_len),
+  )
+
+
+def sweep_layouts(
+  models, options, seq_len: int, mesh: dict[str, int], device_bytes: float | None = None
+) -> dict[str, Layout]:
+  """{model name: Layout} for a sweep's models (sources.ModelSource) on devices of
+  `device_bytes` (default: what the first local device reports). Raises PlanError, before
+  anything is loaded, for a model that cannot fit; a Hub model of unknown shape gets no
+  layout (its gradient batches run as --gradient_microbatch says)."""
+  if device_bytes is None:
+    device_bytes, _ = device_memory()
+  work = sweep_work(options, seq_len)
+  layouts = {}
+  for m in models:
+    shape = of_source(m, seq_len)
+    if shape is not None:
+      layouts[m.name] = require_fit(m.name, choose_layout(shape, work, mesh, device_bytes), work)
+  return layouts
 
 
 def measure_flops_per_device(seconds: float = 2.0) -> float:
