@@ -135,3 +135,74 @@ def test_forward_microbatches_give_the_same_activations_and_loss():
   np.testing.assert_allclose(
     study.loss_fn(config, 4)(params, tokens), study.loss_fn(config)(params, tokens), rtol=1e-6
   )
+
+
+# ---------------------------------------------------------------- the sweep under a limit
+
+SEQ = 64
+GRADIENT_SEQUENCES = 16
+SMALL_OPTIONS = dict(n_sequences=8, gradient_window=1, gradient_sequences=GRADIENT_SEQUENCES)
+
+
+@pytest.fixture(scope="module")
+def long_suite(tmp_path_factory):
+  """One 2-layer model, checkpoints 0 and 1, on 64-token sequences (attention matters)."""
+  from tests import hf_fixtures, suite_fixtures
+
+  root = tmp_path_factory.mktemp("memory_suite")
+  rng = np.random.default_rng(0)
+  items = rng.integers(0, 97, (4 * GRADIENT_SEQUENCES, SEQ + 1))
+  suite_fixtures.write_token_stream(root / "data" / "train", items)
+  for step in (0, 1):
+    m = hf_fixtures.tiny_model(
+      seed=step,
+      vocab_size=97,
+      max_position_embeddings=SEQ,
+      num_hidden_layers=2,
+      hidden_size=64,
+      num_attention_heads=4,
+      intermediate_size=256,
+    )
+    hf_fixtures.write_safetensors(m, root / "m" / f"step{step}")
+  return root
+
+
+def _sweep(root, out, device_memory, **options):
+  from jax_pythia import data, sweep
+
+  models = sweep.resolve_models([str(root / "m")])
+  source = data.open_token_source(str(root / "data" / "train"), sequences_per_step=16)
+  opts = sweep.SweepOptions(**{**SMALL_OPTIONS, **options})
+  return sweep.Sweep(models, "all", source, str(out), opts, device_memory=device_memory)
+
+
+def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path):
+  from jax_pythia import sweep
+
+  free = _sweep(long_suite, tmp_path / "free", 1e12)
+  assert free.layouts["m"].gradient_microbatch == GRADIENT_SEQUENCES
+  shape = plan.of_source(free.models[0], SEQ)
+  work = plan.sweep_work(free.options, SEQ)
+  # Room for 2 sequences at a time without remat, not for the whole batch.
+  device = plan.gradient_call_bytes(shape, work, {"data": 1}, 2, "none")["total"] / 0.89
+  tight = _sweep(long_suite, tmp_path / "tight", device)
+  layout = tight.layouts["m"]
+  assert 2 <= layout.gradient_microbatch < GRADIENT_SEQUENCES and layout.fits
+  # XLA's own figure for the compiled gradient call under the chosen layout.
+  config = GPTNeoXConfig.from_json_file(str(long_suite / "m" / "step0" / "config.json"))
+  m = GRADIENT_SEQUENCES // layout.gradient_microbatch
+  measured = xla_bytes(config, (3, m, layout.gradient_microbatch, SEQ + 1), layout.remat)
+  assert measured <= device, (measured, device)
+  for runner in (free, tight):
+    runner.run()
+  a = sweep.collect(str(tmp_path / "free"))[0]
+  b = sweep.collect(str(tmp_path / "tight"))[0]
+  assert a.drop(columns="value").equals(b.drop(columns="value"))
+  np.testing.assert_allclose(b["value"], a["value"], rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_refuses_an_explicit_microbatch_that_cannot_fit(long_suite, tmp_path):
+  with pytest.raises(plan.PlanError) as e:
+    _sweep(long_suite, tmp_path / "x", 1e6, gradient_microbatch=8)
+  assert "--gradient_microbatch=8" in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "x").exists()  # refused before writing anything

@@ -1,0 +1,133 @@
+"""The sweep held under a small --device_memory: a smaller microbatch, a peak under the
+limit, the same tables.
+
+  python -m benchmarks.bench_memory [--device_memory 1GB --checkpoints 2]
+
+Writes a local suite of random 14m-shaped checkpoints (6 layers, d_model 128, 4 heads,
+d_mlp 512; a 512-token vocabulary keeps it fast) and a token stream of 256-token
+sequences, 64 per training batch, then sweeps it twice with the paper's protocol
+otherwise (11 gradient batches of 64 x 256 tokens, 64 fixed sequences):
+
+- unconstrained: --device_memory of 1 TB (the whole gradient batch at once);
+- constrained: --device_memory as given.
+
+Prints each run's layout (gradient microbatch, remat, capture microbatch, planned peak),
+XLA's own peak of the compiled gradient and capture calls under that layout
+(`compiled.memory_analysis()`: temp + argument + output bytes) against the limit, the
+largest relative difference between the two runs' tables, and the time ratio
+(constrained / unconstrained; CPU timings here are noisy: other work shares the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import GPTNeoXConfig as HFConfig
+from transformers import GPTNeoXForCausalLM
+
+from jax_pythia import data, model, plan, study, sweep
+from jax_pythia.config import GPTNeoXConfig
+
+SHAPE_14M = dict(
+  vocab_size=512,
+  hidden_size=128,
+  num_hidden_layers=6,
+  num_attention_heads=4,
+  intermediate_size=512,
+  max_position_embeddings=256,
+)
+SEQ = 256
+SEQUENCES_PER_STEP = 64
+
+
+def write_suite(root: str, n_checkpoints: int) -> None:
+  steps = list(range(n_checkpoints))
+  rng = np.random.default_rng(0)
+  n_items = (n_checkpoints + 11) * SEQUENCES_PER_STEP
+  data.write_mmap_indexed_dataset(
+    os.path.join(root, "data", "train"), (rng.integers(0, 512, SEQ + 1) for _ in range(n_items))
+  )
+  for step in steps:
+    torch.manual_seed(step)
+    m = GPTNeoXForCausalLM(HFConfig(**SHAPE_14M))
+    m.save_pretrained(os.path.join(root, "m14", f"step{step}"))
+
+
+def xla_peaks(config: GPTNeoXConfig, layout: plan.Layout, options: sweep.SweepOptions) -> dict:
+  """XLA's bytes (temp + argument + output) of the compiled gradient and capture calls."""
+  params = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+
+  def total(compiled):
+    a = compiled.memory_analysis()
+    return a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+
+  g = 2 * options.gradient_window + 1
+  mb = layout.gradient_microbatch
+  batches = jax.ShapeDtypeStruct((g, options.gradient_sequences // mb, mb, SEQ + 1), jnp.int32)
+  grad = study.gradient_fn(config, options.value_slice, layout.remat).lower(params, batches)
+  n = options.n_sequences
+  capture = study.activation_fn(config, options.value_slice, layout.capture_microbatch).lower(
+    params, jax.ShapeDtypeStruct((n, SEQ), jnp.int32), jax.ShapeDtypeStruct((n, 1), jnp.int32)
+  )
+  return {"gradients": total(grad.compile()), "capture": total(capture.compile())}
+
+
+def run(root: str, out: str, device_bytes: float, options: sweep.SweepOptions):
+  models = sweep.resolve_models([os.path.join(root, "m14")])
+  source = data.open_token_source(
+    os.path.join(root, "data", "train"), sequences_per_step=SEQUENCES_PER_STEP
+  )
+  runner = sweep.Sweep(models, "all", source, out, options, device_memory=device_bytes)
+  start = time.perf_counter()
+  runner.run()
+  seconds = time.perf_counter() - start
+  return runner.layouts["m14"], sweep.collect(out)[0], seconds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--device_memory", default="1GB")
+  parser.add_argument("--checkpoints", type=int, default=2)
+  args = parser.parse_args()
+  limit_bytes = plan.parse_bytes(args.device_memory)
+  options = sweep.SweepOptions(n_sequences=64, gradient_sequences=64, gradient_window=5)
+  with tempfile.TemporaryDirectory() as tmp:
+    write_suite(tmp, args.checkpoints)
+    config = GPTNeoXConfig.from_json_file(os.path.join(tmp, "m14", "step0", "config.json"))
+    results = {}
+    for name, device_bytes in (("unconstrained", 1e12), ("constrained", limit_bytes)):
+      layout, table, seconds = run(tmp, os.path.join(tmp, name), device_bytes, options)
+      peaks = xla_peaks(config, layout, options)
+      results[name] = (layout, table, seconds)
+      print(f"{name:13s} {layout.describe()}")
+      for call, measured in peaks.items():
+        print(
+          f"{'':13s} XLA peak of the {call} call {plan.format_bytes(measured)} "
+          f"(plan {plan.format_bytes(layout.peaks[call])}; "
+          f"{measured / device_bytes:.1%} of --device_memory)"
+        )
+    a, b = results["unconstrained"][1], results["constrained"][1]
+    assert a.drop(columns="value").equals(b.drop(columns="value")), "tables differ in rows"
+    rel = np.abs(b["value"] - a["value"]) / np.maximum(np.abs(a["value"]), 1e-30)
+    finite = np.isfinite(rel)
+    print(
+      f"tables: {len(a)} rows; largest relative difference {rel[finite].max():.2e} "
+      f"(median {np.median(rel[finite]):.1e})"
+    )
+    ratio = results["constrained"][2] / results["unconstrained"][2]
+    print(
+      f"time constrained / unconstrained: {ratio:.2f} "
+      f"({results['constrained'][2]:.0f} s / {results['unconstrained'][2]:.0f} s, "
+      f"{args.checkpoints} checkpoints; CPU, noisy)"
+    )
+
+
+if __name__ == "__main__":
+  main()
