@@ -357,17 +357,30 @@ def _microbatches(sequences: int, data: int) -> list[int]:
   return [m for m in range(sequences, 0, -1) if sequences % m == 0 and m % data == 0] or [sequences]
 
 
+#: Tokens per device that already fill an accelerator's matmuls (8 sequences of 2048): a
+#: larger gradient microbatch saves little, so beyond it less recomputation comes first.
+FULL_MICROBATCH_TOKENS = 16384
+
+
 def gradient_layouts(shape: Shape, work: Work, mesh: dict[str, int]) -> list[tuple[int, str]]:
   """(microbatch, remat) the gradient call may use, best first: larger microbatches first
-  (fewer, fuller steps), and for each the least recomputation, so remat is used only when
-  it lets a larger microbatch fit. An explicit work.gradient_microbatch is the only size.
-  (Checkpoints per call, once a call holds several, join this order.)"""
+  (fewer, fuller steps) up to FULL_MICROBATCH_TOKENS per device, then the least
+  recomputation, then larger still. So remat is used when it makes a larger microbatch
+  fit, unless the one that fits without it already fills the device. An explicit
+  work.gradient_microbatch is the only size. (Checkpoints per call, once a call holds
+  several, join this order.)"""
+  D = mesh.get("data", 1)
   sizes = (
     [work.gradient_microbatch]
     if work.gradient_microbatch
-    else _microbatches(work.gradient_sequences, mesh.get("data", 1))
+    else _microbatches(work.gradient_sequences, D)
   )
-  return [(m, r) for m in sizes for r in REMAT]
+
+  def merit(layout):
+    mb, remat = layout
+    return (min(mb / D * shape.seq_len, FULL_MICROBATCH_TOKENS), -REMAT.index(remat), mb)
+
+  return sorted(((m, r) for m in sizes for r in REMAT), key=merit, reverse=True)
 
 
 def _first_fit(candidates, cost, limit):
