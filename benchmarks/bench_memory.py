@@ -32,7 +32,7 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import data, model, plan, study, sweep
+from jax_pythia import data, model, plan, results, sources, study, sweep
 from jax_pythia.config import GPTNeoXConfig
 
 SHAPE_14M = dict(
@@ -80,15 +80,16 @@ def xla_peaks(config: GPTNeoXConfig, layout: plan.Layout, options: sweep.SweepOp
 
 
 def run(root: str, out: str, device_bytes: float, options: sweep.SweepOptions):
-  models = sweep.resolve_models([os.path.join(root, "m14")])
+  models = sources.resolve_models([os.path.join(root, "m14")])
   source = data.open_token_source(
     os.path.join(root, "data", "train"), sequences_per_step=SEQUENCES_PER_STEP
   )
   runner = sweep.Sweep(models, "all", source, out, options, device_memory=device_bytes)
+  runner.prepare()
   start = time.perf_counter()
   runner.run()
   seconds = time.perf_counter() - start
-  return runner.layouts["m14"], sweep.collect(out)[0], seconds
+  return runner.layouts["m14"], results.collect(out)[0], seconds
 
 
 def main():

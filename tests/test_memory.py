@@ -173,16 +173,18 @@ def long_suite(tmp_path_factory):
 
 
 def _sweep(root, out, device_memory, **options):
-  from jax_pythia import data, sweep
+  from jax_pythia import data, sources, sweep
 
-  models = sweep.resolve_models([str(root / "m")])
+  models = sources.resolve_models([str(root / "m")])
   source = data.open_token_source(str(root / "data" / "train"), sequences_per_step=16)
   opts = sweep.SweepOptions(**{**SMALL_OPTIONS, **options})
-  return sweep.Sweep(models, "all", source, str(out), opts, device_memory=device_memory)
+  runner = sweep.Sweep(models, "all", source, str(out), opts, device_memory=device_memory)
+  runner.prepare()
+  return runner
 
 
 def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path):
-  from jax_pythia import sweep
+  from jax_pythia import results
 
   free = _sweep(long_suite, tmp_path / "free", 1e12)
   assert free.layouts["m"].gradient_microbatch == GRADIENT_SEQUENCES
@@ -200,10 +202,16 @@ def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path
   assert measured <= device, (measured, device)
   for runner in (free, tight):
     runner.run()
-  a = sweep.collect(str(tmp_path / "free"))[0]
-  b = sweep.collect(str(tmp_path / "tight"))[0]
+  a = results.collect(str(tmp_path / "free"))[0]
+  b = results.collect(str(tmp_path / "tight"))[0]
   assert a.drop(columns="value").equals(b.drop(columns="value"))
-  np.testing.assert_allclose(b["value"], a["value"], rtol=1e-5, atol=1e-6)
+  # Summing the microbatches' gradients in another order moves them by float32 rounding;
+  # every metric stays within 1e-5 but the gradients' condition numbers, whose smallest
+  # singular value moves by up to eps x the largest (Weyl): relative change <= eps x kappa.
+  kappa = (a["metric"] == "grad_condition_number").to_numpy()
+  x, y = a["value"].to_numpy(), b["value"].to_numpy()
+  assert np.isclose(y[~kappa], x[~kappa], rtol=1e-5, atol=0, equal_nan=True).all()
+  assert (np.abs(y - x)[kappa] <= np.finfo(np.float32).eps * x[kappa] ** 2).all()
 
 
 def test_sweep_refuses_an_explicit_microbatch_that_cannot_fit(long_suite, tmp_path):

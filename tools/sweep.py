@@ -121,7 +121,9 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import report, results, sharding, sources, sweep
+  from jax_pythia import plan, report, results, sharding, sources, sweep
+
+  device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
 
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
@@ -168,8 +170,11 @@ def main(argv):
     keep_checkpoints=FLAGS.keep_checkpoints,
     progress=progress,
     placement=placement,
+    device_memory=device_memory,
   )
-  runner.prepare()  # checks the data and --out before any work
+  # Checks the data, fits each model to the device's memory and checks --out, before
+  # any checkpoint loads.
+  runner.prepare()
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
@@ -177,6 +182,8 @@ def main(argv):
     f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
     f"results in {FLAGS.out}; {placement.describe()}"
   )
+  for name, layout in runner.layouts.items():
+    print(f"{name}: {layout.describe()}")
   bar.reset(total=todo)
   with bar:
     runner.run()
