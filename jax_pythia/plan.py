@@ -447,7 +447,10 @@ def kept_positions(spec: str, seq_len: int) -> int:
   """Token positions per sequence a --positions spec keeps."""
   from jax_pythia import model
 
-  kind, arg = model.parse_positions(spec, "--positions")
+  try:
+    kind, arg = model.parse_positions(spec, "--positions")
+  except ValueError as e:
+    raise PlanError(str(e)) from None
   return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
 
 

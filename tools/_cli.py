@@ -55,14 +55,20 @@ def define_work_flags() -> None:
   flags.DEFINE_integer(
     "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
   )
+  flags.DEFINE_string(
+    "positions",
+    "last",
+    "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
+  )
   flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
   flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
   flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
   flags.DEFINE_integer(
     "gradient_microbatch",
     0,
-    "Split gradient batches into microbatches "
-    "of this many sequences to bound memory (0: whole batch).",
+    "Split gradient batches into microbatches of this many sequences to bound memory "
+    "(0: the largest that fits --device_memory, with rematerialisation if that is what "
+    "makes a larger one fit). An explicit value that cannot fit is refused up front.",
   )
   flags.DEFINE_integer(
     "loss_sequences",

@@ -13,6 +13,8 @@ FLOP/s, times --utilisation). See jax_pythia/plan.py for the formulas.
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from tools import _cli
@@ -94,7 +96,15 @@ def main(argv):
     memory_source = f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
   plans = [
-    plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
+    plan.make_plan(
+      s,
+      FLAGS.steps,
+      dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len)),
+      mesh,
+      per_device * devices,
+      FLAGS.bandwidth,
+      device_bytes,
+    )
     for s in shapes
   ]
   print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source, memory_source))

@@ -45,11 +45,6 @@ flags.DEFINE_integer(
   None,
   "Sequences per training batch in --data (Pythia: 1024; a suite's manifest says its own).",
 )
-flags.DEFINE_string(
-  "positions",
-  "last",
-  "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
-)
 flags.DEFINE_integer(
   "data_step",
   None,
