@@ -306,6 +306,22 @@ def forward_call_bytes(
   return parts
 
 
+def spectra_call_bytes(shape: Shape, work: Work) -> dict[str, float]:
+  """{part: bytes} of the gradient spectra call (study.gradient_metrics), which runs on
+  one device whatever the mesh (LAPACK SVDs do not split): the G float32 gradients, the
+  layer weights in float32, and a working copy of the largest gradient stack (the MLP's,
+  G x L x d_mlp x d) for the batched SVD. Held above XLA's figure on CPU (tests)."""
+  d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
+  G = work.gradient_batches
+  parts = {
+    "gradients": 4 * G * L * (2 * d * d + f * d),
+    "weights": 4 * (shape.layer_params + L * (3 * d + f)),
+    "workspace": 4 * G * L * f * d,
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
 def memory_per_device(
   shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none"
 ) -> dict[str, float]:
@@ -332,7 +348,7 @@ class Layout:
   remat: str
   capture_microbatch: int
   loss_microbatch: int
-  peaks: dict[str, float]  # {call: bytes}: capture, gradients, loss
+  peaks: dict[str, float]  # {call: bytes}: capture, gradients, spectra, loss
   limit: float
 
   @property
@@ -418,6 +434,7 @@ def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: 
       lambda c: gradient_call_bytes(shape, work, mesh, *c)["total"],
       limit,
     )
+    peaks["spectra"] = spectra_call_bytes(shape, work)["total"]
   return Layout(microbatch, remat, capture, loss, peaks, limit)
 
 
@@ -435,8 +452,11 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
       "gradients": f"gradient microbatch {layout.gradient_microbatch} (remat={layout.remat})",
       "capture": f"capture microbatch {layout.capture_microbatch}",
       "loss": f"loss microbatch {layout.loss_microbatch}",
+      "spectra": "the gradient spectra (every gradient batch's gradients on one device)",
     }[call]
     what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
+    if call == "spectra":
+      what, hint = size, "use a device with more memory or --nogradients"
   raise PlanError(
     f"{name}: {what} needs an estimated {_si(layout.peaks[call], 'B')} per device, over the "
     f"limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of --device_memory); {hint}"
@@ -547,6 +567,12 @@ def make_plan(
     raise PlanError(f"--steps for {shape.name}: {e}") from None
   if shape.steps[-1] not in chosen:
     chosen = chosen + (shape.steps[-1],)  # the sweep always adds the final checkpoint
+  M = mesh.get("model", 1)
+  if shape.n_heads % M or shape.d_mlp % M:
+    raise PlanError(
+      f"--mesh model axis of {M}: {shape.name} has {shape.n_heads} heads and d_mlp "
+      f"{shape.d_mlp}, not both divisible by it"
+    )
   flops = flops_per_checkpoint(shape, work)
   layout = None
   if device_bytes:
@@ -647,12 +673,15 @@ def format_plan(
     "",
     f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
   ]
-  misfits = [p.shape.name for p in plans if p.layout and not p.layout.fits]
-  if misfits:
-    lines.append(
-      f"DOES NOT FIT (*): {', '.join(misfits)}: even the smallest microbatch with remat "
-      "exceeds the limit; use more devices (--mesh=model:N) or --dtype=bfloat16"
-    )
+  for p in plans:
+    if p.layout and not p.layout.fits:
+      call = max(p.layout.peaks, key=p.layout.peaks.get)
+      lines.append(
+        f"* {p.shape.name} does not fit: its {call} call needs "
+        f"{_si(p.layout.peaks[call], 'B')} per device"
+        + (" even at the smallest microbatch with remat" if call != "spectra" else " (one device)")
+        + f", over {_si(p.layout.limit, 'B')}"
+      )
   return "\n".join(lines)
 
 

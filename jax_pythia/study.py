@@ -73,14 +73,15 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str, microbatch: int = 0):
 
 
 def _in_microbatches(fn, microbatch: int, tokens, idx):
-  """fn(tokens [b, ...], idx) -> {name: [..., b*k, e]}, run on microbatch sequences at a
-  time (jax.lax.map) and joined along the token axis (second to last) in order."""
+  """fn(tokens [b, ...], idx None | [k] | [b, k]) -> {name: [..., b*k, e]}, run on
+  microbatch sequences at a time (jax.lax.map) and joined along the token axis (second to
+  last) in order."""
   b = tokens.shape[0]
   if not microbatch or microbatch >= b:
     return fn(tokens, idx)
   split = lambda x: x.reshape(b // microbatch, microbatch, *x.shape[1:])  # noqa: E731
-  if idx is None:
-    out = jax.lax.map(lambda t: fn(t, None), split(tokens))
+  if idx is None or idx.ndim == 1:  # all positions, or the same [k] for every sequence
+    out = jax.lax.map(lambda t: fn(t, idx), split(tokens))
   else:
     out = jax.lax.map(lambda a: fn(*a), (split(tokens), split(idx)))
   # [c, ..., mb*k, e] -> [..., c*mb*k, e]

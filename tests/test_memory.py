@@ -43,6 +43,24 @@ def test_plan_tracks_xla_memory_analysis(dims, remat):
   assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
 
 
+@pytest.mark.parametrize("dims", [(2, 64, 4, 256, 3), (3, 192, 6, 768, 5)])
+def test_spectra_plan_covers_xla(dims):
+  L, d, H, f, G = dims
+  config = GPTNeoXConfig(vocab_size=64, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=8)
+  layers = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))["layers"]
+  grads = model.nest(
+    {
+      p: jax.ShapeDtypeStruct((G, *model.get_path(layers, p).shape), jnp.float32)
+      for p in study.gradient_weights("per_head")
+    }
+  )
+  a = study.gradient_metrics.lower(grads, layers, "per_head").compile().memory_analysis()
+  measured = a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+  shape = plan.Shape("t", L, d, H, f, 64, 8, (0,))
+  planned = plan.spectra_call_bytes(shape, plan.Work(gradient_window=(G - 1) // 2))["total"]
+  assert 0.75 * measured <= planned <= 1.6 * measured, (planned, measured)
+
+
 def test_remat_policies_are_the_models():
   assert plan.REMAT == tuple(model.REMAT_POLICIES)
 
@@ -132,7 +150,7 @@ def test_forward_microbatches_give_the_same_activations_and_loss():
   params = model.init_params(config, jax.random.PRNGKey(1))
   tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 17), 0, 97)
   idx = jax.random.randint(jax.random.PRNGKey(3), (8, 3), 0, 16)
-  for positions in (idx, None):
+  for positions in (idx, None, jnp.array([15])):
     whole = study.activation_fn(config, "per_head")(params, tokens[:, :-1], positions)
     split = study.activation_fn(config, "per_head", 2)(params, tokens[:, :-1], positions)
     for name in whole:
