@@ -31,8 +31,11 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("remat", plan.REMAT)
-@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: f"L{d[0]}d{d[1]}s{d[5]}")
+@pytest.mark.parametrize(
+  "dims, remat",
+  [(SHAPES[0], r) for r in plan.REMAT] + [(SHAPES[1], "none"), (SHAPES[1], "layer")],
+  ids=lambda x: x if isinstance(x, str) else f"L{x[0]}d{x[1]}s{x[5]}",
+)
 def test_plan_tracks_xla_memory_analysis(dims, remat):
   L, d, H, f, V, s, G, m, mb = dims
   config = GPTNeoXConfig(vocab_size=V, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=s)
