@@ -2,7 +2,7 @@
 
 Writes a random pythia-70m-shaped checkpoint as the Hub stores it (float16 safetensors,
 via transformers' save_pretrained) to a temp dir, then times, in one process, reading it
-into float32 parameters on the device both ways:
+into float32 parameters on the device both ways, taking turns:
 
   python -m benchmarks.bench_load [--repeats 5] [--size 70m]
 """
@@ -39,14 +39,18 @@ def write_checkpoint(directory: str, size: str) -> None:
   model.save_pretrained(directory)
 
 
-def time_it(fn, repeats: int) -> list[float]:
-  fn()  # warm-up: imports, jit of device_put, page cache
-  times = []
+def time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+  """Seconds of each fn per repeat, the fns taking turns within every repeat so that a
+  change in the machine's load (it is shared) falls on all of them alike."""
+  for fn in fns.values():
+    fn()  # warm-up: imports, jit of device_put, page cache
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
+    for name, fn in fns.items():
+      gc.collect()
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
   return times
 
 
@@ -74,10 +78,9 @@ def main() -> None:
     def theirs():
       transformers.GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
-    results = {
-      "jax_pythia.load_checkpoint": time_it(ours, args.repeats),
-      "transformers.from_pretrained": time_it(theirs, args.repeats),
-    }
+    results = time_interleaved(
+      {"jax_pythia.load_checkpoint": ours, "transformers.from_pretrained": theirs}, args.repeats
+    )
   print(
     f"pythia-{args.size}-shaped fp16 safetensors -> float32, {args.repeats} repeats, "
     f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "

@@ -15,6 +15,11 @@ Hub) and a token stream, then times per checkpoint:
 Prints seconds per checkpoint for both (the sweep's with and without its one-off
 compilation), the ratio, and the sweep's load time next to its compute time: loading is
 hidden when the wall time per checkpoint is about the compute time alone.
+
+First of all it measures the matmul peak of this CPU (`benchmarks.throughput`), and after the
+sweep it times the gradient pass of one checkpoint alone (11 batches, forward + backward):
+its executed FLOP/s as a fraction of that peak, and its MFU (6 N convention). The peak is
+measured again at the end: on a shared machine the two readings show the noise.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import data, results, sources, sweep
+from benchmarks import throughput
+from jax_pythia import data, results, sources, study, sweep
+from jax_pythia.checkpoints import load_checkpoint
 
 PYTHIA_70M = dict(
   vocab_size=50304,
@@ -71,8 +78,13 @@ def np_per(s, k):
   return float(np.exp(-(p * np.log(p)).sum()) / k)
 
 
-def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
-  model = GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+def reference_checkpoint(
+  directory, inputs, gradient_batches, final_acts, device="cpu", microbatch=0, marks=None
+):
+  """The reference's metrics of one checkpoint. On `device` (torch), each gradient batch in
+  microbatches of `microbatch` sequences (0: whole), their gradients accumulated. `marks`,
+  a list, gets time.perf_counter() before the first gradient batch and after each."""
+  model = GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
   cfg = model.config
   d, heads = cfg.hidden_size, cfg.num_attention_heads
   dh = d // heads
@@ -82,25 +94,31 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
   for l, layer in enumerate(layers):
     hooks.append(
       layer.attention.query_key_value.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("qkv", l), o[:, -1].detach().numpy())
+        lambda m, a, o, l=l: store.setdefault(("qkv", l), []).append(
+          o[:, -1].detach().cpu().numpy()
+        )
       )
     )
     hooks.append(
       layer.mlp.dense_4h_to_h.register_forward_hook(
-        lambda m, a, o, l=l: store.__setitem__(("mlp", l), o[:, -1].detach().numpy())
+        lambda m, a, o, l=l: store.setdefault(("mlp", l), []).append(
+          o[:, -1].detach().cpu().numpy()
+        )
       )
     )
   with torch.no_grad():
-    model(torch.tensor(inputs))
+    for chunk in np.array_split(inputs, max(1, len(inputs) // (microbatch or len(inputs)))):
+      model(torch.tensor(chunk, device=device))
   for h in hooks:
     h.remove()
+  store = {key: np.concatenate(chunks) for key, chunks in store.items()}
   results, acts = {}, {}
   weights = {}
   for l, layer in enumerate(layers):
-    w_qkv = layer.attention.query_key_value.weight.detach().numpy().reshape(heads, 3, dh, d)
+    w_qkv = layer.attention.query_key_value.weight.detach().cpu().numpy().reshape(heads, 3, dh, d)
     w_v = w_qkv[:, 2].reshape(d, d)  # rows of head h: its value projection
-    w_o = layer.attention.dense.weight.detach().numpy()
-    w_mlp = layer.mlp.dense_4h_to_h.weight.detach().numpy()
+    w_o = layer.attention.dense.weight.detach().cpu().numpy()
+    w_mlp = layer.mlp.dense_4h_to_h.weight.detach().cpu().numpy()
     weights[l] = (w_v, w_o)
     v = store[("qkv", l)].reshape(len(inputs), heads, 3, dh)[:, :, 2].reshape(len(inputs), d)
     acts[("ov", l)] = v @ w_o.T
@@ -117,19 +135,25 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
   grad_s = {}
   previous = {}
   cosines = {}
+  if marks is not None:
+    marks.append(time.perf_counter())
   for batch in gradient_batches:
     model.zero_grad()
-    tokens = torch.tensor(batch.astype(np.int64))
-    logits = model(tokens[:, :-1]).logits
-    torch.nn.functional.cross_entropy(
-      logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-    ).backward()
+    parts = np.array_split(batch, max(1, len(batch) // (microbatch or len(batch))))
+    for part in parts:
+      tokens = torch.tensor(part.astype(np.int64), device=device)
+      logits = model(tokens[:, :-1]).logits
+      loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+      )
+      (loss / len(parts)).backward()
+      del logits, loss
     for l, layer in enumerate(layers):
       w_v, w_o = weights[l]
-      g_qkv = layer.attention.query_key_value.weight.grad.numpy().reshape(heads, 3, dh, d)
+      g_qkv = layer.attention.query_key_value.weight.grad.cpu().numpy().reshape(heads, 3, dh, d)
       g_v = g_qkv[:, 2].reshape(d, d)
-      g_o = layer.attention.dense.weight.grad.numpy()
-      g_mlp = layer.mlp.dense_4h_to_h.weight.grad.numpy()
+      g_o = layer.attention.dense.weight.grad.cpu().numpy()
+      g_mlp = layer.mlp.dense_4h_to_h.weight.grad.cpu().numpy()
       mats = {("mlp", l): g_mlp, ("ov", l): g_o @ w_v + w_o @ g_v}
       for h in range(heads):
         sl = slice(h * dh, (h + 1) * dh)
@@ -141,6 +165,8 @@ def reference_checkpoint(directory, inputs, gradient_batches, final_acts):
             np.sum(g * previous[key]) / np.linalg.norm(g) / np.linalg.norm(previous[key])
           )
         previous[key] = g
+    if marks is not None:
+      marks.append(time.perf_counter())
   for key, s in grad_s.items():
     k = 2 * dh if key[0] == "ov_head" else d
     results[("grad_per",) + key] = np_per(np.mean(s, axis=0), k)
@@ -154,7 +180,13 @@ def main():
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--n_sequences", type=int, default=128)
   parser.add_argument("--gradient_sequences", type=int, default=16)
+  parser.add_argument("--peak_n", type=int, default=2048, help="matmul size of the peak")
   args = parser.parse_args()
+  peak = throughput.matmul_peak(args.peak_n, "float32")
+  print(
+    f"matmul peak of this CPU: {peak / 1e9:.1f} GFLOP/s (float32, {args.peak_n}^3, best run; "
+    "the machine is shared, so every figure below is noisy)"
+  )
   root = tempfile.mkdtemp(prefix="bench_sweep_")
   steps = write_suite(root, args.checkpoints, args.seq, args.n_sequences)
   final = steps[-1]
@@ -228,6 +260,33 @@ def main():
     f"  max relative difference of the {sum(map(len, reference_rows.values()))} "
     f"reference values: {worst:.2e}"
   )
+  fwd_bwd(model_dir, final, source, args, peak, t_steady)
+
+
+def fwd_bwd(model_dir, final, source, args, peak, t_steady):
+  """Times the gradient pass of one checkpoint alone (compiled ahead, run once)."""
+  config, params = load_checkpoint(os.path.join(model_dir, f"step{final}"), dtype="float32")
+  value_slice = sweep.SweepOptions().value_slice
+  steps = sweep.gradient_steps(final, 5, final - 1)
+  batches = np.stack([source.batch(s, args.gradient_sequences) for s in steps])[:, None]
+  fn = study.gradient_fn(config, value_slice).lower(params, batches).compile()
+  seconds = throughput.timed(fn, params, batches)
+  flops = throughput.fwd_bwd_flops(
+    config,
+    batches.shape[0] * args.gradient_sequences,
+    args.seq,
+    study.gradient_weights(value_slice),
+  )
+  executed, mfu = flops["executed"] / seconds, flops["model"] / seconds
+  print(
+    f"  forward+backward, {batches.shape[0]} batches of {args.gradient_sequences} x {args.seq}: "
+    f"{seconds:.2f} s ({100 * seconds / t_steady:.0f}% of the steady checkpoint), "
+    f"{executed / 1e9:.1f} GFLOP/s executed = {100 * executed / peak:.0f}% of the matmul peak; "
+    f"MFU {100 * mfu / peak:.0f}% (6N convention: it counts every weight's gradient, "
+    "the pass forms only the study's, so it can pass 100%)"
+  )
+  again = throughput.matmul_peak(args.peak_n, "float32")
+  print(f"  matmul peak measured again at the end: {again / 1e9:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ activations are taken on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ MMAP_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 MMAP_INDEX_VERSION = 1
 # magic, version u64, dtype code u8, item count u64, doc count u64
 _INDEX_HEADER = struct.Struct("<9sQBQQ")
+INDEX_HEADER_SIZE = _INDEX_HEADER.size
 
 #: dtype codes of the .idx header, as docs/pythia.md documents them. (Megatron-core's own enum
 #: has 6 = float64 and 7 = float32; float codes never occur in token files, and the
@@ -78,6 +80,66 @@ def _dataset_prefix(path: str | os.PathLike) -> Path:
   return Path(text)
 
 
+@dataclasses.dataclass(frozen=True)
+class IndexHeader:
+  """The fixed-size head of a `.idx` file and where its arrays lie (byte offsets)."""
+
+  dtype: np.dtype
+  count: int  # items
+  doc_count: int
+
+  @property
+  def sizes_offset(self) -> int:
+    return INDEX_HEADER_SIZE
+
+  @property
+  def pointers_offset(self) -> int:
+    return self.sizes_offset + 4 * self.count
+
+  @property
+  def doc_idx_offset(self) -> int:
+    return self.pointers_offset + 8 * self.count
+
+  @property
+  def nbytes(self) -> int:
+    """The size of the whole .idx file this header announces."""
+    return self.doc_idx_offset + 8 * self.doc_count
+
+
+def parse_index_header(head: bytes, idx_name: str, idx_size: int | None = None) -> IndexHeader:
+  """Checks the first `INDEX_HEADER_SIZE` bytes of a `.idx` (and, given `idx_size`, that the
+  file is as long as the header announces); errors name `idx_name`. Shared by the local
+  memory-mapped reader and the byte-range reader of remote streams (jax_pythia.streams)."""
+  if len(head) < INDEX_HEADER_SIZE or (idx_size is not None and idx_size < INDEX_HEADER_SIZE):
+    size = len(head) if idx_size is None else idx_size
+    raise DataError(
+      f"index file {idx_name} is {size} bytes, shorter than the "
+      f"{INDEX_HEADER_SIZE}-byte MMapIndexedDataset header"
+    )
+  magic, version, dtype_code, count, doc_count = _INDEX_HEADER.unpack(head[:INDEX_HEADER_SIZE])
+  if magic != MMAP_INDEX_MAGIC:
+    raise DataError(
+      f"index file {idx_name} does not start with the MMapIndexedDataset magic "
+      f"{MMAP_INDEX_MAGIC!r} (found {magic!r}); is it a Megatron .idx file?"
+    )
+  if version != MMAP_INDEX_VERSION:
+    raise DataError(
+      f"index file {idx_name} has format version {version}; only version "
+      f"{MMAP_INDEX_VERSION} is supported"
+    )
+  if dtype_code not in DTYPE_CODES:
+    raise DataError(
+      f"index file {idx_name} has unknown dtype code {dtype_code} (known: {sorted(DTYPE_CODES)})"
+    )
+  header = IndexHeader(DTYPE_CODES[dtype_code], count, doc_count)
+  if idx_size is not None and idx_size < header.nbytes:
+    raise DataError(
+      f"index file {idx_name} is truncated: its header announces {count} items and "
+      f"{doc_count} documents, which need {header.nbytes} bytes, but the file has {idx_size}"
+    )
+  return header
+
+
 class MMapIndexedDataset:
   """Read-only, memory-mapped reader of a Megatron `<prefix>.idx` / `<prefix>.bin` pair.
 
@@ -101,49 +163,23 @@ class MMapIndexedDataset:
 
   def _read_index(self) -> None:
     idx_size = self.idx_path.stat().st_size
-    if idx_size < _INDEX_HEADER.size:
-      raise DataError(
-        f"index file {self.idx_path} is {idx_size} bytes, shorter than the "
-        f"{_INDEX_HEADER.size}-byte MMapIndexedDataset header"
-      )
     with open(self.idx_path, "rb") as f:
-      magic, version, dtype_code, count, doc_count = _INDEX_HEADER.unpack(
-        f.read(_INDEX_HEADER.size)
-      )
-    if magic != MMAP_INDEX_MAGIC:
-      raise DataError(
-        f"index file {self.idx_path} does not start with the MMapIndexedDataset magic "
-        f"{MMAP_INDEX_MAGIC!r} (found {magic!r}); is it a Megatron .idx file?"
-      )
-    if version != MMAP_INDEX_VERSION:
-      raise DataError(
-        f"index file {self.idx_path} has format version {version}; only version "
-        f"{MMAP_INDEX_VERSION} is supported"
-      )
-    if dtype_code not in DTYPE_CODES:
-      raise DataError(
-        f"index file {self.idx_path} has unknown dtype code {dtype_code} "
-        f"(known: {sorted(DTYPE_CODES)})"
-      )
-    self.dtype = DTYPE_CODES[dtype_code]
-    sizes_offset = _INDEX_HEADER.size
-    pointers_offset = sizes_offset + 4 * count
-    doc_idx_offset = pointers_offset + 8 * count
-    needed = doc_idx_offset + 8 * doc_count
-    if idx_size < needed:
-      raise DataError(
-        f"index file {self.idx_path} is truncated: its header announces {count} items and "
-        f"{doc_count} documents, which need {needed} bytes, but the file has {idx_size}"
-      )
+      head = f.read(INDEX_HEADER_SIZE)
+    header = parse_index_header(head, str(self.idx_path), idx_size)
+    self.dtype = header.dtype
     # np.memmap cannot map an empty region; a header-only file has nothing to map.
-    if needed > _INDEX_HEADER.size:
-      buffer = np.memmap(self.idx_path, dtype=np.uint8, mode="r", shape=(needed,))
+    if header.nbytes > INDEX_HEADER_SIZE:
+      buffer = np.memmap(self.idx_path, dtype=np.uint8, mode="r", shape=(header.nbytes,))
     else:
-      buffer = np.zeros(needed, np.uint8)
+      buffer = np.zeros(header.nbytes, np.uint8)
     self._idx_buffer = buffer
-    self.sizes: np.ndarray = np.frombuffer(buffer, np.int32, count, sizes_offset)
-    self.pointers: np.ndarray = np.frombuffer(buffer, np.int64, count, pointers_offset)
-    self.doc_idx: np.ndarray = np.frombuffer(buffer, np.int64, doc_count, doc_idx_offset)
+    self.sizes: np.ndarray = np.frombuffer(buffer, np.int32, header.count, header.sizes_offset)
+    self.pointers: np.ndarray = np.frombuffer(
+      buffer, np.int64, header.count, header.pointers_offset
+    )
+    self.doc_idx: np.ndarray = np.frombuffer(
+      buffer, np.int64, header.doc_count, header.doc_idx_offset
+    )
 
   def _map_bin(self) -> None:
     self.bin_size = self.bin_path.stat().st_size
@@ -179,6 +215,18 @@ class MMapIndexedDataset:
 
   def items(self, start: int, stop: int) -> list[np.ndarray]:
     return [self[i] for i in range(start, stop)]
+
+  # What `batch_of_step` asks of any indexed stream (see `IndexedStream`).
+
+  @property
+  def name(self) -> str:
+    return str(self.bin_path)
+
+  def item_sizes(self, start: int, stop: int) -> np.ndarray:
+    return np.asarray(self.sizes[start:stop])
+
+  def read_items(self, start: int, stop: int) -> np.ndarray:
+    return np.stack(self.items(start, stop))
 
   def __repr__(self) -> str:
     return f"MMapIndexedDataset({str(self.prefix)!r}, items={len(self)}, dtype={self.dtype})"
@@ -258,13 +306,28 @@ def _to_int32_tokens(tokens: np.ndarray, source_name: str) -> np.ndarray:
   return tokens.astype(np.int32)
 
 
-def batch_of_step(
-  dataset: MMapIndexedDataset,
-  step: int,
-  n_sequences: int = DEFAULT_N_SEQUENCES,
-  sequences_per_step: int = SEQUENCES_PER_STEP,
-) -> np.ndarray:
-  """The first `n_sequences` sequences of training step `step`: int32 [n, seq_len + 1].
+@runtime_checkable
+class IndexedStream(Protocol):
+  """A Megatron-indexed stream of items, local (`MMapIndexedDataset`) or read by byte range
+  (`jax_pythia.streams.ShardedStream`): what `batch_of_step` needs."""
+
+  name: str
+
+  def __len__(self) -> int: ...
+
+  def item_sizes(self, start: int, stop: int) -> np.ndarray:
+    """Tokens of items start .. stop-1."""
+    ...
+
+  def read_items(self, start: int, stop: int) -> np.ndarray:
+    """Items start .. stop-1 (of equal length), in the file's dtype: [stop - start, length]."""
+    ...
+
+
+def step_items(
+  step: int, n_sequences: int, sequences_per_step: int = SEQUENCES_PER_STEP
+) -> tuple[int, int]:
+  """Items [start, stop) of the first `n_sequences` sequences of training step `step`.
 
   Step s trained on items `s * sequences_per_step ... (s + 1) * sequences_per_step - 1`
   (Pythia: 1024 a step, so step 142,999 is items 146,430,976 ...).
@@ -277,21 +340,31 @@ def batch_of_step(
       f"got {n_sequences}"
     )
   start = step * sequences_per_step
-  stop = start + n_sequences
+  return start, start + n_sequences
+
+
+def batch_of_step(
+  dataset: IndexedStream,
+  step: int,
+  n_sequences: int = DEFAULT_N_SEQUENCES,
+  sequences_per_step: int = SEQUENCES_PER_STEP,
+) -> np.ndarray:
+  """The first `n_sequences` sequences of training step `step`: int32 [n, seq_len + 1]
+  (items `step_items(step, n_sequences, sequences_per_step)`)."""
+  start, stop = step_items(step, n_sequences, sequences_per_step)
   if stop > len(dataset):
     raise DataError(
-      f"data file {dataset.bin_path} holds {len(dataset)} items; step {step} needs items "
+      f"data file {dataset.name} holds {len(dataset)} items; step {step} needs items "
       f"{start}..{stop - 1} ({sequences_per_step} sequences a step)"
     )
-  sizes = np.asarray(dataset.sizes[start:stop])
+  sizes = dataset.item_sizes(start, stop)
   if sizes.min() != sizes.max():
     raise DataError(
-      f"data file {dataset.bin_path}: items {start}..{stop - 1} (step {step}) have unequal "
+      f"data file {dataset.name}: items {start}..{stop - 1} (step {step}) have unequal "
       f"lengths ({sizes.min()}..{sizes.max()} tokens); training sequences must all have "
       f"seq_len + 1 tokens"
     )
-  tokens = np.stack(dataset.items(start, stop))
-  return _to_int32_tokens(tokens, f"data file {dataset.bin_path}")
+  return _to_int32_tokens(dataset.read_items(start, stop), f"data file {dataset.name}")
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, source_name: str) -> None:
@@ -360,7 +433,9 @@ def _checked_seq_len(seq_len: int | None, available: int, source_name: str) -> i
 
 
 class MMapTokenSource:
-  """Pythia's training stream (or a toy suite's, written by `write_mmap_indexed_dataset`).
+  """Pythia's training stream (or a toy suite's, written by `write_mmap_indexed_dataset`),
+  from a local `.bin/.idx` pair or any `IndexedStream` (jax_pythia.streams: the Hub, fsspec
+  URLs, a folder of unjoined shards).
 
   `batch(step, n)` is exactly what the model trained on at `step`. `fixed_inputs(n)` are the
   inputs of the batch of `fixed_step`; by default the last step whose batch the file holds,
@@ -377,17 +452,17 @@ class MMapTokenSource:
     seq_len: int | None = None,
     fixed_step: int | None = None,
   ):
-    self.dataset = (
-      dataset if isinstance(dataset, MMapIndexedDataset) else (MMapIndexedDataset(dataset))
+    self.dataset: IndexedStream = (
+      MMapIndexedDataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     )
-    self.name = str(self.dataset.bin_path)
+    self.name = self.dataset.name
     if sequences_per_step < 1:
       raise DataError(f"sequences_per_step must be >= 1, got {sequences_per_step}")
     self.sequences_per_step = sequences_per_step
     if not len(self.dataset):
       raise DataError(f"data file {self.name} holds no items")
     # Item 0 stands for all: batch_of_step checks each batch's lengths when it reads it.
-    self.seq_len = _checked_seq_len(seq_len, int(self.dataset.sizes[0]) - 1, self.name)
+    self.seq_len = _checked_seq_len(seq_len, int(self.dataset.item_sizes(0, 1)[0]) - 1, self.name)
     self.n_steps = len(self.dataset) // sequences_per_step
     if fixed_step is None:
       fixed_step = min(self.n_steps, FINAL_STEP) - 1
@@ -514,7 +589,12 @@ def open_token_source(
   sequences_per_step: int = SEQUENCES_PER_STEP,
   fixed_step: int | None = None,
 ) -> TokenSource:
-  """Opens a token source by its path.
+  """Opens a token source by its path or URL.
+
+  - a URL (`hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled`, `gs://...`, any
+    fsspec URL, or `http(s)://.../document-00000-of-00020.bin`) or a local folder of
+    unjoined shards: the training stream read by byte range (jax_pythia.streams);
+  - a folder staged by `tools.fetch_data`: the batches it holds (jax_pythia.streams);
 
   - `<prefix>.bin`, `<prefix>.idx` or `<prefix>` (with `<prefix>.idx` beside it): the
     training stream, `MMapTokenSource` (`sequences_per_step` and `fixed_step` apply).
@@ -524,6 +604,12 @@ def open_token_source(
   Only the training stream has `batch(step)`; the others raise there.
   """
   text = os.fspath(path)
+  from jax_pythia import streams
+
+  if streams.is_stream_location(text):
+    return streams.open_stream_source(
+      text, sequences_per_step=sequences_per_step, seq_len=seq_len, fixed_step=fixed_step
+    )
   if text.endswith(".npy"):
     return ArrayTokenSource(path, seq_len)
   if text.endswith(".txt"):

@@ -38,6 +38,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9
 #: Rematerialisation policies from least to most recomputation (model.REMAT_POLICIES).
 REMAT = ("none", "attention", "layer")
+#: Pythia's joined training stream: 146,432,000 sequences of 2,049 uint16 tokens.
+PILE_BYTES = 146_432_000 * 2_049 * 2
 
 
 class PlanError(JaxPythiaError, ValueError):
@@ -626,8 +628,12 @@ def format_plan(
   hosts: int,
   flops_per_second: float,
   source: str,
+  data_bytes: int | None = None,
+  data_batches: int = 0,
   memory_source: str = "",
 ) -> str:
+  """The plan as text; `data_bytes` of training data in `data_batches` batches (what
+  tools.fetch_data stages, from jax_pythia.sweep.batches_needed) go beside the checkpoints."""
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
@@ -671,7 +677,8 @@ def format_plan(
   total = sum(p.total_s(hosts) for p in plans)
   lines += [
     "",
-    f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} to fetch, about {_duration(total)}",
+    f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} of checkpoints to fetch, "
+    f"about {_duration(total)}",
   ]
   for p in plans:
     if p.layout and not p.layout.fits:
@@ -682,6 +689,11 @@ def format_plan(
         + (" even at the smallest microbatch with remat" if call != "spectra" else " (one device)")
         + f", over {_si(p.layout.limit, 'B')}"
       )
+  if data_bytes is not None:
+    lines.append(
+      f"training data: {_si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
+      f"range; tools.fetch_data stages them), not the whole {_si(PILE_BYTES, 'B')} stream"
+    )
   return "\n".join(lines)
 
 

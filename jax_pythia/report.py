@@ -82,8 +82,31 @@ def cka_table(
   return table.index.to_numpy(), table.to_numpy()
 
 
+def flagged_checkpoints(status: pd.DataFrame | None) -> pd.DataFrame:
+  """Checkpoints whose weights duplicate another step's (checkpoints.parquet's `flag`,
+  jax_pythia.integrity): model, step, status, flag. Empty when none or not recorded."""
+  columns = ["model", "step", "status", "flag"]
+  if status is None or "flag" not in status:
+    return pd.DataFrame(columns=columns)
+  return status.loc[status.flag.fillna("") != "", columns].reset_index(drop=True)
+
+
+def _mark_flagged(ax, flagged: pd.DataFrame | None, model: str, color: str = "C3") -> None:
+  """A dotted line at each flagged step of `model`: its weights are another step's."""
+  if flagged is None:
+    return
+  for i, step in enumerate(flagged.loc[flagged.model == model, "step"]):
+    ax.axvline(
+      step, color=color, ls=":", lw=1, label="duplicate weights (report.md)" if i == 0 else None
+    )
+
+
 def figure_cka_bands(
-  metrics: pd.DataFrame, models: Sequence[str], out_dir: str, estimator: str
+  metrics: pd.DataFrame,
+  models: Sequence[str],
+  out_dir: str,
+  estimator: str,
+  flagged: pd.DataFrame | None = None,
 ) -> list[str]:
   fig, axes = plt.subplots(
     len(BAND_COMPONENTS),
@@ -114,6 +137,7 @@ def figure_cka_bands(
         ax.axhline(
           floor.value.mean(), color="C3", ls="--", lw=1, label="noise floor (rows permuted)"
         )
+      _mark_flagged(ax, flagged, model)
       _log_axis(ax)
       ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
       if col == 0:
@@ -126,7 +150,12 @@ def figure_cka_bands(
   return _save(fig, out_dir, "cka_bands" + ("_debiased" if "debiased" in estimator else ""))
 
 
-def figure_per(metrics: pd.DataFrame, models: Sequence[str], out_dir: str) -> list[str]:
+def figure_per(
+  metrics: pd.DataFrame,
+  models: Sequence[str],
+  out_dir: str,
+  flagged: pd.DataFrame | None = None,
+) -> list[str]:
   fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False, constrained_layout=True)
   per_rows = (("per", "weights"), (analysis.gradient_name("per"), "gradients"))
   for row, (metric, what) in enumerate(per_rows):
@@ -140,6 +169,7 @@ def figure_per(metrics: pd.DataFrame, models: Sequence[str], out_dir: str) -> li
           continue
         curve = rows.groupby("step")["value"].mean()
         ax.plot(curve.index, curve.values, marker=".", ms=3, color=f"C{i}", label=model)
+        _mark_flagged(ax, flagged, model, color=f"C{i}")
       _log_axis(ax)
       ax.set_ylabel("PER (mean over layers)")
       ax.set_title(f"{what}: {COMPONENT_LABELS[component]}", fontsize=9)
@@ -269,9 +299,10 @@ def write_report(
   pairwise = pd.read_parquet(pairwise_path) if os.path.exists(pairwise_path) else None
   figures = os.path.join(out_dir, "figures")
   written = []
+  flagged = flagged_checkpoints(status)
   for estimator in estimators:
-    written += figure_cka_bands(metrics, models, figures, estimator)
-  written += figure_per(metrics, models, figures)
+    written += figure_cka_bands(metrics, models, figures, estimator, flagged)
+  written += figure_per(metrics, models, figures, flagged)
   paths, stats = figure_per_vs_convergence(metrics, models, figures, estimators[0])
   written += paths
   if pairwise is not None and not pairwise.empty:
@@ -284,7 +315,7 @@ def write_report(
     written += drawn
     evals_note = "figures/evals.png" if drawn else f"no swept model has evaluations in {evals_dir}"
   report_path = os.path.join(out_dir, "report.md")
-  text = _report_text(metrics, models, stats, estimators, evals_note)
+  text = _report_text(metrics, models, stats, estimators, evals_note) + _flagged_text(flagged)
   atomic_write(report_path, lambda tmp: _write_text(tmp, text), ".md")
   return written + [report_path]
 
@@ -363,3 +394,22 @@ def _report_text(
     "",
   ]
   return "\n".join(lines)
+
+
+def _flagged_text(flagged: pd.DataFrame) -> str:
+  """report.md's list of checkpoints whose weights are another step's (by content hash)."""
+  lines = ["## Checkpoints with duplicate weights", ""]
+  if flagged.empty:
+    return "\n".join(lines + ["None: every checkpoint's weights hash differently.", ""])
+  lines += [
+    "Their weights hash equal to another step's (checkpoints.parquet: weights_hash, "
+    "same_as_step); the figures mark them with dotted lines. step0 = step1 is a property "
+    "of the Pythia suite; a non-final step equal to the final is a defect of the Hub "
+    "branch. `--on_duplicate=skip` does not compute them.",
+    "",
+    "| model | step | status | flag |",
+    "|---|---|---|---|",
+  ]
+  for row in flagged.itertuples():
+    lines.append(f"| {row.model} | {row.step} | {row.status} | {row.flag} |")
+  return "\n".join(lines + [""])

@@ -22,13 +22,23 @@ import numpy as np
 import pandas as pd
 
 import analysis
-from jax_pythia import study
+from jax_pythia import integrity, study
 from jax_pythia.errors import SweepError
 from jax_pythia.files import atomic_write
 
 METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
-STATUS_COLUMNS = ("model", "step", "status", "message", "parameters", "load_s", "compute_s")
+STATUS_COLUMNS = (
+  "model",
+  "step",
+  "status",
+  "message",
+  "parameters",
+  "load_s",
+  "compute_s",
+  integrity.HASH_COLUMN,
+  integrity.SHARDS_COLUMN,
+)
 
 
 def checkpoint_paths(out_dir: str, model: str, step: int) -> tuple[str, str, str]:
@@ -154,7 +164,8 @@ def finalize(out_dir: str, models: Sequence[str] | None = None) -> dict[str, str
     for name in ("metrics", "checkpoints", "pairwise_cka")
   }
   write_parquet(metrics, paths["metrics"])
-  write_parquet(status, paths["checkpoints"])
+  # Duplicate weights flagged (jax_pythia.integrity): same as an earlier step, or the final.
+  write_parquet(integrity.flag_duplicates(status), paths["checkpoints"])
   models = models or sorted(metrics["model"].unique())
   pair = [
     pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))

@@ -29,6 +29,7 @@ Either way the caller runs `results.finalize` on process 0 only, after `barrier(
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia import checkpoints, weights
+from jax_pythia import checkpoints, weights, xla_cpu
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
@@ -109,6 +110,9 @@ def make_mesh(
     raise ShardingError(
       f"mesh {_fmt(sizes)} needs {total} devices; there are {len(devices)} ({devices[0].platform})"
     )
+  local = sum(d.process_index == jax.process_index() for d in devices)
+  if devices[0].platform == "cpu" and (problem := xla_cpu.mesh_problem(local, os.environ)):
+    raise ShardingError(f"mesh {_fmt(sizes)}: {problem}")  # refused: it would hang
   shape = tuple(sizes.values())
   try:
     # Topology-aware order on TPU (neighbouring chips on the model axis).

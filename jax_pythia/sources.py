@@ -109,8 +109,14 @@ def open_data(
   tokenizer: str | None,
   sequences_per_step: int | None,
 ) -> data.TokenSource:
-  """The token source: --data, else the data of the suite the models come from."""
+  """The token source: --data, else the Hub stream Pythia models trained on, else the
+  data of the suite the models come from."""
   manifest = {}
+  if path is None and models and all(m.is_hub for m in models):
+    from jax_pythia import streams
+
+    # Pythia on the Hub trained on the Hub's stream: read it by byte range.
+    path = streams.pile_for_models([m.name for m in models])
   if path is None:
     suite_dirs = {m.suite_dir for m in models}
     if len(suite_dirs) != 1 or None in suite_dirs:

@@ -184,7 +184,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   def fn(params, batches):
     def one_batch(microbatches):
       def accumulate(total, tokens):
-        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat)
+        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat=remat)
         return jax.tree.map(jnp.add, total, (loss, grads)), None
 
       zeros = (

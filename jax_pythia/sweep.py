@@ -26,7 +26,19 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jax_pythia import checkpoints, data, model, plan, results, sharding, study, suite, weights
+from jax_pythia import (
+  checkpoints,
+  data,
+  integrity,
+  model,
+  plan,
+  results,
+  sharding,
+  study,
+  suite,
+  watchdog,
+  weights,
+)
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
@@ -92,6 +104,44 @@ def parameter_count(config: GPTNeoXConfig) -> int:
   return int(sum(np.prod(shape) for shape in shapes))
 
 
+def selected_steps(m: ModelSource, spec: str) -> list[int]:
+  """The checkpoints of `m` a sweep processes for `--steps=spec`, the final one first."""
+  try:
+    steps = suite.parse_steps(spec, m.steps)
+  except ValueError as e:
+    raise SweepError(f"--steps for {m.name}: {e}") from None
+  # The final checkpoint is the reference of every CKA, so it is always swept, first.
+  return [m.final_step] + [s for s in steps if s != m.final_step]
+
+
+def fixed_input_step(options: SweepOptions, m: ModelSource) -> int:
+  """The training step whose batch gives `m`'s fixed inputs (--data_step, else the step
+  before the final checkpoint: 142,999 for Pythia)."""
+  return options.data_step if options.data_step is not None else max(m.final_step - 1, 0)
+
+
+def batches_needed(
+  models: Sequence[ModelSource], steps: str, options: SweepOptions
+) -> dict[int, int]:
+  """{training step: sequences} of every batch a sweep reads from a training stream: the
+  fixed inputs, each checkpoint's gradient window and the held-out loss batch. What
+  `tools.fetch_data` stages and `tools.plan` counts."""
+  needs: dict[int, int] = {}
+
+  def need(step: int, n: int) -> None:
+    needs[step] = max(needs.get(step, 0), n)
+
+  for m in models:
+    need(fixed_input_step(options, m), options.n_sequences)
+    if options.gradients:
+      for s in selected_steps(m, steps):
+        for g in gradient_steps(s, options.gradient_window, m.final_step - 1):
+          need(g, options.gradient_sequences)
+    if options.loss_sequences:
+      need(m.final_step, options.loss_sequences)
+  return dict(sorted(needs.items()))
+
+
 @dataclasses.dataclass
 class Loaded:
   step: int
@@ -100,6 +150,7 @@ class Loaded:
   directory: str | None = None
   error: str | None = None
   seconds: float = 0.0
+  weights_hash: integrity.WeightsHash | None = None  # None: restored from a converted cache
 
 
 class Sweep:
@@ -118,21 +169,30 @@ class Sweep:
     options: SweepOptions = SweepOptions(),
     *,
     on_error: str = "stop",
+    on_duplicate: str = "keep",
     keep_checkpoints: bool = True,
     progress: Callable[[str, int], Any] | None = None,
     placement: sharding.Placement | None = None,
+    heartbeat: watchdog.Heartbeat | None = None,
     device_memory: float | None = None,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
+    if on_duplicate not in ("keep", "skip"):
+      raise SweepError(f"--on_duplicate={on_duplicate!r}: keep or skip")
+    self.on_duplicate = on_duplicate
+    self._hashes: dict[str, dict[str, int]] = {}  # model -> {weights hash: first step}
     self.models, self.source, self.out_dir = list(models), source, out_dir
     self.options, self.on_error, self.keep = options, on_error, keep_checkpoints
     self.progress = progress
     # Mesh and process split (jax_pythia.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
+    # Where the sweep is, for a stall watchdog (jax_pythia.watchdog) if one watches it.
+    self.heartbeat = heartbeat or watchdog.Heartbeat()
     self._references: dict[str, dict[str, np.ndarray]] = {}
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
+    self._steps_spec = steps
     self.device_memory = device_memory  # bytes of one device; None: what it reports
     self.layouts: dict[str, plan.Layout] = {}  # per model, set by prepare()
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
@@ -140,12 +200,7 @@ class Sweep:
   # -- planning
 
   def _selected_steps(self, m: ModelSource, spec: str) -> list[int]:
-    try:
-      steps = suite.parse_steps(spec, m.steps)
-    except ValueError as e:
-      raise SweepError(f"--steps for {m.name}: {e}") from None
-    # The final checkpoint is the reference of every CKA, so it is always swept, first.
-    return [m.final_step] + [s for s in steps if s != m.final_step]
+    return selected_steps(m, spec)
 
   def prepare(self) -> None:
     """Checks that the data holds every batch the plan needs, chooses each model's
@@ -192,24 +247,18 @@ class Sweep:
           f"{self.source.name} does not have; pass --nogradients or "
           "give --data a .bin/.idx training stream"
         )
-      for m in self.models:
-        last = max(
-          max(gradient_steps(s, o.gradient_window, m.final_step - 1), default=0)
-          for s in self.plan[m.name]
-        )
-        self.source.batch(last, o.gradient_sequences)  # raises naming file and step
-    if o.loss_sequences:
-      if not self.source.has_training_steps:
-        raise SweepError(
-          f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
-        )
-      for m in self.models:
-        self.source.batch(m.final_step, o.loss_sequences)
+    if o.loss_sequences and not self.source.has_training_steps:
+      raise SweepError(
+        f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
+      )
+    if self.source.has_training_steps:
+      # Every batch the run will read, now: one that is missing (past the stream's end, not
+      # staged) fails here naming file and step, not hours in; a remote stream caches them.
+      for step, n in batches_needed(self.models, self._steps_spec, o).items():
+        self.source.batch(step, n)
 
   def data_step(self, m: ModelSource) -> int:
-    return (
-      self.options.data_step if self.options.data_step is not None else max(m.final_step - 1, 0)
-    )
+    return fixed_input_step(self.options, m)
 
   def inputs(self, m: ModelSource) -> np.ndarray:
     """The fixed inputs every checkpoint of `m` is run on (read once per model)."""
@@ -237,13 +286,16 @@ class Sweep:
     self.prepare()
     pending = self.pending()
     everything = [(m, s) for m in self.models for s in pending[m.name]]
+    self.heartbeat.beat(phase="waiting for the other processes")
     for queue in self.placement.schedule(everything):  # this process's share, in phases
       self._run_queue(queue)
+      self.heartbeat.beat(phase="waiting for the other processes")
 
   def _run_queue(self, queue: list[tuple[ModelSource, int]]) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
       future = pool.submit(self._load, *queue[0]) if queue else None
       for i, (m, step) in enumerate(queue):
+        self.heartbeat.beat(m.name, step, "loading")
         loaded = future.result()
         future = pool.submit(self._load, *queue[i + 1]) if i + 1 < len(queue) else None
         self._process(m, loaded)
@@ -265,10 +317,13 @@ class Sweep:
         )
       directory = checkpoints.resolve_checkpoint(m.spec(step))
       config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
-      params = weights.convert_state_dict(
-        weights.read_state_dict(directory), config, self.options.dtype
-      )
-      return Loaded(step, config, params, directory, seconds=time.perf_counter() - start)
+      state = weights.read_state_dict(directory)
+      # Hashed as read (the hash's pass faults the mmap in; conversion then reads the page
+      # cache), in this prefetch thread, so it overlaps the previous checkpoint's compute.
+      digest = integrity.checked_hash(state, directory)
+      params = weights.convert_state_dict(state, config, self.options.dtype)
+      seconds = time.perf_counter() - start
+      return Loaded(step, config, params, directory, seconds=seconds, weights_hash=digest)
     except JaxPythiaError as e:
       return Loaded(step, error=str(e), seconds=time.perf_counter() - start)
 
@@ -277,11 +332,37 @@ class Sweep:
       return self._references[m.name]
     return results.load_activations(self.paths(m.name, m.final_step)[1])
 
+  def _seen_hashes(self, m: ModelSource) -> dict[str, int]:
+    """{weights hash: first step} of `m`'s checkpoints processed so far (this run or an
+    earlier one into the same --out)."""
+    if m.name not in self._hashes:
+      seen: dict[str, int] = {}
+      folder = os.path.dirname(self.paths(m.name, m.final_step)[2])
+      for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.startswith(".tmp-"):
+          with open(os.path.join(folder, name)) as f:
+            record = json.load(f)
+          if record.get(integrity.HASH_COLUMN):
+            digest, step = record[integrity.HASH_COLUMN], int(record["step"])
+            seen[digest] = min(step, seen.get(digest, step))
+      self._hashes[m.name] = seen
+    return self._hashes[m.name]
+
   def _process(self, m: ModelSource, loaded: Loaded) -> None:
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.config is not None:
       status["parameters"] = parameter_count(loaded.config)
+    if loaded.weights_hash is not None:
+      status[integrity.HASH_COLUMN] = loaded.weights_hash.digest
+      status[integrity.SHARDS_COLUMN] = ",".join(loaded.weights_hash.shards)
+      seen = self._seen_hashes(m)
+      first = seen.setdefault(loaded.weights_hash.digest, loaded.step)
+      if first != loaded.step and self.on_duplicate == "skip" and loaded.step != m.final_step:
+        message = f"same weights as step {first}; skipped (--on_duplicate=skip)"
+        if self.placement.is_writer:
+          results.write_json(status_path, {**status, "status": "duplicate", "message": message})
+        return
     if loaded.error is not None:
       if loaded.step == m.final_step or self.on_error == "stop":
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""
@@ -292,6 +373,7 @@ class Sweep:
     rows, acts = self.compute(m, loaded)
     if not self.placement.is_writer:
       return
+    self.heartbeat.beat(m.name, loaded.step, "writing")
     save_npz(acts_path, acts)
     results.write_parquet(rows, metrics_path)  # last: its existence marks the step done
     status.update(status="ok", message="", compute_s=time.perf_counter() - start)
@@ -303,6 +385,8 @@ class Sweep:
     """All metrics of one checkpoint: (tidy rows, activations to store)."""
     o, config, step = self.options, loaded.config, loaded.step
     place = self.placement
+    beat = lambda phase: self.heartbeat.beat(m.name, step, phase)  # noqa: E731
+    beat("activations")
     params = place.params(loaded.params, config)
     tokens = self.inputs(m)
     data.check_token_ids(tokens, config.vocab_size, self.source.name)
@@ -325,6 +409,7 @@ class Sweep:
     layers = place.single_device(params["layers"])
     grads = losses = heldout = None
     if o.gradients:
+      beat("gradients")
       batches = np.stack(
         [
           self.source.batch(s, o.gradient_sequences)
@@ -340,9 +425,11 @@ class Sweep:
       )
       grads, losses = place.single_device(grads), place.host(losses)
     if o.loss_sequences:
+      beat("heldout loss")
       heldout = study.loss_fn(config, layout.loss_microbatch if layout else 0)(
         params, place.batch(self.heldout_tokens(m), 0, "--loss_sequences")
       )
+    beat("metrics (CKA, spectra, gradient statistics)")
     values = study.checkpoint_metrics(
       acts,
       reference,

@@ -36,7 +36,7 @@ TINY_CONFIG = dict(
   max_position_embeddings=64,
 )
 
-FORMS = ("safetensors", "sharded", "bin", "bin_sharded", "hub")
+FORMS = ("safetensors", "sharded", "bin", "bin_sharded", "hub", "hub_bin_12b")
 
 
 @dataclasses.dataclass
@@ -125,7 +125,9 @@ def _pythia_buffers(model) -> dict:
   return extra
 
 
-def write_bin(model, directory, *, sharded: bool = False, pythia_buffers: bool = True) -> Path:
+def write_bin(
+  model, directory, *, sharded: bool = False, pythia_buffers: bool = True, n_shards: int = 2
+) -> Path:
   """A legacy pytorch_model.bin (or two shards + pytorch_model.bin.index.json).
 
   transformers 5 no longer writes .bin files, so this uses torch.save as transformers 4
@@ -144,7 +146,8 @@ def write_bin(model, directory, *, sharded: bool = False, pythia_buffers: bool =
     torch.save(state, directory / "pytorch_model.bin")
     return directory
   names = sorted(state)
-  halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+  cuts = [len(names) * i // n_shards for i in range(n_shards + 1)]
+  halves = [names[a:b] for a, b in zip(cuts, cuts[1:])]
   weight_map = {}
   for i, part in enumerate(halves):
     fname = f"pytorch_model-{i + 1:05d}-of-{len(halves):05d}.bin"
@@ -267,4 +270,13 @@ def make_checkpoint(
     return TinyCheckpoint(write_bin(model, directory, sharded=True), model)
   if form == "hub":
     return write_hub_layout(model, directory)
+  if form == "hub_bin_12b":
+    # As the 12b step branches hold it: fp16 pytorch_model-0000X-of-00003.bin + index,
+    # the Hub's 4.x config.json.
+    import torch
+
+    stored = copy.deepcopy(model).to(torch.float16)
+    write_bin(stored, directory, sharded=True, n_shards=3)
+    (Path(directory) / "config.json").write_text(json.dumps(hub_config_dict(model), indent=2))
+    return TinyCheckpoint(Path(directory), stored)
   raise ValueError(f"unknown form {form!r}; one of {FORMS}")

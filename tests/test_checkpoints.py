@@ -33,7 +33,7 @@ def _assert_matches_torch(params, model):
   """A few leaves against the torch weights (the full layout is test_weights' job)."""
   ref = hf.torch_state(model)
   np.testing.assert_array_equal(
-    np.asarray(params["embed_out"]["kernel"], np.float32), ref["embed_out.weight"].T
+    np.asarray(params["embed_out"]["embedding"], np.float32), ref["embed_out.weight"]
   )
   W = ref["gpt_neox.layers.0.attention.query_key_value.weight"]  # rows [H, 3, dh]
   np.testing.assert_array_equal(

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 from tests.test_sharding import (
   ROOT,
   SWEEP_ARGS,
@@ -54,6 +56,8 @@ def run_two(suite: str, out: str, *extra: str, devices: int = 1, timeout: float 
   ]
   try:
     outputs = [p.communicate(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"two-process sweep hung: no result in {timeout:.0f} s")
   finally:
     for p in procs:
       if p.poll() is None:
@@ -76,7 +80,7 @@ def test_split_checkpoints_two_processes(tmp_path):
 
 
 def test_split_shard_two_processes(tmp_path):
-  # One global mesh of 2 processes x 2 devices; gradients off as in test_sharding.
+  # One global mesh of 2 processes x 2 devices.
   suite = make_suite(str(tmp_path / "suite"), steps=(0, 2))
   single = str(tmp_path / "single")
   run_sweep(suite, single, *SWEEP_ARGS)

@@ -93,6 +93,9 @@ def test_local_suite_and_cli(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "mini-h8" in proc.stdout and "pythia-6.9b-deduped" in proc.stdout
   assert "8 device(s)" in proc.stdout
+  # 27 + 1 checkpoints of 6.9b: 253 batches of 128 x 2,049 uint16 tokens (counted in
+  # test_fetch_data); the local suite's own final step adds its window.
+  assert "training data: " in proc.stdout and "not the whole 600 GB stream" in proc.stdout
   bad = subprocess.run(
     [
       sys.executable,

@@ -1,8 +1,9 @@
-"""Device meshes and sharded sweeps (jax_pythia.sharding).
+"""Device meshes and sharded sweeps (jax_pythia.sharding, jax_pythia.xla_cpu).
 
 A sharded sweep must give the single-device table. Several devices on the CPU need
 XLA_FLAGS before JAX starts, so those sweeps run as subprocesses (`run_sweep`) and this
-test session keeps its one device. The helpers here are shared with test_multihost.
+test session keeps its one device. Every subprocess has a timeout: a CPU mesh that
+deadlocks fails its test within minutes. The helpers here are shared with test_multihost.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia import data, model, sharding, weights
+from jax_pythia import data, model, sharding, weights, xla_cpu
 from jax_pythia.config import GPTNeoXConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,13 +29,29 @@ SEQUENCES_PER_STEP = 8
 # 8 heads and vocab 64: every mesh of 8 devices divides them (d_head 8: rotary dim 2).
 CONFIG = GPTNeoXConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, d_mlp=256, max_seq_len=64)
 STEPS = (0, 1, 2)
+# pythia-14m's shape (vocab 512 here) and batches of 32 sequences of 65 tokens, at which
+# every CPU mesh hung before jax_pythia sized XLA:CPU's thread pool (issue 13,
+# jax_pythia.xla_cpu). The small CONFIG cannot show it: its QR of W_O is too small for
+# jaxlib to split over the pool.
+CONFIG_14M = GPTNeoXConfig(
+  vocab_size=512, d_model=128, n_layers=6, n_heads=4, d_mlp=512, max_seq_len=128
+)
+SEQ_14M, SEQUENCES_PER_STEP_14M = 64, 32
 
 
-def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG, name: str = "mini-h8") -> str:
-  """A suite directory: random checkpoints step<N>/ of one model, a token stream and
-  suite.json (`resolve_models` and `open_data` read it as they read the toy suite)."""
+def make_suite(
+  out: str,
+  steps=STEPS,
+  config: GPTNeoXConfig = CONFIG,
+  name: str = "mini-h8",
+  seq: int = SEQ,
+  sequences_per_step: int = SEQUENCES_PER_STEP,
+) -> str:
+  """A suite directory: random checkpoints step<N>/ of one model, a token stream of
+  `seq + 1`-token items and suite.json (`resolve_models` and `open_data` read it as they
+  read the toy suite)."""
   rng = np.random.default_rng(0)
-  seqs = [rng.integers(0, config.vocab_size, SEQ + 1) for _ in range(SEQUENCES_PER_STEP * 12)]
+  seqs = [rng.integers(0, config.vocab_size, seq + 1) for _ in range(sequences_per_step * 12)]
   data.write_mmap_indexed_dataset(os.path.join(out, "data", "train"), seqs)
   for s in steps:
     params = model.init_params(config, jax.random.PRNGKey(s))
@@ -44,7 +61,7 @@ def make_suite(out: str, steps=STEPS, config: GPTNeoXConfig = CONFIG, name: str 
       {
         "models": [{"name": name}],
         "data_prefix": "data/train",
-        "sequences_per_step": SEQUENCES_PER_STEP,
+        "sequences_per_step": sequences_per_step,
       },
       f,
     )
@@ -74,16 +91,20 @@ def env_with_devices(n: int) -> dict[str, str]:
 
 
 def run_sweep(
-  suite: str, out: str, *extra: str, devices: int = 1, timeout: float = 240
+  suite: str, out: str, *extra: str, devices: int = 1, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    sweep_cmd(suite, out, *extra),
-    env=env_with_devices(devices),
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  try:
+    proc = subprocess.run(
+      sweep_cmd(suite, out, *extra),
+      env=env_with_devices(devices),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
+  except subprocess.TimeoutExpired as e:  # run() has killed it
+    tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+    pytest.fail(f"sweep on {devices} device(s) hung: no result in {timeout:.0f} s\n{tail}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -148,7 +169,7 @@ def test_param_specs_follow_the_layout():
   assert layers["mlp"]["fc_out"]["kernel"] == P(None, "model", None)  # f
   assert specs["embed_in"]["embedding"] == P("model", None)  # vocab 64 divides
   odd = GPTNeoXConfig(vocab_size=50, d_model=64, n_layers=1, n_heads=8, d_mlp=256)
-  assert sharding.param_specs(odd, 8)["embed_out"]["kernel"] == P(None, None)
+  assert sharding.param_specs(odd, 8)["embed_out"]["embedding"] == P(None, None)
   with pytest.raises(sharding.ShardingError, match="n_heads"):
     sharding.param_specs(CONFIG, 16)
   # Without a model axis nothing is split.
@@ -180,7 +201,7 @@ def test_param_specs_from_the_table_equal_the_layout_written_out():
       },
     },
     "ln_f": {"scale": P(None), "bias": P(None)},
-    "embed_out": {"kernel": P(None, m)},
+    "embed_out": {"embedding": P(m, None)},
   }
   assert sharding.param_specs(CONFIG, 2) == want
 
@@ -203,6 +224,65 @@ def test_placement_single_process():
     sharding.Placement.create(None, "pipeline")
 
 
+def test_cpu_pool_sized_for_the_host_devices():
+  flags = "--xla_force_host_platform_device_count"
+  assert xla_cpu.host_device_count({}) == 1
+  assert xla_cpu.host_device_count({"XLA_FLAGS": f"--foo {flags}=2 {flags}=8"}) == 8
+  assert xla_cpu.host_device_count({"JAX_NUM_CPU_DEVICES": "4"}) == 4
+  assert [xla_cpu.threads_needed(n) for n in (1, 2, 8)] == [1, 5, 17]
+  env = {"XLA_FLAGS": f"{flags}=8"}
+  xla_cpu.size_pool(env)
+  assert int(env["PJRT_NPROC"]) == max(17, xla_cpu.cores())
+  assert xla_cpu.mesh_problem(8, env) is None
+  chosen = {"XLA_FLAGS": f"{flags}=8", "PJRT_NPROC": "4"}
+  xla_cpu.size_pool(chosen)  # the user's choice stays, and a mesh is refused with it
+  assert chosen["PJRT_NPROC"] == "4"
+  assert "PJRT_NPROC=17" in xla_cpu.mesh_problem(8, chosen)
+  one = {}
+  xla_cpu.size_pool(one)  # one device: XLA's default pool
+  assert "PJRT_NPROC" not in one and xla_cpu.mesh_problem(1, {"PJRT_NPROC": "1"}) is None
+
+
+# A batched LAPACK call (QR, as the OV basis of the activations) inside a layer scan,
+# replicated on every device, next to a collective over the data axis: the pattern that
+# hung every CPU mesh of the sweep (issue 13). With XLA's default pool of the 2 cores it
+# hangs at once; jax_pythia's import sizes the pool (jax_pythia.xla_cpu).
+LAPACK_AND_COLLECTIVE = """
+import jax_pythia
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("data",))
+w = np.random.default_rng(0).normal(size=(6, 4, 128, 32)).astype(np.float32)
+w = jax.device_put(w, NamedSharding(mesh, P()))
+x = jax.device_put(np.ones((32, 64, 128), np.float32), NamedSharding(mesh, P("data")))
+@jax.jit
+def f(w, x):
+  def layer(h, wl):
+    h = jnp.tanh(h @ wl[0] @ wl[0].T)
+    return h, jnp.linalg.qr(wl, mode="r").sum() + h.mean()
+  return jax.lax.scan(layer, x, w)[1].sum()
+for i in range(10):
+  float(f(w + i, x))
+print("ok", jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_lapack_next_to_collectives_on_cpu_devices(devices):
+  try:
+    proc = subprocess.run(
+      [sys.executable, "-c", LAPACK_AND_COLLECTIVE],
+      env={k: v for k, v in env_with_devices(devices).items() if k not in ("PJRT_NPROC", "NPROC")},
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"LAPACK next to collectives on {devices} CPU devices hung (120 s)")
+  assert proc.returncode == 0 and proc.stdout.split() == ["ok", str(devices)], proc.stderr
+
+
 def test_initialize_distributed_needs_all_three():
   assert sharding.initialize_distributed() is False
   with pytest.raises(sharding.ShardingError, match="go together"):
@@ -221,15 +301,37 @@ def suite_and_baseline(tmp_path_factory):
   return suite, baseline, root
 
 
-@pytest.mark.parametrize("mesh", ["data:8", "model:8", "data:4,model:2"])
+@pytest.mark.parametrize("mesh", ["data:8", "model:8"])
 def test_sharded_sweep_matches_single_device(suite_and_baseline, mesh):
-  # Gradients are off here: on XLA:CPU's forced host devices the gradient program
-  # (collectives inside the layer scan's while loops next to LAPACK SVDs) can deadlock;
-  # it is the same compiled code on one device per process (test_multihost).
   suite, baseline, root = suite_and_baseline
   out = str(root / mesh.replace(":", "").replace(",", "_"))
   proc = run_sweep(suite, out, *SWEEP_ARGS, f"--mesh={mesh}", devices=8)
   assert "(8 devices)" in proc.stdout
+  assert_same_table(baseline, out)
+
+
+#: Activations on 32 sequences of 64 tokens; gradients on 2 batches of 8 sequences.
+ARGS_14M = ("--n_sequences=32", "--nofigures", "--gradient_window=1", "--gradient_sequences=8")
+
+
+@pytest.fixture(scope="module")
+def suite_14m_and_baseline(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sharding_14m")
+  suite = make_suite(
+    str(root / "suite"), (0, 1), CONFIG_14M, "mini-14m", SEQ_14M, SEQUENCES_PER_STEP_14M
+  )
+  baseline = str(root / "single")
+  run_sweep(suite, baseline, *ARGS_14M)
+  return suite, baseline, root
+
+
+@pytest.mark.parametrize("mesh, devices", [("data:4,model:2", 8), ("data:2", 2)])
+def test_sharded_sweep_at_realistic_sizes(suite_14m_and_baseline, mesh, devices):
+  """The meshes of issue 13 that hung, gradients included, give the single-device table."""
+  suite, baseline, root = suite_14m_and_baseline
+  out = str(root / mesh.replace(":", "").replace(",", "_"))
+  proc = run_sweep(suite, out, *ARGS_14M, f"--mesh={mesh}", devices=devices)
+  assert f"mesh {mesh if ',' in mesh else mesh + ',model:1'} ({devices} devices)" in proc.stdout
   assert_same_table(baseline, out)
 
 
@@ -262,3 +364,24 @@ def test_bad_mesh_is_one_line(suite_and_baseline, tmp_path):
   )
   assert proc.returncode != 0
   assert "mesh" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cpu_mesh_with_too_small_a_pool_is_refused(suite_and_baseline, tmp_path):
+  """A CPU mesh that would deadlock is refused up front, in one line, instead of hanging."""
+  suite, _, _ = suite_and_baseline
+  proc = subprocess.run(
+    sweep_cmd(suite, str(tmp_path / "o"), *SWEEP_ARGS, "--mesh=data:8"),
+    env={**env_with_devices(8), "PJRT_NPROC": "2"},
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+    "sweep: error: mesh data:8,model:1: 8 CPU devices in one process need XLA:CPU's thread "
+    "pool to have >= 17 threads, it has 2: their collectives and LAPACK calls would wait on "
+    "each other forever; set PJRT_NPROC=17 or leave it unset (jax_pythia then sizes it at "
+    "import from --xla_force_host_platform_device_count in XLA_FLAGS)"
+  ]
+  assert not os.path.exists(tmp_path / "o" / "checkpoints")

@@ -51,7 +51,7 @@ def _assert_per_head_formula(params, ref, L, H, dh):
   """Checks every leaf against the torch tensors with the layout written out by hand."""
   p = params
   np.testing.assert_array_equal(p["embed_in"]["embedding"], ref["gpt_neox.embed_in.weight"])
-  np.testing.assert_array_equal(p["embed_out"]["kernel"], ref["embed_out.weight"].T)
+  np.testing.assert_array_equal(p["embed_out"]["embedding"], ref["embed_out.weight"])
   np.testing.assert_array_equal(p["ln_f"]["scale"], ref["gpt_neox.final_layer_norm.weight"])
   np.testing.assert_array_equal(p["ln_f"]["bias"], ref["gpt_neox.final_layer_norm.bias"])
   attn, mlp = p["layers"]["attn"], p["layers"]["mlp"]
@@ -121,7 +121,7 @@ def test_hub_fp16_layout_loads_in_the_chosen_dtype(ckpts, dtype):
   else:
     ref = ref16  # fp16 -> fp32 and fp16 -> fp16 are exact
   as32 = {p: a.astype(np.float32) for p, a in _leaves(params)}
-  np.testing.assert_array_equal(as32["/embed_out/kernel"], ref["embed_out.weight"].T)
+  np.testing.assert_array_equal(as32["/embed_out/embedding"], ref["embed_out.weight"])
   W = ref["gpt_neox.layers.1.attention.query_key_value.weight"]
   # value of head 2, dim 3 of layer 1: row h*3*dh + 2*dh + i
   np.testing.assert_array_equal(as32["/layers/attn/value/kernel"][1, :, 2, 3], W[2 * 24 + 16 + 3])

@@ -107,7 +107,30 @@ def main(argv):
     )
     for s in shapes
   ]
-  print(plan.format_plan(plans, devices, FLAGS.hosts, per_device * devices, source, memory_source))
+  # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
+  from jax_pythia import sources, streams, sweep
+
+  options = sweep.SweepOptions(
+    n_sequences=FLAGS.n_sequences,
+    gradients=FLAGS.gradients,
+    gradient_window=FLAGS.gradient_window,
+    gradient_sequences=FLAGS.gradient_sequences,
+    loss_sequences=FLAGS.loss_sequences,
+  )
+  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models), FLAGS.steps, options)
+  data_bytes = streams.batch_bytes(needs, max(s.seq_len for s in shapes) + 1)
+  print(
+    plan.format_plan(
+      plans,
+      devices,
+      FLAGS.hosts,
+      per_device * devices,
+      source,
+      data_bytes,
+      len(needs),
+      memory_source,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
   python -m tools.sweep                      # the offline toy suite (built if missing)
   python -m tools.sweep --models=pythia-70m-deduped,pythia-160m-deduped --steps=paper \
-      --data=/data/pile-deduped/document --out=runs/pythia
+      --data=hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled --out=runs/pythia
 
 For every model the final checkpoint goes first (the CKA reference), then the selected
 steps, the next one fetched while the current one computes. Results land under --out as
 they finish (rerun the same command to resume): metrics.parquet (model, step, layer,
-component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/.
+component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/. A
+run that makes no progress for --stall_timeout (a wedged device collective) exits with
+status 3 and one line naming the checkpoint and the phase it was in.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
 flags.DEFINE_string(
   "data",
   None,
-  "Token data: a .bin/.idx prefix (Pythia's pre-tokenized "
-  "Pile), a .npy [batch, seq] array, or a .txt file with --tokenizer. "
-  "Default: the data of the suite the models come from.",
+  "Token data: Pythia's training stream read by byte range "
+  "(hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled, any fsspec URL, a folder "
+  "of its shards, or a folder staged by tools.fetch_data), a joined .bin/.idx prefix, a "
+  ".npy [batch, seq] array, or a .txt file with --tokenizer. Default: the Hub stream the "
+  "models trained on (deduped or standard Pile), or the data of their local suite.",
 )
 flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
 flags.DEFINE_integer(
@@ -66,6 +70,14 @@ flags.DEFINE_enum(
   ["stop", "skip"],
   "A checkpoint that fails to load: stop the run, or skip it and record it in checkpoints.parquet.",
 )
+flags.DEFINE_enum(
+  "on_duplicate",
+  "keep",
+  ["keep", "skip"],
+  "A checkpoint whose weights equal an earlier step's (by content hash; step0 = step1 on "
+  "every Pythia model): keep computing it (flagged in checkpoints.parquet and report.md) "
+  "or skip it (recorded as duplicate).",
+)
 flags.DEFINE_bool(
   "keep_checkpoints",
   False,
@@ -79,6 +91,14 @@ flags.DEFINE_string(
   "evals/pythia-v1) to draw downstream accuracy on the same step axis.",
 )
 flags.DEFINE_bool("figures", True, "Draw the figures and report.md when done.")
+flags.DEFINE_string(
+  "stall_timeout",
+  "30m",
+  "Exit (status 3, one line naming the checkpoint and phase) when the sweep makes no "
+  "progress for this long: seconds or a duration (90s, 30m, 2h); 0: never. A wedged "
+  "device collective cannot be interrupted, so set it above the slowest phase of one "
+  "checkpoint.",
+)
 # Scale-out (jax_pythia.sharding): a device mesh and JAX's multi-process runtime.
 flags.DEFINE_string(
   "mesh",
@@ -116,10 +136,11 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import plan, report, results, sharding, sources, sweep
+  from jax_pythia import plan, report, results, sharding, sources, sweep, watchdog
 
   device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
 
+  stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
@@ -134,6 +155,8 @@ def main(argv):
       # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
+  heartbeat = watchdog.Heartbeat()
+  watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
   models = sources.resolve_models(FLAGS.models)
   source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
@@ -162,9 +185,11 @@ def main(argv):
     FLAGS.out,
     options,
     on_error=FLAGS.on_error,
+    on_duplicate=FLAGS.on_duplicate,
     keep_checkpoints=FLAGS.keep_checkpoints,
     progress=progress,
     placement=placement,
+    heartbeat=heartbeat,
     device_memory=device_memory,
   )
   # Checks the data, fits each model to the device's memory and checks --out, before
@@ -183,13 +208,16 @@ def main(argv):
   with bar:
     runner.run()
   # Every process's files are on the shared --out before process 0 gathers them.
+  heartbeat.beat(phase="waiting for the other processes")
   placement.barrier("done")
   if not lead:
     return
+  heartbeat.beat(phase="gathering results")
   paths = results.finalize(FLAGS.out, [m.name for m in models])
   for path in paths.values():
     print(f"wrote {path}")
   if FLAGS.figures:
+    heartbeat.beat(phase="drawing figures")
     for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
       print(f"wrote {path}")
 

@@ -1,0 +1,805 @@
+"""Pythia's training stream read by byte range: from the Hub, any fsspec URL, a plain HTTP
+server, or a local folder of unjoined shards. Never a whole shard.
+
+The Hub ships the pre-tokenized Pile (`EleutherAI/pile-deduped-pythia-preshuffled`, and
+`...-standard-...` for the standard models) as shards named like Pythia's
+`utils/shard_memmap.py` writes them, `<base>-<i:05>-of-<last:05>.bin`, plus one
+`<base>.idx` indexing the joined stream (docs/pythia.md, "The training data"). Joined,
+item i (one 2,049-token training sequence) lies at bytes
+[pointers[i], pointers[i] + sizes[i] * 2) of the concatenation, so it lives in shard
+`offset // shard_size`; sequences and batches straddle shard ends. As in Pythia's
+`utils/unshard_memmap.py`, the shard size is shard 0's file size (never assumed).
+
+`ShardedStream` is an `data.IndexedStream`: `data.MMapTokenSource` and `data.batch_of_step`
+read it exactly as they read a local `document.bin/.idx` (one formula for the batch of a
+step, one parser of the index header). What it checks, by range reads only:
+- the index header, and that the .idx is as long as the header says;
+- that the index's last item ends exactly where the joined shards end (a disagreeing index
+  or a missing or truncated last shard shows here, before any batch is read);
+- for each read: the `sizes` and `pointers` entries of the items read (back to back, as
+  Megatron writes them), each touched shard's size, and that every range came back whole.
+
+Fetched items go to a local cache (`cache_dir`, default `$JAX_PYTHIA_DATA_CACHE` or
+`~/.cache/jax_pythia/data`) keyed by the stream (repository and revision for the Hub, the
+URL otherwise) and the item range, written atomically: a rerun or a second process reads
+them without a request. Transient failures (timeouts, refused connections, 5xx) are retried
+with exponential backoff; then one `StreamError` line names the URL, byte range and cause.
+With HF_HUB_OFFLINE=1 an `hf://` stream serves what its cache holds and names what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jax_pythia import data
+from jax_pythia.data import DataError, DataFileNotFoundError
+from jax_pythia.files import atomic_write
+
+#: Pythia's training streams on the Hub (the deduped models trained on the first).
+PILE_DEDUPED = "hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled"
+PILE_STANDARD = "hf://datasets/EleutherAI/pile-standard-pythia-preshuffled"
+
+SHARD_NAME = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<last>\d{5})\.bin$")
+CACHE_ENV = "JAX_PYTHIA_DATA_CACHE"
+DEFAULT_ATTEMPTS = 4
+DEFAULT_BACKOFF_S = 1.0
+DEFAULT_TIMEOUT_S = 60.0
+_META_FILE = "stream.json"
+_ITEMS_FILE = re.compile(r"^items-(\d+)-(\d+)\.npy$")
+
+
+class StreamError(DataError):
+  """A remote or sharded stream that cannot be read: names the URL, byte range and cause."""
+
+
+class StreamOfflineError(StreamError):
+  """An `hf://` stream needed the network while HF_HUB_OFFLINE is set."""
+
+
+def shard_name(base: str, index: int, last: int) -> str:
+  """Pythia's `utils/shard_memmap.py` naming: `document-00003-of-00020.bin`."""
+  return f"{base}-{index:05d}-of-{last:05d}.bin"
+
+
+def default_cache_dir() -> str:
+  return os.path.expanduser(
+    os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "jax_pythia", "data")
+  )
+
+
+def hub_offline() -> bool:
+  from jax_pythia import checkpoints
+
+  return checkpoints._offline()
+
+
+# ------------------------------------------------------------------------- transports
+
+
+class Transport:
+  """Reads byte ranges of named files at one location. Raises FileNotFoundError for a file
+  that is not there; anything else it raises is classified by `_is_transient`."""
+
+  #: The stream's identity in the cache (repository@revision for the Hub, else the URL).
+  key: str
+
+  def url(self, name: str) -> str:
+    raise NotImplementedError
+
+  def size(self, name: str) -> int:
+    raise NotImplementedError
+
+  def read(self, name: str, start: int, stop: int) -> bytes:
+    raise NotImplementedError
+
+  def list(self) -> list[str] | None:
+    """File names at the location, or None where the protocol cannot list (plain HTTP)."""
+    return None
+
+  def offline_reason(self) -> str | None:
+    """Why the network may not be used now, or None."""
+    return None
+
+
+class FsspecTransport(Transport):
+  """Any fsspec filesystem (file://, memory://, gs://, hf:// through HfFileSystem, ...)."""
+
+  def __init__(self, fs: Any, root: str, display: str, key: str | None = None):
+    self.fs, self.root, self.display = fs, root.rstrip("/"), display.rstrip("/")
+    self.key = key or self.display
+
+  def _path(self, name: str) -> str:
+    return f"{self.root}/{name}" if self.root else name
+
+  def url(self, name: str) -> str:
+    return f"{self.display}/{name}"
+
+  def size(self, name: str) -> int:
+    return int(self.fs.size(self._path(name)))
+
+  def read(self, name: str, start: int, stop: int) -> bytes:
+    return self.fs.cat_file(self._path(name), start=start, end=stop)
+
+  def list(self) -> list[str] | None:
+    try:
+      entries = self.fs.ls(self.root or "/", detail=False)
+    except FileNotFoundError:
+      return []
+    return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
+
+
+class HubTransport(FsspecTransport):
+  """`hf://datasets/<org>/<name>[@revision][/folder]` through huggingface_hub's HfFileSystem."""
+
+  def __init__(self, url: str):
+    rest = url[len("hf://") :]
+    m = re.match(r"^(datasets/)?([\w.-]+/[\w.-]+)(?:@([^/]+))?(/.*)?$", rest)
+    if not m:
+      raise StreamError(f"--data={url}: expected hf://datasets/<org>/<name>[@revision][/folder]")
+    kind = m.group(1) or ""
+    self.repo_id, self.revision = m.group(2), m.group(3) or "main"
+    folder = (m.group(4) or "").strip("/")
+    root = f"{kind}{self.repo_id}@{self.revision}" + (f"/{folder}" if folder else "")
+    self._fs = None
+    super().__init__(None, root, f"hf://{root}", key=root)
+
+  @property
+  def fs(self):  # created on first use: an offline run served by the cache never needs it
+    if self._fs is None:
+      from huggingface_hub import HfFileSystem
+
+      self._fs = HfFileSystem()
+    return self._fs
+
+  @fs.setter
+  def fs(self, value):
+    self._fs = value
+
+  def read(self, name: str, start: int, stop: int) -> bytes:
+    # No read-ahead: fsspec's default buffered file would fetch a 5 MB block past every
+    # range (doubling a batch, and 5 MB for each 4 KB read of index entries).
+    return self.fs.cat_file(self._path(name), start=start, end=stop, cache_type="none")
+
+  def offline_reason(self) -> str | None:
+    return "HF_HUB_OFFLINE is set" if hub_offline() else None
+
+
+class HttpTransport(Transport):
+  """Plain HTTP(S) with `Range` requests, standard library only. HTTP cannot list a folder,
+  so the URL names shard 0 (`.../document-00000-of-00020.bin`) or a joined `.bin`."""
+
+  def __init__(self, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    self.base, self.timeout_s = base_url.rstrip("/"), timeout_s
+    self.key = self.base
+
+  def url(self, name: str) -> str:
+    return f"{self.base}/{urllib.parse.quote(name)}"
+
+  def _open(self, request: urllib.request.Request):
+    try:
+      return urllib.request.urlopen(request, timeout=self.timeout_s)
+    except urllib.error.HTTPError as e:
+      if e.code in (404, 410):
+        raise FileNotFoundError(f"HTTP {e.code}") from None
+      raise
+
+  def size(self, name: str) -> int:
+    with self._open(urllib.request.Request(self.url(name), method="HEAD")) as response:
+      length = response.headers.get("Content-Length")
+    if length is None:
+      raise StreamError(f"{self.url(name)}: the server gives no Content-Length")
+    return int(length)
+
+  def read(self, name: str, start: int, stop: int) -> bytes:
+    request = urllib.request.Request(self.url(name), headers={"Range": f"bytes={start}-{stop - 1}"})
+    with self._open(request) as response:
+      if response.status != 206:
+        # A 200 would be the whole file: a 30 GB shard for a 4 MB batch.
+        raise StreamError(
+          f"{self.url(name)} bytes {start}-{stop - 1}: the server ignored the Range header "
+          f"(HTTP {response.status}); it must serve byte ranges"
+        )
+      return response.read()
+
+
+def open_transport(location: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Transport, str]:
+  """(transport of the folder, name of a file in it or '') for a `--data` location."""
+  if location.startswith("hf://"):
+    return HubTransport(location), ""
+  if location.startswith(("http://", "https://")):
+    base, _, name = location.rstrip("/").rpartition("/")
+    if not name.endswith(".bin"):
+      raise StreamError(
+        f"--data={location}: plain HTTP cannot list a folder; give the URL of shard 0 "
+        f"(.../document-00000-of-00020.bin) or of a joined .bin"
+      )
+    return HttpTransport(base, timeout_s), name
+  import fsspec
+
+  if "://" in location:
+    protocol, path = location.split("://", 1)
+    try:
+      fs = fsspec.filesystem(protocol)
+    except (ImportError, ValueError) as e:
+      raise StreamError(f"--data={location}: no filesystem for {protocol}:// ({e})") from None
+    display_root = f"{protocol}://"
+  else:
+    fs, path, display_root = fsspec.filesystem("file"), os.path.abspath(location), ""
+  if path.endswith((".bin", ".idx")):
+    folder, _, name = path.rpartition("/")
+    return FsspecTransport(fs, folder, display_root + folder), name
+  return FsspecTransport(fs, path, display_root + path.rstrip("/")), ""
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _is_transient(error: BaseException) -> bool:
+  """Trouble worth retrying: timeouts, dropped connections, 5xx/429. Not: a missing file,
+  a refused Range, a short read (a truncated file stays truncated)."""
+  if isinstance(error, (FileNotFoundError, PermissionError, DataError)):
+    return False
+  if isinstance(error, urllib.error.HTTPError):
+    return error.code == 429 or error.code >= 500
+  status = getattr(getattr(error, "response", None), "status_code", None)
+  if status is not None:
+    return status == 429 or status >= 500
+  if isinstance(error, (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError)):
+    return True
+  names = {cls.__name__ for cls in type(error).__mro__}
+  return bool(
+    names
+    & {
+      "TransportError",
+      "TimeoutException",
+      "NetworkError",
+      "ConnectError",
+      "RemoteProtocolError",
+      "ReadError",
+      "ClientError",  # aiohttp (fsspec's HTTP filesystem)
+      "ServerDisconnectedError",
+    }
+  )
+
+
+def _cause(error: BaseException) -> str:
+  if isinstance(error, FileNotFoundError):
+    return f"not found ({error})" if str(error) else "not found"
+  if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+    error = error.reason if isinstance(error.reason, BaseException) else error
+  text = str(error) or type(error).__name__
+  return text if type(error).__name__ in text else f"{type(error).__name__}: {text}"
+
+
+@dataclasses.dataclass
+class Retrying:
+  """A transport's reads with retries, whole-range checks and one-line errors."""
+
+  transport: Transport
+  attempts: int = DEFAULT_ATTEMPTS
+  backoff_s: float = DEFAULT_BACKOFF_S
+  sleep: Callable[[float], None] = time.sleep
+
+  def _call(self, what: str, call: Callable[[], Any]) -> Any:
+    for attempt in range(self.attempts):
+      try:
+        return call()
+      except Exception as e:  # noqa: BLE001 - classified just below
+        if isinstance(e, StreamError):
+          raise
+        if not _is_transient(e) or attempt == self.attempts - 1:
+          tries = f" (after {attempt + 1} attempts)" if attempt else ""
+          error = DataFileNotFoundError if isinstance(e, FileNotFoundError) else StreamError
+          raise error(f"{what}: {_cause(e)}{tries}") from None
+        self.sleep(self.backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+  def size(self, name: str) -> int:
+    return self._call(f"{self.transport.url(name)} (size)", lambda: self.transport.size(name))
+
+  def read(self, name: str, start: int, stop: int) -> bytes:
+    what = f"{self.transport.url(name)} bytes {start}-{stop - 1}"
+    raw = self._call(what, lambda: self.transport.read(name, start, stop))
+    if len(raw) != stop - start:
+      raise StreamError(
+        f"{what}: got {len(raw)} bytes of {stop - start}; the file is shorter than the index says"
+      )
+    return raw
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which files hold the joined stream: its shards in order and its index."""
+
+  idx_name: str
+  shard_names: tuple[str, ...]
+  shard_size: int  # bytes of every shard but the last (shard 0's size)
+  last_shard_size: int
+  dtype: str
+  count: int
+  doc_count: int
+  first_item_size: int
+
+  @property
+  def total_bytes(self) -> int:
+    return self.shard_size * (len(self.shard_names) - 1) + self.last_shard_size
+
+
+def _find_layout_names(transport: Transport, name: str) -> tuple[str, list[str]]:
+  """(index name, shard names in order) from a named shard or joined .bin, or a listing."""
+  if name:
+    m = SHARD_NAME.match(name)
+    if m:
+      base, last = m.group("base"), int(m.group("last"))
+      return f"{base}.idx", [shard_name(base, i, last) for i in range(last + 1)]
+    stem = name[: -len(".bin")] if name.endswith((".bin", ".idx")) else name
+    return f"{stem}.idx", [f"{stem}.bin"]
+  names = transport.list()
+  if names is None:
+    raise StreamError(f"{transport.url('')}: cannot list it; name shard 0 or a joined .bin")
+  shards: dict[str, dict[int, tuple[int, str]]] = {}
+  for n in names:
+    if m := SHARD_NAME.match(n):
+      shards.setdefault(m.group("base"), {})[int(m.group("index"))] = (int(m.group("last")), n)
+  indexed = [b for b in sorted(shards) if f"{b}.idx" in names]
+  if not shards or not indexed:
+    joined = sorted(n[:-4] for n in names if n.endswith(".idx") and n[:-4] + ".bin" in names)
+    if len(joined) == 1:
+      return f"{joined[0]}.idx", [f"{joined[0]}.bin"]
+    found = ", ".join(names[:8]) or "nothing"
+    raise DataFileNotFoundError(
+      f"{transport.url('')}: no <base>-<i:05>-of-<last:05>.bin shards with a <base>.idx "
+      f"(nor one joined .bin/.idx pair); found {found}"
+    )
+  if len(indexed) > 1:
+    raise StreamError(f"{transport.url('')}: several sharded streams ({indexed}); name shard 0")
+  base = indexed[0]
+  last = max(last for last, _ in shards[base].values())
+  for i in range(last + 1):
+    if i not in shards[base]:
+      raise DataFileNotFoundError(
+        f"{transport.url(shard_name(base, i, last))}: shard {i} of {last + 1} is missing"
+      )
+  return f"{base}.idx", [shard_name(base, i, last) for i in range(last + 1)]
+
+
+class ShardedStream:
+  """A Megatron-indexed token stream read by byte range (see the module doc).
+
+  Nothing is requested until a method needs it, so an offline rerun that the cache
+  serves makes no request at all. `requests` counts the ranges and sizes asked for.
+  """
+
+  def __init__(
+    self,
+    location: str,
+    *,
+    cache_dir: str | None = None,
+    attempts: int = DEFAULT_ATTEMPTS,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    transport: Transport | None = None,
+  ):
+    self.location = location
+    if transport is None:
+      transport, self._named = open_transport(location, timeout_s)
+    else:
+      self._named = ""
+    self.transport = transport
+    self.remote = Retrying(transport, attempts, backoff_s)
+    self.name = location
+    self.cache = None
+    if cache_dir is not None:
+      digest = hashlib.sha256(transport.key.encode()).hexdigest()[:16]
+      readable = re.sub(r"[^\w.@-]+", "_", transport.key).strip("_")[-80:]
+      self.cache = os.path.join(cache_dir, f"{readable}-{digest}")
+    self._layout: Layout | None = None
+    self._checked_shards: set[int] = set()
+    self._last: tuple[int, int, np.ndarray] | None = None  # the last items read
+
+  def __repr__(self) -> str:
+    return f"ShardedStream({self.location!r}, cache={self.cache!r})"
+
+  # -- the network, or a clear word on why not
+
+  def _online(self, missing: str) -> Retrying:
+    reason = self.transport.offline_reason()
+    if reason:
+      where = f"the cache {self.cache}" if self.cache else "there is no cache, so it"
+      raise StreamOfflineError(
+        f"{self.location} is offline ({reason}) and {where} lacks {missing}; fetch it while "
+        f"online (tools.fetch_data stages it for offline hosts) or unset HF_HUB_OFFLINE"
+      )
+    return self.remote
+
+  # -- layout and index checks
+
+  @property
+  def layout(self) -> Layout:
+    if self._layout is None:
+      self._layout = self._cached_layout() or self._read_layout()
+    return self._layout
+
+  def _cached_layout(self) -> Layout | None:
+    if not self.cache:
+      return None
+    try:
+      with open(os.path.join(self.cache, _META_FILE)) as f:
+        fields = json.load(f)
+      return Layout(**{**fields, "shard_names": tuple(fields["shard_names"])})
+    except (FileNotFoundError, TypeError, ValueError, KeyError):
+      return None
+
+  def _read_layout(self) -> Layout:
+    remote = self._online("the stream's index and shard sizes")
+    idx_name, shards = _find_layout_names(self.transport, self._named)
+    idx_url = self.transport.url(idx_name)
+    idx_size = remote.size(idx_name)
+    header = data.parse_index_header(
+      remote.read(idx_name, 0, min(data.INDEX_HEADER_SIZE, idx_size)), idx_url, idx_size
+    )
+    if idx_size != header.nbytes:
+      raise StreamError(
+        f"index {idx_url} is {idx_size} bytes, but its header announces {header.count} items "
+        f"and {header.doc_count} documents, which make {header.nbytes}"
+      )
+    shard_size = remote.size(shards[0])
+    last_size = remote.size(shards[-1]) if len(shards) > 1 else shard_size
+    first_size = last_end = 0
+    if header.count:
+      first_size = int(self._index_entries(remote, idx_name, header, 0, 1)[0][0])
+      sizes, pointers = self._index_entries(remote, idx_name, header, header.count - 1, 1)
+      last_end = int(pointers[0]) + int(sizes[0]) * header.dtype.itemsize
+    layout = Layout(
+      idx_name,
+      tuple(shards),
+      shard_size,
+      last_size,
+      header.dtype.name,
+      header.count,
+      header.doc_count,
+      first_size,
+    )
+    if last_end != layout.total_bytes:
+      raise StreamError(
+        f"index {idx_url} disagrees with the shards: its last item ends at byte {last_end}, "
+        f"the {len(shards)} shard(s) hold {layout.total_bytes} bytes ({shards[0]} "
+        f"{shard_size} bytes, {shards[-1]} {last_size}); a shard is truncated or missing, "
+        f"or the index belongs to another stream"
+      )
+    if self.cache:
+      os.makedirs(self.cache, exist_ok=True)
+      record = {**dataclasses.asdict(layout), "location": self.location}
+      record["shard_names"] = list(layout.shard_names)
+      atomic_write(
+        os.path.join(self.cache, _META_FILE),
+        lambda tmp: _write_json(tmp, {k: v for k, v in record.items() if k != "location"}),
+        ".json",
+      )
+    return layout
+
+  @staticmethod
+  def _index_entries(
+    remote: Retrying, idx_name: str, header: data.IndexHeader, start: int, n: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """`sizes` and `pointers` of items start .. start+n-1, by two range reads."""
+    a = header.sizes_offset + 4 * start
+    sizes = np.frombuffer(remote.read(idx_name, a, a + 4 * n), "<i4")
+    b = header.pointers_offset + 8 * start
+    pointers = np.frombuffer(remote.read(idx_name, b, b + 8 * n), "<i8")
+    return sizes, pointers
+
+  # -- IndexedStream
+
+  def __len__(self) -> int:
+    return self.layout.count
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.layout.dtype)
+
+  def item_sizes(self, start: int, stop: int) -> np.ndarray:
+    if (start, stop) == (0, 1):
+      return np.array([self.layout.first_item_size])
+    # batch_of_step asks for the sizes, then the items: one read serves both.
+    return np.full(stop - start, self.read_items(start, stop).shape[1], np.int64)
+
+  def read_items(self, start: int, stop: int) -> np.ndarray:
+    if self._last is not None and self._last[:2] == (start, stop):
+      return self._last[2]
+    items = self._from_cache(start, stop)
+    if items is None:
+      items = self._read(start, stop)
+      self._to_cache(start, stop, items)
+    self._last = (start, stop, items)
+    return items
+
+  # -- reading
+
+  def _read(self, start: int, stop: int) -> np.ndarray:
+    layout = self.layout
+    if not 0 <= start < stop <= layout.count:
+      raise DataError(f"{self.location} holds {layout.count} items; asked for {start}..{stop - 1}")
+    remote = self._online(f"items {start}..{stop - 1}")
+    header = data.IndexHeader(np.dtype(layout.dtype), layout.count, layout.doc_count)
+    idx_url = self.transport.url(layout.idx_name)
+    sizes, pointers = self._index_entries(remote, layout.idx_name, header, start, stop - start)
+    itemsize = header.dtype.itemsize
+    if sizes.min() != sizes.max():
+      raise DataError(
+        f"index {idx_url}: items {start}..{stop - 1} have unequal lengths "
+        f"({sizes.min()}..{sizes.max()} tokens); training sequences all have seq_len + 1"
+      )
+    length = int(sizes[0])
+    expected = int(pointers[0]) + np.arange(stop - start, dtype=np.int64) * length * itemsize
+    if (pointers != expected).any():
+      i = int(np.flatnonzero(pointers != expected)[0])
+      raise StreamError(
+        f"index {idx_url} is corrupt: item {start + i} starts at byte {int(pointers[i])}, but "
+        f"items are {length * itemsize} bytes back to back, so it should start at "
+        f"{int(expected[i])}"
+      )
+    begin, end = int(pointers[0]), int(pointers[0]) + (stop - start) * length * itemsize
+    raw = self._read_joined(remote, begin, end)
+    return np.frombuffer(raw, header.dtype).reshape(stop - start, length)
+
+  def _read_joined(self, remote: Retrying, begin: int, end: int) -> bytes:
+    """Bytes [begin, end) of the joined stream, from the one or two shards they lie in."""
+    layout = self.layout
+    if end > layout.total_bytes:
+      raise StreamError(
+        f"{self.location}: the index points at bytes {begin}..{end - 1}, past the end of the "
+        f"shards ({layout.total_bytes} bytes)"
+      )
+    parts = []
+    offset = begin
+    while offset < end:
+      shard = min(offset // layout.shard_size, len(layout.shard_names) - 1)
+      shard_begin = shard * layout.shard_size
+      is_last = shard == len(layout.shard_names) - 1
+      stop = end if is_last else min(end, shard_begin + layout.shard_size)
+      name = layout.shard_names[shard]
+      self._check_shard(remote, shard)
+      parts.append(remote.read(name, offset - shard_begin, stop - shard_begin))
+      offset = stop
+    return b"".join(parts)
+
+  def _check_shard(self, remote: Retrying, shard: int) -> None:
+    """A middle shard's size (once): a truncated shard would shift every item after it."""
+    checked = self._checked_shards
+    layout = self.layout
+    if shard in checked or shard in (0, len(layout.shard_names) - 1):
+      return
+    name = layout.shard_names[shard]
+    size = remote.size(name)
+    if size != layout.shard_size:
+      raise StreamError(
+        f"{self.transport.url(name)} is {size} bytes; every shard but the last must be as "
+        f"long as shard 0 ({layout.shard_size} bytes): it is truncated"
+      )
+    checked.add(shard)
+
+  # -- cache
+
+  def _from_cache(self, start: int, stop: int) -> np.ndarray | None:
+    if not self.cache or not os.path.isdir(self.cache):
+      return None
+    for name in os.listdir(self.cache):
+      m = _ITEMS_FILE.match(name)
+      if m and int(m.group(1)) <= start and stop <= int(m.group(2)):
+        first = int(m.group(1))
+        try:
+          items = np.load(os.path.join(self.cache, name), mmap_mode="r")
+        except (OSError, ValueError):
+          continue  # unreadable: fetch again, and the write replaces it
+        return np.asarray(items[start - first : stop - first])
+    return None
+
+  def _to_cache(self, start: int, stop: int, items: np.ndarray) -> None:
+    if not self.cache:
+      return
+
+    def write(tmp):
+      with open(tmp, "wb") as f:
+        np.save(f, items)
+
+    atomic_write(os.path.join(self.cache, f"items-{start}-{stop}.npy"), write, ".npy")
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def is_stream_location(path: str) -> bool:
+  """True for what `open_stream` reads: URLs and local folders of shards (not a local
+  `<prefix>.bin/.idx`, which `data.MMapIndexedDataset` maps directly)."""
+  return "://" in path or os.path.isdir(path)
+
+
+def open_stream(location: str, cache_dir: str | None = "default", **options: Any) -> ShardedStream:
+  """A `ShardedStream` of `location`; remote streams cache in `default_cache_dir()` unless
+  `cache_dir` names another folder (None: no cache). Local folders are not cached."""
+  if cache_dir == "default":
+    local = "://" not in location or location.startswith("file://")
+    cache_dir = None if local else default_cache_dir()
+  return ShardedStream(location, cache_dir=cache_dir, **options)
+
+
+# ------------------------------------------------------------------ staged batches
+
+STAGED_MANIFEST = "manifest.json"
+STAGED_PREFIX = "batches"
+STAGED_FORMAT = "jax_pythia staged training batches"
+
+
+class StagedStream:
+  """A folder written by `stage`: the few batches a sweep needs, as a small local
+  `batches.bin/.idx`, standing in for the whole stream. Items keep their numbers in the
+  original stream (`manifest.json` maps each staged step to its items), so
+  `data.batch_of_step` finds the batch of a step exactly as in the original; an item that
+  was not staged is an error naming the step range and how to stage it."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.name = directory
+    path = os.path.join(directory, STAGED_MANIFEST)
+    try:
+      with open(path) as f:
+        self.manifest = json.load(f)
+    except FileNotFoundError:
+      raise DataFileNotFoundError(
+        f"{path} not found: not a folder staged by tools.fetch_data"
+      ) from None
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: not valid JSON ({e})") from None
+    if self.manifest.get("format") != STAGED_FORMAT:
+      raise DataError(f"{path}: not a manifest of staged batches (format {STAGED_FORMAT!r})")
+    self.staged = data.MMapIndexedDataset(os.path.join(directory, STAGED_PREFIX))
+    # (first original item, stop, first staged item), sorted
+    self.ranges = sorted(
+      (int(b["items"][0]), int(b["items"][1]), int(b["staged_first"]))
+      for b in self.manifest["batches"]
+    )
+    if sum(b - a for a, b, _ in self.ranges) != len(self.staged):
+      raise DataError(
+        f"{path} lists {sum(b - a for a, b, _ in self.ranges)} staged items, but "
+        f"{self.staged.bin_path} holds {len(self.staged)}: the folder is incomplete"
+      )
+
+  @property
+  def sequences_per_step(self) -> int:
+    return int(self.manifest["sequences_per_step"])
+
+  def __len__(self) -> int:
+    return int(self.manifest["source_items"])
+
+  def _staged_range(self, start: int, stop: int) -> tuple[int, int]:
+    for a, b, first in self.ranges:
+      if a <= start and stop <= b:
+        return first + start - a, first + stop - a
+    sps = self.sequences_per_step
+    raise DataError(
+      f"--data={self.directory}: items {start}..{stop - 1} (step {start // sps}) were not "
+      f"staged from {self.manifest['source']}; stage them with python -m tools.fetch_data "
+      f"(same --models/--steps and sweep options as the sweep) or read the stream directly"
+    )
+
+  def item_sizes(self, start: int, stop: int) -> np.ndarray:
+    # Every staged item has the one length the staging checked; item 0 need not be staged.
+    return np.full(stop - start, int(self.manifest["item_size"]), np.int64)
+
+  def read_items(self, start: int, stop: int) -> np.ndarray:
+    return self.staged.read_items(*self._staged_range(start, stop))
+
+
+def is_staged(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, STAGED_MANIFEST))
+
+
+def open_stream_source(
+  location: str,
+  sequences_per_step: int = data.SEQUENCES_PER_STEP,
+  seq_len: int | None = None,
+  fixed_step: int | None = None,
+  **options: Any,
+) -> data.MMapTokenSource:
+  """The training stream at `location` (a URL, a folder of shards, or a staged folder) as a
+  token source: the same `MMapTokenSource` that reads a local `.bin/.idx`."""
+  if "://" not in location and is_staged(location):
+    stream: data.IndexedStream = StagedStream(location)
+    if stream.sequences_per_step != sequences_per_step:
+      raise DataError(
+        f"--data={location} was staged with {stream.sequences_per_step} sequences a step; "
+        f"the sweep asks for {sequences_per_step}"
+      )
+  else:
+    stream = open_stream(location, **options)
+  return data.MMapTokenSource(stream, sequences_per_step, seq_len, fixed_step)
+
+
+def stage(
+  stream: data.IndexedStream,
+  needs: dict[int, int],
+  out_dir: str,
+  sequences_per_step: int = data.SEQUENCES_PER_STEP,
+  progress: Callable[[int], Any] | None = None,
+) -> dict:
+  """Copies the batches `needs` ({step: sequences}) of `stream` into `out_dir` (see
+  `StagedStream`); returns the manifest. Written `.bin` first, `.idx`, then the manifest,
+  each atomically, so a crash leaves no folder that looks complete."""
+  ranges = {}
+  for step, n in sorted(needs.items()):
+    ranges[step] = data.step_items(step, n, sequences_per_step)
+    if ranges[step][1] > len(stream):
+      raise DataError(
+        f"{stream.name} holds {len(stream)} items; step {step} needs items "
+        f"{ranges[step][0]}..{ranges[step][1] - 1}"
+      )
+  batches, item_size, first = [], None, 0
+
+  def items():
+    nonlocal item_size, first
+    for step, (a, b) in ranges.items():
+      tokens = stream.read_items(a, b)
+      if item_size is None:
+        item_size = tokens.shape[1]
+      if tokens.shape[1] != item_size:
+        raise DataError(
+          f"{stream.name}: step {step} has items of {tokens.shape[1]} tokens, earlier steps "
+          f"{item_size}; training sequences all have one length"
+        )
+      batches.append({"step": step, "items": [a, b], "staged_first": first})
+      first += b - a
+      yield from tokens
+      if progress:
+        progress(step)
+
+  dtype = getattr(stream, "dtype", np.dtype(np.uint16))
+  os.makedirs(out_dir, exist_ok=True)
+  data.write_mmap_indexed_dataset(os.path.join(out_dir, STAGED_PREFIX), items(), dtype)
+  manifest = {
+    "format": STAGED_FORMAT,
+    "source": stream.name,
+    "source_items": len(stream),
+    "sequences_per_step": sequences_per_step,
+    "item_size": item_size,
+    "batches": batches,
+  }
+  atomic_write(
+    os.path.join(out_dir, STAGED_MANIFEST), lambda tmp: _write_json(tmp, manifest), ".json"
+  )
+  return manifest
+
+
+def pile_for_models(names: list[str]) -> str:
+  """The Hub stream Pythia models trained on: the deduplicated Pile for `-deduped` models,
+  the standard Pile for the others. Models of both kinds need two runs, one per stream."""
+  deduped = {"deduped" in name for name in names}
+  if len(deduped) != 1:
+    raise DataError(
+      f"--models {names} trained on two streams (deduped and standard Pile); stage or sweep "
+      f"each kind separately, or name the stream with --data"
+    )
+  return PILE_DEDUPED if deduped.pop() else PILE_STANDARD
+
+
+def batch_bytes(needs: dict[int, int], item_tokens: int, token_bytes: int = 2) -> int:
+  """Bytes of the batches `needs` ({step: sequences}) at `item_tokens` tokens an item."""
+  return sum(needs.values()) * item_tokens * token_bytes

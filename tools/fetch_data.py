@@ -1,0 +1,81 @@
+"""Stage the training batches a sweep needs into a small local folder, once, for a pod.
+
+  python -m tools.fetch_data --models=pythia-70m-deduped,pythia-160m-deduped --steps=paper \
+      --out=/shared/pile-staged
+  python -m tools.sweep --models=... --steps=paper --data=/shared/pile-staged
+
+Exactly the batches the sweep will read (the fixed inputs, each checkpoint's gradient
+window, the held-out loss batch: jax_pythia.sweep.batches_needed) are read by byte range
+from --data (default: the Hub stream the models trained on) into DIR/batches.bin/.idx,
+with DIR/manifest.json mapping each step to its sequences. Use the same sweep options
+here as in the sweep; a step that was not staged is a clear error there, not a wrong batch.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tools import _cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "Models, as in tools.sweep (they set the final step).")
+flags.DEFINE_string("out", None, "Folder to stage into (shared by the pod).")
+flags.DEFINE_string(
+  "data",
+  None,
+  "The stream to read: hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled (the "
+  "default for -deduped models; pile-standard-... for the others), any fsspec URL, a "
+  "folder of shards, or a joined .bin/.idx prefix.",
+)
+flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "Range-read cache (default: $JAX_PYTHIA_DATA_CACHE or ~/.cache/jax_pythia/data).",
+)
+flags.DEFINE_integer("sequences_per_step", 1024, "Sequences per training batch (Pythia: 1024).")
+_cli.define_work_flags()  # the sweep's own flags: what it computes is what is staged
+flags.adopt_module_key_flags(_cli)  # --help lists them with this tool's own
+flags.DEFINE_integer(
+  "data_step",
+  None,
+  "As in tools.sweep: the step whose batch gives the fixed inputs (default: the step "
+  "before the final checkpoint).",
+)
+
+
+def main(argv):
+  _cli.reject_extra_args(argv)
+  from tqdm import tqdm
+
+  from jax_pythia import data, sources, streams, sweep
+
+  if not FLAGS.models or not FLAGS.out:
+    raise ValueError("give --models and --out (see --help)")
+  models = sources.resolve_models(FLAGS.models)
+  options = sweep.SweepOptions(
+    n_sequences=FLAGS.n_sequences,
+    data_step=FLAGS.data_step,
+    gradients=FLAGS.gradients,
+    gradient_window=FLAGS.gradient_window,
+    gradient_sequences=FLAGS.gradient_sequences,
+    loss_sequences=FLAGS.loss_sequences,
+  )
+  needs = sweep.batches_needed(models, FLAGS.steps, options)
+  location = FLAGS.data or streams.pile_for_models([m.name for m in models])
+  if streams.is_stream_location(location):
+    stream = streams.open_stream(location, cache_dir=FLAGS.cache_dir or "default")
+  else:
+    stream = data.MMapIndexedDataset(location)
+  print(
+    f"staging {len(needs)} batches ({sum(needs.values())} sequences) of {location} into {FLAGS.out}"
+  )
+  with tqdm(total=len(needs), unit="batch", dynamic_ncols=True, delay=0.5) as bar:
+    manifest = streams.stage(
+      stream, needs, FLAGS.out, FLAGS.sequences_per_step, progress=lambda step: bar.update(1)
+    )
+  size = streams.batch_bytes(needs, manifest["item_size"], stream.dtype.itemsize)
+  print(f"wrote {FLAGS.out}: {size / 1e6:.3g} MB; sweep with --data={FLAGS.out}")
+
+
+if __name__ == "__main__":
+  _cli.run(main)
