@@ -36,6 +36,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fraction of the device's memory the planned peak may use; the rest is for what the
 #: plan does not count (XLA's workspace, fragmentation, the runtime).
 HEADROOM = 0.9
+#: Tokens per chunk of the loss's logits (model.LOSS_CHUNK_TOKENS, not imported: plan
+#: runs without JAX).
+LOSS_CHUNK_TOKENS = 1024
 #: Rematerialisation policies from least to most recomputation (model.REMAT_POLICIES).
 REMAT = ("none", "attention", "layer")
 #: Pythia's joined training stream: 146,432,000 sequences of 2,049 uint16 tokens.
@@ -242,13 +245,15 @@ def gradient_call_bytes(
     L * (b * (ld * d + lf * f / M) + 4 * ls * (H / M) * s)
     + b * (wd * d + wf * f / M)
     + 4 * ws * (H / M) * s
-    + 4 * lv * V / vocab_split
   )
+  tokens = mb / D * s
+  # The loss holds float32 logits of one chunk of tokens at a time (model.lm_loss).
+  logits = 4 * lv * V / vocab_split * min(tokens, LOSS_CHUNK_TOKENS)
   parts = {
     "params": _param_bytes(shape, work, mesh),
     "outputs": 4 * (work.gradient_batches * grad_values + work.gradient_batches),
     "accumulators": 2 * b * grad_values,
-    "activations": mb / D * s * per_token,
+    "activations": tokens * per_token + logits,
     "tokens": 4 * work.gradient_batches * work.gradient_sequences / D * (s + 1),
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}

@@ -240,3 +240,7 @@ def test_sweep_refuses_an_explicit_microbatch_that_cannot_fit(long_suite, tmp_pa
     _sweep(long_suite, tmp_path / "x", 1e6, gradient_microbatch=8)
   assert "--gradient_microbatch=8" in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+def test_loss_chunk_is_the_models():
+  assert plan.LOSS_CHUNK_TOKENS == model.LOSS_CHUNK_TOKENS
