@@ -70,6 +70,17 @@ GLOBAL_SITES: dict[str, tuple[str, str]] = {
 }
 _SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(.+)$")
 
+#: What the backward pass recomputes instead of keeping, per layer (`jax.checkpoint` on the
+#: scanned layer). "none" keeps every residual; "attention" keeps the weight matmuls'
+#: outputs (q, k, v, attention and MLP projections) and recomputes the s x s attention
+#: scores, softmax and GELU, the largest residuals at long sequences, for little compute;
+#: "layer" keeps only each layer's input and recomputes the whole layer (one more forward).
+REMAT_POLICIES: dict[str, Any] = {
+  "none": None,
+  "attention": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "layer": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteRequest:
@@ -347,6 +358,7 @@ class GPTNeoX(nn.Module):
 
   config: GPTNeoXConfig
   dtype: Any = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES
 
   @nn.compact
   def __call__(
@@ -372,8 +384,11 @@ class GPTNeoX(nn.Module):
     if "hook_embed" in sites.global_sites:
       captures["hook_embed"] = _select(x, idx)
     cos, sin = rotary_tables(cfg, seq_len)
+    block = Block
+    if self.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     layers = nn.scan(
-      Block,
+      block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
@@ -415,6 +430,7 @@ def forward(
   sites: SiteRequest | str | Sequence[str] = (),
   positions: str | Sequence[int] | Array = "last",
   return_logits: bool = True,
+  remat: str = "none",
 ) -> tuple[Array | None, dict[str, Array]]:
   """Runs the model on tokens [b, s]: (logits [b, s, V] float32 or None, captures).
 
@@ -423,11 +439,14 @@ def forward(
   Pure in (params, tokens); wrap in `jax.jit` with `config`, `sites` and `return_logits`
   static (see `make_forward`), or vmap over a stacked checkpoint axis of params.
   Captures map each requested site name to its array, at the kept `positions`.
+  `remat` (REMAT_POLICIES) changes only what a backward pass keeps, never the values.
   """
   if not isinstance(sites, SiteRequest):
     sites = SiteRequest.parse(sites, config)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: one of {', '.join(REMAT_POLICIES)}")
   idx = position_index(positions, tokens.shape[1])
-  model = GPTNeoX(config, dtype=params_dtype(params))
+  model = GPTNeoX(config, dtype=params_dtype(params), remat=remat)
   return model.apply({"params": params}, tokens, idx, sites, return_logits)
 
 
@@ -563,7 +582,11 @@ def token_cross_entropy(
 
 
 def lm_loss(
-  params: Params, tokens: Array, config: GPTNeoXConfig, chunk_tokens: int = LOSS_CHUNK_TOKENS
+  params: Params,
+  tokens: Array,
+  config: GPTNeoXConfig,
+  chunk_tokens: int = LOSS_CHUNK_TOKENS,
+  remat: str = "none",
 ) -> Array:
   """Mean next-token cross-entropy of tokens [b, s+1] (inputs [:, :-1], targets [:, 1:]).
 
@@ -571,7 +594,9 @@ def lm_loss(
   (`token_cross_entropy`); gradients flow to whichever params the caller differentiates.
   """
   request = SiteRequest.parse(["ln_final.hook_normalized"], config)
-  _, caps = forward(params, tokens[:, :-1], config, request, positions="all", return_logits=False)
+  _, caps = forward(
+    params, tokens[:, :-1], config, request, positions="all", return_logits=False, remat=remat
+  )
   h = caps["ln_final.hook_normalized"]
   return token_cross_entropy(
     h.reshape(-1, h.shape[-1]), unembedding(params), tokens[:, 1:].reshape(-1), chunk_tokens
@@ -611,6 +636,7 @@ def loss_and_grads(
   config: GPTNeoXConfig,
   wrt: Sequence[str] = GRADIENT_WEIGHTS,
   chunk_tokens: int = LOSS_CHUNK_TOKENS,
+  remat: str = "none",
 ) -> tuple[Array, dict[str, Any]]:
   """LM loss of tokens [b, s+1] and its gradient w.r.t. the layer weights `wrt` only.
 
@@ -618,6 +644,7 @@ def loss_and_grads(
   requested leaves (e.g. grads["attn"]["value"]["kernel"] [L, d, H, dh]); gradients of
   other weights, the embedding and unembedding included, are never formed, and the
   logits exist one chunk of `chunk_tokens` tokens at a time (`token_cross_entropy`).
+  `remat` trades memory for recomputation (REMAT_POLICIES).
   """
   for path in wrt:
     try:
@@ -630,7 +657,7 @@ def loss_and_grads(
     layers = params["layers"]
     for path, value in chosen.items():
       layers = _set(layers, path, value)
-    return lm_loss({**params, "layers": layers}, tokens, config, chunk_tokens)
+    return lm_loss({**params, "layers": layers}, tokens, config, chunk_tokens, remat)
 
   loss, grads = jax.value_and_grad(loss_of)(chosen)
   return loss, nest(grads)

@@ -9,12 +9,20 @@ masked s x s square), plus the SVDs of the spectra (about 4 m n^2 each). Memory 
 device is params + the chosen weights' gradients + activations kept for the backward
 pass, under the mesh's model and data split (jax_pythia.sharding). These are estimates,
 meant to size a pod, not to replace a measured run.
+
+Memory decides how the gradients are computed: `choose_gradient_layout` picks the largest
+gradient microbatch, and the cheapest rematerialisation (`model.REMAT_POLICIES`), whose
+planned peak stays under `HEADROOM` of the device's memory (`--device_memory`, by default
+what the device reports). The per-token coefficients of the activation model count the
+residuals the backward pass keeps and were checked against XLA's own buffer assignment
+(`compiled.memory_analysis()`, tests/test_plan.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -25,6 +33,14 @@ from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Fraction of the device's memory the planned peak may use; the rest is for what the
+#: plan does not count (XLA's workspace, fragmentation, the runtime).
+HEADROOM = 0.9
+#: Tokens per chunk of the loss's logits (model.LOSS_CHUNK_TOKENS, not imported: plan
+#: runs without JAX).
+LOSS_CHUNK_TOKENS = 1024
+#: Rematerialisation policies from least to most recomputation (model.REMAT_POLICIES).
+REMAT = ("none", "attention", "layer")
 #: Pythia's joined training stream: 146,432,000 sequences of 2,049 uint16 tokens.
 PILE_BYTES = 146_432_000 * 2_049 * 2
 
@@ -81,33 +97,41 @@ def from_suite(name: str, seq_len: int | None = None) -> Shape:
 
 def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
   """Every model of a local suite (or one model's directory of step<N>/)."""
-  from jax_pythia import checkpoints, sources, weights
+  from jax_pythia import sources
 
-  shapes = []
-  for m in sources.resolve_models([path]):
-    step_dir = os.path.join(m.location, suite.revision(m.final_step))
-    config_path = os.path.join(step_dir, weights.CONFIG_FILE)
-    if os.path.isfile(config_path):
-      config = GPTNeoXConfig.from_json_file(config_path)
-    else:
-      config = checkpoints.converted_config(step_dir)
-    size = sum(
-      os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
-    )
-    shapes.append(
-      Shape(
-        m.name,
-        config.n_layers,
-        config.d_model,
-        config.n_heads,
-        config.d_mlp,
-        config.vocab_size,
-        seq_len or config.max_seq_len,
-        m.steps,
-        checkpoint_bytes=size,
-      )
-    )
-  return shapes
+  return [of_source(m, seq_len) for m in sources.resolve_models([path])]
+
+
+def of_source(m, seq_len: int | None = None) -> Shape | None:
+  """The shape of a sources.ModelSource: a suite name's, or its final checkpoint's config
+  (None for a Hub id outside the suite, whose config is not known before fetching)."""
+  if m.is_hub:
+    try:
+      return dataclasses.replace(from_suite(m.name, seq_len), steps=m.steps)
+    except ValueError:
+      return None
+  from jax_pythia import checkpoints, weights
+
+  step_dir = os.path.join(m.location, suite.revision(m.final_step))
+  config_path = os.path.join(step_dir, weights.CONFIG_FILE)
+  if os.path.isfile(config_path):
+    config = GPTNeoXConfig.from_json_file(config_path)
+  else:
+    config = checkpoints.converted_config(step_dir)
+  size = sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
+  )
+  return Shape(
+    m.name,
+    config.n_layers,
+    config.d_model,
+    config.n_heads,
+    config.d_mlp,
+    config.vocab_size,
+    seq_len or config.max_seq_len,
+    m.steps,
+    checkpoint_bytes=size,
+  )
 
 
 def resolve(names: Sequence[str], seq_len: int | None = None) -> list[Shape]:
@@ -134,6 +158,7 @@ class Work:
   gradient_microbatch: int = 0
   loss_sequences: int = 0
   dtype: str = "float32"
+  kept_positions: int = 1  # token positions captured per sequence (--positions)
 
   @property
   def gradient_batches(self) -> int:
@@ -168,8 +193,40 @@ def flops_per_checkpoint(shape: Shape, work: Work) -> dict[str, float]:
   return parts
 
 
-def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[str, float]:
-  """{part: bytes} on one device under `mesh` ({'data': D, 'model': M})."""
+#: Values kept per token for the backward pass, by rematerialisation policy, as
+#: (per layer: d, f, H*s), (the one layer being differentiated: d, f, H*s), logits: V.
+#: Counted from what each policy saves (none: the LayerNorm, q/k/v/rotary, z, MLP
+#: pre/post residuals and the attention scores and pattern; attention: only the weight
+#: matmuls' outputs; layer: only the layer input) and rounded to XLA's buffer assignment
+#: (compiled.memory_analysis() on CPU; tests/test_memory.py holds the total within 25%).
+#: The layer being differentiated holds at least one whole score matrix, as an accelerator
+#: materialises it (XLA:CPU fuses part of it away). d and f values are in the compute
+#: dtype, scores and logits in float32.
+_ACTIVATION_VALUES = {
+  "none": ((10, 4, 2), (0, 3, 2), 3),
+  "attention": ((8, 0.5, 0), (0, 5, 1), 2.5),
+  "layer": ((1, 0, 0), (12, 4.5, 1), 2),
+}
+
+
+def gradient_call_bytes(
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  microbatch: int | None = None,
+  remat: str = "none",
+  checkpoints_per_call: int = 1,
+) -> dict[str, float]:
+  """{part: bytes} on one device of the compiled gradient call (study.gradient_fn) under
+  `mesh`: params, outputs (G batches' float32 gradients), accumulators (the microbatch
+  scan's running sum and one microbatch's gradient), activations (what the backward pass
+  keeps for one microbatch, `remat` deciding how much) and tokens; total.
+
+  `checkpoints_per_call` checkpoints in one call multiply every part (a call vmapped over
+  a checkpoint axis holds each one's weights, outputs and activations).
+  """
+  if remat not in _ACTIVATION_VALUES:
+    raise PlanError(f"remat={remat!r}: one of {', '.join(REMAT)}")
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
   d, f, L, V, H, s = (
@@ -181,24 +238,279 @@ def memory_per_device(shape: Shape, work: Work, mesh: dict[str, int]) -> dict[st
     shape.seq_len,
   )
   vocab_split = M if V % M == 0 else 1
+  grad_values = L * (2 * d * d + f * d) / M  # value, out and fc_out kernels
+  mb = microbatch or work.gradient_microbatch or work.gradient_sequences
+  (ld, lf, ls), (wd, wf, ws), lv = _ACTIVATION_VALUES[remat]
+  per_token = (
+    L * (b * (ld * d + lf * f / M) + 4 * ls * (H / M) * s)
+    + b * (wd * d + wf * f / M)
+    + 4 * ws * (H / M) * s
+  )
+  tokens = mb / D * s
+  # The loss holds float32 logits of one chunk of tokens at a time (model.lm_loss).
+  logits = 4 * lv * V / vocab_split * min(tokens, LOSS_CHUNK_TOKENS)
+  parts = {
+    "params": _param_bytes(shape, work, mesh),
+    "outputs": 4 * (work.gradient_batches * grad_values + work.gradient_batches),
+    "accumulators": 2 * b * grad_values,
+    "activations": tokens * per_token + logits,
+    "tokens": 4 * work.gradient_batches * work.gradient_sequences / D * (s + 1),
+  }
+  parts = {k: v * checkpoints_per_call for k, v in parts.items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def _param_bytes(shape: Shape, work: Work, mesh: dict[str, int]) -> float:
+  M = mesh.get("model", 1)
+  d, f, L, V = shape.d_model, shape.d_mlp, shape.n_layers, shape.vocab
+  vocab_split = M if V % M == 0 else 1
   embeddings = 2 * V * d / vocab_split
   layers = (shape.layer_params + L * (3 * d + f)) / M  # kernels and split biases
   small = L * (6 * d) + 2 * d  # LayerNorms, out/fc_out biases: replicated
-  params = b * (embeddings + layers + small)
-  # Gradients of the value, out and fc_out kernels: the scan's float32 accumulator and
-  # the step's own gradient.
-  grads = 2 * 4 * L * (2 * d * d + f * d) / M if work.gradients else 0.0
-  mb = work.gradient_microbatch or work.gradient_sequences
-  per_token_layer = b * (10 * d + 2 * f / M) + 4 * 2 * (H / M) * s  # saved + scores
+  return DTYPE_BYTES[work.dtype] * (embeddings + layers + small)
+
+
+def forward_call_bytes(
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  sequences: int,
+  microbatch: int,
+  logits: bool = False,
+  checkpoints_per_call: int = 1,
+) -> dict[str, float]:
+  """{part: bytes} on one device of a forward call on `sequences` sequences, run
+  `microbatch` at a time: the capture call (study.activation_fn: captured outputs) or,
+  with `logits`, the loss call (study.loss_fn). A forward keeps one layer's intermediates
+  at a time: the larger of the attention phase (input, normalised, q, k, v, rotated q and
+  k, and the float32 scores and pattern) and the MLP phase (input, normalised,
+  pre/post-activation, output)."""
+  D, M = mesh.get("data", 1), mesh.get("model", 1)
+  b = DTYPE_BYTES[work.dtype]
+  d, f, L, V, H, s = (
+    shape.d_model,
+    shape.d_mlp,
+    shape.n_layers,
+    shape.vocab,
+    shape.n_heads,
+    shape.seq_len,
+  )
+  vocab_split = M if V % M == 0 else 1
+  per_token = max(b * 6 * d + 4 * 2 * (H / M) * s, b * (3 * d + 2 * f / M))
+  if logits:
+    per_token += 3 * 4 * V / vocab_split
+  # ov_head, ov, mlp and resid of every kept token, float32, twice (result and stacking).
+  captured = 0.0 if logits else 2 * 4 * L * 4 * d * sequences / D * work.kept_positions
+  parts = {
+    "params": _param_bytes(shape, work, mesh),
+    "outputs": captured,
+    "activations": microbatch / D * s * per_token,
+    "tokens": 4 * sequences / D * (s + 1),
+  }
+  parts = {k: v * checkpoints_per_call for k, v in parts.items()}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def spectra_call_bytes(shape: Shape, work: Work) -> dict[str, float]:
+  """{part: bytes} of the gradient spectra call (study.gradient_metrics), which runs on
+  one device whatever the mesh (LAPACK SVDs do not split): the G float32 gradients, the
+  layer weights in float32, and a working copy of the largest gradient stack (the MLP's,
+  G x L x d_mlp x d) for the batched SVD. Held above XLA's figure on CPU (tests)."""
+  d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
+  G = work.gradient_batches
+  parts = {
+    "gradients": 4 * G * L * (2 * d * d + f * d),
+    "weights": 4 * (shape.layer_params + L * (3 * d + f)),
+    "workspace": 4 * G * L * f * d,
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def memory_per_device(
+  shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none"
+) -> dict[str, float]:
+  """{params, grads, activations, total}: bytes on one device under `mesh` ({'data': D,
+  'model': M}) of the gradient call (work.gradient_microbatch, `remat`) or, without
+  gradients, of the capture forward (all sequences at once)."""
   if work.gradients:
-    tokens = mb / D * s
-    acts = tokens * (L * per_token_layer + 3 * 4 * V / vocab_split)
+    g = gradient_call_bytes(shape, work, mesh, remat=remat)
+    out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"]}
   else:
-    tokens = max(work.n_sequences, work.loss_sequences) / D * s
-    acts = tokens * (per_token_layer + (3 * 4 * V / vocab_split if work.loss_sequences else 0))
-  out = {"params": params, "grads": grads, "activations": acts}
-  out["total"] = sum(out.values())
+    g = forward_call_bytes(shape, work, mesh, work.n_sequences, work.n_sequences)
+    out = {"params": g["params"], "grads": 0.0}
+  out["activations"] = g["total"] - sum(out.values())
+  out["total"] = g["total"]
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one checkpoint's calls run on a device: microbatches and rematerialisation, with
+  each call's planned peak (bytes per device) and the limit they were held under."""
+
+  gradient_microbatch: int
+  remat: str
+  capture_microbatch: int
+  loss_microbatch: int
+  peaks: dict[str, float]  # {call: bytes}: capture, gradients, spectra, loss
+  limit: float
+
+  @property
+  def peak(self) -> float:
+    return max(self.peaks.values())
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.limit
+
+  def describe(self) -> str:
+    grad = f"gradient microbatch {self.gradient_microbatch} (remat {self.remat}), "
+    return (
+      (grad if "gradients" in self.peaks else "")
+      + f"capture microbatch {self.capture_microbatch}: peak {_si(self.peak, 'B')} of "
+      f"{_si(self.limit, 'B')} per device"
+    )
+
+
+def _microbatches(sequences: int, data: int) -> list[int]:
+  """Sizes that divide `sequences` and split over the data axis, largest first."""
+  return [m for m in range(sequences, 0, -1) if sequences % m == 0 and m % data == 0] or [sequences]
+
+
+#: Tokens per device that already fill an accelerator's matmuls (8 sequences of 2048): a
+#: larger gradient microbatch saves little, so beyond it less recomputation comes first.
+FULL_MICROBATCH_TOKENS = 16384
+
+
+def gradient_layouts(shape: Shape, work: Work, mesh: dict[str, int]) -> list[tuple[int, str]]:
+  """(microbatch, remat) the gradient call may use, best first: larger microbatches first
+  (fewer, fuller steps) up to FULL_MICROBATCH_TOKENS per device, then the least
+  recomputation, then larger still. So remat is used when it makes a larger microbatch
+  fit, unless the one that fits without it already fills the device. An explicit
+  work.gradient_microbatch is the only size. (Checkpoints per call, once a call holds
+  several, join this order.)"""
+  D = mesh.get("data", 1)
+  sizes = (
+    [work.gradient_microbatch]
+    if work.gradient_microbatch
+    else _microbatches(work.gradient_sequences, D)
+  )
+
+  def merit(layout):
+    mb, remat = layout
+    return (min(mb / D * shape.seq_len, FULL_MICROBATCH_TOKENS), -REMAT.index(remat), mb)
+
+  return sorted(((m, r) for m in sizes for r in REMAT), key=merit, reverse=True)
+
+
+def _first_fit(candidates, cost, limit):
+  """(candidate, bytes) of the first candidate whose cost fits `limit`, else the last."""
+  for c in candidates:
+    peak = cost(c)
+    if peak <= limit:
+      break
+  return c, peak
+
+
+def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: float) -> Layout:
+  """For each call the first of its candidates whose planned peak stays under HEADROOM x
+  device_bytes (the gradient call: `gradient_layouts`; the forward calls: the largest
+  microbatch). Where nothing fits, the most frugal candidate, and `fits` is False."""
+  limit = HEADROOM * device_bytes
+  D = mesh.get("data", 1)
+  peaks = {}
+  capture, peaks["capture"] = _first_fit(
+    _microbatches(work.n_sequences, D),
+    lambda m: forward_call_bytes(shape, work, mesh, work.n_sequences, m)["total"],
+    limit,
+  )
+  loss = 0
+  if work.loss_sequences:
+    loss, peaks["loss"] = _first_fit(
+      _microbatches(work.loss_sequences, D),
+      lambda m: forward_call_bytes(shape, work, mesh, work.loss_sequences, m, True)["total"],
+      limit,
+    )
+  microbatch, remat = 0, "none"
+  if work.gradients:
+    (microbatch, remat), peaks["gradients"] = _first_fit(
+      gradient_layouts(shape, work, mesh),
+      lambda c: gradient_call_bytes(shape, work, mesh, *c)["total"],
+      limit,
+    )
+    peaks["spectra"] = spectra_call_bytes(shape, work)["total"]
+  return Layout(microbatch, remat, capture, loss, peaks, limit)
+
+
+def require_fit(name: str, layout: Layout, work: Work) -> Layout:
+  """`layout` if it fits, else a PlanError naming the call, the value, the estimate and
+  the limit."""
+  if layout.fits:
+    return layout
+  call = max(layout.peaks, key=layout.peaks.get)
+  if call == "gradients" and work.gradient_microbatch:
+    what = f"--gradient_microbatch={layout.gradient_microbatch} (remat={layout.remat})"
+    hint = "choose a smaller one, or 0 to let the sweep choose"
+  else:
+    size = {
+      "gradients": f"gradient microbatch {layout.gradient_microbatch} (remat={layout.remat})",
+      "capture": f"capture microbatch {layout.capture_microbatch}",
+      "loss": f"loss microbatch {layout.loss_microbatch}",
+      "spectra": "the gradient spectra (every gradient batch's gradients on one device)",
+    }[call]
+    what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
+    if call == "spectra":
+      what, hint = size, "use a device with more memory or --nogradients"
+  raise PlanError(
+    f"{name}: {what} needs an estimated {_si(layout.peaks[call], 'B')} per device, over the "
+    f"limit of {_si(layout.limit, 'B')} ({HEADROOM:.0%} of --device_memory); {hint}"
+  )
+
+
+def kept_positions(spec: str, seq_len: int) -> int:
+  """Token positions per sequence a --positions spec keeps."""
+  from jax_pythia import model
+
+  try:
+    kind, arg = model.parse_positions(spec, "--positions")
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+  return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
+
+
+def sweep_work(options, seq_len: int) -> Work:
+  """The Work of sweep.SweepOptions on sequences of seq_len tokens."""
+  return Work(
+    options.n_sequences,
+    options.gradients,
+    options.gradient_window,
+    options.gradient_sequences,
+    options.gradient_microbatch,
+    options.loss_sequences,
+    options.dtype,
+    kept_positions(options.positions, seq_len),
+  )
+
+
+def sweep_layouts(
+  models, options, seq_len: int, mesh: dict[str, int], device_bytes: float | None = None
+) -> dict[str, Layout]:
+  """{model name: Layout} for a sweep's models (sources.ModelSource) on devices of
+  `device_bytes` (default: what the first local device reports). Raises PlanError, before
+  anything is loaded, for a model that cannot fit; a Hub model of unknown shape gets no
+  layout (its gradient batches run as --gradient_microbatch says)."""
+  if device_bytes is None:
+    device_bytes, _ = device_memory()
+  work = sweep_work(options, seq_len)
+  layouts = {}
+  for m in models:
+    shape = of_source(m, seq_len)
+    if shape is not None:
+      layouts[m.name] = require_fit(m.name, choose_layout(shape, work, mesh, device_bytes), work)
+  return layouts
 
 
 def measure_flops_per_device(seconds: float = 2.0) -> float:
@@ -231,6 +543,7 @@ class ModelPlan:
   memory: dict[str, float]
   compute_s: float  # per checkpoint, on all devices
   fetch_s: float  # per checkpoint, one host
+  layout: Layout | None = None  # chosen from the device's memory, when it is known
 
   @property
   def fetch_bytes(self) -> int:
@@ -250,16 +563,39 @@ def make_plan(
   mesh: dict[str, int],
   flops_per_second: float,
   bandwidth: float,
+  device_bytes: float | None = None,
 ) -> ModelPlan:
-  """`flops_per_second`: what all devices together sustain (peak x utilisation)."""
+  """`flops_per_second`: what all devices together sustain (peak x utilisation).
+  `device_bytes`: one device's memory; the plan then runs each call in the microbatches
+  (and rematerialisation) that `choose_layout` picks, and reports memory under them."""
   try:
     chosen = suite.parse_steps(steps, shape.steps)
   except ValueError as e:
     raise PlanError(f"--steps for {shape.name}: {e}") from None
   if shape.steps[-1] not in chosen:
     chosen = chosen + (shape.steps[-1],)  # the sweep always adds the final checkpoint
+  M = mesh.get("model", 1)
+  if shape.n_heads % M or shape.d_mlp % M:
+    raise PlanError(
+      f"--mesh model axis of {M}: {shape.name} has {shape.n_heads} heads and d_mlp "
+      f"{shape.d_mlp}, not both divisible by it"
+    )
   flops = flops_per_checkpoint(shape, work)
-  memory = memory_per_device(shape, work, mesh)
+  layout = None
+  if device_bytes:
+    layout = choose_layout(shape, work, mesh, device_bytes)
+    work = dataclasses.replace(work, gradient_microbatch=layout.gradient_microbatch)
+    g_seqs = work.gradient_batches * work.gradient_sequences
+    # What rematerialisation recomputes: the attention core, or the whole layer's forward.
+    extra = {
+      "none": 0.0,
+      "attention": attention_flops(shape, g_seqs),
+      "layer": 2 * shape.layer_params * g_seqs * shape.seq_len + attention_flops(shape, g_seqs),
+    }[layout.remat]
+    flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
+  memory = memory_per_device(shape, work, mesh, layout.remat if layout else "none")
+  if layout:
+    memory = {**memory, "total": layout.peak}
   return ModelPlan(
     shape,
     chosen,
@@ -267,6 +603,7 @@ def make_plan(
     memory,
     flops["total"] / flops_per_second,
     shape.bytes_per_checkpoint / bandwidth,
+    layout,
   )
 
 
@@ -275,6 +612,11 @@ def _si(x: float, unit: str) -> str:
     if abs(x) >= scale:
       return f"{x / scale:.3g} {prefix}{unit}"
   return f"{x:.3g} {unit}"
+
+
+def format_bytes(x: float) -> str:
+  """1.6e10 -> '16 GB' (decimal prefixes, as --device_memory reads them)."""
+  return _si(x, "B")
 
 
 def _duration(s: float) -> str:
@@ -293,14 +635,17 @@ def format_plan(
   source: str,
   data_bytes: int | None = None,
   data_batches: int = 0,
+  memory_source: str = "",
 ) -> str:
   """The plan as text; `data_bytes` of training data in `data_batches` batches (what
   tools.fetch_data stages, from jax_pythia.sweep.batches_needed) go beside the checkpoints."""
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
-    "",
   ]
+  if memory_source:
+    lines.append(f"memory: {memory_source}; peaks held under {HEADROOM:.0%} of it")
+  lines.append("")
   header = (
     "model",
     "ckpts",
@@ -308,6 +653,7 @@ def format_plan(
     "fetch",
     "FLOPs/ckpt",
     "(capture/grad)",
+    "microbatch",
     "mem/device",
     "(params/grads/acts)",
     "s/ckpt",
@@ -324,6 +670,7 @@ def format_plan(
         _si(p.fetch_bytes, "B"),
         _si(f["total"], ""),
         f"{_si(f['capture'], '')}/{_si(f['gradients'], '')}",
+        _layout_cell(p.layout),
         _si(m["total"], "B"),
         f"{_si(m['params'], 'B')}/{_si(m['grads'], 'B')}/{_si(m['activations'], 'B')}",
         f"{max(p.compute_s, p.fetch_s / hosts):.3g}",
@@ -338,9 +685,70 @@ def format_plan(
     f"all models: {_si(sum(p.fetch_bytes for p in plans), 'B')} of checkpoints to fetch, "
     f"about {_duration(total)}",
   ]
+  for p in plans:
+    if p.layout and not p.layout.fits:
+      call = max(p.layout.peaks, key=p.layout.peaks.get)
+      lines.append(
+        f"* {p.shape.name} does not fit: its {call} call needs "
+        f"{_si(p.layout.peaks[call], 'B')} per device"
+        + (" even at the smallest microbatch with remat" if call != "spectra" else " (one device)")
+        + f", over {_si(p.layout.limit, 'B')}"
+      )
   if data_bytes is not None:
     lines.append(
       f"training data: {_si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
       f"range; tools.fetch_data stages them), not the whole {_si(PILE_BYTES, 'B')} stream"
     )
   return "\n".join(lines)
+
+
+def _layout_cell(layout: Layout | None) -> str:
+  """'16' or '4 remat:attention' (the gradient microbatch), '*' marking a misfit."""
+  if layout is None:
+    return "given"
+  cell = str(layout.gradient_microbatch or layout.capture_microbatch)
+  if layout.remat != "none":
+    cell += f" remat:{layout.remat}"
+  return cell if layout.fits else cell + " *"
+
+
+# ------------------------------------------------------------------- device memory
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str, flag: str = "--device_memory") -> int:
+  """'16GB' -> 16e9, '80GiB' -> 80 * 2**30, '512MB', '1.5T', '123456' (bytes)."""
+  m = _SIZE_RE.match(str(text))
+  if not m or float(m.group(1)) <= 0 or (m.group(3) and not m.group(2)):
+    raise PlanError(f"{flag}={text!r}: expected a size such as 16GB, 80GiB or 512MB")
+  number, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+  power = "kmgtp".find(prefix) + 1 if prefix else 0
+  return int(number * (1024 if binary else 1000) ** power)
+
+
+def available_ram() -> int:
+  """Bytes of RAM free for new work: MemAvailable, else free pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device=None) -> tuple[int, str]:
+  """(bytes, where from) of one device: its allocator's limit on GPU and TPU, free RAM on
+  CPU (whose memory_stats() is None)."""
+  import jax
+
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform} memory_stats()"
+  return available_ram(), "available RAM"
+
+
+# ------------------------------------------------------------------ gradient memory

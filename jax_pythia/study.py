@@ -36,12 +36,16 @@ def activation_sites(value_slice: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def activation_fn(config: GPTNeoXConfig, value_slice: str):
-  """jit fn(params, tokens [b, s], idx [b, k] | None) -> {component: array} (module doc)."""
+def activation_fn(config: GPTNeoXConfig, value_slice: str, microbatch: int = 0):
+  """jit fn(params, tokens [b, s], idx [b, k] | None) -> {component: array} (module doc).
+
+  `microbatch` (dividing b; 0: all at once) runs the forward pass on that many sequences
+  at a time, so its peak (one layer's attention scores) stays bounded; the result is the
+  same.
+  """
   request = model_lib.SiteRequest.parse(activation_sites(value_slice), config)
 
-  @jax.jit
-  def fn(params, tokens, idx):
+  def capture(params, tokens, idx):
     _, caps = model_lib.forward(params, tokens, config, request, idx, return_logits=False)
     # [L, b, k, ...] -> [L, n, ...] with n = b * k
     flat = {
@@ -61,7 +65,29 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str):
       "resid": flat["blocks.*.hook_resid_post"],
     }
 
+  @jax.jit
+  def fn(params, tokens, idx):
+    return _in_microbatches(functools.partial(capture, params), microbatch, tokens, idx)
+
   return fn
+
+
+def _in_microbatches(fn, microbatch: int, tokens, idx):
+  """fn(tokens [b, ...], idx None | [k] | [b, k]) -> {name: [..., b*k, e]}, run on
+  microbatch sequences at a time (jax.lax.map) and joined along the token axis (second to
+  last) in order."""
+  b = tokens.shape[0]
+  if not microbatch or microbatch >= b:
+    return fn(tokens, idx)
+  split = lambda x: x.reshape(b // microbatch, microbatch, *x.shape[1:])  # noqa: E731
+  if idx is None or idx.ndim == 1:  # all positions, or the same [k] for every sequence
+    out = jax.lax.map(lambda t: fn(t, idx), split(tokens))
+  else:
+    out = jax.lax.map(lambda a: fn(*a), (split(tokens), split(idx)))
+  # [c, ..., mb*k, e] -> [..., c*mb*k, e]
+  return {
+    k: jnp.moveaxis(v, 0, -3).reshape(*v.shape[1:-2], -1, v.shape[-1]) for k, v in out.items()
+  }
 
 
 def checkpoint_metrics(
@@ -144,11 +170,13 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def gradient_fn(config: GPTNeoXConfig, value_slice: str):
+def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]).
 
   Each of the G batches (one training step's sequences, split into m microbatches of mb
   so memory stays bounded) gives one gradient of the weights `gradient_weights` names.
+  `remat` (model.REMAT_POLICIES) is what the backward pass recomputes to save memory;
+  jax_pythia.plan chooses mb and remat from the device's memory.
   """
   wrt = gradient_weights(value_slice)
 
@@ -156,7 +184,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str):
   def fn(params, batches):
     def one_batch(microbatches):
       def accumulate(total, tokens):
-        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt)
+        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat=remat)
         return jax.tree.map(jnp.add, total, (loss, grads)), None
 
       zeros = (
@@ -186,9 +214,19 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
 
 
 @functools.cache
-def loss_fn(config: GPTNeoXConfig):
-  """jit fn(params, tokens [b, s+1]) -> mean next-token loss."""
-  return jax.jit(functools.partial(model_lib.lm_loss, config=config))
+def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
+  """jit fn(params, tokens [b, s+1]) -> mean next-token loss, on `microbatch` sequences
+  at a time (dividing b; 0: all at once)."""
+
+  @jax.jit
+  def fn(params, tokens):
+    b = tokens.shape[0]
+    if not microbatch or microbatch >= b:
+      return model_lib.lm_loss(params, tokens, config)
+    chunks = tokens.reshape(b // microbatch, microbatch, -1)
+    return jax.lax.map(lambda t: model_lib.lm_loss(params, t, config), chunks).mean()
+
+  return fn
 
 
 @functools.partial(jax.jit, static_argnames=("debiased",))

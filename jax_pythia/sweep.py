@@ -34,6 +34,7 @@ from jax_pythia import (
   integrity,
   model,
   outdir,
+  plan,
   results,
   sharding,
   study,
@@ -57,7 +58,7 @@ class SweepOptions:
   gradients: bool = True
   gradient_window: int = 5  # batches of steps s-w .. s+w
   gradient_sequences: int = data.DEFAULT_N_SEQUENCES
-  gradient_microbatch: int = 0  # 0: whole batch at once
+  gradient_microbatch: int = 0  # 0: chosen from the device's memory (jax_pythia.plan)
   value_slice: str = "per_head"
   loss_sequences: int = 0  # held-out loss on this many sequences (0: off)
   dtype: str = "float32"  # forward/backward compute dtype (metric inputs: float32, HIGHEST)
@@ -190,6 +191,7 @@ class Sweep:
     placement: sharding.Placement | None = None,
     heartbeat: watchdog.Heartbeat | None = None,
     notify: Callable[[str], Any] | None = None,
+    device_memory: float | None = None,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
@@ -209,6 +211,8 @@ class Sweep:
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
     self._steps_spec = steps
+    self.device_memory = device_memory  # bytes of one device; None: what it reports
+    self.layouts: dict[str, plan.Layout] = {}  # per model, set by prepare()
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
 
   # -- planning
@@ -217,13 +221,18 @@ class Sweep:
     return selected_steps(m, spec)
 
   def prepare(self) -> None:
-    """Checks that the data holds every batch the plan needs, and that `out_dir` holds
-    no results of other options (recording these options there); once."""
+    """Checks that the data holds every batch the plan needs, chooses each model's
+    microbatches and rematerialisation from the device's memory (`plan.sweep_layouts`,
+    refusing a model that cannot fit), and checks that `out_dir` holds no results of
+    other options (recording these options there); once, before any checkpoint loads."""
     if self._prepared:
       return
     outdir.check_is_directory(self.out_dir)
     # Inputs first: a run refused for its flags must not claim --out for them.
     self._check_data()
+    mesh = sharding.mesh_sizes(self.placement.mesh) if self.placement.mesh else {"data": 1}
+    seq_len = self.inputs(self.models[0]).shape[1]
+    self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
     self._check_output_dir()
     self._prepared = True
 
@@ -418,7 +427,8 @@ class Sweep:
       )
     except ValueError as e:
       raise SweepError(str(e)) from None
-    acts = study.activation_fn(config, o.value_slice)(
+    layout = self.layouts.get(m.name)
+    acts = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)(
       params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
     )
     acts = {k: place.host(v) for k, v in acts.items()}
@@ -438,16 +448,17 @@ class Sweep:
           for s in gradient_steps(step, o.gradient_window, m.final_step - 1)
         ]
       )
-      mb = o.gradient_microbatch or o.gradient_sequences
+      mb = (layout and layout.gradient_microbatch) or o.gradient_microbatch or o.gradient_sequences
       batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
       data.check_token_ids(batches, config.vocab_size, self.source.name)
-      losses, grads = study.gradient_fn(config, o.value_slice)(
+      remat = layout.remat if layout else "none"
+      losses, grads = study.gradient_fn(config, o.value_slice, remat)(
         params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)")
       )
       grads, losses = place.single_device(grads), place.host(losses)
     if o.loss_sequences:
       beat("heldout loss")
-      heldout = study.loss_fn(config)(
+      heldout = study.loss_fn(config, layout.loss_microbatch if layout else 0)(
         params, place.batch(self.heldout_tokens(m), 0, "--loss_sequences")
       )
     beat("metrics (CKA, spectra, gradient statistics)")

@@ -108,14 +108,20 @@ def define_work_flags() -> None:
   flags.DEFINE_integer(
     "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
   )
+  flags.DEFINE_string(
+    "positions",
+    "last",
+    "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
+  )
   flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
   flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
   flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
   flags.DEFINE_integer(
     "gradient_microbatch",
     0,
-    "Split gradient batches into microbatches "
-    "of this many sequences to bound memory (0: whole batch).",
+    "Split gradient batches into microbatches of this many sequences to bound memory "
+    "(0: the largest that fits --device_memory, with rematerialisation if that is what "
+    "makes a larger one fit). An explicit value that cannot fit is refused up front.",
   )
   flags.DEFINE_integer(
     "loss_sequences",
@@ -136,6 +142,13 @@ def define_work_flags() -> None:
     "default | high | highest: matmul precision of the forward/backward "
     "(jax.default_matmul_precision). 'default' is the backend's: full float32 on CPU, one "
     "bfloat16 pass on TPU, TF32 on recent GPUs.",
+  )
+  flags.DEFINE_string(
+    "device_memory",
+    None,
+    "Memory of one device, e.g. 16GB or 80GiB (default: what the first local device "
+    "reports: memory_stats() on GPU/TPU, available RAM on CPU). Microbatches and "
+    "rematerialisation are chosen so each compiled call's planned peak stays under 90% of it.",
   )
 
 

@@ -4,12 +4,16 @@
       --devices=64 --mesh=data:8,model:8 --flops_per_device=197e12 --utilisation=0.4
   python -m tools.plan --models=runs/toy_suite --measure   # this machine's devices
 
-Throughput is either measured (--measure: a small forward on this machine's devices) or
-given (--flops_per_device in FLOP/s, times --utilisation). See jax_pythia/plan.py for the
-formulas.
+Memory per device is the peak under the microbatches (and rematerialisation) the sweep
+would choose for --device_memory (default: what this machine's first device reports);
+the microbatch column shows the gradient microbatch. Throughput is either measured
+(--measure: a small forward on this machine's devices) or given (--flops_per_device in
+FLOP/s, times --utilisation). See jax_pythia/plan.py for the formulas.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from absl import flags
 
@@ -88,9 +92,23 @@ def main(argv):
     FLAGS.loss_sequences,
     FLAGS.dtype,
   )
+  if FLAGS.device_memory:
+    device_bytes = plan.parse_bytes(FLAGS.device_memory)
+    memory_source = f"--device_memory={FLAGS.device_memory} per device"
+  else:
+    device_bytes, where = plan.device_memory()
+    memory_source = f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
   plans = [
-    plan.make_plan(s, FLAGS.steps, work, mesh, per_device * devices, FLAGS.bandwidth)
+    plan.make_plan(
+      s,
+      FLAGS.steps,
+      dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len)),
+      mesh,
+      per_device * devices,
+      FLAGS.bandwidth,
+      device_bytes,
+    )
     for s in shapes
   ]
   # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
@@ -107,7 +125,14 @@ def main(argv):
   data_bytes = streams.batch_bytes(needs, max(s.seq_len for s in shapes) + 1)
   print(
     plan.format_plan(
-      plans, devices, FLAGS.hosts, per_device * devices, source, data_bytes, len(needs)
+      plans,
+      devices,
+      FLAGS.hosts,
+      per_device * devices,
+      source,
+      data_bytes,
+      len(needs),
+      memory_source,
     )
   )
 

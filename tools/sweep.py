@@ -49,11 +49,6 @@ flags.DEFINE_integer(
   None,
   "Sequences per training batch in --data (Pythia: 1024; a suite's manifest says its own).",
 )
-flags.DEFINE_string(
-  "positions",
-  "last",
-  "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
-)
 flags.DEFINE_integer(
   "data_step",
   None,
@@ -139,7 +134,9 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import report, results, sharding, sources, sweep, watchdog
+  from jax_pythia import plan, report, results, sharding, sources, sweep, watchdog
+
+  device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
 
   _cli.require_items("models", FLAGS.models)
   stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
@@ -193,8 +190,11 @@ def main(argv):
     progress=progress,
     placement=placement,
     heartbeat=heartbeat,
+    device_memory=device_memory,
   )
-  runner.prepare()  # checks the data and --out before any work
+  # Checks the data, fits each model to the device's memory and checks --out, before
+  # any checkpoint loads.
+  runner.prepare()
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
@@ -202,6 +202,8 @@ def main(argv):
     f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
     f"results in {FLAGS.out}; {placement.describe()}"
   )
+  for name, layout in runner.layouts.items():
+    print(f"{name}: {layout.describe()}")
   bar.reset(total=todo)
   with bar:
     runner.run()

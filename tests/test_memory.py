@@ -1,0 +1,246 @@
+"""The memory plan against XLA's own numbers, and the sweep held under --device_memory.
+
+XLA's buffer assignment (`compiled.memory_analysis()`: temp + argument + output bytes) of
+the compiled gradient call is the ground truth the plan's memory model must track.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_pythia import model, plan, study
+from jax_pythia.config import GPTNeoXConfig
+
+
+def xla_bytes(config: GPTNeoXConfig, batches_shape, remat: str) -> int:
+  params = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  batches = jax.ShapeDtypeStruct(batches_shape, jnp.int32)
+  compiled = study.gradient_fn(config, "per_head", remat).lower(params, batches).compile()
+  a = compiled.memory_analysis()
+  return a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+
+
+# Shapes unlike those the coefficients were rounded on (tests/test_memory.py's docstring).
+SHAPES = [
+  # (layers, d, heads, d_mlp, vocab, seq, G, microbatches, microbatch)
+  (3, 96, 6, 384, 640, 96, 3, 2, 6),
+  (2, 64, 2, 256, 300, 128, 2, 4, 4),
+]
+
+
+@pytest.mark.parametrize(
+  "dims, remat",
+  [(SHAPES[0], r) for r in plan.REMAT] + [(SHAPES[1], "none"), (SHAPES[1], "layer")],
+  ids=lambda x: x if isinstance(x, str) else f"L{x[0]}d{x[1]}s{x[5]}",
+)
+def test_plan_tracks_xla_memory_analysis(dims, remat):
+  L, d, H, f, V, s, G, m, mb = dims
+  config = GPTNeoXConfig(vocab_size=V, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=s)
+  measured = xla_bytes(config, (G, m, mb, s + 1), remat)
+  shape = plan.Shape("t", L, d, H, f, V, s, (0,))
+  work = plan.Work(gradient_window=(G - 1) // 2, gradient_sequences=m * mb)
+  planned = plan.gradient_call_bytes(shape, work, {"data": 1}, mb, remat)["total"]
+  assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
+
+
+@pytest.mark.parametrize("dims", [(2, 64, 4, 256, 3), (3, 192, 6, 768, 5)])
+def test_spectra_plan_covers_xla(dims):
+  L, d, H, f, G = dims
+  config = GPTNeoXConfig(vocab_size=64, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=8)
+  layers = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))["layers"]
+  grads = model.nest(
+    {
+      p: jax.ShapeDtypeStruct((G, *model.get_path(layers, p).shape), jnp.float32)
+      for p in study.gradient_weights("per_head")
+    }
+  )
+  a = study.gradient_metrics.lower(grads, layers, "per_head").compile().memory_analysis()
+  measured = a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+  shape = plan.Shape("t", L, d, H, f, 64, 8, (0,))
+  planned = plan.spectra_call_bytes(shape, plan.Work(gradient_window=(G - 1) // 2))["total"]
+  assert 0.75 * measured <= planned <= 1.6 * measured, (planned, measured)
+
+
+def test_remat_policies_are_the_models():
+  assert plan.REMAT == tuple(model.REMAT_POLICIES)
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [("16GB", 16e9), ("80GiB", 80 * 2**30), ("512 MB", 512e6), ("1.5T", 1.5e12), ("4096", 4096)],
+)
+def test_parse_bytes(text, expected):
+  assert plan.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "16XB", "3iB"])
+def test_parse_bytes_refuses_naming_the_flag(text):
+  with pytest.raises(plan.PlanError, match="--device_memory"):
+    plan.parse_bytes(text)
+
+
+def test_remat_changes_memory_not_gradients():
+  config = GPTNeoXConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=16
+  )
+  params = model.init_params(config, jax.random.PRNGKey(1))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 3, 2, 17), 0, 97)
+  base_loss, base_grads = study.gradient_fn(config, "per_head")(params, tokens)
+  for remat in plan.REMAT[1:]:
+    loss, grads = study.gradient_fn(config, "per_head", remat)(params, tokens)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="remat"):
+    model.forward(params, tokens[0, 0], config, remat="sometimes")
+
+
+PYTHIA_SHAPE = plan.from_suite("pythia-410m-deduped")
+
+
+@pytest.mark.parametrize("device_gb", [2, 8, 16, 40, 80, 400])
+def test_chooser_takes_the_largest_microbatch_then_the_least_remat(device_gb):
+  work = plan.Work()  # the paper's protocol: 11 batches of 128 x 2048 tokens
+  mesh = {"data": 1}
+  layout = plan.choose_layout(PYTHIA_SHAPE, work, mesh, device_gb * 1e9)
+  limit = plan.HEADROOM * device_gb * 1e9
+
+  def cost(mb, remat):
+    return plan.gradient_call_bytes(PYTHIA_SHAPE, work, mesh, mb, remat)["total"]
+
+  sizes = [mb for mb in range(1, 129) if 128 % mb == 0]
+  fitting = [(mb, r) for mb in sizes for r in plan.REMAT if cost(mb, r) <= limit]
+  if not fitting:
+    assert not layout.fits and (layout.gradient_microbatch, layout.remat) == (1, "layer")
+    return
+  # Up to a full microbatch (8 sequences of 2048 tokens), larger first; then least remat.
+  full = plan.FULL_MICROBATCH_TOKENS // 2048
+  best = min(max(mb for mb, _ in fitting), full)
+  least = next(r for r in plan.REMAT if any(mb >= best and q == r for mb, q in fitting))
+  largest = max(mb for mb, r in fitting if r == least)
+  assert (layout.gradient_microbatch, layout.remat) == (largest, least)
+  assert layout.peaks["gradients"] == cost(largest, least) <= limit
+  # The capture call: the largest microbatch of the 128 fixed sequences that fits.
+  assert layout.peaks["capture"] <= limit
+
+
+def test_explicit_microbatch_that_cannot_fit_is_refused_in_one_line():
+  work = plan.Work(gradient_microbatch=64)
+  layout = plan.choose_layout(PYTHIA_SHAPE, work, {"data": 1}, 16e9)
+  assert layout.gradient_microbatch == 64 and not layout.fits
+  with pytest.raises(plan.PlanError) as e:
+    plan.require_fit("pythia-410m-deduped", layout, work)
+  message = str(e.value)
+  assert "\n" not in message and "--gradient_microbatch=64" in message
+  assert plan.format_bytes(layout.peaks["gradients"]) in message
+  assert plan.format_bytes(0.9 * 16e9) in message
+
+
+def test_more_devices_on_the_model_axis_fit_larger_microbatches():
+  work = plan.Work()
+  one = plan.choose_layout(PYTHIA_SHAPE, work, {"data": 1}, 16e9)
+  eight = plan.choose_layout(PYTHIA_SHAPE, work, {"model": 8}, 16e9)
+  assert eight.gradient_microbatch > one.gradient_microbatch and eight.fits
+
+
+def test_forward_microbatches_give_the_same_activations_and_loss():
+  config = GPTNeoXConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=16
+  )
+  params = model.init_params(config, jax.random.PRNGKey(1))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 17), 0, 97)
+  idx = jax.random.randint(jax.random.PRNGKey(3), (8, 3), 0, 16)
+  for positions in (idx, None, jnp.array([15])):
+    whole = study.activation_fn(config, "per_head")(params, tokens[:, :-1], positions)
+    split = study.activation_fn(config, "per_head", 2)(params, tokens[:, :-1], positions)
+    for name in whole:
+      np.testing.assert_allclose(split[name], whole[name], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    study.loss_fn(config, 4)(params, tokens), study.loss_fn(config)(params, tokens), rtol=1e-6
+  )
+
+
+# ---------------------------------------------------------------- the sweep under a limit
+
+SEQ = 64
+GRADIENT_SEQUENCES = 16
+SMALL_OPTIONS = dict(n_sequences=8, gradient_window=1, gradient_sequences=GRADIENT_SEQUENCES)
+
+
+@pytest.fixture(scope="module")
+def long_suite(tmp_path_factory):
+  """One 2-layer model, checkpoints 0 and 1, on 64-token sequences (attention matters)."""
+  from tests import hf_fixtures, suite_fixtures
+
+  root = tmp_path_factory.mktemp("memory_suite")
+  rng = np.random.default_rng(0)
+  items = rng.integers(0, 97, (4 * GRADIENT_SEQUENCES, SEQ + 1))
+  suite_fixtures.write_token_stream(root / "data" / "train", items)
+  for step in (0, 1):
+    m = hf_fixtures.tiny_model(
+      seed=step,
+      vocab_size=97,
+      max_position_embeddings=SEQ,
+      num_hidden_layers=2,
+      hidden_size=64,
+      num_attention_heads=4,
+      intermediate_size=256,
+    )
+    hf_fixtures.write_safetensors(m, root / "m" / f"step{step}")
+  return root
+
+
+def _sweep(root, out, device_memory, **options):
+  from jax_pythia import data, sources, sweep
+
+  models = sources.resolve_models([str(root / "m")])
+  source = data.open_token_source(str(root / "data" / "train"), sequences_per_step=16)
+  opts = sweep.SweepOptions(**{**SMALL_OPTIONS, **options})
+  runner = sweep.Sweep(models, "all", source, str(out), opts, device_memory=device_memory)
+  runner.prepare()
+  return runner
+
+
+def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path):
+  from jax_pythia import results
+
+  free = _sweep(long_suite, tmp_path / "free", 1e12)
+  assert free.layouts["m"].gradient_microbatch == GRADIENT_SEQUENCES
+  shape = plan.of_source(free.models[0], SEQ)
+  work = plan.sweep_work(free.options, SEQ)
+  # Room for 2 sequences at a time without remat, not for the whole batch.
+  device = plan.gradient_call_bytes(shape, work, {"data": 1}, 2, "none")["total"] / 0.89
+  tight = _sweep(long_suite, tmp_path / "tight", device)
+  layout = tight.layouts["m"]
+  assert 2 <= layout.gradient_microbatch < GRADIENT_SEQUENCES and layout.fits
+  # XLA's own figure for the compiled gradient call under the chosen layout.
+  config = GPTNeoXConfig.from_json_file(str(long_suite / "m" / "step0" / "config.json"))
+  m = GRADIENT_SEQUENCES // layout.gradient_microbatch
+  measured = xla_bytes(config, (3, m, layout.gradient_microbatch, SEQ + 1), layout.remat)
+  assert measured <= device, (measured, device)
+  for runner in (free, tight):
+    runner.run()
+  a = results.collect(str(tmp_path / "free"))[0]
+  b = results.collect(str(tmp_path / "tight"))[0]
+  assert a.drop(columns="value").equals(b.drop(columns="value"))
+  # Summing the microbatches' gradients in another order moves them by float32 rounding;
+  # every metric stays within 1e-5 but the gradients' condition numbers, whose smallest
+  # singular value moves by up to eps x the largest (Weyl): relative change <= eps x kappa.
+  kappa = (a["metric"] == "grad_condition_number").to_numpy()
+  x, y = a["value"].to_numpy(), b["value"].to_numpy()
+  assert np.isclose(y[~kappa], x[~kappa], rtol=1e-5, atol=0, equal_nan=True).all()
+  assert (np.abs(y - x)[kappa] <= np.finfo(np.float32).eps * x[kappa] ** 2).all()
+
+
+def test_sweep_refuses_an_explicit_microbatch_that_cannot_fit(long_suite, tmp_path):
+  with pytest.raises(plan.PlanError) as e:
+    _sweep(long_suite, tmp_path / "x", 1e6, gradient_microbatch=8)
+  assert "--gradient_microbatch=8" in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+def test_loss_chunk_is_the_models():
+  assert plan.LOSS_CHUNK_TOKENS == model.LOSS_CHUNK_TOKENS
