@@ -202,9 +202,10 @@ def main(argv):
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
+  per_call = ", ".join(f"{m.name} {runner.checkpoints_per_call(m)}" for m in models)
   print(
     f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
-    f"results in {FLAGS.out}; {placement.describe()}"
+    f"results in {FLAGS.out}; {placement.describe()}; checkpoints per call: {per_call}"
   )
   for name, layout in runner.layouts.items():
     print(f"{name}: {layout.describe()}")
