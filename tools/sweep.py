@@ -202,7 +202,7 @@ def main(argv):
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
-  per_call = ", ".join(f"{m.name} {runner.checkpoints_per_call(m)}" for m in models)
+  per_call = ", ".join(f"{name} {c}" for name, c in runner.per_call.items())
   print(
     f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
     f"results in {FLAGS.out}; {placement.describe()}; checkpoints per call: {per_call}"
