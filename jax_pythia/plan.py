@@ -159,6 +159,7 @@ class Work:
   loss_sequences: int = 0
   dtype: str = "float32"
   kept_positions: int = 1  # token positions captured per sequence (--positions)
+  checkpoints_per_call: int = 1  # C checkpoints stacked in one compiled call (memory x C)
 
   @property
   def gradient_batches(self) -> int:
@@ -336,10 +337,19 @@ def memory_per_device(
   'model': M}) of the gradient call (work.gradient_microbatch, `remat`) or, without
   gradients, of the capture forward (all sequences at once)."""
   if work.gradients:
-    g = gradient_call_bytes(shape, work, mesh, remat=remat)
+    g = gradient_call_bytes(
+      shape, work, mesh, remat=remat, checkpoints_per_call=work.checkpoints_per_call
+    )
     out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"]}
   else:
-    g = forward_call_bytes(shape, work, mesh, work.n_sequences, work.n_sequences)
+    g = forward_call_bytes(
+      shape,
+      work,
+      mesh,
+      work.n_sequences,
+      work.n_sequences,
+      checkpoints_per_call=work.checkpoints_per_call,
+    )
     out = {"params": g["params"], "grads": 0.0}
   out["activations"] = g["total"] - sum(out.values())
   out["total"] = g["total"]
@@ -470,6 +480,42 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
   )
 
 
+# The automatic C stacks at most this many per platform. On CPU one checkpoint already
+# keeps the cores busy and stacking measured no reliable gain (benchmarks/bench_batched.py).
+AUTO_MAX_CHECKPOINTS = {"cpu": 1, "gpu": 16, "tpu": 16}
+
+
+def checkpoints_per_call(
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  device_bytes: float | None,
+  requested: int = 0,
+  platform: str = "cpu",
+  flag: str = "--checkpoints_per_call",
+) -> int:
+  """C, the checkpoints of `shape` stacked per compiled call: `requested` (> 0) checked
+  against HEADROOM x `device_bytes`, or (0: automatic) as many as fit under it, at most
+  AUTO_MAX_CHECKPOINTS[platform]; 1 when the memory is unknown. One checkpoint's peak is
+  that of the layout `choose_layout` picks; every call's peak scales with C (vmap)."""
+  if requested < 0:
+    raise PlanError(f"{flag}={requested}: a number of checkpoints >= 1, or 0 (auto)")
+  if not device_bytes:
+    return requested or 1
+  one = choose_layout(shape, dataclasses.replace(work, checkpoints_per_call=1), mesh, device_bytes)
+  limit = HEADROOM * device_bytes
+  if requested:
+    need = requested * one.peak
+    if requested > 1 and need > limit:
+      raise PlanError(
+        f"{flag}={requested}: {requested} checkpoints of {shape.name} need about "
+        f"{_si(need, 'B')} per device, over the limit of {_si(limit, 'B')}; use fewer (0: auto)"
+      )
+    return requested
+  fit = int(limit // one.peak)
+  return max(1, min(fit, AUTO_MAX_CHECKPOINTS.get(platform, 1)))
+
+
 def kept_positions(spec: str, seq_len: int) -> int:
   """Token positions per sequence a --positions spec keeps."""
   from jax_pythia import model
@@ -513,8 +559,10 @@ def sweep_layouts(
   return layouts
 
 
-def measure_flops_per_device(seconds: float = 2.0) -> float:
-  """FLOP/s one local device reaches on a small model's forward (all its overheads in)."""
+def measure_flops_per_device(seconds: float = 2.0, checkpoints_per_call: int = 1) -> float:
+  """FLOP/s one local device reaches on a small model's forward (all its overheads in),
+  run on `checkpoints_per_call` stacked copies of the model in one call, as the sweep
+  does (what stacking gains shows here)."""
   import jax
 
   from jax_pythia import model
@@ -522,12 +570,15 @@ def measure_flops_per_device(seconds: float = 2.0) -> float:
   config = GPTNeoXConfig(
     vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048, max_seq_len=256
   )
+  c = checkpoints_per_call
   params = model.init_params(config, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda x: np.broadcast_to(x, (c, *x.shape)), params)
   tokens = np.zeros((8, 256), np.int32)
-  fn = model.make_forward(config, return_logits=True)
+  forward = model.make_forward(config, return_logits=True)
+  fn = jax.jit(jax.vmap(forward, in_axes=(0, None)))
   jax.block_until_ready(fn(params, tokens))
   shape = Shape("measure", 4, 512, 8, 2048, 4096, 256, (0,))
-  flops = 2 * (shape.layer_params + 512 * 4096) * 8 * 256 + attention_flops(shape, 8)
+  flops = c * (2 * (shape.layer_params + 512 * 4096) * 8 * 256 + attention_flops(shape, 8))
   runs, start = 0, time.perf_counter()
   while runs < 3 or time.perf_counter() - start < seconds:
     jax.block_until_ready(fn(params, tokens))
@@ -544,6 +595,8 @@ class ModelPlan:
   compute_s: float  # per checkpoint, on all devices
   fetch_s: float  # per checkpoint, one host
   layout: Layout | None = None  # chosen from the device's memory, when it is known
+  checkpoints_per_call: int = 1  # memory holds this many at once; FLOPs per checkpoint are
+  # unchanged (stacking changes the rate reached, which --measure measures at C)
 
   @property
   def fetch_bytes(self) -> int:
@@ -595,7 +648,7 @@ def make_plan(
     flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
   memory = memory_per_device(shape, work, mesh, layout.remat if layout else "none")
   if layout:
-    memory = {**memory, "total": layout.peak}
+    memory = {**memory, "total": layout.peak * work.checkpoints_per_call}
   return ModelPlan(
     shape,
     chosen,
@@ -604,6 +657,7 @@ def make_plan(
     flops["total"] / flops_per_second,
     shape.bytes_per_checkpoint / bandwidth,
     layout,
+    work.checkpoints_per_call,
   )
 
 
@@ -649,6 +703,7 @@ def format_plan(
   header = (
     "model",
     "ckpts",
+    "C",
     "params",
     "fetch",
     "FLOPs/ckpt",
@@ -666,6 +721,7 @@ def format_plan(
       (
         p.shape.name,
         str(len(p.steps)),
+        str(p.checkpoints_per_call),
         _si(p.shape.params, ""),
         _si(p.fetch_bytes, "B"),
         _si(f["total"], ""),

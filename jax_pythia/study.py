@@ -5,6 +5,11 @@ Pure functions of (params, tokens) that wire the model's capture sites into the
 `checkpoint_metrics` gathers one checkpoint's results under the names of the tables
 (`analysis.metric_table`); the sweep (`jax_pythia.sweep`) only moves them to files.
 
+Each has a `batched_` twin for C checkpoints of one model stacked on a leading axis
+(`stack_params`): the same function under `jax.vmap`, one compiled call for all C, so a
+small model fills a large device. Their results equal C single calls (up to float32
+rounding: summation order may differ).
+
 Activation components (`analysis.ACTIVATION_COMPONENTS`), n = sequences x kept positions:
   ov_head [L, H, n, dh]  a token's own value through head h's W_O (the paper's OV
                          activation), stored in a d_head-dim basis that preserves every
@@ -72,6 +77,19 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str, microbatch: int = 0):
   return fn
 
 
+@functools.cache
+def batched_activation_fn(config: GPTNeoXConfig, value_slice: str, microbatch: int = 0):
+  """jit fn(stacked params [C, ...], tokens [b, s], idx [b, k] | None) -> {component:
+  [C, ...]}: `activation_fn` of C checkpoints on the same inputs."""
+  single = activation_fn(config, value_slice, microbatch)
+  return jax.jit(jax.vmap(single, in_axes=(0, None, None)))
+
+
+def stack_params(params: list) -> Any:
+  """C checkpoints' params (same config) as one pytree with leaves [C, ...]."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+
+
 def _in_microbatches(fn, microbatch: int, tokens, idx):
   """fn(tokens [b, ...], idx None | [k] | [b, k]) -> {name: [..., b*k, e]}, run on
   microbatch sequences at a time (jax.lax.map) and joined along the token axis (second to
@@ -111,16 +129,69 @@ def checkpoint_metrics(
     grads, train_losses: `gradient_fn` outputs (gradient leaves [G, ...], losses [G]).
     heldout_loss: the loss on a batch no checkpoint trained on.
   """
+  return _gather(
+    cka_against(acts, reference),
+    cka_noise_floor(acts, floor_key) if floor_key is not None else None,
+    weight_metrics(layers, value_slice),
+    gradient_metrics(grads, layers, value_slice) if grads is not None else None,
+    train_losses,
+    heldout_loss,
+  )
+
+
+def batched_checkpoint_metrics(
+  acts: dict,
+  reference: dict,
+  layers: dict,
+  value_slice: str,
+  *,
+  grads: dict | None = None,
+  train_losses: Any = None,
+  heldout_loss: Any = None,
+) -> list[dict[str, dict[str, Any]]]:
+  """`checkpoint_metrics` of C checkpoints stacked on a leading axis, one dict each.
+
+  Args:
+    acts: `batched_activation_fn` outputs ([C, ...]); reference: the final checkpoint's.
+    layers: stacked params['layers'] (leaves [C, L, ...]).
+    grads, train_losses: `batched_gradient_fn` outputs (leaves [C, G, ...], losses [C, G]).
+    heldout_loss: [C].
+  No noise floor: it belongs to the final checkpoint, which the sweep runs on its own.
+  """
+  parts = jax.device_get(
+    (
+      batched_cka_against(acts, reference),
+      batched_weight_metrics(layers, value_slice),
+      batched_gradient_metrics(grads, layers, value_slice) if grads is not None else None,
+      train_losses,
+      heldout_loss,
+    )
+  )
+  count = len(jax.tree.leaves(acts)[0])
+  return [
+    _gather(cka, None, weights, grad, losses, heldout)
+    for cka, weights, grad, losses, heldout in zip(
+      *[[None] * count if p is None else _unstack(p, count) for p in parts]
+    )
+  ]
+
+
+def _unstack(tree: Any, count: int) -> list:
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(count)]
+
+
+def _gather(cka, floor, weights, grads, train_losses, heldout_loss) -> dict:
+  """One checkpoint's results under the tables' names: {component: {metric: value}}."""
   out: dict[str, dict[str, Any]] = {}
-  for (component, estimator), value in cka_against(acts, reference).items():
+  for (component, estimator), value in cka.items():
     out.setdefault(component, {})[estimator] = value
-  if floor_key is not None:
-    for (component, estimator), value in cka_noise_floor(acts, floor_key).items():
+  if floor is not None:
+    for (component, estimator), value in floor.items():
       out[component][analysis.noise_floor_name(estimator)] = value
-  for component, metrics in weight_metrics(layers, value_slice).items():
+  for component, metrics in weights.items():
     out[component].update(metrics)
   if grads is not None:
-    for component, metrics in gradient_metrics(grads, layers, value_slice).items():
+    for component, metrics in grads.items():
       out[component].update(metrics)
   model = {}
   if train_losses is not None:
@@ -142,6 +213,12 @@ def cka_against(acts: dict, ref: dict) -> dict:
   }
 
 
+@jax.jit
+def batched_cka_against(acts: dict, ref: dict) -> dict:
+  """`cka_against` of stacked acts ([C, ...]) against one `ref`: values [C, ...]."""
+  return jax.vmap(cka_against, in_axes=(0, None))(acts, ref)
+
+
 @functools.partial(jax.jit, static_argnames=("num_permutations",))
 def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dict:
   """{(component, estimator): [L] or [L, H]}: mean CKA of `ref` against itself with rows
@@ -160,6 +237,12 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
 def weight_metrics(layers: dict, value_slice: str) -> dict:
   """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra)."""
   return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers), value_slice)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",))
+def batched_weight_metrics(layers: dict, value_slice: str) -> dict:
+  """`weight_metrics` of stacked layers (leaves [C, L, ...]): values [C, ...]."""
+  return jax.vmap(functools.partial(weight_metrics, value_slice=value_slice))(layers)
 
 
 def gradient_weights(value_slice: str) -> tuple[str, ...]:
@@ -214,6 +297,19 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
 
 
 @functools.cache
+def batched_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
+  """jit fn(stacked params [C, ...], batches [C, G, m, mb, s+1]) -> (losses [C, G], grads
+  with leaves [C, G, ...]): `gradient_fn` of C checkpoints, each on its own batches."""
+  return jax.jit(jax.vmap(gradient_fn(config, value_slice, remat)))
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",))
+def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+  """`gradient_metrics` of C checkpoints (leaves [C, G, ...] and [C, L, ...])."""
+  return jax.vmap(functools.partial(gradient_metrics, value_slice=value_slice))(grads, layers)
+
+
+@functools.cache
 def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
   """jit fn(params, tokens [b, s+1]) -> mean next-token loss, on `microbatch` sequences
   at a time (dividing b; 0: all at once)."""
@@ -227,6 +323,12 @@ def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
     return jax.lax.map(lambda t: model_lib.lm_loss(params, t, config), chunks).mean()
 
   return fn
+
+
+@functools.cache
+def batched_loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
+  """jit fn(stacked params [C, ...], tokens [b, s+1]) -> [C] losses on the same tokens."""
+  return jax.jit(jax.vmap(loss_fn(config, microbatch), in_axes=(0, None)))
 
 
 @functools.partial(jax.jit, static_argnames=("debiased",))

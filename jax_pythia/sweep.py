@@ -2,7 +2,10 @@
 
 For each model the final checkpoint is processed first (it is every CKA's reference),
 then the other selected steps. While one checkpoint computes, the next is fetched and
-converted in a background thread. Each finished checkpoint is written at once,
+converted in a background thread; a model's other steps go C at a time
+(`checkpoints_per_call`, stacked in one compiled call: `jax_pythia.study`'s batched
+functions), the next chunk loading while one computes. Each finished checkpoint is
+written at once,
 atomically (`jax_pythia.results`: its metric rows, the sampled activations pairwise CKA
 needs, a status record); rerunning the same command skips what exists, so a kill loses
 at most the checkpoint in flight. `results.finalize` gathers everything into
@@ -192,6 +195,7 @@ class Sweep:
     heartbeat: watchdog.Heartbeat | None = None,
     notify: Callable[[str], Any] | None = None,
     device_memory: float | None = None,
+    checkpoints_per_call: int = 0,
   ):
     if on_error not in ("stop", "skip"):
       raise SweepError(f"--on_error={on_error!r}: stop or skip")
@@ -213,6 +217,17 @@ class Sweep:
     self._steps_spec = steps
     self.device_memory = device_memory  # bytes of one device; None: what it reports
     self.layouts: dict[str, plan.Layout] = {}  # per model, set by prepare()
+    if checkpoints_per_call < 0:
+      raise SweepError(
+        f"--checkpoints_per_call={checkpoints_per_call}: a number of checkpoints >= 1, or 0 (auto)"
+      )
+    if checkpoints_per_call > 1 and self.placement.mesh is not None:
+      raise SweepError(
+        f"--checkpoints_per_call={checkpoints_per_call} with --mesh: stacked checkpoints run "
+        "on one device only; use 1 (or auto)"
+      )
+    self.requested_per_call = checkpoints_per_call  # 0: automatic
+    self.per_call: dict[str, int] = {}  # per model, set by prepare()
     self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
 
   # -- planning
@@ -233,6 +248,7 @@ class Sweep:
     mesh = sharding.mesh_sizes(self.placement.mesh) if self.placement.mesh else {"data": 1}
     seq_len = self.inputs(self.models[0]).shape[1]
     self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
+    self.per_call = self._checkpoints_per_call(seq_len, mesh)
     self._check_output_dir()
     self._prepared = True
 
@@ -314,16 +330,60 @@ class Sweep:
         self._run_queue(queue)
         self.heartbeat.beat(phase="waiting for the other processes")
 
+  def _checkpoints_per_call(self, seq_len: int, mesh: dict[str, int]) -> dict[str, int]:
+    """{model: C}: as asked (refused when it does not fit the device), or chosen from the
+    device's memory and the model's size (`plan.checkpoints_per_call`); 1 on a mesh or
+    for a model of unknown shape."""
+    device = jax.local_devices()[0]
+    device_bytes = self.device_memory or plan.device_memory(device)[0]
+    work = plan.sweep_work(self.options, seq_len)
+    out = {}
+    for m in self.models:
+      shape = plan.of_source(m, seq_len)
+      if self.placement.mesh is not None or shape is None:
+        out[m.name] = self.requested_per_call or 1
+        continue
+      try:
+        out[m.name] = plan.checkpoints_per_call(
+          shape, work, mesh, device_bytes, self.requested_per_call, device.platform
+        )
+      except plan.PlanError as e:
+        raise SweepError(str(e)) from None
+    return out
+
   def _run_queue(self, queue: list[tuple[ModelSource, int]]) -> None:
+    chunks = self._chunks(queue)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      future = pool.submit(self._load, *queue[0]) if queue else None
-      for i, (m, step) in enumerate(queue):
-        self.heartbeat.beat(m.name, step, "loading")
+      future = pool.submit(self._load_chunk, chunks[0]) if chunks else None
+      for i, chunk in enumerate(chunks):
+        self.heartbeat.beat(chunk[0][0].name, chunk[0][1], "loading")
         loaded = future.result()
-        future = pool.submit(self._load, *queue[i + 1]) if i + 1 < len(queue) else None
-        self._process(m, loaded)
+        future = pool.submit(self._load_chunk, chunks[i + 1]) if i + 1 < len(chunks) else None
+        self._process_chunk(chunk[0][0], loaded)
         if self.progress:
-          self.progress(m.name, step)
+          for m, step in chunk:
+            self.progress(m.name, step)
+
+  def _chunks(self, queue: list[tuple[ModelSource, int]]) -> list[list[tuple[ModelSource, int]]]:
+    """The queue cut into runs of up to C steps of one model; a final step stays alone (it
+    is the reference the others' CKA needs)."""
+    chunks: list[list[tuple[ModelSource, int]]] = []
+    for m, step in queue:
+      last = chunks[-1] if chunks else None
+      if (
+        last
+        and last[0][0] is m
+        and step != m.final_step
+        and last[0][1] != m.final_step
+        and len(last) < self.per_call.get(m.name, 1)
+      ):
+        last.append((m, step))
+      else:
+        chunks.append([(m, step)])
+    return chunks
+
+  def _load_chunk(self, chunk: list[tuple[ModelSource, int]]) -> list[Loaded]:
+    return [self._load(m, step) for m, step in chunk]
 
   def _load(self, m: ModelSource, step: int) -> Loaded:
     start = time.perf_counter()
@@ -371,7 +431,39 @@ class Sweep:
       self._hashes[m.name] = seen
     return self._hashes[m.name]
 
-  def _process(self, m: ModelSource, loaded: Loaded) -> None:
+  def _process_chunk(self, m: ModelSource, chunk: list[Loaded]) -> None:
+    """Computes the chunk's checkpoints in one batched call (one alone as before), then
+    writes each checkpoint's files as `_process` does for one."""
+    ok = self._to_compute(m, chunk)
+    computed = {}
+    if len(ok) > 1 and len({loaded.config for loaded in ok}) == 1:
+      start = time.perf_counter()
+      try:
+        outputs = self.compute_batch(m, ok)
+      except JaxPythiaError:  # each alone then: `_process` records which one fails
+        outputs = []
+      seconds = (time.perf_counter() - start) / len(ok)
+      computed = {loaded.step: (*out, seconds) for loaded, out in zip(ok, outputs)}
+    for loaded in chunk:
+      self._process(m, loaded, computed.get(loaded.step))
+
+  def _to_compute(self, m: ModelSource, chunk: list[Loaded]) -> list[Loaded]:
+    """The chunk's checkpoints `_process` will compute: loaded, and not a duplicate it will
+    skip (--on_duplicate=skip) of an earlier step, in this chunk or before it."""
+    out, earlier = [], set()
+    for loaded in chunk:
+      if loaded.error is not None:
+        continue
+      digest = loaded.weights_hash.digest if loaded.weights_hash else None
+      if self.on_duplicate == "skip" and digest and loaded.step != m.final_step:
+        if digest in earlier or self._seen_hashes(m).get(digest, loaded.step) != loaded.step:
+          continue
+        earlier.add(digest)
+      out.append(loaded)
+    return out
+
+  def _process(self, m: ModelSource, loaded: Loaded, computed: tuple | None = None) -> None:
+    """Computes (unless `computed` gives (rows, acts, seconds)) and writes one checkpoint."""
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
     status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.config is not None:
@@ -386,10 +478,10 @@ class Sweep:
         if self.placement.is_writer:
           results.write_json(status_path, {**status, "status": "duplicate", "message": message})
         return
-    error, start = loaded.error, time.perf_counter()
+    error, start, seconds = loaded.error, time.perf_counter(), None
     if error is None:
       try:
-        rows, acts = self.compute(m, loaded)
+        rows, acts, seconds = computed or (*self.compute(m, loaded), None)
       except JaxPythiaError as e:  # a checkpoint the study cannot run: as one that fails to load
         error = str(e)
     if error is not None:
@@ -405,7 +497,9 @@ class Sweep:
     save_npz(acts_path, acts)
     results.write_parquet(rows, metrics_path)  # its existence marks the step done; a rerun
     # restores the status below if the process dies first (outdir.verify_finished).
-    status.update(status="ok", message="", compute_s=time.perf_counter() - start, rows=len(rows))
+    status.update(
+      status="ok", message="", compute_s=seconds or time.perf_counter() - start, rows=len(rows)
+    )
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
@@ -417,16 +511,8 @@ class Sweep:
     beat = lambda phase: self.heartbeat.beat(m.name, step, phase)  # noqa: E731
     beat("activations")
     params = place.params(loaded.params, config)
-    tokens = self.inputs(m)
-    data.check_token_ids(tokens, config.vocab_size, self.source.name)
     where = loaded.directory or f"{m.name} step {step}"
-    data.check_sequence_length(tokens, config.max_seq_len, where, self.source.name)
-    try:
-      idx = model.position_index(
-        o.positions, tokens.shape[1], n=len(tokens), seed=o.seed, what="--positions"
-      )
-    except ValueError as e:
-      raise SweepError(str(e)) from None
+    tokens, idx = self._fixed_inputs(m, config, where)
     layout = self.layouts.get(m.name)
     acts = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)(
       params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
@@ -442,15 +528,7 @@ class Sweep:
     grads = losses = heldout = None
     if o.gradients:
       beat("gradients")
-      batches = np.stack(
-        [
-          self.source.batch(s, o.gradient_sequences)
-          for s in gradient_steps(step, o.gradient_window, m.final_step - 1)
-        ]
-      )
-      mb = (layout and layout.gradient_microbatch) or o.gradient_microbatch or o.gradient_sequences
-      batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
-      data.check_token_ids(batches, config.vocab_size, self.source.name)
+      batches = self._gradient_batches(m, step, config)
       remat = layout.remat if layout else "none"
       losses, grads = study.gradient_fn(config, o.value_slice, remat)(
         params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)")
@@ -472,12 +550,86 @@ class Sweep:
       train_losses=losses,
       heldout_loss=heldout,
     )
+    return self._rows(m, step, values), acts
+
+  def compute_batch(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
+    """`compute` of C non-final checkpoints of `m` (one config) stacked, one compiled call
+    each for activations, gradients, loss and metrics, on one device: [(rows, acts)]."""
+    o, config, steps = self.options, chunk[0].config, [loaded.step for loaded in chunk]
+    place, layout = self.placement, self.layouts.get(m.name)
+    beat = lambda phase: self.heartbeat.beat(m.name, steps[0], f"{phase}, {len(steps)} stacked")  # noqa: E731
+    beat("activations")
+    params = study.stack_params([place.params(loaded.params, config) for loaded in chunk])
+    where = chunk[0].directory or f"{m.name} step {steps[0]}"
+    tokens, idx = self._fixed_inputs(m, config, where)
+    fn = study.batched_activation_fn(
+      config, o.value_slice, layout.capture_microbatch if layout else 0
+    )
+    acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
+    reference = self._reference(m)
+    for i, loaded in enumerate(chunk):
+      here = loaded.directory or f"{m.name} step {loaded.step}"
+      _check_like_reference({k: a[i] for k, a in acts.items()}, reference, here)
+    grads = losses = heldout = None
+    if o.gradients:
+      beat("gradients")
+      batches = np.stack([self._gradient_batches(m, step, config) for step in steps])
+      remat = layout.remat if layout else "none"
+      losses, grads = study.batched_gradient_fn(config, o.value_slice, remat)(params, batches)
+    if o.loss_sequences:
+      beat("heldout loss")
+      fn = study.batched_loss_fn(config, layout.loss_microbatch if layout else 0)
+      heldout = fn(params, self.heldout_tokens(m))
+    beat("metrics (CKA, spectra, gradient statistics)")
+    values = study.batched_checkpoint_metrics(
+      acts,
+      reference,
+      params["layers"],
+      o.value_slice,
+      grads=grads,
+      train_losses=losses,
+      heldout_loss=heldout,
+    )
+    return [
+      (self._rows(m, step, v), {k: a[i] for k, a in acts.items()})
+      for i, (step, v) in enumerate(zip(steps, values))
+    ]
+
+  def _fixed_inputs(self, m: ModelSource, config: GPTNeoXConfig, where: str) -> tuple:
+    """(tokens [b, s], kept positions [b, k] | None) every checkpoint of `m` runs on."""
+    o = self.options
+    tokens = self.inputs(m)
+    data.check_token_ids(tokens, config.vocab_size, self.source.name)
+    data.check_sequence_length(tokens, config.max_seq_len, where, self.source.name)
+    try:
+      idx = model.position_index(
+        o.positions, tokens.shape[1], n=len(tokens), seed=o.seed, what="--positions"
+      )
+    except ValueError as e:
+      raise SweepError(str(e)) from None
+    return tokens, idx
+
+  def _gradient_batches(self, m: ModelSource, step: int, config: GPTNeoXConfig) -> np.ndarray:
+    """The training batches of `step`'s gradients: [G, microbatches, mb, s+1]."""
+    o, layout = self.options, self.layouts.get(m.name)
+    batches = np.stack(
+      [
+        self.source.batch(s, o.gradient_sequences)
+        for s in gradient_steps(step, o.gradient_window, m.final_step - 1)
+      ]
+    )
+    mb = (layout and layout.gradient_microbatch) or o.gradient_microbatch or o.gradient_sequences
+    batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
+    data.check_token_ids(batches, config.vocab_size, self.source.name)
+    return batches
+
+  def _rows(self, m: ModelSource, step: int, values: dict) -> pd.DataFrame:
     frames = [
-      results.metric_rows(m.name, step, component, metric, place.host(value))
+      results.metric_rows(m.name, step, component, metric, self.placement.host(value))
       for component, metrics in values.items()
       for metric, value in metrics.items()
     ]
-    return pd.concat(frames, ignore_index=True), acts
+    return pd.concat(frames, ignore_index=True)
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
     """The batch of the final step: in the stream, but no checkpoint trained on it."""

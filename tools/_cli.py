@@ -144,6 +144,14 @@ def define_work_flags() -> None:
     "bfloat16 pass on TPU, TF32 on recent GPUs.",
   )
   flags.DEFINE_string(
+    "checkpoints_per_call",
+    "auto",
+    "Checkpoints of one model stacked in one compiled call (activations, spectra and "
+    "gradients vmapped over them; the same results). auto (or 0): as many as fit in the "
+    "device's memory by jax_pythia.plan's estimate, at most 16 on an accelerator and 1 on "
+    "CPU, where stacking does not reliably pay (benchmarks/bench_batched.py).",
+  )
+  flags.DEFINE_string(
     "device_memory",
     None,
     "Memory of one device, e.g. 16GB or 80GiB (default: what the first local device "
@@ -165,3 +173,20 @@ def require_positive(flag: str, value: float | None, at_most: float | None = Non
   if not value > 0 or (at_most is not None and value > at_most):
     bound = f"in (0, {at_most:g}]" if at_most is not None else "> 0"
     raise ValueError(f"--{flag}={value:g}: must be {bound}")
+
+
+def checkpoints_per_call() -> int:
+  """--checkpoints_per_call as a number (0: automatic)."""
+  value = flags.FLAGS.checkpoints_per_call.strip().lower()
+  if value == "auto":
+    return 0
+  try:
+    c = int(value)
+  except ValueError:
+    c = -1
+  if c < 0:
+    raise ValueError(
+      f"--checkpoints_per_call={flags.FLAGS.checkpoints_per_call}: a number of checkpoints "
+      ">= 1, or auto (0)"
+    )
+  return c

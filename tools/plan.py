@@ -64,9 +64,9 @@ def main(argv):
     import jax
 
     devices = devices or jax.device_count()
+  requested = _cli.checkpoints_per_call()
   if FLAGS.measure:
-    per_device = plan.measure_flops_per_device()
-    source = f"measured {per_device / 1e9:.3g} GFLOP/s on one local device"
+    per_device, source = None, ""  # measured below, at the checkpoints per call chosen
   elif FLAGS.flops_per_device:
     per_device = FLAGS.flops_per_device * FLAGS.utilisation
     source = f"{FLAGS.flops_per_device:.3g} FLOP/s x {FLAGS.utilisation} utilisation"
@@ -99,17 +99,30 @@ def main(argv):
     device_bytes, where = plan.device_memory()
     memory_source = f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
-  plans = [
-    plan.make_plan(
-      s,
-      FLAGS.steps,
-      dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len)),
-      mesh,
-      per_device * devices,
-      FLAGS.bandwidth,
-      device_bytes,
-    )
+  works = [
+    dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))
     for s in shapes
+  ]
+  # C as the sweep would choose it on such a device (a CPU: this machine's, unless
+  # --device_memory names another device's memory).
+  import jax
+
+  local_cpu = jax.local_devices()[0].platform == "cpu" and not FLAGS.device_memory
+  platform = "cpu" if local_cpu else "gpu"
+  works = [
+    dataclasses.replace(
+      w,
+      checkpoints_per_call=plan.checkpoints_per_call(s, w, mesh, device_bytes, requested, platform),
+    )
+    for s, w in zip(shapes, works)
+  ]
+  if FLAGS.measure:
+    c = max(w.checkpoints_per_call for w in works)
+    per_device = plan.measure_flops_per_device(checkpoints_per_call=c)
+    source = f"measured {per_device / 1e9:.3g} GFLOP/s on one local device at {c} ckpt(s)/call"
+  plans = [
+    plan.make_plan(s, FLAGS.steps, w, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
+    for s, w in zip(shapes, works)
   ]
   # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
   from jax_pythia import sources, streams, sweep

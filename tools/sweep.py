@@ -5,7 +5,8 @@
       --data=hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled --out=runs/pythia
 
 For every model the final checkpoint goes first (the CKA reference), then the selected
-steps, the next one fetched while the current one computes. Results land under --out as
+steps, --checkpoints_per_call at a time in one compiled call, the next ones fetched while
+the current ones compute. Results land under --out as
 they finish (rerun the same command to resume): metrics.parquet (model, step, layer,
 component, head, metric, value), pairwise_cka.parquet, checkpoints.parquet, figures/. A
 run that makes no progress for --stall_timeout (a wedged device collective) exits with
@@ -136,6 +137,8 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import plan, report, results, sharding, sources, sweep, watchdog
 
+  per_call = _cli.checkpoints_per_call()  # bad values fail before any work
+
   device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
 
   _cli.require_items("models", FLAGS.models)
@@ -191,6 +194,7 @@ def main(argv):
     placement=placement,
     heartbeat=heartbeat,
     device_memory=device_memory,
+    checkpoints_per_call=per_call,
   )
   # Checks the data, fits each model to the device's memory and checks --out, before
   # any checkpoint loads.
@@ -198,9 +202,10 @@ def main(argv):
   pending = runner.pending()
   todo = sum(map(len, pending.values()))
   total = sum(map(len, runner.plan.values()))
+  per_call = ", ".join(f"{name} {c}" for name, c in runner.per_call.items())
   print(
     f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
-    f"results in {FLAGS.out}; {placement.describe()}"
+    f"results in {FLAGS.out}; {placement.describe()}; checkpoints per call: {per_call}"
   )
   for name, layout in runner.layouts.items():
     print(f"{name}: {layout.describe()}")
