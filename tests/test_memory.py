@@ -232,7 +232,11 @@ def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path
   kappa = (a["metric"] == "grad_condition_number").to_numpy()
   x, y = a["value"].to_numpy(), b["value"].to_numpy()
   assert np.isclose(y[~kappa], x[~kappa], rtol=1e-5, atol=0, equal_nan=True).all()
-  assert (np.abs(y - x)[kappa] <= np.finfo(np.float32).eps * x[kappa] ** 2).all()
+  # A condition number the float32 spectrum cannot resolve is NaN (analysis.spectra), in
+  # both runs alike.
+  np.testing.assert_array_equal(np.isnan(x[kappa]), np.isnan(y[kappa]))
+  resolved = kappa & ~np.isnan(x)
+  assert (np.abs(y - x)[resolved] <= np.finfo(np.float32).eps * x[resolved] ** 2).all()
 
 
 def test_sweep_refuses_an_explicit_microbatch_that_cannot_fit(long_suite, tmp_path):
