@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import files, suite, weights
+from jax_pythia import errors, files, suite, weights
 from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError
 
@@ -196,19 +196,7 @@ def _is_transient(error: BaseException) -> bool:
     return status is None or status == 429 or status >= 500
   if isinstance(error, (ConnectionError, TimeoutError)):
     return True
-  # httpx-style transport errors (huggingface_hub's HTTP client) without importing it.
-  names = {cls.__name__ for cls in type(error).__mro__}
-  return bool(
-    names
-    & {
-      "TransportError",
-      "TimeoutException",
-      "NetworkError",
-      "ConnectError",
-      "RemoteProtocolError",
-      "ReadError",
-    }
-  )
+  return errors.is_transport_error(error)
 
 
 def _with_retries(call: Callable[[], Any], attempts: int = HUB_ATTEMPTS) -> Any:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import data
+from jax_pythia import data, errors
 from jax_pythia.data import DataError, DataFileNotFoundError
 from jax_pythia.files import atomic_write
 
@@ -259,20 +259,7 @@ def _is_transient(error: BaseException) -> bool:
     return status == 429 or status >= 500
   if isinstance(error, (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError)):
     return True
-  names = {cls.__name__ for cls in type(error).__mro__}
-  return bool(
-    names
-    & {
-      "TransportError",
-      "TimeoutException",
-      "NetworkError",
-      "ConnectError",
-      "RemoteProtocolError",
-      "ReadError",
-      "ClientError",  # aiohttp (fsspec's HTTP filesystem)
-      "ServerDisconnectedError",
-    }
-  )
+  return errors.is_transport_error(error)
 
 
 def _cause(error: BaseException) -> str:
