@@ -210,6 +210,21 @@ _ACTIVATION_VALUES = {
 }
 
 
+def _dims(shape, model_axis: int) -> tuple:
+  """(d, f, L, V, H, s, vocab_split): the shape's sizes, and how many ways the
+  vocabulary splits over a model axis of `model_axis` devices (1 if it does not divide)."""
+  V = shape.vocab
+  return (
+    shape.d_model,
+    shape.d_mlp,
+    shape.n_layers,
+    V,
+    shape.n_heads,
+    shape.seq_len,
+    model_axis if V % model_axis == 0 else 1,
+  )
+
+
 def gradient_call_bytes(
   shape: Shape,
   work: Work,
@@ -230,15 +245,7 @@ def gradient_call_bytes(
     raise PlanError(f"remat={remat!r}: one of {', '.join(REMAT)}")
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
-  d, f, L, V, H, s = (
-    shape.d_model,
-    shape.d_mlp,
-    shape.n_layers,
-    shape.vocab,
-    shape.n_heads,
-    shape.seq_len,
-  )
-  vocab_split = M if V % M == 0 else 1
+  d, f, L, V, H, s, vocab_split = _dims(shape, M)
   grad_values = L * (2 * d * d + f * d) / M  # value, out and fc_out kernels
   mb = microbatch or work.gradient_microbatch or work.gradient_sequences
   (ld, lf, ls), (wd, wf, ws), lv = _ACTIVATION_VALUES[remat]
@@ -289,15 +296,7 @@ def forward_call_bytes(
   pre/post-activation, output)."""
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
-  d, f, L, V, H, s = (
-    shape.d_model,
-    shape.d_mlp,
-    shape.n_layers,
-    shape.vocab,
-    shape.n_heads,
-    shape.seq_len,
-  )
-  vocab_split = M if V % M == 0 else 1
+  d, f, L, V, H, s, vocab_split = _dims(shape, M)
   per_token = max(b * 6 * d + 4 * 2 * (H / M) * s, b * (3 * d + 2 * f / M))
   if logits:
     per_token += 3 * 4 * V / vocab_split
