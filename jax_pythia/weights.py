@@ -3,8 +3,9 @@
 Reading is memory-mapped and torch-free for safetensors: the header is parsed here and
 every tensor is an `np.frombuffer` view over a read-only mmap of its file, so reading a
 checkpoint costs no copy; the one copy is the cast/transpose into the Flax layout, done
-on the device by `convert_state_dict`. Legacy `pytorch_model.bin` files go through
-`torch.load(weights_only=True, mmap=True)`, with torch imported only then.
+by `convert_state_dict` on the device (XLA) or, for CPU devices, by numpy threads.
+Legacy `pytorch_model.bin` files go through `torch.load(weights_only=True, mmap=True)`,
+with torch imported only then.
 
 The layout (which HF tensor feeds which Flax leaf, shapes, transforms, the dimension split
 over a model axis) is the one table PARAMS; both directions of conversion, the shapes and
@@ -578,10 +579,11 @@ def _cast_keeps_finite(source: Any, target: np.dtype) -> bool:
   return float(ml_dtypes.finfo(target).max) >= float(ml_dtypes.finfo(source).max)
 
 
-def _layout(config: GPTNeoXConfig, target: np.dtype):
+def _layout(config: GPTNeoXConfig, target: np.dtype, paths: tuple[str, ...] | None = None):
   """A jax function {canonical HF name: array} -> (params, {Flax path: finite flag(s)}).
 
-  A per-layer leaf has one flag per layer, so a failure names the layer's tensor.
+  A per-layer leaf has one flag per layer, so a failure names the layer's tensor. Given
+  `paths`, only those leaves, as {path: leaf}, and no flags (`_host_convert` checks).
   """
   import jax.numpy as jnp
 
@@ -604,9 +606,144 @@ def _layout(config: GPTNeoXConfig, target: np.dtype):
         flags[p.path] = flag.reshape(L, -1).all(axis=1) if p.per_layer else flag.all()
       return out
 
+    if paths is not None:
+      return {p.path: leaf(p) for p in PARAMS if p.path in paths}, None
     return param_tree(leaf), flags
 
   return layout
+
+
+# Host conversion (see `convert_state_dict`). A job converts one block of rows of one
+# tensor, at most _HOST_JOB_ELEMENTS, so the threads share the few large tables evenly;
+# each block is converted in pieces of _CACHE_ELEMENTS, small enough to stay in cache
+# between the passes over them.
+_HOST_JOB_ELEMENTS = 1 << 22
+_CACHE_ELEMENTS = 1 << 16
+# float16 and bfloat16 store infinities and NaNs with every exponent bit set.
+_HALF_EXPONENT = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}
+# float16 -> float32 by bits: sign-extend the 16 bits to 32, shift exponent and mantissa
+# into place (<< 13), clear the sign's copies from bits 28-30, and rescale the exponent
+# bias (15 -> 127) by multiplying by 2**112, which also gets subnormals right. Exact for
+# every finite float16 (tests check all of them); infinities and NaNs come out as values
+# beyond float16's range, which the finiteness check below refuses.
+_F16_SIGN_COPIES_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF
+_F16_BIAS_SCALE = np.float32(2.0**112)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data starts on a 64-byte boundary, the
+  alignment XLA:CPU needs to adopt a host buffer without copying it (jax.device_put)."""
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _cast_into(source: np.ndarray, dest: np.ndarray) -> bool:
+  """dest[...] = source cast to dest's dtype, both C-contiguous and the same shape; returns
+  whether every value of source is finite and stays finite in dest.
+
+  numpy casts float16 one element at a time; the bit-level conversion above and
+  bfloat16's 16-bit shift are whole-array integer passes, about 4x faster on one thread.
+  """
+  src, out = source.reshape(-1), dest.reshape(-1)
+  half_to_single = out.dtype == np.float32 and src.dtype in (np.float16, ml_dtypes.bfloat16)
+  limit = _FLOAT16_MAX if src.dtype == np.float16 else float(ml_dtypes.finfo(out.dtype).max)
+  finite = True
+  for start in range(0, src.size, _CACHE_ELEMENTS):
+    piece = slice(start, start + _CACHE_ELEMENTS)
+    o = out[piece]
+    if half_to_single and src.dtype == np.float16:
+      bits = o.view(np.int32)
+      np.copyto(bits, src[piece].view(np.int16))
+      np.left_shift(bits, 13, out=bits)
+      np.bitwise_and(bits, _F16_SIGN_COPIES_MASK, out=bits)
+      np.multiply(o, _F16_BIAS_SCALE, out=o)
+    elif half_to_single:
+      bits = o.view(np.uint32)
+      np.copyto(bits, src[piece].view(np.uint16))
+      np.left_shift(bits, 16, out=bits)
+    else:
+      np.copyto(o, src[piece], casting="unsafe")
+    # NaN fails both comparisons; so do infinities and (for float16) their bit images.
+    finite = finite and bool(-limit <= o.min()) and bool(o.max() <= limit)
+  return finite
+
+
+def _stored_finite(stored: np.ndarray) -> bool:
+  """Whether a stored tensor holds only finite values; half-precision ones are checked on
+  their exponent bits, without decoding a float."""
+  exponent = _HALF_EXPONENT.get(stored.dtype)
+  if exponent is None:
+    return bool(np.isfinite(stored).all())
+  return not np.any(np.bitwise_and(stored.view(np.uint16), exponent) == exponent)
+
+
+def _host_convert(
+  tensors: Mapping[str, np.ndarray], config: GPTNeoXConfig, target: np.dtype, sharding: Any
+):
+  """`_layout` for CPU devices: (params, {Flax path: finite flag(s)}), in two halves that
+  run at the same time.
+
+  - XLA stacks, transposes and casts the per-layer leaves (one fused pass each; numpy's
+    strided copies are slower), dispatched first so that it runs in the background.
+  - numpy threads cast the tables that keep their layout (embeddings, final norm: most of
+    a small model's bytes) into 64-byte-aligned buffers (`_cast_into`, checking
+    finiteness in the same pass; about 4x XLA's float16 convert per thread), which the
+    device adopts without a copy, and check the per-layer tensors' finiteness on their
+    stored bits.
+  """
+  import concurrent.futures
+
+  import jax
+
+  L = config.n_layers
+  tables = [p for p in PARAMS if not p.per_layer and p.transform is COPY]
+  laid = tuple(p.path for p in PARAMS if p not in tables)
+  laid_names = [n for p in PARAMS if p.path in laid for n in p.hf_names(L)]
+  laid_out, _ = _jit_cached(config, dtype_name(target), None, laid)(
+    {n: tensors[n] for n in laid_names}
+  )
+  cast = {p.hf_name: _aligned_empty(tensors[p.hf_name].shape, target) for p in tables}
+  jobs = []  # (name, rows): a block of a table to cast, or (name, None): a tensor to check
+  for name, arr in cast.items():
+    rows = max(1, _HOST_JOB_ELEMENTS // max(1, math.prod(arr.shape[1:])))
+    jobs += [(name, slice(r, r + rows)) for r in range(0, max(1, len(arr)), rows)]
+  jobs += [(name, None) for name in laid_names]
+
+  def run(job) -> bool:
+    name, rows = job
+    if rows is None:
+      return _stored_finite(tensors[name])
+    if tensors[name].ndim == 0:
+      return _cast_into(tensors[name], cast[name])
+    return _cast_into(np.ascontiguousarray(tensors[name][rows]), cast[name][rows])
+
+  workers = min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
+    finite: dict[str, bool] = {}
+    for (name, _), ok in zip(jobs, pool.map(run, jobs)):
+      finite[name] = finite.get(name, True) and ok
+  flags = {
+    p.path: np.array([finite[n] for n in p.hf_names(L)]) if p.per_layer else finite[p.hf_name]
+    for p in PARAMS
+  }
+  params = param_tree(lambda p: laid_out[p.path] if p.path in laid else cast[p.hf_name])
+  return jax.device_put(params, sharding), flags
+
+
+def _converts_on_host(target: np.dtype, sharding: Any) -> bool:
+  """Whether `convert_state_dict` takes `_host_convert`: for float32 params (the cast
+  `_cast_into` does fast) on CPU devices only, where host memory is device memory."""
+  import jax
+
+  if target != np.dtype(np.float32):
+    return False
+  if sharding is None:
+    return jax.devices()[0].platform == "cpu"
+  shardings = jax.tree.leaves(sharding, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  return all(d.platform == "cpu" for s in shardings for d in s.device_set)
 
 
 def convert_state_dict(
@@ -623,22 +760,27 @@ def convert_state_dict(
   non-finite value (also one made by the cast) is a CheckpointError naming the tensor and
   its file when known.
 
-  The conversion is done by XLA: the stored tensors go to the device as they are (fp16:
-  half the bytes of fp32) and one jitted function casts, transposes, stacks and checks
-  finiteness there, much faster than numpy's scalar fp16 casts. The params come out on
-  `sharding` (one Sharding for all leaves or a matching pytree; None: the default device).
+  On an accelerator the conversion is done by XLA: the stored tensors go to the device as
+  they are (fp16: half the bytes of fp32) and one jitted function casts, transposes,
+  stacks and checks finiteness there. For float32 params on CPU devices, numpy threads do
+  most of it on the host (`_host_convert`, faster there) and the device adopts the result.
+  The params come out on `sharding` (one Sharding for all leaves or a matching pytree;
+  None: the default device).
   """
   import jax
 
   target = resolve_dtype(dtype)
   tensors, where = _validated(state_dict, config)
   src = {canon: arr for canon, (_, arr) in tensors.items()}
-  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-    fn = _jit_cached(config, dtype_name(target), sharding)
+  if _converts_on_host(target, sharding):
+    params, flags = _host_convert(src, config, target, sharding)
   else:
-    fn = jax.jit(_layout(config, target), out_shardings=(sharding, None))
-  params, flags = fn(src)
-  flags = jax.device_get(flags)
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+      fn = _jit_cached(config, dtype_name(target), sharding)
+    else:
+      fn = jax.jit(_layout(config, target), out_shardings=(sharding, None))
+    params, flags = fn(src)
+    flags = jax.device_get(flags)
   for p in PARAMS:
     ok = np.atleast_1d(flags[p.path])
     if not ok.all():
@@ -654,13 +796,15 @@ def convert_state_dict(
 _JIT_CACHE: dict[Any, Any] = {}
 
 
-def _jit_cached(config: GPTNeoXConfig, dtype: str, sharding: Any):
-  """One compiled layout per (config, dtype, sharding): a sweep compiles once."""
+def _jit_cached(
+  config: GPTNeoXConfig, dtype: str, sharding: Any, paths: tuple[str, ...] | None = None
+):
+  """One compiled layout per (config, dtype, sharding, paths): a sweep compiles once."""
   import jax
 
-  key = (config, dtype, sharding)
+  key = (config, dtype, sharding, paths)
   if key not in _JIT_CACHE:
-    layout = _layout(config, DTYPES[dtype])
+    layout = _layout(config, DTYPES[dtype], paths)
     _JIT_CACHE[key] = jax.jit(layout, out_shardings=(sharding, None) if sharding else None)
   return _JIT_CACHE[key]
 

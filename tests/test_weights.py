@@ -374,10 +374,17 @@ def test_unsupported_dtype_argument(ckpts):
 
 @pytest.mark.parametrize(
   "form,dtype",
-  [("safetensors", "float32"), ("hub", "bfloat16"), ("hub", "float16"), ("bin", "float32")],
+  [
+    ("safetensors", "float32"),
+    ("hub", "float32"),
+    ("hub", "bfloat16"),
+    ("hub", "float16"),
+    ("bin", "float32"),
+  ],
 )
 def test_conversion_is_the_exact_cast_of_the_torch_tensors(ckpts, form, dtype):
-  """The on-device conversion equals numpy's cast of the torch tensors, bit for bit."""
+  """The conversion (by numpy threads on the host for float32 on CPU, by XLA otherwise)
+  equals numpy's cast of the torch tensors, bit for bit."""
   config, params = _load(ckpts[form].path, dtype)
   want = weights.DTYPES[dtype]
   ref = {k: v.astype(want) for k, v in hf.torch_state(ckpts[form].model).items()}
@@ -398,3 +405,52 @@ def test_conversion_names_a_non_finite_tensor_of_a_layer(ckpts, tmp_path):
   config = GPTNeoXConfig.from_json_file(d / "config.json")
   with pytest.raises(CheckpointError, match=rf"tensor '{name}': holds NaN"):
     weights.convert_state_dict(weights.read_state_dict(d), config)
+
+
+@pytest.mark.parametrize("stored", [np.float16, ml_dtypes.bfloat16])
+def test_host_cast_to_float32_is_exact_for_every_bit_pattern(stored):
+  """The host conversion's bit-level float16/bfloat16 -> float32 cast against numpy's own
+  cast, over all 65,536 bit patterns (signed zeros, subnormals, the largest values); any
+  infinity or NaN makes it report the tensor as not finite."""
+  every = np.arange(1 << 16, dtype=np.uint16).view(stored)
+  finite = every[np.isfinite(every.astype(np.float32))]
+  out = np.empty(finite.shape, np.float32)
+  assert weights._cast_into(finite, out)
+  np.testing.assert_array_equal(out.view(np.uint32), finite.astype(np.float32).view(np.uint32))
+  for bad in every[~np.isfinite(every.astype(np.float32))][::97]:
+    tensor = finite.copy()
+    tensor[12345] = bad
+    assert not weights._cast_into(tensor, np.empty(tensor.shape, np.float32)), bad
+
+
+@pytest.mark.parametrize(
+  "name,index,bad",
+  [
+    ("embed_out.weight", (7, 3), math.inf),  # a table, cast on the host
+    ("gpt_neox.embed_in.weight", (0, 0), -math.inf),
+    ("gpt_neox.layers.1.attention.dense.weight", (2, 5), math.nan),  # a layer, laid out by XLA
+  ],
+)
+def test_a_non_finite_float16_tensor_is_named(ckpts, tmp_path, name, index, bad):
+  d = _copy(ckpts["hub"].path, tmp_path / "d")
+
+  def poison(state):
+    state[name] = state[name].copy()
+    state[name][index] = bad
+
+  _rewrite(d, poison)
+  kind = "NaN" if math.isnan(bad) else "infinite"
+  with pytest.raises(CheckpointError, match=rf"tensor '{name}': holds {kind} values$"):
+    _load(d)
+
+
+def test_host_converted_tables_are_adopted_without_a_copy(ckpts):
+  """The float32 tables the host conversion casts are 64-byte aligned, so the CPU device
+  adopts them: the jax array reads the numpy buffer's own memory."""
+  config = GPTNeoXConfig.from_json_file(ckpts["hub"].path / "config.json")
+  state = weights.read_state_dict(ckpts["hub"].path)
+  params, flags = weights._host_convert(state, config, np.dtype(np.float32), None)
+  table = params["embed_out"]["embedding"]
+  assert all(np.all(f) for f in flags.values())
+  assert table.unsafe_buffer_pointer() % 64 == 0
+  np.testing.assert_array_equal(table, state["embed_out.weight"].astype(np.float32))
