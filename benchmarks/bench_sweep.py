@@ -18,8 +18,10 @@ hidden when the wall time per checkpoint is about the compute time alone.
 
 First of all it measures the matmul peak of this CPU (`benchmarks.throughput`), and after the
 sweep it times the gradient pass of one checkpoint alone (11 batches, forward + backward):
-its executed FLOP/s as a fraction of that peak, and its MFU (6 N convention). The peak is
-measured again at the end: on a shared machine the two readings show the noise.
+its executed FLOP/s as a fraction of that peak, its MFU (6 N convention), and the ceiling
+on the ratio that this pass alone sets (the reference's time over the pass's: what the
+sweep would reach if everything else were free). The peak is measured again at the end: on
+a shared machine the two readings show the noise.
 """
 
 from __future__ import annotations
@@ -260,10 +262,10 @@ def main():
     f"  max relative difference of the {sum(map(len, reference_rows.values()))} "
     f"reference values: {worst:.2e}"
   )
-  fwd_bwd(model_dir, final, source, args, peak, t_steady)
+  fwd_bwd(model_dir, final, source, args, peak, t_steady, t_reference)
 
 
-def fwd_bwd(model_dir, final, source, args, peak, t_steady):
+def fwd_bwd(model_dir, final, source, args, peak, t_steady, t_reference):
   """Times the gradient pass of one checkpoint alone (compiled ahead, run once)."""
   config, params = load_checkpoint(os.path.join(model_dir, f"step{final}"), dtype="float32")
   value_slice = sweep.SweepOptions().value_slice
@@ -284,6 +286,11 @@ def fwd_bwd(model_dir, final, source, args, peak, t_steady):
     f"{executed / 1e9:.1f} GFLOP/s executed = {100 * executed / peak:.0f}% of the matmul peak; "
     f"MFU {100 * mfu / peak:.0f}% (6N convention: it counts every weight's gradient, "
     "the pass forms only the study's, so it can pass 100%)"
+  )
+  print(
+    f"  ceiling: reference / this gradient pass alone = {t_reference / seconds:.2f}x (the ratio "
+    "the sweep would reach if activations, spectra and loading cost nothing; the pass computes "
+    "the same losses and gradients as the reference's torch backward)"
   )
   again = throughput.matmul_peak(args.peak_n, "float32")
   print(f"  matmul peak measured again at the end: {again / 1e9:.1f} GFLOP/s")

@@ -171,3 +171,19 @@ def test_missing_required_flag_is_reported_by_absl(tiny):
   result = run_tool("capture", "--sites=hook_embed")
   assert result.returncode != 0
   assert "--checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["sweep", "plan"])
+@pytest.mark.parametrize(
+  "flag, expected",
+  [
+    ("--dtype=fp8", "--dtype='fp8': one of float32, bfloat16, float16"),
+    ("--matmul_precision=fast", "--matmul_precision='fast': one of default, high, highest"),
+  ],
+)
+def test_an_unknown_precision_fails_in_one_line_before_any_work(tmp_path, tool, flag, expected):
+  """Checked first: the sweep's default would otherwise build the toy suite before noticing."""
+  result = run_tool(tool, flag, f"--out={tmp_path / 'out'}" if tool == "sweep" else "--measure")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [f"{tool}: error: {expected}"]
+  assert not (tmp_path / "out").exists()

@@ -129,14 +129,14 @@ def define_work_flags() -> None:
     "Also record the loss on this many sequences of "
     "the final step's batch, which no checkpoint trained on (0: off).",
   )
-  flags.DEFINE_enum(
+  flags.DEFINE_string(  # a string, checked by require_precision: a bad value is one line
     "dtype",
     "float32",
-    ["float32", "bfloat16", "float16"],
-    "Compute dtype of the forward/backward (weights are cast to it). Metric inputs "
+    "float32 | bfloat16 | float16: compute dtype of the forward/backward (weights are cast to "
+    "it). Metric inputs "
     "(activations, weights, gradients, Gram matrices) are always float32 at HIGHEST precision.",
   )
-  flags.DEFINE_string(  # a string, checked by SweepOptions: a bad value is one error line
+  flags.DEFINE_string(  # a string, checked by require_precision: a bad value is one line
     "matmul_precision",
     "default",
     "default | high | highest: matmul precision of the forward/backward "
@@ -158,6 +158,20 @@ def define_work_flags() -> None:
     "reports: memory_stats() on GPU/TPU, available RAM on CPU). Microbatches and "
     "rematerialisation are chosen so each compiled call's planned peak stays under 90% of it.",
   )
+
+
+def require_precision() -> None:
+  """--dtype and --matmul_precision name a compute dtype and a matmul precision, checked
+  before any work (the toy suite's build, a download) so a typo costs nothing."""
+  from jax_pythia import sweep, weights
+
+  if flags.FLAGS.dtype not in weights.DTYPES:
+    raise ValueError(f"--dtype={flags.FLAGS.dtype!r}: one of {', '.join(weights.DTYPES)}")
+  if flags.FLAGS.matmul_precision not in sweep.MATMUL_PRECISIONS:
+    raise ValueError(
+      f"--matmul_precision={flags.FLAGS.matmul_precision!r}: one of "
+      f"{', '.join(sweep.MATMUL_PRECISIONS)}"
+    )
 
 
 def require_items(flag: str, values: list[str]) -> None:

@@ -56,6 +56,7 @@ def main(argv):
   from jax_pythia import plan, sharding
 
   _cli.require_items("models", FLAGS.models)
+  _cli.require_precision()
   for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences"):
     _cli.require_positive(flag, getattr(FLAGS, flag))
   _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)

@@ -138,6 +138,7 @@ def main(argv):
   from jax_pythia import plan, report, results, sharding, sources, sweep, watchdog
 
   per_call = _cli.checkpoints_per_call()  # bad values fail before any work
+  _cli.require_precision()
 
   device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
 
