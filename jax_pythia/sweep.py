@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -423,8 +422,7 @@ class Sweep:
       folder = os.path.dirname(self.paths(m.name, m.final_step)[2])
       for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json") and not name.startswith(".tmp-"):
-          with open(os.path.join(folder, name)) as f:
-            record = json.load(f)
+          record = results.read_json(os.path.join(folder, name), "a status record")
           if record.get(integrity.HASH_COLUMN):
             digest, step = record[integrity.HASH_COLUMN], int(record["step"])
             seen[digest] = min(step, seen.get(digest, step))
