@@ -25,9 +25,9 @@ try/except (a failure is printed and recorded, and the run goes on):
              smaller one's rates say it cannot finish in the time left.
   deviation  CKA, PER (weights and gradients) and loss of the 160m checkpoint in bfloat16
              against float32: max absolute and relative differences
-  spectra    seconds per spectra route on the 160m matrices (analysis' SVD of the formed
-             matrix and its QR-core product route; `analysis.SPECTRA_ROUTES`, when that
-             exists, adds its routes by name)
+  spectra    seconds per route of analysis.spectra (svd, qr_svd, guarded gram_eigh, auto)
+             on the 160m matrices: weights and one batch of real gradients, with how many
+             of them the Gram route's guard accepts
 
 Order: device, reference, 160m float32 and bfloat16, deviation, spectra, then the larger
 shapes in bfloat16, then in float32. Seconds per checkpoint leave loading out (the sweep
@@ -384,49 +384,60 @@ def deviation(low: dict, high: dict) -> dict:
   return out
 
 
-def spectra_routes() -> dict:
-  """{route: fn(left [..., m, r], right [..., r, n]) -> singular values of left @ right}."""
-  import analysis
-
-  routes = {
-    "svd_of_product": lambda l, r: analysis.product_singular_values(l, r, "direct"),
-    "qr_core": lambda l, r: analysis.product_singular_values(l, r, "core"),
-  }
-  # Hook for the measured-route work (issue 9 item 2): routes over formed matrices.
-  for name, fn in getattr(analysis, "SPECTRA_ROUTES", {}).items():
-    routes[name] = lambda l, r, fn=fn: fn(jnp.matmul(l, r, precision=jax.lax.Precision.HIGHEST))
-  return routes
-
-
 def spectra_part(config: GPTNeoXConfig) -> dict:
-  """Seconds per route and matrix set of the study (weights of one checkpoint; a gradient
-  set is the same shapes, 11 times)."""
+  """Seconds per route of `analysis.spectra` (svd, qr_svd, the guarded gram_eigh, and auto,
+  the rule's pick on this backend) on the study's matrix sets of one checkpoint: weights,
+  and one batch of real gradients (random init, random tokens: their LayerNorm null
+  directions are what the Gram route's guard refuses). Per-head OV products go through
+  their QR core. For gram_eigh, how many matrices its guard accepted (the rest fell back).
+  """
+  from analysis import spectra
+
   params = random_params(config, 0, "float32")
   layers = params["layers"]
   value = layers["attn"]["value"]["kernel"]  # [L, d, H, dh]
   out_kernel = layers["attn"]["out"]["kernel"]  # [L, H, dh, d]
-  fc_out = layers["mlp"]["fc_out"]["kernel"]  # [L, f, d]
-  d = config.d_model
-  eye_f = jnp.broadcast_to(jnp.eye(fc_out.shape[-1]), (config.n_layers, d, d))
+  d, L = config.d_model, config.n_layers
+  seq = min(512, config.max_seq_len)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (4, seq + 1), 0, config.vocab_size)
+  wrt = study.gradient_weights(VALUE_SLICE)
+  grads = jax.jit(lambda p, t: model_lib.loss_and_grads(p, t, config, wrt)[1])(params, tokens)
   sets = {
-    # per-head OV circuits W_V[h] W_O[h]: [L, H, d, dh] @ [L, H, dh, d]
-    "ov_head": (jnp.moveaxis(value, 2, 1), out_kernel),
+    # per-head OV circuits W_V[h] W_O[h]: [L, H, d, dh] @ [L, H, dh, d], by their QR core
+    "ov_head": ("core", jnp.moveaxis(value, 2, 1), out_kernel),
     # whole-layer OV: [L, d, d] @ [L, d, d]
-    "ov": (value.reshape(config.n_layers, d, d), out_kernel.reshape(config.n_layers, d, d)),
-    # the MLP output matrix [L, f, d] (times the identity: the product route is the SVD)
-    "mlp": (fc_out, eye_f),
+    "ov": ("direct", value.reshape(L, d, d), out_kernel.reshape(L, d, d)),
+    # the MLP output matrix [L, f, d], and its gradient on one batch
+    "mlp": ("direct", layers["mlp"]["fc_out"]["kernel"], None),
+    "mlp_gradient": ("direct", grads["mlp"]["fc_out"]["kernel"], None),
   }
   result = {}
-  for route, fn in spectra_routes().items():
-    for name, (left, right) in sets.items():
-      if route == "qr_core" and left.shape[-1] >= min(left.shape[-2], right.shape[-1]):
-        continue  # the core route needs a thin inner dimension
-      exe, compile_s = compiled(jax.jit(fn), left, right)
-      result[f"{route}/{name}"] = {
-        "seconds": throughput.timed(exe, left, right, repeats=2),
+  for route in spectra.ROUTES:
+    for name, (method, left, right) in sets.items():
+      if right is None:
+        fn = jax.jit(lambda m, route=route: spectra.singular_values(m, route))
+        args = (left,)
+      else:
+        fn = jax.jit(
+          lambda a, b, method=method, route=route: spectra.product_singular_values(
+            a, b, method, route
+          )
+        )
+        args = (left, right)
+      exe, compile_s = compiled(fn, *args)
+      entry = {
+        "seconds": throughput.timed(exe, *args, repeats=2),
         "compile_seconds": compile_s,
-        "shape": [list(left.shape), list(right.shape)],
+        "shape": [list(x.shape) for x in args],
       }
+      if route == "auto":
+        core = (left.shape[-1],) * 2 if method == "core" else (left.shape[-2], args[-1].shape[-1])
+        entry["picks"] = spectra.choose_route(core)
+      if route == "gram_eigh" and right is None:
+        flat = left.reshape(-1, *left.shape[-2:])
+        accepted = np.asarray(spectra._gram_values(flat)[1])
+        entry["guard_accepts"] = f"{int(accepted.sum())}/{accepted.size}"
+      result[f"{route}/{name}"] = entry
   return result
 
 
@@ -562,9 +573,11 @@ def markdown(data: dict) -> str:
     lines.append("")
   spectra = parts.get("spectra")
   if spectra:
-    lines += ["| spectra route / matrices | shapes | seconds |", "|---|---|---|"]
+    lines += ["| spectra route / matrices | shapes | seconds | note |", "|---|---|---|---|"]
     for name, e in spectra.items():
-      lines.append(f"| {name} | {e['shape']} | {e['seconds']:.4f} |")
+      note = e.get("guard_accepts", "") and f"guard accepts {e['guard_accepts']}"
+      note = note or (e.get("picks", "") and f"picks {e['picks']}")
+      lines.append(f"| {name} | {e['shape']} | {e['seconds']:.4f} | {note} |")
     lines.append("")
   for title, entries in (("Failed", data["errors"]), ("Skipped", data["skipped"])):
     if entries:
