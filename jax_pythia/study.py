@@ -5,6 +5,12 @@ Pure functions of (params, tokens) that wire the model's capture sites into the
 `checkpoint_metrics` gathers one checkpoint's results under the names of the tables
 (`analysis.metric_table`); the sweep (`jax_pythia.sweep`) only moves them to files.
 
+Gradients come one batch per call (`batch_gradient_fn`) and are reduced as they come
+(`streamed_gradient_metrics`: `gradient_terms` per batch, then `gradient_summary`), so a
+device holds two batches' gradients whatever G; that is the sweep's way for one checkpoint.
+`gradient_fn` and `gradient_metrics` take all G batches at once (the stacked path below,
+and the benchmarks).
+
 Each has a `batched_` twin for C checkpoints of one model stacked on a leading axis
 (`stack_params`): the same function under `jax.vmap`, one compiled call for all C, so a
 small model fills a large device. Their results equal C single calls (up to float32
