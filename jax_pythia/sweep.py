@@ -538,9 +538,10 @@ class Sweep:
 
       def batch_gradients():
         # One batch's gradients at a time, on the mesh, then onto the spectra's device;
-        # streamed_gradient_metrics reduces each before the next is asked for.
+        # streamed_gradient_metrics reduces each before the next is asked for. Calls are
+        # queued (no host sync): the device works through them while this loop runs ahead.
         for g, batch in enumerate(batches):
-          beat(f"gradients, batch {g + 1} of {len(batches)}")
+          beat(f"gradients, batch {g + 1} of {len(batches)} queued")
           loss, grads = one_batch(
             params, place.batch(batch, 1, "--gradient_microbatch (or _sequences)")
           )
@@ -548,6 +549,7 @@ class Sweep:
           yield place.single_device(grads)
 
       gradient_values = study.streamed_gradient_metrics(batch_gradients(), layers, o.value_slice)
+      beat(f"gradients, {len(batches)} batches queued: waiting for the device")
       losses = np.array([place.host(loss) for loss in batch_losses])
     if o.loss_sequences:
       beat("heldout loss")
