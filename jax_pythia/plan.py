@@ -275,7 +275,8 @@ def gradient_call_bytes(
     "tokens": 4 * batches * work.gradient_sequences / D * (s + 1),
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
-  parts["carry"] = 4 * M * grad_values if streamed and G > 1 else 0.0
+  # The carry is whole on the first device, whatever the model axis.
+  parts["carry"] = 4 * L * (2 * d * d + f * d) if streamed and G > 1 else 0.0
   parts["total"] = sum(parts.values())
   return parts
 
