@@ -100,74 +100,121 @@ def _cosine(dot, norm_a, norm_b):
   return dot / (norm_a * norm_b)
 
 
-def gradient_spectra(
-  grads: dict,
-  layers: dict,
-  value_slice: str = "per_head",
-  head_gradient_rank_bound: int | None = None,
-  route: str = "auto",
-) -> dict[str, dict[str, jax.Array]]:
-  """All gradient metrics of one checkpoint from G gradient batches.
+def _gradient_leaves(grads: dict, value_slice: str) -> dict:
+  """The gradient leaves the statistics read, in the params['layers'] layout."""
+  attn_keys = ("query", "key", "value", "out") if value_slice == "reference" else ("value", "out")
+  return {
+    "attn": {name: {"kernel": grads["attn"][name]["kernel"]} for name in attn_keys},
+    "mlp": {"fc_out": {"kernel": grads["mlp"]["fc_out"]["kernel"]}},
+  }
 
-  Spectral metrics ('grad_per', ...) are of the singular values averaged over the G
-  batches (docs/method.md); 'grad_norm' is the mean Frobenius norm of the component gradient,
-  'grad_cosine' the mean cosine of consecutive batches (NaN if G == 1). Batches are
-  processed one at a time (lax.scan), so memory holds two batches' d x d OV gradients, not G.
+
+def first_gradient_carry(grad: dict, value_slice: str = "per_head") -> dict:
+  """The carry `gradient_batch_terms` takes with the first batch: zero gradients (so the
+  first cosine is 0 / norm, which `gradient_summary` drops) and unit norms.
 
   Args:
-    grads: gradients with the params['layers'] layout, every leaf with a leading G axis:
-      attn.value.kernel [G, L, d, H, dh], attn.out.kernel [G, L, H, dh, d],
-      mlp.fc_out.kernel [G, L, f, d] (and attn.query/key kernels for 'reference').
-    layers: params['layers'] at the checkpoint (leaves [L, ...]).
-    head_gradient_rank_bound: k for 'ov_head' (default 2 * d_head).
-    route: how singular values are computed (analysis.spectra.singular_values; 'auto'
-      picks per backend and shape, 'svd' is the plain SVD everywhere).
+    grad: one batch's gradients (params['layers'] layout, no G axis); only shapes are read.
+  Returns:
+    {'grads': zeros of the leaves the statistics read, 'norms': {'ov_head': [L, H],
+    'ov': [L], 'mlp': [L]} of ones}.
+  """
+  leaves = _gradient_leaves(grad, value_slice)
+  value = leaves["attn"]["value"]["kernel"]  # [L, d, H, dh]
+  dtype = value.dtype
+  layers, heads = value.shape[:-3], value.shape[-2]
+  return {
+    "grads": jax.tree.map(jnp.zeros_like, leaves),
+    "norms": {
+      "ov_head": jnp.ones((*layers, heads), dtype),
+      "ov": jnp.ones(layers, dtype),
+      "mlp": jnp.ones(layers, dtype),
+    },
+  }
+
+
+def gradient_batch_terms(
+  grad: dict,
+  carry: dict,
+  layers: dict,
+  value_slice: str = "per_head",
+  route: str = "auto",
+) -> tuple[dict, dict, dict, dict]:
+  """One gradient batch reduced to what the statistics need, and the carry for the next.
+
+  The carry is the previous batch's gradients (and norms), not its derived OV matrices:
+  two batches' gradients is all this holds between batches; the previous batch's OV
+  gradients are formed again for the cosine.
+
+  Args:
+    grad: one batch's gradients, params['layers'] layout: attn.value.kernel [L, d, H, dh],
+      attn.out.kernel [L, H, dh, d], mlp.fc_out.kernel [L, f, d] (and attn.query/key
+      kernels for 'reference').
+    carry: `first_gradient_carry(grad)` for the first batch, else what this returned for
+      the previous one.
+    layers: params['layers'] at the checkpoint (leaves [L, ...], float32).
+    route: how singular values are computed (analysis.spectra.singular_values).
+  Returns:
+    (singular values {'ov_head': [L, H, 2dh], 'ov': [L, d], 'mlp': [L, min(f, d)]},
+    Frobenius norms {'ov_head': [L, H], 'ov': [L], 'mlp': [L]},
+    cosines with the previous batch (same shapes as the norms; 0 against the first carry),
+    the carry for the next batch).
+  """
+  attn = layers["attn"]
+  current = _gradient_leaves(grad, value_slice)
+  previous = carry["grads"]
+  left, right = circuits.ov_head_gradient_factors(attn, current["attn"], value_slice)
+  whole = circuits.ov_gradients(attn, current["attn"], value_slice)
+  mlp = current["mlp"]["fc_out"]["kernel"]
+  s_head = product_singular_values(left, right, route=route)
+  s_whole = singular_values(whole, route)
+  s_mlp = singular_values(mlp, route)
+  norms = {
+    "ov_head": jnp.sqrt(jnp.sum(jnp.square(s_head), -1)),
+    "ov": jnp.linalg.norm(whole, axis=(-2, -1)),
+    "mlp": jnp.linalg.norm(mlp, axis=(-2, -1)),
+  }
+  left_p, right_p = circuits.ov_head_gradient_factors(attn, previous["attn"], value_slice)
+  whole_p = circuits.ov_gradients(attn, previous["attn"], value_slice)
+  dots = {
+    "ov_head": factored_inner_product(left_p, right_p, left, right),
+    "ov": jnp.sum(whole_p * whole, axis=(-2, -1)),
+    "mlp": jnp.sum(previous["mlp"]["fc_out"]["kernel"] * mlp, axis=(-2, -1)),
+  }
+  cosines = {c: _cosine(dots[c], carry["norms"][c], norms[c]) for c in COMPONENTS}
+  svals = {"ov_head": s_head, "ov": s_whole, "mlp": s_mlp}
+  return svals, norms, cosines, {"grads": current, "norms": norms}
+
+
+def gradient_rank_bounds(layers: dict, head_gradient_rank_bound: int | None = None) -> dict:
+  """{component: k} of the gradient spectra (module doc): 2 d_head (or the given bound)
+  for a head's OV gradient, d for the whole OV, min(f, d) for the MLP."""
+  d, _, head_dim = _dims(layers)
+  d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
+  return {"ov_head": head_gradient_rank_bound or 2 * head_dim, "ov": d, "mlp": d_mlp}
+
+
+def gradient_summary(
+  svals: dict,
+  norms: dict,
+  cosines: dict,
+  layers: dict,
+  head_gradient_rank_bound: int | None = None,
+) -> dict[str, dict[str, jax.Array]]:
+  """The gradient metrics from G batches' `gradient_batch_terms`, stacked on a leading G
+  axis: spectral metrics of the mean singular values, mean norm, mean cosine of consecutive
+  batches (the first batch's cosine, against the zero carry, dropped; NaN if G == 1).
+
+  Args:
+    svals, norms, cosines: `gradient_batch_terms` outputs with a leading G axis
+      (svals {'ov_head': [G, L, H, 2dh], 'ov': [G, L, d], 'mlp': [G, L, min(f, d)]},
+      norms and cosines {'ov_head': [G, L, H], 'ov': [G, L], 'mlp': [G, L]}).
+    layers: params['layers'] (leaves [L, ...]); only shapes are read (the rank bounds).
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
-  d, _, head_dim = _dims(layers)
-  d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
-  k_head = head_gradient_rank_bound or 2 * head_dim
-  attn = layers["attn"]
-  grad_value = grads["attn"]["value"]["kernel"]
-  if grad_value.ndim != attn["value"]["kernel"].ndim + 1:
-    raise ValueError(
-      f"gradient leaves need a leading G axis: grad value kernel "
-      f"{grad_value.shape} vs param {attn['value']['kernel'].shape}"
-    )
-  attn_keys = ("query", "key", "value", "out") if value_slice == "reference" else ("value", "out")
-  xs = {
-    "attn": {name: {"kernel": grads["attn"][name]["kernel"]} for name in attn_keys},
-    "fc_out": grads["mlp"]["fc_out"]["kernel"],
-  }
-
-  def step(previous, grad):
-    left, right = circuits.ov_head_gradient_factors(attn, grad["attn"], value_slice)
-    whole = circuits.ov_gradients(attn, grad["attn"], value_slice)
-    mlp = grad["fc_out"]
-    s_head = product_singular_values(left, right, route=route)
-    s_whole = singular_values(whole, route)
-    s_mlp = singular_values(mlp, route)
-    norms = {
-      "ov_head": jnp.sqrt(jnp.sum(jnp.square(s_head), -1)),
-      "ov": jnp.linalg.norm(whole, axis=(-2, -1)),
-      "mlp": jnp.linalg.norm(mlp, axis=(-2, -1)),
-    }
-    dots = {
-      "ov_head": factored_inner_product(previous["left"], previous["right"], left, right),
-      "ov": jnp.sum(previous["whole"] * whole, axis=(-2, -1)),
-      "mlp": jnp.sum(previous["mlp"] * mlp, axis=(-2, -1)),
-    }
-    cosines = {c: _cosine(dots[c], previous["norms"][c], norms[c]) for c in COMPONENTS}
-    carry = {"left": left, "right": right, "whole": whole, "mlp": mlp, "norms": norms}
-    return carry, ({"ov_head": s_head, "ov": s_whole, "mlp": s_mlp}, norms, cosines)
-
-  first = jax.tree.map(lambda leaf: leaf[0], xs)
-  # The first scan step pairs batch 0 with a zero carry; that cosine is dropped below.
-  init = _zero_carry(attn, first, value_slice)
-  _, (svals, norms, cosines) = jax.lax.scan(step, init, xs)
-  num_batches = grad_value.shape[0]
-  bounds = {"ov_head": k_head, "ov": d, "mlp": d_mlp}
+  bounds = gradient_rank_bounds(layers, head_gradient_rank_bound)
+  num_batches = norms["ov"].shape[0]
   out = {}
   for component in COMPONENTS:
     spectral = spectral_metrics(mean_singular_values(svals[component]), bounds[component])
@@ -182,19 +229,46 @@ def gradient_spectra(
   return out
 
 
-def _zero_carry(attn, first, value_slice):
-  left, right = circuits.ov_head_gradient_factors(attn, first["attn"], value_slice)
-  whole = circuits.ov_gradients(attn, first["attn"], value_slice)
-  zeros = jnp.zeros_like
-  norms = {
-    "ov_head": jnp.ones(left.shape[:-2], left.dtype),
-    "ov": jnp.ones(whole.shape[:-2], whole.dtype),
-    "mlp": jnp.ones(first["fc_out"].shape[:-2], first["fc_out"].dtype),
-  }
-  return {
-    "left": zeros(left),
-    "right": zeros(right),
-    "whole": zeros(whole),
-    "mlp": zeros(first["fc_out"]),
-    "norms": norms,
-  }
+def gradient_spectra(
+  grads: dict,
+  layers: dict,
+  value_slice: str = "per_head",
+  head_gradient_rank_bound: int | None = None,
+  route: str = "auto",
+) -> dict[str, dict[str, jax.Array]]:
+  """All gradient metrics of one checkpoint from G gradient batches.
+
+  Spectral metrics ('grad_per', ...) are of the singular values averaged over the G
+  batches (docs/method.md); 'grad_norm' is the mean Frobenius norm of the component gradient,
+  'grad_cosine' the mean cosine of consecutive batches (NaN if G == 1). Batches are
+  processed one at a time (lax.scan of `gradient_batch_terms`, then `gradient_summary`), so
+  the work beyond the input holds two batches' gradients, not G; a caller that computes the
+  batches one at a time can drive the same two functions itself and never hold G
+  (jax_pythia.sweep does).
+
+  Args:
+    grads: gradients with the params['layers'] layout, every leaf with a leading G axis:
+      attn.value.kernel [G, L, d, H, dh], attn.out.kernel [G, L, H, dh, d],
+      mlp.fc_out.kernel [G, L, f, d] (and attn.query/key kernels for 'reference').
+    layers: params['layers'] at the checkpoint (leaves [L, ...]).
+    head_gradient_rank_bound: k for 'ov_head' (default 2 * d_head).
+    route: how singular values are computed (analysis.spectra.singular_values; 'auto'
+      picks per backend and shape, 'svd' is the plain SVD everywhere).
+  Returns:
+    {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
+  """
+  grad_value = grads["attn"]["value"]["kernel"]
+  if grad_value.ndim != layers["attn"]["value"]["kernel"].ndim + 1:
+    raise ValueError(
+      f"gradient leaves need a leading G axis: grad value kernel "
+      f"{grad_value.shape} vs param {layers['attn']['value']['kernel'].shape}"
+    )
+  xs = _gradient_leaves(grads, value_slice)
+
+  def step(carry, grad):
+    svals, norms, cosines, carry = gradient_batch_terms(grad, carry, layers, value_slice, route)
+    return carry, (svals, norms, cosines)
+
+  init = first_gradient_carry(jax.tree.map(lambda leaf: leaf[0], xs), value_slice)
+  _, (svals, norms, cosines) = jax.lax.scan(step, init, xs)
+  return gradient_summary(svals, norms, cosines, layers, head_gradient_rank_bound)

@@ -46,19 +46,28 @@ VALUE_SLICE = "per_head"
 
 
 def one_at_a_time(config, params, tokens, batches, heldout, reference):
-  """The C=1 sweep's calls for each checkpoint."""
+  """The C=1 sweep's calls for each checkpoint (its gradient batches streamed)."""
   out = []
   for i, p in enumerate(params):
     acts = study.activation_fn(config, VALUE_SLICE)(p, tokens, None)
-    losses, grads = study.gradient_fn(config, VALUE_SLICE)(p, batches[i])
+    one_batch = study.batch_gradient_fn(config, VALUE_SLICE)
+    losses = []
+
+    def gradients(p=p, i=i, one_batch=one_batch, losses=losses):
+      for batch in batches[i]:
+        loss, grads = one_batch(p, batch)
+        losses.append(loss)
+        yield grads
+
+    gradient_values = study.streamed_gradient_metrics(gradients(), p["layers"], VALUE_SLICE)
     loss = study.loss_fn(config)(p, heldout)
     values = study.checkpoint_metrics(
       acts,
       reference,
       p["layers"],
       VALUE_SLICE,
-      grads=grads,
-      train_losses=losses,
+      gradient_values=gradient_values,
+      train_losses=np.asarray(losses),
       heldout_loss=loss,
     )
     out.append(jax.device_get(values))

@@ -12,8 +12,10 @@ sequences, 64 per training batch, then sweeps it with the paper's protocol other
 - constrained: each --device_memory given.
 
 Prints each run's layout (gradient microbatch, remat, capture microbatch, planned peak),
-XLA's own peak of the compiled gradient and capture calls under that layout
-(`compiled.memory_analysis()`: temp + argument + output bytes) against the limit, the
+XLA's own peak of the compiled calls under that layout (`compiled.memory_analysis()`: temp +
+argument + output bytes, less outputs aliasing donated inputs): the streamed one-batch
+gradient call (plus the previous batch's float32 gradients, which the device keeps beside
+it for the spectra), the per-batch spectra call and the capture call, against the limit, the
 largest relative difference from the unconstrained run's table (the gradients'
 condition numbers apart: float32 rounding moves their smallest singular value by up to
 eps x the largest, so they are shown as |change| / (eps x kappa^2), at most 1), and the
@@ -64,22 +66,36 @@ def write_suite(root: str, n_checkpoints: int) -> None:
 
 
 def xla_peaks(config: GPTNeoXConfig, layout: plan.Layout, options: sweep.SweepOptions) -> dict:
-  """XLA's bytes (temp + argument + output) of the compiled gradient and capture calls."""
+  """XLA's bytes of the compiled gradient (one batch, plus the carried previous batch's
+  gradients), spectra (one batch's terms) and capture calls."""
   params = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
 
   def total(compiled):
     a = compiled.memory_analysis()
-    return a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+    return (
+      a.temp_size_in_bytes
+      + a.argument_size_in_bytes
+      + a.output_size_in_bytes
+      - a.alias_size_in_bytes
+    )
 
-  g = 2 * options.gradient_window + 1
+  vs = options.value_slice
   mb = layout.gradient_microbatch
-  batches = jax.ShapeDtypeStruct((g, options.gradient_sequences // mb, mb, SEQ + 1), jnp.int32)
-  grad = study.gradient_fn(config, options.value_slice, layout.remat).lower(params, batches)
+  batch = jax.ShapeDtypeStruct((options.gradient_sequences // mb, mb, SEQ + 1), jnp.int32)
+  one_batch = study.batch_gradient_fn(config, vs, layout.remat)
+  _, grads = jax.eval_shape(one_batch, params, batch)
+  carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, vs), grads)
+  carried = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["grads"]))
+  terms = study.gradient_terms.lower(grads, carry, params["layers"], vs)
   n = options.n_sequences
-  capture = study.activation_fn(config, options.value_slice, layout.capture_microbatch).lower(
+  capture = study.activation_fn(config, vs, layout.capture_microbatch).lower(
     params, jax.ShapeDtypeStruct((n, SEQ), jnp.int32), jax.ShapeDtypeStruct((n, 1), jnp.int32)
   )
-  return {"gradients": total(grad.compile()), "capture": total(capture.compile())}
+  return {
+    "gradients": total(one_batch.lower(params, batch).compile()) + carried,
+    "spectra": total(terms.compile()),
+    "capture": total(capture.compile()),
+  }
 
 
 def run(root: str, out: str, device_bytes: float, options: sweep.SweepOptions):

@@ -7,8 +7,11 @@ with params the matmul weights a token passes through, plus the attention matmul
 (QK^T and AV: 2 * 2 * s * d per token and layer forward; the model computes the full
 masked s x s square), plus the SVDs of the spectra (about 4 m n^2 each). Memory per
 device is params + the chosen weights' gradients + activations kept for the backward
-pass, under the mesh's model and data split (jax_pythia.sharding). These are estimates,
-meant to size a pod, not to replace a measured run.
+pass, under the mesh's model and data split (jax_pythia.sharding). One checkpoint per
+call streams its gradient batches (jax_pythia.sweep): the gradient call holds one batch's
+gradients, beside the previous batch's kept for the spectra, and the spectra call two
+batches' and one batch's SVD workspace, whatever G; C > 1 stacked checkpoints hold all G
+batches at once. These are estimates, meant to size a pod, not to replace a measured run.
 
 Memory decides how the gradients are computed: `choose_gradient_layout` picks the largest
 gradient microbatch, and the cheapest rematerialisation (`model.REMAT_POLICIES`), whose
@@ -233,13 +236,17 @@ def gradient_call_bytes(
   remat: str = "none",
   checkpoints_per_call: int = 1,
 ) -> dict[str, float]:
-  """{part: bytes} on one device of the compiled gradient call (study.gradient_fn) under
-  `mesh`: params, outputs (G batches' float32 gradients), accumulators (the microbatch
-  scan's running sum and one microbatch's gradient), activations (what the backward pass
-  keeps for one microbatch, `remat` deciding how much) and tokens; total.
+  """{part: bytes} on one device of the compiled gradient call under `mesh`: params,
+  outputs (float32 gradients), accumulators (the microbatch scan's running sum and one
+  microbatch's gradient), activations (what the backward pass keeps for one microbatch,
+  `remat` deciding how much), tokens, carry; total.
 
-  `checkpoints_per_call` checkpoints in one call multiply every part (a call vmapped over
-  a checkpoint axis holds each one's weights, outputs and activations).
+  One checkpoint per call (C = 1) is the sweep's streamed call (study.batch_gradient_fn):
+  one batch's gradients and tokens, beside the carry, the previous batch's float32
+  gradients which the first device holds whole for the spectra while this batch computes
+  (none when G = 1). C > 1 checkpoints are the stacked call (study.batched_gradient_fn):
+  every part for all G batches, times C (a call vmapped over a checkpoint axis holds each
+  one's weights, outputs and activations); no carry.
   """
   if remat not in _ACTIVATION_VALUES:
     raise PlanError(f"remat={remat!r}: one of {', '.join(REMAT)}")
@@ -247,6 +254,9 @@ def gradient_call_bytes(
   b = DTYPE_BYTES[work.dtype]
   d, f, L, V, H, s, vocab_split = _dims(shape, M)
   grad_values = L * (2 * d * d + f * d) / M  # value, out and fc_out kernels
+  streamed = checkpoints_per_call == 1
+  G = work.gradient_batches
+  batches = 1 if streamed else G  # gradient batches the call computes
   mb = microbatch or work.gradient_microbatch or work.gradient_sequences
   (ld, lf, ls), (wd, wf, ws), lv = _ACTIVATION_VALUES[remat]
   per_token = (
@@ -259,12 +269,14 @@ def gradient_call_bytes(
   logits = 4 * lv * V / vocab_split * min(tokens, LOSS_CHUNK_TOKENS)
   parts = {
     "params": _param_bytes(shape, work, mesh),
-    "outputs": 4 * (work.gradient_batches * grad_values + work.gradient_batches),
+    "outputs": 4 * (batches * grad_values + batches),
     "accumulators": 2 * b * grad_values,
     "activations": tokens * per_token + logits,
-    "tokens": 4 * work.gradient_batches * work.gradient_sequences / D * (s + 1),
+    "tokens": 4 * batches * work.gradient_sequences / D * (s + 1),
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
+  # The carry is whole on the first device, whatever the model axis.
+  parts["carry"] = 4 * L * (2 * d * d + f * d) if streamed and G > 1 else 0.0
   parts["total"] = sum(parts.values())
   return parts
 
@@ -313,18 +325,27 @@ def forward_call_bytes(
   return parts
 
 
-def spectra_call_bytes(shape: Shape, work: Work) -> dict[str, float]:
-  """{part: bytes} of the gradient spectra call (study.gradient_metrics), which runs on
-  one device whatever the mesh (LAPACK SVDs do not split): the G float32 gradients, the
-  layer weights in float32, and a working copy of the largest gradient stack (the MLP's,
-  G x L x d_mlp x d) for the batched SVD. Held above XLA's figure on CPU (tests)."""
+def spectra_call_bytes(shape: Shape, work: Work, checkpoints_per_call: int = 1) -> dict[str, float]:
+  """{part: bytes} of the gradient spectra call, which runs on one device whatever the
+  mesh (LAPACK SVDs do not split): float32 gradients, the layer weights in float32, and a
+  working copy of the largest gradient stack (the MLP's, L x d_mlp x d per batch) for the
+  batched SVD. Held above XLA's figure on CPU (tests/test_memory.py).
+
+  One checkpoint per call (C = 1) is the sweep's per-batch call (study.gradient_terms):
+  two batches' gradients (the current one and the carried previous one) and one batch's
+  workspace, whatever G. C > 1 is the stacked call (study.batched_gradient_metrics): G
+  batches' gradients and workspace, times C.
+  """
   d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
+  streamed = checkpoints_per_call == 1
   G = work.gradient_batches
+  held, worked = (2, 1) if streamed else (G, G)  # G = 1 streamed: the first carry's zeros
   parts = {
-    "gradients": 4 * G * L * (2 * d * d + f * d),
+    "gradients": 4 * held * L * (2 * d * d + f * d),
     "weights": 4 * (shape.layer_params + L * (3 * d + f)),
-    "workspace": 4 * G * L * f * d,
+    "workspace": 4 * worked * L * f * d,
   }
+  parts = {k: v * checkpoints_per_call for k, v in parts.items()}
   parts["total"] = sum(parts.values())
   return parts
 
@@ -339,7 +360,7 @@ def memory_per_device(
     g = gradient_call_bytes(
       shape, work, mesh, remat=remat, checkpoints_per_call=work.checkpoints_per_call
     )
-    out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"]}
+    out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"] + g["carry"]}
   else:
     g = forward_call_bytes(
       shape,
@@ -425,9 +446,11 @@ def _first_fit(candidates, cost, limit):
 
 
 def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: float) -> Layout:
-  """For each call the first of its candidates whose planned peak stays under HEADROOM x
-  device_bytes (the gradient call: `gradient_layouts`; the forward calls: the largest
-  microbatch). Where nothing fits, the most frugal candidate, and `fits` is False."""
+  """For each call of one checkpoint (the gradient batches streamed) the first of its
+  candidates whose planned peak stays under HEADROOM x device_bytes (the gradient call:
+  `gradient_layouts`; the forward calls: the largest microbatch). Where nothing fits, the
+  most frugal candidate, and `fits` is False. Stacked checkpoints run under the same
+  microbatches (`stacked_peaks`)."""
   limit = HEADROOM * device_bytes
   D = mesh.get("data", 1)
   peaks = {}
@@ -468,7 +491,7 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
       "gradients": f"gradient microbatch {layout.gradient_microbatch} (remat={layout.remat})",
       "capture": f"capture microbatch {layout.capture_microbatch}",
       "loss": f"loss microbatch {layout.loss_microbatch}",
-      "spectra": "the gradient spectra (every gradient batch's gradients on one device)",
+      "spectra": "the gradient spectra (two gradient batches' gradients on one device)",
     }[call]
     what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
     if call == "spectra":
@@ -495,24 +518,56 @@ def checkpoints_per_call(
 ) -> int:
   """C, the checkpoints of `shape` stacked per compiled call: `requested` (> 0) checked
   against HEADROOM x `device_bytes`, or (0: automatic) as many as fit under it, at most
-  AUTO_MAX_CHECKPOINTS[platform]; 1 when the memory is unknown. One checkpoint's peak is
-  that of the layout `choose_layout` picks; every call's peak scales with C (vmap)."""
+  AUTO_MAX_CHECKPOINTS[platform], or 1 when not even 2 fit; 1 when the memory is unknown.
+  C checkpoints run under the microbatches `choose_layout` picks for one, their peaks
+  `stacked_peaks` (C x one checkpoint with all G gradient batches at once: stacking gives
+  up streaming, so C = 1 may fit where C = 2 needs more than twice as much)."""
   if requested < 0:
     raise PlanError(f"{flag}={requested}: a number of checkpoints >= 1, or 0 (auto)")
   if not device_bytes:
     return requested or 1
   one = choose_layout(shape, dataclasses.replace(work, checkpoints_per_call=1), mesh, device_bytes)
   limit = HEADROOM * device_bytes
+
+  def need(c: int) -> float:
+    return max(stacked_peaks(shape, work, mesh, one, c).values())
+
   if requested:
-    need = requested * one.peak
-    if requested > 1 and need > limit:
+    if requested > 1 and need(requested) > limit:
       raise PlanError(
         f"{flag}={requested}: {requested} checkpoints of {shape.name} need about "
-        f"{_si(need, 'B')} per device, over the limit of {_si(limit, 'B')}; use fewer (0: auto)"
+        f"{_si(need(requested), 'B')} per device, over the limit of {_si(limit, 'B')}; "
+        "use fewer (0: auto)"
       )
     return requested
-  fit = int(limit // one.peak)
-  return max(1, min(fit, AUTO_MAX_CHECKPOINTS.get(platform, 1)))
+  most = AUTO_MAX_CHECKPOINTS.get(platform, 1)
+  return max((c for c in range(2, most + 1) if need(c) <= limit), default=1)
+
+
+def stacked_peaks(
+  shape: Shape, work: Work, mesh: dict[str, int], layout: Layout, checkpoints: int
+) -> dict[str, float]:
+  """{call: bytes} per device of `checkpoints` (> 1) checkpoints stacked in each call
+  (sweep.Sweep.compute_batch) under `layout`'s microbatches: every call's peak times C,
+  and the gradient and spectra calls hold all G batches at once (not streamed)."""
+  if checkpoints < 2:
+    raise PlanError(f"stacked_peaks of {checkpoints} checkpoint(s): one runs streamed")
+  c = checkpoints
+  peaks = {
+    "capture": forward_call_bytes(
+      shape, work, mesh, work.n_sequences, layout.capture_microbatch, checkpoints_per_call=c
+    )["total"]
+  }
+  if work.loss_sequences:
+    peaks["loss"] = forward_call_bytes(
+      shape, work, mesh, work.loss_sequences, layout.loss_microbatch, True, c
+    )["total"]
+  if work.gradients:
+    peaks["gradients"] = gradient_call_bytes(
+      shape, work, mesh, layout.gradient_microbatch, layout.remat, c
+    )["total"]
+    peaks["spectra"] = spectra_call_bytes(shape, work, c)["total"]
+  return peaks
 
 
 def kept_positions(spec: str, seq_len: int) -> int:
@@ -647,7 +702,9 @@ def make_plan(
     flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
   memory = memory_per_device(shape, work, mesh, layout.remat if layout else "none")
   if layout:
-    memory = {**memory, "total": layout.peak * work.checkpoints_per_call}
+    c = work.checkpoints_per_call
+    peak = layout.peak if c == 1 else max(stacked_peaks(shape, work, mesh, layout, c).values())
+    memory = {**memory, "total": peak}
   return ModelPlan(
     shape,
     chosen,

@@ -5,6 +5,12 @@ Pure functions of (params, tokens) that wire the model's capture sites into the
 `checkpoint_metrics` gathers one checkpoint's results under the names of the tables
 (`analysis.metric_table`); the sweep (`jax_pythia.sweep`) only moves them to files.
 
+Gradients come one batch per call (`batch_gradient_fn`) and are reduced as they come
+(`streamed_gradient_metrics`: `gradient_terms` per batch, then `gradient_summary`), so a
+device holds two batches' gradients whatever G; that is the sweep's way for one checkpoint.
+`gradient_fn` and `gradient_metrics` take all G batches at once (the stacked path below,
+and the benchmarks).
+
 Each has a `batched_` twin for C checkpoints of one model stacked on a leading axis
 (`stack_params`): the same function under `jax.vmap`, one compiled call for all C, so a
 small model fills a large device. Their results equal C single calls (up to float32
@@ -22,6 +28,7 @@ Activation components (`analysis.ACTIVATION_COMPONENTS`), n = sequences x kept p
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -116,6 +123,7 @@ def checkpoint_metrics(
   *,
   floor_key: jax.Array | None = None,
   grads: dict | None = None,
+  gradient_values: dict | None = None,
   train_losses: Any = None,
   heldout_loss: Any = None,
 ) -> dict[str, dict[str, Any]]:
@@ -127,13 +135,17 @@ def checkpoint_metrics(
     layers: params['layers'] (leaves [L, ...]) for the weight spectra.
     floor_key: given (at the final checkpoint), CKA's noise floor is added from this key.
     grads, train_losses: `gradient_fn` outputs (gradient leaves [G, ...], losses [G]).
+    gradient_values: instead of `grads`, their metrics already computed
+      (`streamed_gradient_metrics`).
     heldout_loss: the loss on a batch no checkpoint trained on.
   """
+  if grads is not None:
+    gradient_values = gradient_metrics(grads, layers, value_slice)
   return _gather(
     cka_against(acts, reference),
     cka_noise_floor(acts, floor_key) if floor_key is not None else None,
     weight_metrics(layers, value_slice),
-    gradient_metrics(grads, layers, value_slice) if grads is not None else None,
+    gradient_values,
     train_losses,
     heldout_loss,
   )
@@ -252,32 +264,48 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
   return wrt
 
 
-@functools.cache
-def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
-  """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]).
+def _batch_gradients(params, microbatches, config, wrt, remat):
+  """(mean loss [], float32 gradients of `wrt`) of one batch, summed over its microbatches
+  [m, mb, s+1] (jax.lax.scan) so memory holds one microbatch's backward pass."""
 
-  Each of the G batches (one training step's sequences, split into m microbatches of mb
-  so memory stays bounded) gives one gradient of the weights `gradient_weights` names.
+  def accumulate(total, tokens):
+    loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat=remat)
+    return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+  zeros = (
+    jnp.zeros((), jnp.float32),
+    model_lib.nest({p: jnp.zeros_like(model_lib.get_path(params["layers"], p)) for p in wrt}),
+  )
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+  m = microbatches.shape[0]
+  return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)
+
+
+@functools.cache
+def batch_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
+  """jit fn(params, microbatches [m, mb, s+1]) -> (loss [], grads): one gradient batch (one
+  training step's sequences, split into m microbatches of mb so memory stays bounded) gives
+  one float32 gradient of the weights `gradient_weights` names, leaves shaped like them.
+
+  The sweep calls it once per batch and reduces each batch's gradients at once
+  (`streamed_gradient_metrics`), so a device holds one batch's gradients, not G.
   `remat` (model.REMAT_POLICIES) is what the backward pass recomputes to save memory;
   jax_pythia.plan chooses mb and remat from the device's memory.
   """
   wrt = gradient_weights(value_slice)
+  return jax.jit(functools.partial(_batch_gradients, config=config, wrt=wrt, remat=remat))
+
+
+@functools.cache
+def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
+  """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]):
+  `batch_gradient_fn` of G batches in one compiled call (jax.lax.map), all G gradients held
+  at once. The stacked (`--checkpoints_per_call` > 1) path and the benchmarks use it."""
+  wrt = gradient_weights(value_slice)
 
   @jax.jit
   def fn(params, batches):
-    def one_batch(microbatches):
-      def accumulate(total, tokens):
-        loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat=remat)
-        return jax.tree.map(jnp.add, total, (loss, grads)), None
-
-      zeros = (
-        jnp.zeros((), jnp.float32),
-        model_lib.nest({p: jnp.zeros_like(model_lib.get_path(params["layers"], p)) for p in wrt}),
-      )
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
-      m = microbatches.shape[0]
-      return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)
-
+    one_batch = functools.partial(_batch_gradients, params, config=config, wrt=wrt, remat=remat)
     return jax.lax.map(one_batch, batches)
 
   return fn
@@ -290,10 +318,64 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
 
   A compiled call of its own, apart from `gradient_fn`: on a device mesh the gradients
   need collectives and the spectra LAPACK calls, and XLA:CPU can deadlock running both in
-  one program; the sweep runs this one on a single device.
+  one program; the stacked path runs this one on a single device.
   """
   layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
   return analysis.gradient_spectra(grads, layers, value_slice)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",))
+def first_gradient_carry(grads: dict, value_slice: str) -> dict:
+  """The carry `gradient_terms` takes with the first batch (analysis.first_gradient_carry):
+  zeros shaped like one batch's gradients `grads` (whose values are not read)."""
+  return analysis.first_gradient_carry(grads, value_slice)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice",), donate_argnames=("grads",))
+def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+  """One batch's gradients reduced (analysis.gradient_batch_terms): (singular values, norms,
+  cosines with the previous batch, carry for the next batch).
+
+  `grads` (one batch, leaves shaped like the weights) is donated: the returned carry is
+  those buffers, so a device holds the previous and the current batch's gradients and no
+  copy; the caller must not read `grads` again. Like `gradient_metrics` a compiled call
+  apart from the gradient call (collectives and LAPACK in one XLA:CPU program can
+  deadlock), run on a single device.
+  """
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  return analysis.gradient_batch_terms(grads, carry, layers, value_slice)
+
+
+@jax.jit
+def gradient_summary(terms: list, layers: dict) -> dict:
+  """{component: {metric: ...}} from G batches' `gradient_terms` outputs [(singular values,
+  norms, cosines)], stacked here (analysis.gradient_summary)."""
+  svals, norms, cosines = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
+  return analysis.gradient_summary(svals, norms, cosines, layers)
+
+
+def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice: str) -> dict:
+  """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
+  (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
+  whatever G. No host sync: the calls queue behind one another on the device.
+
+  Args:
+    batches: one batch's gradients at a time (leaves shaped like the weights, on the
+      device the spectra run on), e.g. a generator calling `batch_gradient_fn`. Each is
+      donated to `gradient_terms`.
+    layers: params['layers'] (leaves [L, ...]) on that device.
+  Returns:
+    {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
+  """
+  carry, terms = None, []
+  for grads in batches:
+    if carry is None:
+      carry = first_gradient_carry(grads, value_slice)
+    *batch_terms, carry = gradient_terms(grads, carry, layers, value_slice)
+    terms.append(tuple(batch_terms))
+  if not terms:
+    raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
+  return gradient_summary(terms, layers)
 
 
 @functools.cache

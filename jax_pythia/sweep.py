@@ -503,7 +503,13 @@ class Sweep:
       checkpoints.evict_snapshot(loaded.directory)
 
   def compute(self, m: ModelSource, loaded: Loaded) -> tuple[pd.DataFrame, dict]:
-    """All metrics of one checkpoint: (tidy rows, activations to store)."""
+    """All metrics of one checkpoint: (tidy rows, activations to store).
+
+    The gradient batches stream: each batch's gradients are computed (on the mesh),
+    moved to the spectra's device and reduced to singular values, norms and the cosine
+    with the previous batch before the next batch's are computed
+    (`study.streamed_gradient_metrics`), so a device holds two batches' gradients, not G.
+    """
     o, config, step = self.options, loaded.config, loaded.step
     place = self.placement
     beat = lambda phase: self.heartbeat.beat(m.name, step, phase)  # noqa: E731
@@ -523,15 +529,28 @@ class Sweep:
     # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
     # repeat them), and they are small next to the forward and backward passes.
     layers = place.single_device(params["layers"])
-    grads = losses = heldout = None
+    gradient_values = losses = heldout = None
     if o.gradients:
-      beat("gradients")
       batches = self._gradient_batches(m, step, config)
       remat = layout.remat if layout else "none"
-      losses, grads = study.gradient_fn(config, o.value_slice, remat)(
-        params, place.batch(batches, 2, "--gradient_microbatch (or _sequences)")
-      )
-      grads, losses = place.single_device(grads), place.host(losses)
+      one_batch = study.batch_gradient_fn(config, o.value_slice, remat)
+      batch_losses = []
+
+      def batch_gradients():
+        # One batch's gradients at a time, on the mesh, then onto the spectra's device;
+        # streamed_gradient_metrics reduces each before the next is asked for. Calls are
+        # queued (no host sync): the device works through them while this loop runs ahead.
+        for g, batch in enumerate(batches):
+          beat(f"gradients, batch {g + 1} of {len(batches)} queued")
+          loss, grads = one_batch(
+            params, place.batch(batch, 1, "--gradient_microbatch (or _sequences)")
+          )
+          batch_losses.append(loss)
+          yield place.single_device(grads)
+
+      gradient_values = study.streamed_gradient_metrics(batch_gradients(), layers, o.value_slice)
+      beat(f"gradients, {len(batches)} batches queued: waiting for the device")
+      losses = np.array([place.host(loss) for loss in batch_losses])
     if o.loss_sequences:
       beat("heldout loss")
       heldout = study.loss_fn(config, layout.loss_microbatch if layout else 0)(
@@ -544,7 +563,7 @@ class Sweep:
       layers,
       o.value_slice,
       floor_key=jax.random.PRNGKey(o.seed) if step == m.final_step else None,
-      grads=grads,
+      gradient_values=gradient_values,
       train_losses=losses,
       heldout_loss=heldout,
     )
@@ -552,7 +571,11 @@ class Sweep:
 
   def compute_batch(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
     """`compute` of C non-final checkpoints of `m` (one config) stacked, one compiled call
-    each for activations, gradients, loss and metrics, on one device: [(rows, acts)]."""
+    each for activations, gradients, loss and metrics, on one device: [(rows, acts)].
+
+    Unlike `compute` the gradients are not streamed: the stacked gradient call holds all
+    C x G batches' gradients at once (`plan` counts them so for C > 1).
+    """
     o, config, steps = self.options, chunk[0].config, [loaded.step for loaded in chunk]
     place, layout = self.placement, self.layouts.get(m.name)
     beat = lambda phase: self.heartbeat.beat(m.name, steps[0], f"{phase}, {len(steps)} stacked")  # noqa: E731

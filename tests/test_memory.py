@@ -1,7 +1,9 @@
 """The memory plan against XLA's own numbers, and the sweep held under --device_memory.
 
-XLA's buffer assignment (`compiled.memory_analysis()`: temp + argument + output bytes) of
-the compiled gradient call is the ground truth the plan's memory model must track.
+XLA's buffer assignment (`compiled.memory_analysis()`: temp + argument + output bytes, less
+outputs aliasing donated arguments) of the compiled gradient and spectra calls is the
+ground truth the plan's memory model must track: the sweep's streamed calls (one
+checkpoint, one gradient batch per call) and the stacked ones (C > 1, all G batches).
 """
 
 from __future__ import annotations
@@ -15,12 +17,26 @@ from jax_pythia import model, plan, study
 from jax_pythia.config import GPTNeoXConfig
 
 
+def compiled_bytes(compiled) -> int:
+  a = compiled.memory_analysis()
+  return (
+    a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
+  )
+
+
 def xla_bytes(config: GPTNeoXConfig, batches_shape, remat: str) -> int:
+  """The gradient call's bytes: one batch [m, mb, s+1] (study.batch_gradient_fn, what the
+  sweep streams) or C checkpoints' G batches [C, G, m, mb, s+1] (study.batched_gradient_fn)."""
   params = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
   batches = jax.ShapeDtypeStruct(batches_shape, jnp.int32)
-  compiled = study.gradient_fn(config, "per_head", remat).lower(params, batches).compile()
-  a = compiled.memory_analysis()
-  return a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
+  if len(batches_shape) == 3:
+    fn = study.batch_gradient_fn(config, "per_head", remat)
+  else:
+    params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((batches_shape[0], *x.shape), x.dtype), params
+    )
+    fn = study.batched_gradient_fn(config, "per_head", remat)
+  return compiled_bytes(fn.lower(params, batches).compile())
 
 
 # Shapes unlike those the coefficients were rounded on (tests/test_memory.py's docstring).
@@ -32,35 +48,56 @@ SHAPES = [
 
 
 @pytest.mark.parametrize(
-  "dims, remat",
-  [(SHAPES[0], r) for r in plan.REMAT] + [(SHAPES[1], "none"), (SHAPES[1], "layer")],
-  ids=lambda x: x if isinstance(x, str) else f"L{x[0]}d{x[1]}s{x[5]}",
+  "dims, remat, checkpoints",
+  [(SHAPES[0], r, 1) for r in plan.REMAT]
+  + [(SHAPES[1], "none", 1), (SHAPES[1], "layer", 1), (SHAPES[0], "none", 2)]
+  + [(SHAPES[1], "layer", 2)],
+  ids=lambda x: x if isinstance(x, str) else f"C{x}" if isinstance(x, int) else f"L{x[0]}d{x[1]}",
 )
-def test_plan_tracks_xla_memory_analysis(dims, remat):
+def test_plan_tracks_xla_memory_analysis(dims, remat, checkpoints):
   L, d, H, f, V, s, G, m, mb = dims
   config = GPTNeoXConfig(vocab_size=V, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=s)
-  measured = xla_bytes(config, (G, m, mb, s + 1), remat)
+  stacked = (checkpoints, G) if checkpoints > 1 else ()
+  measured = xla_bytes(config, (*stacked, m, mb, s + 1), remat)
   shape = plan.Shape("t", L, d, H, f, V, s, (0,))
   work = plan.Work(gradient_window=(G - 1) // 2, gradient_sequences=m * mb)
-  planned = plan.gradient_call_bytes(shape, work, {"data": 1}, mb, remat)["total"]
+  parts = plan.gradient_call_bytes(shape, work, {"data": 1}, mb, remat, checkpoints)
+  # The carry (the previous batch's gradients, held for the spectra) lives beside the
+  # streamed call, not in it; a single batch has none.
+  assert (parts["carry"] > 0) == (checkpoints == 1 and work.gradient_batches > 1)
+  planned = parts["total"] - parts["carry"]
   assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "stacked"])
 @pytest.mark.parametrize("dims", [(2, 64, 4, 256, 3), (3, 192, 6, 768, 5)])
-def test_spectra_plan_covers_xla(dims):
+def test_spectra_plan_covers_xla(dims, streamed):
   L, d, H, f, G = dims
   config = GPTNeoXConfig(vocab_size=64, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=8)
   layers = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))["layers"]
-  grads = model.nest(
-    {
-      p: jax.ShapeDtypeStruct((G, *model.get_path(layers, p).shape), jnp.float32)
-      for p in study.gradient_weights("per_head")
-    }
-  )
-  a = study.gradient_metrics.lower(grads, layers, "per_head").compile().memory_analysis()
-  measured = a.temp_size_in_bytes + a.argument_size_in_bytes + a.output_size_in_bytes
   shape = plan.Shape("t", L, d, H, f, 64, 8, (0,))
-  planned = plan.spectra_call_bytes(shape, plan.Work(gradient_window=(G - 1) // 2))["total"]
+  work = plan.Work(gradient_window=(G - 1) // 2)
+
+  def gradients(*lead):
+    return model.nest(
+      {
+        p: jax.ShapeDtypeStruct((*lead, *model.get_path(layers, p).shape), jnp.float32)
+        for p in study.gradient_weights("per_head")
+      }
+    )
+
+  if streamed:  # the sweep's per-batch call: one batch and the carry, whatever G
+    grads = gradients()
+    carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, "per_head"), grads)
+    measured = compiled_bytes(
+      study.gradient_terms.lower(grads, carry, layers, "per_head").compile()
+    )
+    planned = plan.spectra_call_bytes(shape, work)["total"]
+  else:  # one checkpoint's G batches at once, as each of C stacked checkpoints holds them
+    measured = compiled_bytes(
+      study.gradient_metrics.lower(gradients(G), layers, "per_head").compile()
+    )
+    planned = plan.spectra_call_bytes(shape, work, 2)["total"] / 2
   assert 0.75 * measured <= planned <= 1.6 * measured, (planned, measured)
 
 
@@ -219,8 +256,9 @@ def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path
   # XLA's own figure for the compiled gradient call under the chosen layout.
   config = GPTNeoXConfig.from_json_file(str(long_suite / "m" / "step0" / "config.json"))
   m = GRADIENT_SEQUENCES // layout.gradient_microbatch
-  measured = xla_bytes(config, (3, m, layout.gradient_microbatch, SEQ + 1), layout.remat)
-  assert measured <= device, (measured, device)
+  measured = xla_bytes(config, (m, layout.gradient_microbatch, SEQ + 1), layout.remat)
+  carry = plan.gradient_call_bytes(shape, work, {"data": 1}, 2, "none")["carry"]
+  assert measured + carry <= device, (measured, carry, device)
   for runner in (free, tight):
     runner.run()
   a = results.collect(str(tmp_path / "free"))[0]

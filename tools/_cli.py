@@ -114,7 +114,12 @@ def define_work_flags() -> None:
     "Token positions per sequence: last (the paper), all, random:K or a comma list of indices.",
   )
   flags.DEFINE_bool("gradients", True, "Compute gradient metrics (needs a .bin/.idx stream).")
-  flags.DEFINE_integer("gradient_window", 5, "Gradients on the batches of steps s-W..s+W.")
+  flags.DEFINE_integer(
+    "gradient_window",
+    5,
+    "Gradients on the batches of steps s-W..s+W, computed and reduced one batch at a time "
+    "(a device holds two batches' gradients, whatever W, unless checkpoints are stacked).",
+  )
   flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
   flags.DEFINE_integer(
     "gradient_microbatch",
@@ -147,7 +152,8 @@ def define_work_flags() -> None:
     "checkpoints_per_call",
     "auto",
     "Checkpoints of one model stacked in one compiled call (activations, spectra and "
-    "gradients vmapped over them; the same results). auto (or 0): as many as fit in the "
+    "gradients vmapped over them; the same results). Stacked checkpoints hold all their "
+    "gradient batches at once; one alone streams them. auto (or 0): as many as fit in the "
     "device's memory by jax_pythia.plan's estimate, at most 16 on an accelerator and 1 on "
     "CPU, where stacking does not reliably pay (benchmarks/bench_batched.py).",
   )

@@ -6,7 +6,9 @@
 
 Memory per device is the peak under the microbatches (and rematerialisation) the sweep
 would choose for --device_memory (default: what this machine's first device reports);
-the microbatch column shows the gradient microbatch. Throughput is either measured
+the microbatch column shows the gradient microbatch. One checkpoint per call streams its
+gradient batches (the gradient call holds one batch's gradients, the spectra call two);
+stacked checkpoints (C > 1) hold all of theirs at once. Throughput is either measured
 (--measure: a small forward on this machine's devices) or given (--flops_per_device in
 FLOP/s, times --utilisation). See jax_pythia/plan.py for the formulas.
 """
