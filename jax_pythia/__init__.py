@@ -17,3 +17,5 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_F
 # two threads waiting (a collective, a LAPACK call): with the default pool (the cores) a
 # CPU mesh hangs forever. A pool of 2 threads per device + 1 always keeps one free.
 xla_cpu.size_pool(os.environ)
+# XLA:CPU calls LAPACK from that pool; OpenBLAS's own threads would only spin beside it.
+xla_cpu.single_thread_blas(os.environ)

@@ -243,6 +243,32 @@ def test_cpu_pool_sized_for_the_host_devices():
   assert "PJRT_NPROC" not in one and xla_cpu.mesh_problem(1, {"PJRT_NPROC": "1"}) is None
 
 
+# What the OpenBLAS that jaxlib's LAPACK calls (scipy's) runs with, after `import jax_pythia`.
+BLAS_THREADS = """
+import ctypes, re
+import jax_pythia, jax, jax.numpy as jnp
+jnp.linalg.svd(jnp.ones((8, 8)))  # loads jaxlib's LAPACK (scipy's OpenBLAS)
+libs = set(re.findall(r"/\\S*libscipy_openblas-\\S*\\.so", open("/proc/self/maps").read()))
+print([ctypes.CDLL(lib).scipy_openblas_get_num_threads() for lib in sorted(libs)])
+"""
+
+
+@pytest.mark.parametrize("user", [{}, {"OMP_NUM_THREADS": "2"}])
+def test_lapack_runs_on_one_openblas_thread_unless_the_user_chose(user):
+  env = {k: v for k, v in os.environ.items() if "NUM_THREADS" not in k} | user
+  done = subprocess.run(
+    [sys.executable, "-c", BLAS_THREADS], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  counts = eval(done.stdout.strip().splitlines()[-1])
+  if not counts:
+    pytest.skip("no scipy OpenBLAS loaded here (another BLAS, or not Linux)")
+  assert counts == [1] if not user else counts[0] == min(2, xla_cpu.cores()), counts
+  chosen = {"OPENBLAS_NUM_THREADS": "4"}
+  xla_cpu.single_thread_blas(chosen)
+  assert chosen == {"OPENBLAS_NUM_THREADS": "4"}
+
+
 # A batched LAPACK call (QR, as the OV basis of the activations) inside a layer scan,
 # replicated on every device, next to a collective over the data axis: the pattern that
 # hung every CPU mesh of the sweep (issue 13). With XLA's default pool of the 2 cores it
