@@ -13,7 +13,7 @@ gradients, beside the previous batch's kept for the spectra, and the spectra cal
 batches' and one batch's SVD workspace, whatever G; C > 1 stacked checkpoints hold all G
 batches at once. These are estimates, meant to size a pod, not to replace a measured run.
 
-Memory decides how the gradients are computed: `choose_gradient_layout` picks the largest
+Memory decides how the gradients are computed: `choose_layout` picks the largest
 gradient microbatch, and the cheapest rematerialisation (`model.REMAT_POLICIES`), whose
 planned peak stays under `HEADROOM` of the device's memory (`--device_memory`, by default
 what the device reports). The per-token coefficients of the activation model count the
