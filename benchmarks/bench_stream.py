@@ -1,6 +1,6 @@
 """Streamed gradient statistics against all G batches at once, for one checkpoint.
 
-  python -m benchmarks.bench_stream [--repeats 3 --shapes toy,14m]
+  python -m benchmarks.bench_stream [--repeats 3 --shapes toy,14m]   (also: --shapes 70m)
 
 For the shapes of benchmarks/bench_batched.py, one random checkpoint's gradient work on 11
 batches two ways, side by side in this process, each compiled first and timed best of
@@ -29,6 +29,19 @@ import numpy as np
 
 from benchmarks.bench_batched import GRADIENT_BATCHES, SHAPES, VALUE_SLICE, best_of
 from jax_pythia import model, study
+from jax_pythia.config import GPTNeoXConfig
+
+# bench_batched's shapes, and (on request: minutes on CPU) bench_sweep's 70m one.
+STREAM_SHAPES = SHAPES | {
+  "70m": dict(
+    config=GPTNeoXConfig(
+      vocab_size=50304, d_model=512, n_layers=6, n_heads=8, d_mlp=2048, max_seq_len=2048
+    ),
+    seq=128,
+    n_sequences=128,
+    gradient_sequences=16,
+  )
+}
 
 
 def at_once(config, params, batches):
@@ -91,7 +104,11 @@ def largest_difference(a: dict, b: dict) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of shape names")
+  parser.add_argument(
+    "--shapes",
+    default=",".join(SHAPES),
+    help=f"comma list of shape names among {', '.join(STREAM_SHAPES)}",
+  )
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   print(
@@ -103,7 +120,7 @@ def main():
     f"{'at once bytes':>14} {'streamed bytes':>15}  max rel diff  (spread)"
   )
   for name in args.shapes.split(","):
-    shape = SHAPES[name]
+    shape = STREAM_SHAPES[name]
     config, seq = shape["config"], shape["seq"]
     params = model.init_params(config, jax.random.PRNGKey(0))
     batches = rng.integers(
