@@ -367,6 +367,8 @@ def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
+  # Cast once here, not in each batch's call (a float32 copy of the weights per batch).
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
   carry, terms = None, []
   for grads in batches:
     if carry is None:

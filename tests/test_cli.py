@@ -4,10 +4,6 @@ reported in one line with a non-zero exit and no traceback."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +12,7 @@ import torch
 from jax_pythia import checkpoints
 from jax_pythia.weights import read_safetensors, write_safetensors
 from tests import hf_fixtures as hf
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_tool(tool, *args):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-    [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+from tests.tool_runs import run_tool
 
 
 @pytest.fixture(scope="module")

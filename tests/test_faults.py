@@ -23,21 +23,7 @@ from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from tests import hf_fixtures as hf
 from tests import suite_fixtures as sf
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_tool(tool, *args, env=None, timeout=300):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env or {})}
-  env = {k: v for k, v in env.items() if v is not None}
-  return subprocess.run(
-    [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+from tests.tool_runs import REPO, run_tool
 
 
 def one_line_error(result, tool, *expected):

@@ -245,11 +245,11 @@ def test_cpu_pool_sized_for_the_host_devices():
 
 # What the OpenBLAS that jaxlib's LAPACK calls (scipy's) runs with, after `import jax_pythia`.
 BLAS_THREADS = """
-import ctypes, re
+import ctypes, json, re
 import jax_pythia, jax, jax.numpy as jnp
 jnp.linalg.svd(jnp.ones((8, 8)))  # loads jaxlib's LAPACK (scipy's OpenBLAS)
 libs = set(re.findall(r"/\\S*libscipy_openblas-\\S*\\.so", open("/proc/self/maps").read()))
-print([ctypes.CDLL(lib).scipy_openblas_get_num_threads() for lib in sorted(libs)])
+print(json.dumps([ctypes.CDLL(lib).scipy_openblas_get_num_threads() for lib in sorted(libs)]))
 """
 
 
@@ -260,7 +260,7 @@ def test_lapack_runs_on_one_openblas_thread_unless_the_user_chose(user):
     [sys.executable, "-c", BLAS_THREADS], env=env, capture_output=True, text=True, timeout=120
   )
   assert done.returncode == 0, done.stderr[-2000:]
-  counts = eval(done.stdout.strip().splitlines()[-1])
+  counts = json.loads(done.stdout.strip().splitlines()[-1])
   if not counts:
     pytest.skip("no scipy OpenBLAS loaded here (another BLAS, or not Linux)")
   assert counts == [1] if not user else counts[0] == min(2, xla_cpu.cores()), counts
