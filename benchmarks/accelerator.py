@@ -65,9 +65,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import throughput  # noqa: E402
-from jax_pythia import files, plan, study  # noqa: E402
-from jax_pythia import model as model_lib  # noqa: E402
-from jax_pythia.config import GPTNeoXConfig  # noqa: E402
+from jax_pythia import files  # noqa: E402
+from jax_pythia.models import gpt_neox as model_lib  # noqa: E402
+from jax_pythia.models.config import GPTNeoXConfig  # noqa: E402
+from jax_pythia.scale import plan
+from jax_pythia.study import checkpoint as study
 
 VALUE_SLICE = "per_head"
 GRADIENT_BATCHES = 11  # 2 x window 5 + 1

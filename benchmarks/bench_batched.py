@@ -20,8 +20,9 @@ import time
 import jax
 import numpy as np
 
-from jax_pythia import model, study
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.study import checkpoint as study
 
 SHAPES = {
   "toy": dict(

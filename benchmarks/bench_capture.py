@@ -20,9 +20,9 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import model
-from jax_pythia.config import GPTNeoXConfig
-from jax_pythia.weights import convert_state_dict
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.models.weights import convert_state_dict
 
 PYTHIA_70M = dict(
   vocab_size=50304,

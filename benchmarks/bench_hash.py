@@ -1,7 +1,7 @@
 """Cost of the checkpoint content hash (jax_pythia.integrity) next to loading.
 
 Writes a random Pythia-shaped checkpoint as the Hub stores it (float16 safetensors, torch
-free: jax_pythia.weights.write_safetensors) and times, side by side in one process:
+free: jax_pythia.models.weights.write_safetensors) and times, side by side in one process:
   load = weights.read_state_dict + weights.convert_state_dict (what the sweep does
          per checkpoint, from the page cache),
   hash = integrity.content_hash of the same state dict,
@@ -23,8 +23,9 @@ import numpy as np
 
 
 def write_checkpoint(directory: str, size: str) -> None:
-  from jax_pythia import suite, weights
-  from jax_pythia.config import GPTNeoXConfig
+  from jax_pythia import suite
+  from jax_pythia.models import weights
+  from jax_pythia.models.config import GPTNeoXConfig
 
   s = suite.SIZES[size]
   config = GPTNeoXConfig(
@@ -74,8 +75,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
-  from jax_pythia import integrity, weights
-  from jax_pythia.config import GPTNeoXConfig
+  from jax_pythia.checkpoints import integrity
+  from jax_pythia.models import weights
+  from jax_pythia.models.config import GPTNeoXConfig
 
   with tempfile.TemporaryDirectory() as directory:
     write_checkpoint(directory, args.size)

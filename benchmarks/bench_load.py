@@ -64,7 +64,7 @@ def main() -> None:
   import torch
   import transformers
 
-  from jax_pythia.checkpoints import load_checkpoint
+  from jax_pythia.checkpoints.hub import load_checkpoint
 
   transformers.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()

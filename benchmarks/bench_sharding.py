@@ -29,8 +29,10 @@ def build(work: str, n_steps: int, seq_len: int) -> str:
   import jax
   import numpy as np
 
-  from jax_pythia import data, model, weights
-  from jax_pythia.config import GPTNeoXConfig
+  from jax_pythia import data
+  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import weights
+  from jax_pythia.models.config import GPTNeoXConfig
 
   suite = os.path.join(work, "suite")
   if os.path.exists(os.path.join(suite, "suite.json")):
@@ -107,7 +109,7 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   suite = build(args.work, args.steps, args.seq_len)
 
-  from jax_pythia import plan
+  from jax_pythia.scale import plan
 
   rate = plan.measure_flops_per_device()
   shape = plan.from_directory(suite, seq_len=args.seq_len)[0]

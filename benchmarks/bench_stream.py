@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_batched import GRADIENT_BATCHES, SHAPES, VALUE_SLICE, best_of
-from jax_pythia import model, study
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.study import checkpoint as study
 
 # bench_batched's shapes, and (on request: minutes on CPU) bench_sweep's 70m one.
 STREAM_SHAPES = SHAPES | {

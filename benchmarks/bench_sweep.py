@@ -9,7 +9,7 @@ Hub) and a token stream, then times per checkpoint:
   hooks on the fused qkv and dense_4h_to_h, numpy CKA per layer and per head, and Python
   loops over layers and heads building every d x d OV matrix (weights and, by the chain
   rule, the gradients of the 11 batches around the step) for `np.linalg.svd`;
-- `jax_pythia.sweep.Sweep` with the same options (per-head values, CKA to the final
+- `jax_pythia.sweep.run.Sweep` with the same options (per-head values, CKA to the final
   checkpoint, weight and gradient spectra), the next checkpoint loading in the background.
 
 Prints seconds per checkpoint for both (the sweep's with and without its one-off
@@ -37,8 +37,12 @@ from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
 from benchmarks import throughput
-from jax_pythia import data, results, sources, study, sweep
-from jax_pythia.checkpoints import load_checkpoint
+from jax_pythia import data
+from jax_pythia.checkpoints import sources
+from jax_pythia.checkpoints.hub import load_checkpoint
+from jax_pythia.study import checkpoint as study
+from jax_pythia.sweep import results
+from jax_pythia.sweep import run as sweep
 
 PYTHIA_70M = dict(
   vocab_size=50304,

@@ -24,7 +24,7 @@ def main() -> None:
   parser.add_argument("--preset", choices=["default", "tiny"], default="default")
   args = parser.parse_args()
 
-  from jax_pythia import toy_suite
+  from jax_pythia.toy import build as toy_suite
 
   options = toy_suite.TINY_OPTIONS if args.preset == "tiny" else toy_suite.DEFAULT_OPTIONS
   with tempfile.TemporaryDirectory(prefix="bench_toy_suite-") as tmp:

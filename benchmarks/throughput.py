@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_pythia import plan
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.scale import plan
 
 
 def timed(fn: Callable, *args, repeats: int = 1) -> float:

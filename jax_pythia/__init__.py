@@ -2,7 +2,7 @@
 
 import os
 
-from jax_pythia import xla_cpu
+from jax_pythia.scale import xla_cpu
 
 # XLA's CPU "concurrency optimized" scheduler runs independent LAPACK calls (the batched
 # QR and SVD of the spectra) at the same time; each parallelises over its batch on the

@@ -22,24 +22,3 @@ class ToySuiteError(JaxPythiaError, ValueError):
 
 class SweepError(JaxPythiaError, ValueError):
   """A sweep that cannot run as asked (models, steps, data, output directory)."""
-
-
-# Transport failures of the HTTP clients underneath (httpx for huggingface_hub, aiohttp for
-# fsspec), recognised by class name so that neither client has to be imported.
-_TRANSPORT_ERROR_NAMES = frozenset(
-  {
-    "TransportError",
-    "TimeoutException",
-    "NetworkError",
-    "ConnectError",
-    "RemoteProtocolError",
-    "ReadError",
-    "ClientError",
-    "ServerDisconnectedError",
-  }
-)
-
-
-def is_transport_error(error: BaseException) -> bool:
-  """Whether `error` is an HTTP client's transport failure (worth retrying)."""
-  return any(cls.__name__ in _TRANSPORT_ERROR_NAMES for cls in type(error).__mro__)

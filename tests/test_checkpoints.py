@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_pythia import checkpoints as ck
-from jax_pythia import weights
+from jax_pythia.checkpoints import hub as ck
 from jax_pythia.errors import CheckpointError
+from jax_pythia.models import weights
 from tests import hf_fixtures as hf
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from jax_pythia import checkpoints
-from jax_pythia.weights import read_safetensors, write_safetensors
+from jax_pythia.checkpoints import hub as checkpoints
+from jax_pythia.models.weights import read_safetensors, write_safetensors
 from tests import hf_fixtures as hf
 from tests.tool_runs import run_tool
 

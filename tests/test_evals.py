@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_pythia.evals import EVALS_COLUMNS, EvalsError, EvalsNotFoundError, load_evals
 from jax_pythia.suite import PAPER_STEPS
+from jax_pythia.sweep.evals import EVALS_COLUMNS, EvalsError, EvalsNotFoundError, load_evals
 
 SHARED_EVALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pythia-evals"
 

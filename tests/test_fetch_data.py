@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_pythia import data, sources, streams, sweep
+from jax_pythia import data
+from jax_pythia.checkpoints import sources
+from jax_pythia.data import streams
+from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 from tests.test_streams import shard_like_pythia
 

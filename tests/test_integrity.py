@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jax_pythia import checkpoints as ck
-from jax_pythia import integrity, weights
+from jax_pythia.checkpoints import hub as ck
+from jax_pythia.checkpoints import integrity
 from jax_pythia.errors import CheckpointError
+from jax_pythia.models import weights
 from tests import hf_fixtures as hf
 
 
@@ -171,7 +172,10 @@ def mixed_suite(tmp_path_factory):
 
 
 def run_sweep(root, out, on_duplicate, figures=True):
-  from jax_pythia import data, report, results, sources, sweep
+  from jax_pythia import data
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.sweep import report, results
+  from jax_pythia.sweep import run as sweep
 
   models = sources.resolve_models([str(root / "fp16-m"), str(root / "fp32-m")])
   source = data.MMapTokenSource(root / "data" / "train", sequences_per_step=4)

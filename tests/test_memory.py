@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_pythia import model, plan, study
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.scale import plan
+from jax_pythia.study import checkpoint as study
 
 
 def compiled_bytes(compiled) -> int:
@@ -231,7 +233,9 @@ def long_suite(tmp_path_factory):
 
 
 def _sweep(root, out, device_memory, **options):
-  from jax_pythia import data, sources, sweep
+  from jax_pythia import data
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.sweep import run as sweep
 
   models = sources.resolve_models([str(root / "m")])
   source = data.open_token_source(str(root / "data" / "train"), sequences_per_step=16)
@@ -242,7 +246,7 @@ def _sweep(root, out, device_memory, **options):
 
 
 def test_sweep_under_a_small_device_memory_fits_and_matches(long_suite, tmp_path):
-  from jax_pythia import results
+  from jax_pythia.sweep import results
 
   free = _sweep(long_suite, tmp_path / "free", 1e12)
   assert free.layouts["m"].gradient_microbatch == GRADIENT_SEQUENCES

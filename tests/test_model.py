@@ -16,9 +16,9 @@ from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 from transformers.models.gpt_neox import modeling_gpt_neox as hf_neox
 
-from jax_pythia import model as M
-from jax_pythia.config import GPTNeoXConfig
-from jax_pythia.weights import convert_state_dict
+from jax_pythia.models import gpt_neox as M
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.models.weights import convert_state_dict
 
 TINY = dict(
   vocab_size=97,

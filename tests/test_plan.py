@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from jax_pythia import plan, suite
+from jax_pythia import suite
+from jax_pythia.scale import plan
 from tests.test_sharding import CONFIG, ROOT, STEPS, make_suite
 
 

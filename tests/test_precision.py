@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jax_pythia import results, sources, sweep
+from jax_pythia.checkpoints import sources
+from jax_pythia.sweep import results
+from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 
 OPTIONS = dict(n_sequences=8, gradient_window=1, gradient_sequences=4, loss_sequences=4)

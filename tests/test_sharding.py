@@ -19,8 +19,11 @@ import pandas as pd
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia import data, model, sharding, weights, xla_cpu
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia import data
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import weights
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.scale import sharding, xla_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = ["model", "step", "layer", "component", "head", "metric"]
@@ -363,7 +366,7 @@ def test_sharded_sweep_at_realistic_sizes(suite_14m_and_baseline, mesh, devices)
 
 def test_converted_cache_restores_onto_the_mesh(suite_and_baseline, tmp_path):
   """A suite of orbax caches (checkpoints.save_converted) sweeps to the same table."""
-  from jax_pythia import checkpoints
+  from jax_pythia.checkpoints import hub as checkpoints
 
   suite, baseline, _ = suite_and_baseline
   cached = tmp_path / "cached"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import analysis
-from jax_pythia import model, study
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.study import checkpoint as study
 
 CONFIG = GPTNeoXConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=12)
 

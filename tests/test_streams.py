@@ -20,8 +20,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from jax_pythia import data, streams
-from jax_pythia.data import DataError, DataFileNotFoundError
+from jax_pythia import data
+from jax_pythia.data import DataError, DataFileNotFoundError, indexed, streams
 
 SEQUENCES_PER_STEP = 4
 ITEM_TOKENS = 9  # 18 bytes an item: items straddle the 100-byte shards' ends
@@ -280,7 +280,7 @@ def test_index_of_another_stream(pile, tmp_path):
 def test_corrupt_pointer_in_the_index(pile):
   _, shards, _ = pile
   idx = bytearray((shards / "document.idx").read_bytes())
-  pointer_of_item_9 = data.INDEX_HEADER_SIZE + 4 * N_ITEMS + 8 * 9
+  pointer_of_item_9 = indexed.INDEX_HEADER_SIZE + 4 * N_ITEMS + 8 * 9
   idx[pointer_of_item_9 : pointer_of_item_9 + 8] = (9 * 18 + 2).to_bytes(8, "little")
   (shards / "document.idx").write_bytes(bytes(idx))
   source = data.open_token_source(str(shards), sequences_per_step=SEQUENCES_PER_STEP)

@@ -19,8 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax_pythia import checkpoints, data, model, toy_suite, toy_train
-from jax_pythia.toy_suite import TINY_OPTIONS
+from jax_pythia import data
+from jax_pythia.checkpoints import hub as checkpoints
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.toy import build as toy_suite
+from jax_pythia.toy import train as toy_train
+from jax_pythia.toy.build import TINY_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = TINY_OPTIONS

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from jax_pythia import watchdog
+from jax_pythia.sweep import watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_a_stalled_phase_exits_with_one_line():
   proc, seconds = run_python(
     """
     import time
-    from jax_pythia import watchdog
+    from jax_pythia.sweep import watchdog
     beat = watchdog.Heartbeat()
     watchdog.Watchdog(beat, 0.5).start()
     beat.beat("pythia-70m", 512, "loading")
@@ -74,7 +74,7 @@ def test_progress_keeps_the_watchdog_quiet():
   proc, _ = run_python(
     """
     import time
-    from jax_pythia import watchdog
+    from jax_pythia.sweep import watchdog
     beat = watchdog.Heartbeat()
     with watchdog.Watchdog(beat, 0.5):
       for i in range(20):  # 2 s of work, a beat every 0.1 s

@@ -16,9 +16,9 @@ import safetensors.numpy
 import torch
 import transformers
 
-from jax_pythia import weights
-from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError, ConfigError
+from jax_pythia.models import weights
+from jax_pythia.models.config import GPTNeoXConfig
 from tests import hf_fixtures as hf
 
 

@@ -2,7 +2,7 @@
 
   python -m tools.convert --checkpoint=EleutherAI/pythia-410m@step143000 --out=cache/410m
 
-Later runs restore the cache with `jax_pythia.checkpoints.restore_converted`, straight onto
+Later runs restore the cache with `jax_pythia.checkpoints.hub.restore_converted`, straight onto
 a device sharding, skipping the read and conversion of the original weights.
 """
 
@@ -36,7 +36,7 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import checkpoints
+  from jax_pythia.checkpoints import hub as checkpoints
 
   checkpoints.check_converted_target(FLAGS.out)  # before the slow part: refuse at once
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)

@@ -5,7 +5,7 @@
   python -m tools.sweep --models=... --steps=paper --data=/shared/pile-staged
 
 Exactly the batches the sweep will read (the fixed inputs, each checkpoint's gradient
-window, the held-out loss batch: jax_pythia.sweep.batches_needed) are read by byte range
+window, the held-out loss batch: jax_pythia.sweep.run.batches_needed) are read by byte range
 from --data (default: the Hub stream the models trained on) into DIR/batches.bin/.idx,
 with DIR/manifest.json mapping each step to its sequences. Use the same sweep options
 here as in the sweep; a step that was not staged is a clear error there, not a wrong batch.
@@ -47,7 +47,10 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import data, sources, streams, sweep
+  from jax_pythia import data
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.data import streams
+  from jax_pythia.sweep import run as sweep
 
   if not FLAGS.models or not FLAGS.out:
     raise ValueError("give --models and --out (see --help)")

@@ -4,10 +4,10 @@
   python -m tools.make_toy_suite --out=/tmp/tiny --preset=tiny   # seconds, for tests
 
 Several GPT-NeoX sizes trained on the Python standard library's source, byte-level
-tokenized, with Pythia's recipe scaled down; see jax_pythia/toy_suite.py (layout, build),
-toy_corpus.py (corpus, tokenizer) and toy_train.py (schedule, training). Rerunning the
-same command continues an interrupted build to the same bits; on a complete suite it
-returns at once.
+tokenized, with Pythia's recipe scaled down; see jax_pythia/toy/build.py (layout, build),
+jax_pythia/toy/corpus.py (corpus, tokenizer) and jax_pythia/toy/train.py (schedule,
+training). Rerunning the same command continues an interrupted build to the same bits; on
+a complete suite it returns at once.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ _OPTION_FLAGS = (
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import toy_suite
+  from jax_pythia.toy import build as toy_suite
 
   preset = toy_suite.TINY_OPTIONS if FLAGS.preset == "tiny" else toy_suite.DEFAULT_OPTIONS
   overrides = {name: FLAGS[name].value for name in _OPTION_FLAGS if FLAGS[name].value is not None}

@@ -10,7 +10,7 @@ the microbatch column shows the gradient microbatch. One checkpoint per call str
 gradient batches (the gradient call holds one batch's gradients, the spectra call two);
 stacked checkpoints (C > 1) hold all of theirs at once. Throughput is either measured
 (--measure: a small forward on this machine's devices) or given (--flops_per_device in
-FLOP/s, times --utilisation). See jax_pythia/plan.py for the formulas.
+FLOP/s, times --utilisation). See jax_pythia/scale/plan.py for the formulas.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ flags.DEFINE_integer(
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import plan, sharding
+  from jax_pythia.scale import plan, sharding
 
   _cli.require_items("models", FLAGS.models)
   _cli.require_precision()
@@ -128,7 +128,9 @@ def main(argv):
     for s, w in zip(shapes, works)
   ]
   # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
-  from jax_pythia import sources, streams, sweep
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.data import streams
+  from jax_pythia.sweep import run as sweep
 
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,

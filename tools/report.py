@@ -28,7 +28,7 @@ flags.mark_flag_as_required("out")
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import report, results
+  from jax_pythia.sweep import report, results
 
   if FLAGS.gather:
     results.finalize(FLAGS.out)

@@ -135,7 +135,10 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia import plan, report, results, sharding, sources, sweep, watchdog
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.scale import plan, sharding
+  from jax_pythia.sweep import report, results, watchdog
+  from jax_pythia.sweep import run as sweep
 
   per_call = _cli.checkpoints_per_call()  # bad values fail before any work
   _cli.require_precision()
@@ -153,7 +156,7 @@ def main(argv):
 
   if FLAGS.models == [DEFAULT_TOY_SUITE]:
     if lead:
-      from jax_pythia import toy_suite
+      from jax_pythia.toy import build as toy_suite
 
       # Builds the suite the first time, resumes an interrupted build, else returns at once.
       toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)

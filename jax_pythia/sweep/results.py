@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 import analysis
-from jax_pythia import integrity, study
+from jax_pythia.checkpoints import integrity
 from jax_pythia.errors import SweepError
 from jax_pythia.files import atomic_write
+from jax_pythia.study import checkpoint as study
 
 METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "value")
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")

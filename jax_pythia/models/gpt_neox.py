@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models.config import GPTNeoXConfig
 
 Array = jax.Array
 Params = Mapping[str, Any]

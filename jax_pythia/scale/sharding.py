@@ -39,9 +39,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia import checkpoints, weights, xla_cpu
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.errors import JaxPythiaError
+from jax_pythia.models import weights
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.scale import xla_cpu
 
 AXES = ("data", "model")
 SPLITS = ("checkpoints", "shard")

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jax_pythia import suite
-from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import JaxPythiaError
+from jax_pythia.models.config import GPTNeoXConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fraction of the device's memory the planned peak may use; the rest is for what the
@@ -100,7 +100,7 @@ def from_suite(name: str, seq_len: int | None = None) -> Shape:
 
 def from_directory(path: str, seq_len: int | None = None) -> list[Shape]:
   """Every model of a local suite (or one model's directory of step<N>/)."""
-  from jax_pythia import sources
+  from jax_pythia.checkpoints import sources
 
   return [of_source(m, seq_len) for m in sources.resolve_models([path])]
 
@@ -113,7 +113,8 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
       return dataclasses.replace(from_suite(m.name, seq_len), steps=m.steps)
     except ValueError:
       return None
-  from jax_pythia import checkpoints, weights
+  from jax_pythia.checkpoints import hub as checkpoints
+  from jax_pythia.models import weights
 
   step_dir = os.path.join(m.location, suite.revision(m.final_step))
   config_path = os.path.join(step_dir, weights.CONFIG_FILE)
@@ -572,7 +573,7 @@ def stacked_peaks(
 
 def kept_positions(spec: str, seq_len: int) -> int:
   """Token positions per sequence a --positions spec keeps."""
-  from jax_pythia import model
+  from jax_pythia.models import gpt_neox as model
 
   try:
     kind, arg = model.parse_positions(spec, "--positions")
@@ -619,7 +620,7 @@ def measure_flops_per_device(seconds: float = 2.0, checkpoints_per_call: int = 1
   does (what stacking gains shows here)."""
   import jax
 
-  from jax_pythia import model
+  from jax_pythia.models import gpt_neox as model
 
   config = GPTNeoXConfig(
     vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048, max_seq_len=256
@@ -748,7 +749,7 @@ def format_plan(
   memory_source: str = "",
 ) -> str:
   """The plan as text; `data_bytes` of training data in `data_batches` batches (what
-  tools.fetch_data stages, from jax_pythia.sweep.batches_needed) go beside the checkpoints."""
+  tools.fetch_data stages, from jax_pythia.sweep.run.batches_needed) go beside the checkpoints."""
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from jax_pythia import suite
-from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import ToySuiteError
 from jax_pythia.files import atomic_write
-from jax_pythia.toy_corpus import VOCAB_SIZE
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.toy.corpus import VOCAB_SIZE
 
 TRAIN_LOSS_FILE = "train_loss.csv"
 TRAIN_STATE_FILE = "train_state.npz"
@@ -293,7 +293,7 @@ def make_train_step(config: GPTNeoXConfig, optimizer):
   import jax
   import optax
 
-  from jax_pythia import model
+  from jax_pythia.models import gpt_neox as model
 
   @jax.jit
   def train_step(params, opt_state, tokens):
@@ -313,7 +313,7 @@ def compiled_programs(size: ToySize, options: ToySuiteOptions):
   """
   import jax
 
-  from jax_pythia import model
+  from jax_pythia.models import gpt_neox as model
 
   config = size.config(options.seq_len)
   optimizer, schedule = make_optimizer(options, options.learning_rate(size))
@@ -411,7 +411,7 @@ def _saved_step(path: str) -> int | None:
 
 
 def _checkpoint_complete(directory: str) -> bool:
-  from jax_pythia import weights
+  from jax_pythia.models import weights
 
   return os.path.isfile(os.path.join(directory, weights.CONFIG_FILE)) and os.path.isfile(
     os.path.join(directory, weights.SAFETENSORS_SINGLE)
@@ -480,7 +480,8 @@ def train_model(
   """Trains (or resumes) one size; returns True once the model is complete on disk."""
   import jax
 
-  from jax_pythia import data, weights
+  from jax_pythia import data
+  from jax_pythia.models import weights
 
   budget = budget or RunBudget(None)
   log = log or (lambda message: None)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
-from jax_pythia import model as model_lib
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.models import gpt_neox as model_lib
+from jax_pythia.models.config import GPTNeoXConfig
 
 
 def activation_sites(value_slice: str) -> tuple[str, ...]:

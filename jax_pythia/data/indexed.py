@@ -309,7 +309,7 @@ def _to_int32_tokens(tokens: np.ndarray, source_name: str) -> np.ndarray:
 @runtime_checkable
 class IndexedStream(Protocol):
   """A Megatron-indexed stream of items, local (`MMapIndexedDataset`) or read by byte range
-  (`jax_pythia.streams.ShardedStream`): what `batch_of_step` needs."""
+  (`jax_pythia.data.streams.ShardedStream`): what `batch_of_step` needs."""
 
   name: str
 
@@ -596,48 +596,3 @@ def load_tokenizer(tokenizer):
     return tokenizers.Tokenizer.from_file(str(path))
   except Exception as error:  # tokenizers raises a bare Exception for malformed files
     raise DataError(f"tokenizer file {path} does not load: {error}") from None
-
-
-def open_token_source(
-  path: str | os.PathLike,
-  tokenizer=None,
-  seq_len: int | None = None,
-  sequences_per_step: int = SEQUENCES_PER_STEP,
-  fixed_step: int | None = None,
-) -> TokenSource:
-  """Opens a token source by its path or URL.
-
-  - a URL (`hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled`, `gs://...`, any
-    fsspec URL, or `http(s)://.../document-00000-of-00020.bin`) or a local folder of
-    unjoined shards: the training stream read by byte range (jax_pythia.streams);
-  - a folder staged by `tools.fetch_data`: the batches it holds (jax_pythia.streams);
-
-  - `<prefix>.bin`, `<prefix>.idx` or `<prefix>` (with `<prefix>.idx` beside it): the
-    training stream, `MMapTokenSource` (`sequences_per_step` and `fixed_step` apply).
-  - `*.npy`: an int array [n, seq_len] of inputs, `ArrayTokenSource`.
-  - `*.txt`: text plus `tokenizer` (a tokenizer.json path or Tokenizer), `TextTokenSource`
-    (`seq_len` defaults to Pythia's 2,048).
-  Only the training stream has `batch(step)`; the others raise there.
-  """
-  text = os.fspath(path)
-  from jax_pythia import streams
-
-  if streams.is_stream_location(text):
-    return streams.open_stream_source(
-      text, sequences_per_step=sequences_per_step, seq_len=seq_len, fixed_step=fixed_step
-    )
-  if text.endswith(".npy"):
-    return ArrayTokenSource(path, seq_len)
-  if text.endswith(".txt"):
-    return TextTokenSource(path, tokenizer, SEQUENCE_LENGTH if seq_len is None else seq_len)
-  if text.endswith((".bin", ".idx")) or Path(f"{text}.idx").exists():
-    return MMapTokenSource(path, sequences_per_step, seq_len, fixed_step)
-  if not Path(text).exists():
-    raise DataFileNotFoundError(
-      f"token source {text} not found (nor {text}.idx): expected a Megatron <prefix>.bin/"
-      f".idx pair or its prefix, a .npy token array, or a .txt file"
-    )
-  raise DataError(
-    f"token source {text} is of an unknown kind: expected a Megatron <prefix>.bin/.idx "
-    f"pair or its prefix, a .npy token array, or a .txt file (with a tokenizer.json)"
-  )

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from jax_pythia.errors import SweepError
-from jax_pythia.results import read_json, write_json
+from jax_pythia.sweep.results import read_json, write_json
 
 RECORD_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"

@@ -309,7 +309,7 @@ def write_report(
     written += figure_pairwise(pairwise, figures, estimators[-1])
   evals_note = "no --evals_dir given"
   if evals_dir:
-    from jax_pythia.evals import load_evals
+    from jax_pythia.sweep.evals import load_evals
 
     drawn = figure_evals(load_evals(evals_dir), models, figures)
     written += drawn

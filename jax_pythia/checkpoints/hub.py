@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import errors, files, suite, weights
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia import files, remote, suite
 from jax_pythia.errors import CheckpointError
+from jax_pythia.models import weights
+from jax_pythia.models.config import GPTNeoXConfig
 
 DEFAULT_REVISION = "main"
 #: Attempts (with exponential backoff) at each Hub operation before giving up. Kept low:
@@ -139,14 +140,6 @@ def _few_dirs(names: list[str]) -> str:
 # --------------------------------------------------------------------------- the Hub
 
 
-def _offline() -> bool:
-  from huggingface_hub import constants
-
-  # The env var is read again here: huggingface_hub reads it only once, at import.
-  env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-  return constants.HF_HUB_OFFLINE or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _env_cache_dir() -> str | None:
   """The Hub cache named by HF_HUB_CACHE / HF_HOME now (huggingface_hub reads them only
   at import); None leaves the choice to huggingface_hub."""
@@ -196,7 +189,7 @@ def _is_transient(error: BaseException) -> bool:
     return status is None or status == 429 or status >= 500
   if isinstance(error, (ConnectionError, TimeoutError)):
     return True
-  return errors.is_transport_error(error)
+  return remote.is_transport_error(error)
 
 
 def _with_retries(call: Callable[[], Any], attempts: int = HUB_ATTEMPTS) -> Any:
@@ -236,7 +229,7 @@ def fetch_from_hub(
   from huggingface_hub import errors as hf_errors
 
   cache_dir = os.fspath(cache_dir) if cache_dir is not None else _env_cache_dir()
-  offline = _offline() if local_files_only is None else local_files_only
+  offline = remote.hub_offline() if local_files_only is None else local_files_only
   label = f"{repo_id}@{revision}"
   folder = _cached_snapshot(repo_id, revision, cache_dir)
   missing = _missing_files(folder)

@@ -2,9 +2,9 @@
 
 The one source of truth for the toy suite's layout and its build. The parts:
 
-- `jax_pythia.toy_corpus`: the corpus (the Python standard library's source), the
+- `jax_pythia.toy.corpus`: the corpus (the Python standard library's source), the
   byte-level tokenizer and the pre-shuffled token stream.
-- `jax_pythia.toy_train`: sizes, Pythia's learning-rate law, `ToySuiteOptions`, the
+- `jax_pythia.toy.train`: sizes, Pythia's learning-rate law, `ToySuiteOptions`, the
   schedule, optimizer and the resumable training loop of one model.
 - here: the build, which writes the data, trains every size and writes the manifest.
 
@@ -53,17 +53,17 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import sources
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia.checkpoints import sources
 from jax_pythia.errors import ToySuiteError
-from jax_pythia.toy_corpus import (
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.toy.corpus import (
   EOD_ID,
   VOCAB_SIZE,
   build_token_stream,
   byte_level_tokenizer,
   corpus_description,
 )
-from jax_pythia.toy_train import (
+from jax_pythia.toy.train import (
   DEFAULT_OPTIONS,
   DEFAULT_SIZES,
   TINY_OPTIONS,
@@ -223,7 +223,7 @@ def _manifest(
 
 
 def _leaf_shapes(config: GPTNeoXConfig) -> list[tuple[int, ...]]:
-  from jax_pythia import weights
+  from jax_pythia.models import weights
 
   def leaves(tree):
     for value in tree.values():

@@ -113,7 +113,7 @@ def open_data(
   data of the suite the models come from."""
   manifest = {}
   if path is None and models and all(m.is_hub for m in models):
-    from jax_pythia import streams
+    from jax_pythia.data import streams
 
     # Pythia on the Hub trained on the Hub's stream: read it by byte range.
     path = streams.pile_for_models([m.name for m in models])

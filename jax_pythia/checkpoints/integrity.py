@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from jax_pythia import weights
 from jax_pythia.errors import CheckpointError
+from jax_pythia.models import weights
 
 #: checkpoints.parquet columns this module adds.
 HASH_COLUMN = "weights_hash"

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import data, errors
-from jax_pythia.data import DataError, DataFileNotFoundError
+from jax_pythia import remote
+from jax_pythia.data import indexed as data
+from jax_pythia.data.indexed import DataError, DataFileNotFoundError
 from jax_pythia.files import atomic_write
 
 #: Pythia's training streams on the Hub (the deduped models trained on the first).
@@ -78,12 +79,6 @@ def default_cache_dir() -> str:
   return os.path.expanduser(
     os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "jax_pythia", "data")
   )
-
-
-def hub_offline() -> bool:
-  from jax_pythia import checkpoints
-
-  return checkpoints._offline()
 
 
 # ------------------------------------------------------------------------- transports
@@ -174,7 +169,7 @@ class HubTransport(FsspecTransport):
     return self.fs.cat_file(self._path(name), start=start, end=stop, cache_type="none")
 
   def offline_reason(self) -> str | None:
-    return "HF_HUB_OFFLINE is set" if hub_offline() else None
+    return "HF_HUB_OFFLINE is set" if remote.hub_offline() else None
 
 
 class HttpTransport(Transport):
@@ -259,7 +254,7 @@ def _is_transient(error: BaseException) -> bool:
     return status == 429 or status >= 500
   if isinstance(error, (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError)):
     return True
-  return errors.is_transport_error(error)
+  return remote.is_transport_error(error)
 
 
 def _cause(error: BaseException) -> str:

@@ -12,7 +12,7 @@ at most the checkpoint in flight. `results.finalize` gathers everything into
 `metrics.parquet`, `pairwise_cka.parquet` and `checkpoints.parquet`.
 
 Where models and tokens come from: `jax_pythia.sources`. What is computed:
-`jax_pythia.study.checkpoint_metrics`.
+`jax_pythia.study.checkpoint.checkpoint_metrics`.
 """
 
 from __future__ import annotations
@@ -30,24 +30,18 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jax_pythia import (
-  checkpoints,
-  data,
-  integrity,
-  model,
-  outdir,
-  plan,
-  results,
-  sharding,
-  study,
-  suite,
-  watchdog,
-  weights,
-)
-from jax_pythia.config import GPTNeoXConfig
+from jax_pythia import data, suite
+from jax_pythia.checkpoints import hub as checkpoints
+from jax_pythia.checkpoints import integrity
+from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import ConfigError, JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
-from jax_pythia.sources import ModelSource
+from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import weights
+from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.scale import plan, sharding
+from jax_pythia.study import checkpoint as study
+from jax_pythia.sweep import outdir, results, watchdog
 
 
 @dataclasses.dataclass(frozen=True)

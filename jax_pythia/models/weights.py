@@ -32,8 +32,8 @@ import ml_dtypes
 import numpy as np
 
 from jax_pythia import files
-from jax_pythia.config import GPTNeoXConfig
 from jax_pythia.errors import CheckpointError
+from jax_pythia.models.config import GPTNeoXConfig
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

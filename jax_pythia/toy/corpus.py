@@ -22,14 +22,11 @@ import os
 import platform
 import sysconfig
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from jax_pythia.errors import ToySuiteError
-
-if TYPE_CHECKING:
-  from jax_pythia.toy_train import ToySuiteOptions
 
 EOD_TOKEN = "<|endoftext|>"
 EOD_ID = 256
@@ -131,8 +128,20 @@ DOCUMENT_ORDER_STREAM = 1
 ITEM_ORDER_STREAM = 2
 
 
+class StreamShape(Protocol):
+  """What the stream needs of the suite's options (toy.train.ToySuiteOptions has it)."""
+
+  seq_len: int
+  sequences_per_step: int
+  n_steps: int
+  seed: int
+
+  @property
+  def n_items(self) -> int: ...
+
+
 def build_token_stream(
-  options: ToySuiteOptions, tokenizer, root: str | None = None
+  options: StreamShape, tokenizer, root: str | None = None
 ) -> tuple[np.ndarray, list[str]]:
   """(items uint16 [n_steps * B, seq_len + 1] in training order, files used in stream order).
 
