@@ -37,14 +37,13 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from jax_pythia import data
+from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.models import gpt_neox as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study
 from jax_pythia.sweep import results
-from jax_pythia.sweep import run as sweep
 
 SHAPE_14M = dict(
   vocab_size=512,

@@ -37,12 +37,11 @@ from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
 from benchmarks import throughput
-from jax_pythia import data
+from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.checkpoints.hub import load_checkpoint
 from jax_pythia.study import checkpoint as study
 from jax_pythia.sweep import results
-from jax_pythia.sweep import run as sweep
 
 PYTHIA_70M = dict(
   vocab_size=50304,

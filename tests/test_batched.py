@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from jax_pythia import sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import SweepError
 from jax_pythia.scale import plan
 from jax_pythia.sweep import results
-from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,14 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jax_pythia import files
+from jax_pythia import files, sweep
 from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.sweep import outdir, results
-from jax_pythia.sweep import run as sweep
 from tests import hf_fixtures as hf
 from tests import suite_fixtures as sf
 from tests.tool_runs import REPO, run_tool

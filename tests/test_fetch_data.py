@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_pythia import data
+from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.data import streams
-from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 from tests.test_streams import shard_like_pythia
 

@@ -172,10 +172,9 @@ def mixed_suite(tmp_path_factory):
 
 
 def run_sweep(root, out, on_duplicate, figures=True):
-  from jax_pythia import data
+  from jax_pythia import data, sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.sweep import report, results
-  from jax_pythia.sweep import run as sweep
 
   models = sources.resolve_models([str(root / "fp16-m"), str(root / "fp32-m")])
   source = data.MMapTokenSource(root / "data" / "train", sequences_per_step=4)

@@ -233,9 +233,8 @@ def long_suite(tmp_path_factory):
 
 
 def _sweep(root, out, device_memory, **options):
-  from jax_pythia import data
+  from jax_pythia import data, sweep
   from jax_pythia.checkpoints import sources
-  from jax_pythia.sweep import run as sweep
 
   models = sources.resolve_models([str(root / "m")])
   source = data.open_token_source(str(root / "data" / "train"), sequences_per_step=16)

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from jax_pythia import sweep
 from jax_pythia.checkpoints import sources
+from jax_pythia.errors import SweepError
 from jax_pythia.sweep import results
-from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 
 OPTIONS = dict(n_sequences=8, gradient_window=1, gradient_sequences=4, loss_sequences=4)
@@ -69,6 +70,6 @@ def test_bfloat16_deviation_is_small_and_bounded(tables):
 
 
 def test_bad_matmul_precision_names_flag_and_value():
-  with pytest.raises(sweep.SweepError, match=r"--matmul_precision='tf32'") as err:
+  with pytest.raises(SweepError, match=r"--matmul_precision='tf32'") as err:
     sweep.SweepOptions(matmul_precision="tf32")
   assert "\n" not in str(err.value)

@@ -17,11 +17,11 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 import analysis
+from jax_pythia import sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import SweepError
 from jax_pythia.models import gpt_neox as model
 from jax_pythia.sweep import report, results
-from jax_pythia.sweep import run as sweep
 from tests import suite_fixtures as sf
 
 REPO = Path(__file__).resolve().parents[1]

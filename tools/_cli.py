@@ -169,8 +169,8 @@ def define_work_flags() -> None:
 def require_precision() -> None:
   """--dtype and --matmul_precision name a compute dtype and a matmul precision, checked
   before any work (the toy suite's build, a download) so a typo costs nothing."""
+  from jax_pythia import sweep
   from jax_pythia.models import weights
-  from jax_pythia.sweep import run as sweep
 
   if flags.FLAGS.dtype not in weights.DTYPES:
     raise ValueError(f"--dtype={flags.FLAGS.dtype!r}: one of {', '.join(weights.DTYPES)}")

@@ -47,10 +47,9 @@ def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import data
+  from jax_pythia import data, sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.data import streams
-  from jax_pythia.sweep import run as sweep
 
   if not FLAGS.models or not FLAGS.out:
     raise ValueError("give --models and --out (see --help)")

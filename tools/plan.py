@@ -128,9 +128,9 @@ def main(argv):
     for s, w in zip(shapes, works)
   ]
   # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
+  from jax_pythia import sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.data import streams
-  from jax_pythia.sweep import run as sweep
 
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,

@@ -135,10 +135,10 @@ flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-
 
 def main(argv):
   _cli.reject_extra_args(argv)
+  from jax_pythia import sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.scale import plan, sharding
   from jax_pythia.sweep import report, results, watchdog
-  from jax_pythia.sweep import run as sweep
 
   per_call = _cli.checkpoints_per_call()  # bad values fail before any work
   _cli.require_precision()

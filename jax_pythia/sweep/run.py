@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import os
 import sys
 import time
@@ -28,140 +27,18 @@ from typing import Any
 
 import jax
 import numpy as np
-import pandas as pd
 
-from jax_pythia import data, suite
+from jax_pythia import data
 from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.checkpoints import integrity
 from jax_pythia.checkpoints.sources import ModelSource
-from jax_pythia.errors import ConfigError, JaxPythiaError, SweepError
+from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
 from jax_pythia.models import gpt_neox as model
-from jax_pythia.models import weights
-from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan, sharding
-from jax_pythia.study import checkpoint as study
-from jax_pythia.sweep import outdir, results, watchdog
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepOptions:
-  """Everything that changes the numbers. A rerun into the same --out must match."""
-
-  n_sequences: int = data.DEFAULT_N_SEQUENCES
-  positions: str = "last"  # last | all | random:K
-  data_step: int | None = None  # None: the step before the final checkpoint
-  gradients: bool = True
-  gradient_window: int = 5  # batches of steps s-w .. s+w
-  gradient_sequences: int = data.DEFAULT_N_SEQUENCES
-  gradient_microbatch: int = 0  # 0: chosen from the device's memory (jax_pythia.plan)
-  value_slice: str = "per_head"
-  loss_sequences: int = 0  # held-out loss on this many sequences (0: off)
-  dtype: str = "float32"  # forward/backward compute dtype (metric inputs: float32, HIGHEST)
-  matmul_precision: str = "default"  # of the forward/backward: default | high | highest
-  seed: int = 0
-
-  def __post_init__(self):
-    if self.n_sequences < 2:
-      raise SweepError(
-        f"--n_sequences={self.n_sequences}: CKA needs at least 2 (4 for the debiased estimator)"
-      )
-    if self.value_slice not in ("per_head", "reference"):
-      raise SweepError(f"--value_slice={self.value_slice!r}: per_head or reference")
-    if self.gradient_window < 0 or self.gradient_sequences < 1:
-      raise SweepError("--gradient_window must be >= 0 and --gradient_sequences >= 1")
-    mb = self.gradient_microbatch
-    if mb < 0 or (mb and self.gradient_sequences % mb):
-      raise SweepError(
-        f"--gradient_microbatch={mb} must divide --gradient_sequences={self.gradient_sequences}"
-      )
-    try:
-      model.parse_positions(self.positions, "--positions")
-    except ValueError as e:
-      raise SweepError(str(e)) from None
-    if self.matmul_precision not in MATMUL_PRECISIONS:
-      raise SweepError(
-        f"--matmul_precision={self.matmul_precision!r}: one of {', '.join(MATMUL_PRECISIONS)}"
-      )
-
-  def fingerprint(self) -> dict[str, Any]:
-    options = dataclasses.asdict(self)
-    if options["matmul_precision"] == "default":  # runs from before the option still resume
-      del options["matmul_precision"]
-    return options
-
-
-# jax.default_matmul_precision values for the model's forward/backward. 'default' is the
-# backend's own (float32 on CPU; one bfloat16 pass on TPU, TF32 on recent GPUs); analysis
-# kernels always use Precision.HIGHEST on float32 inputs, whatever this says.
-MATMUL_PRECISIONS = ("default", "high", "highest")
-
-
-def gradient_steps(step: int, window: int, last_batch_step: int) -> list[int]:
-  """The training steps whose batches give a checkpoint's gradients: s-w .. s+w, shifted
-  to lie within the batches that exist (0 .. the step before the final checkpoint).
-
-  Always 2w+1 batches (fewer only if the stream is shorter): the gradient statistics of
-  every checkpoint average the same number of batches, and compile once.
-  """
-  count = min(2 * window + 1, last_batch_step + 1)
-  start = min(max(step - window, 0), last_batch_step + 1 - count)
-  return list(range(start, start + count))
-
-
-def parameter_count(config: GPTNeoXConfig) -> int:
-  """Parameters of a model of `config` (every weight and bias, embeddings included)."""
-  shapes = jax.tree.leaves(weights.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-  return int(sum(np.prod(shape) for shape in shapes))
-
-
-def selected_steps(m: ModelSource, spec: str) -> list[int]:
-  """The checkpoints of `m` a sweep processes for `--steps=spec`, the final one first."""
-  try:
-    steps = suite.parse_steps(spec, m.steps)
-  except ValueError as e:
-    raise SweepError(f"--steps for {m.name}: {e}") from None
-  # The final checkpoint is the reference of every CKA, so it is always swept, first.
-  return [m.final_step] + [s for s in steps if s != m.final_step]
-
-
-def fixed_input_step(options: SweepOptions, m: ModelSource) -> int:
-  """The training step whose batch gives `m`'s fixed inputs (--data_step, else the step
-  before the final checkpoint: 142,999 for Pythia)."""
-  return options.data_step if options.data_step is not None else max(m.final_step - 1, 0)
-
-
-def batches_needed(
-  models: Sequence[ModelSource], steps: str, options: SweepOptions
-) -> dict[int, int]:
-  """{training step: sequences} of every batch a sweep reads from a training stream: the
-  fixed inputs, each checkpoint's gradient window and the held-out loss batch. What
-  `tools.fetch_data` stages and `tools.plan` counts."""
-  needs: dict[int, int] = {}
-
-  def need(step: int, n: int) -> None:
-    needs[step] = max(needs.get(step, 0), n)
-
-  for m in models:
-    need(fixed_input_step(options, m), options.n_sequences)
-    if options.gradients:
-      for s in selected_steps(m, steps):
-        for g in gradient_steps(s, options.gradient_window, m.final_step - 1):
-          need(g, options.gradient_sequences)
-    if options.loss_sequences:
-      need(m.final_step, options.loss_sequences)
-  return dict(sorted(needs.items()))
-
-
-@dataclasses.dataclass
-class Loaded:
-  step: int
-  config: GPTNeoXConfig | None = None
-  params: Any = None
-  directory: str | None = None
-  error: str | None = None
-  seconds: float = 0.0
-  weights_hash: integrity.WeightsHash | None = None  # None: restored from a converted cache
+from jax_pythia.sweep import compute, loading, outdir, results, watchdog
+from jax_pythia.sweep.loading import Loaded, parameter_count
+from jax_pythia.sweep.options import SweepOptions, batches_needed, fixed_input_step, selected_steps
 
 
 class Sweep:
@@ -178,7 +55,7 @@ class Sweep:
     steps: str,
     source: data.TokenSource,
     out_dir: str,
-    options: SweepOptions = SweepOptions(),
+    options: SweepOptions | None = None,
     *,
     on_error: str = "stop",
     on_duplicate: str = "keep",
@@ -197,14 +74,14 @@ class Sweep:
     self.on_duplicate = on_duplicate
     self._hashes: dict[str, dict[str, int]] = {}  # model -> {weights hash: first step}
     self.models, self.source, self.out_dir = list(models), source, out_dir
-    self.options, self.on_error, self.keep = options, on_error, keep_checkpoints
+    self.options, self.on_error = options or SweepOptions(), on_error
+    self.keep = keep_checkpoints
     self.progress = progress
     self.notify = notify or (lambda line: print(line, file=sys.stderr))
     # Mesh and process split (jax_pythia.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
     # Where the sweep is, for a stall watchdog (jax_pythia.watchdog) if one watches it.
     self.heartbeat = heartbeat or watchdog.Heartbeat()
-    self._references: dict[str, dict[str, np.ndarray]] = {}
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
     self._steps_spec = steps
@@ -221,12 +98,9 @@ class Sweep:
       )
     self.requested_per_call = checkpoints_per_call  # 0: automatic
     self.per_call: dict[str, int] = {}  # per model, set by prepare()
-    self.plan = {m.name: self._selected_steps(m, steps) for m in self.models}
+    self.plan = {m.name: selected_steps(m, steps) for m in self.models}
 
   # -- planning
-
-  def _selected_steps(self, m: ModelSource, spec: str) -> list[int]:
-    return selected_steps(m, spec)
 
   def prepare(self) -> None:
     """Checks that the data holds every batch the plan needs, chooses each model's
@@ -242,6 +116,15 @@ class Sweep:
     seq_len = self.inputs(self.models[0]).shape[1]
     self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
     self.per_call = self._checkpoints_per_call(seq_len, mesh)
+    self.work = compute.ChunkWork(
+      self.options,
+      self.source,
+      self.placement,
+      self.heartbeat,
+      self.layouts,
+      self.inputs,
+      lambda m: self.paths(m.name, m.final_step)[1],
+    )
     self._check_output_dir()
     self._prepared = True
 
@@ -376,37 +259,7 @@ class Sweep:
     return chunks
 
   def _load_chunk(self, chunk: list[tuple[ModelSource, int]]) -> list[Loaded]:
-    return [self._load(m, step) for m, step in chunk]
-
-  def _load(self, m: ModelSource, step: int) -> Loaded:
-    start = time.perf_counter()
-    try:
-      local = None if m.is_hub else os.path.join(m.location, suite.revision(step))
-      if local and checkpoints.is_converted(local):
-        # An orbax cache: restored in compute, straight onto the mesh's shardings.
-        return Loaded(
-          step,
-          checkpoints.converted_config(local),
-          checkpoints.Converted(local),
-          local,
-          seconds=time.perf_counter() - start,
-        )
-      directory = checkpoints.resolve_checkpoint(m.spec(step))
-      config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
-      state = weights.read_state_dict(directory)
-      # Hashed as read (the hash's pass faults the mmap in; conversion then reads the page
-      # cache), in this prefetch thread, so it overlaps the previous checkpoint's compute.
-      digest = integrity.checked_hash(state, directory)
-      params = weights.convert_state_dict(state, config, self.options.dtype)
-      seconds = time.perf_counter() - start
-      return Loaded(step, config, params, directory, seconds=seconds, weights_hash=digest)
-    except JaxPythiaError as e:
-      return Loaded(step, error=str(e), seconds=time.perf_counter() - start)
-
-  def _reference(self, m: ModelSource) -> dict[str, np.ndarray]:
-    if m.name in self._references:  # computed here (split=shard: only process 0 writes)
-      return self._references[m.name]
-    return results.load_activations(self.paths(m.name, m.final_step)[1])
+    return [loading.load(m, step, self.options.dtype) for m, step in chunk]
 
   def _seen_hashes(self, m: ModelSource) -> dict[str, int]:
     """{weights hash: first step} of `m`'s checkpoints processed so far (this run or an
@@ -431,7 +284,7 @@ class Sweep:
     if len(ok) > 1 and len({loaded.config for loaded in ok}) == 1:
       start = time.perf_counter()
       try:
-        outputs = self.compute_batch(m, ok)
+        outputs = self.work.stacked(m, ok)
       except JaxPythiaError:  # each alone then: `_process` records which one fails
         outputs = []
       seconds = (time.perf_counter() - start) / len(ok)
@@ -473,7 +326,7 @@ class Sweep:
     error, start, seconds = loaded.error, time.perf_counter(), None
     if error is None:
       try:
-        rows, acts, seconds = computed or (*self.compute(m, loaded), None)
+        rows, acts, seconds = computed or (*self.work.one(m, loaded), None)
       except JaxPythiaError as e:  # a checkpoint the study cannot run: as one that fails to load
         error = str(e)
     if error is not None:
@@ -495,172 +348,6 @@ class Sweep:
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
-
-  def compute(self, m: ModelSource, loaded: Loaded) -> tuple[pd.DataFrame, dict]:
-    """All metrics of one checkpoint: (tidy rows, activations to store).
-
-    The gradient batches stream: each batch's gradients are computed (on the mesh),
-    moved to the spectra's device and reduced to singular values, norms and the cosine
-    with the previous batch before the next batch's are computed
-    (`study.streamed_gradient_metrics`), so a device holds two batches' gradients, not G.
-    """
-    o, config, step = self.options, loaded.config, loaded.step
-    place = self.placement
-    beat = lambda phase: self.heartbeat.beat(m.name, step, phase)  # noqa: E731
-    beat("activations")
-    params = place.params(loaded.params, config)
-    where = loaded.directory or f"{m.name} step {step}"
-    tokens, idx = self._fixed_inputs(m, config, where)
-    layout = self.layouts.get(m.name)
-    acts = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)(
-      params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
-    )
-    acts = {k: place.host(v) for k, v in acts.items()}
-    if step == m.final_step:
-      self._references[m.name] = acts
-    reference = acts if step == m.final_step else self._reference(m)
-    _check_like_reference(acts, reference, where)
-    # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
-    # repeat them), and they are small next to the forward and backward passes.
-    layers = place.single_device(params["layers"])
-    gradient_values = losses = heldout = None
-    if o.gradients:
-      batches = self._gradient_batches(m, step, config)
-      remat = layout.remat if layout else "none"
-      one_batch = study.batch_gradient_fn(config, o.value_slice, remat)
-      batch_losses = []
-
-      def batch_gradients():
-        # One batch's gradients at a time, on the mesh, then onto the spectra's device;
-        # streamed_gradient_metrics reduces each before the next is asked for. Calls are
-        # queued (no host sync): the device works through them while this loop runs ahead.
-        for g, batch in enumerate(batches):
-          beat(f"gradients, batch {g + 1} of {len(batches)} queued")
-          loss, grads = one_batch(
-            params, place.batch(batch, 1, "--gradient_microbatch (or _sequences)")
-          )
-          batch_losses.append(loss)
-          yield place.single_device(grads)
-
-      gradient_values = study.streamed_gradient_metrics(batch_gradients(), layers, o.value_slice)
-      beat(f"gradients, {len(batches)} batches queued: waiting for the device")
-      losses = np.array([place.host(loss) for loss in batch_losses])
-    if o.loss_sequences:
-      beat("heldout loss")
-      heldout = study.loss_fn(config, layout.loss_microbatch if layout else 0)(
-        params, place.batch(self.heldout_tokens(m), 0, "--loss_sequences")
-      )
-    beat("metrics (CKA, spectra, gradient statistics)")
-    values = study.checkpoint_metrics(
-      acts,
-      reference,
-      layers,
-      o.value_slice,
-      floor_key=jax.random.PRNGKey(o.seed) if step == m.final_step else None,
-      gradient_values=gradient_values,
-      train_losses=losses,
-      heldout_loss=heldout,
-    )
-    return self._rows(m, step, values), acts
-
-  def compute_batch(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
-    """`compute` of C non-final checkpoints of `m` (one config) stacked, one compiled call
-    each for activations, gradients, loss and metrics, on one device: [(rows, acts)].
-
-    Unlike `compute` the gradients are not streamed: the stacked gradient call holds all
-    C x G batches' gradients at once (`plan` counts them so for C > 1).
-    """
-    o, config, steps = self.options, chunk[0].config, [loaded.step for loaded in chunk]
-    place, layout = self.placement, self.layouts.get(m.name)
-    beat = lambda phase: self.heartbeat.beat(m.name, steps[0], f"{phase}, {len(steps)} stacked")  # noqa: E731
-    beat("activations")
-    params = study.stack_params([place.params(loaded.params, config) for loaded in chunk])
-    where = chunk[0].directory or f"{m.name} step {steps[0]}"
-    tokens, idx = self._fixed_inputs(m, config, where)
-    fn = study.batched_activation_fn(
-      config, o.value_slice, layout.capture_microbatch if layout else 0
-    )
-    acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
-    reference = self._reference(m)
-    for i, loaded in enumerate(chunk):
-      here = loaded.directory or f"{m.name} step {loaded.step}"
-      _check_like_reference({k: a[i] for k, a in acts.items()}, reference, here)
-    grads = losses = heldout = None
-    if o.gradients:
-      beat("gradients")
-      batches = np.stack([self._gradient_batches(m, step, config) for step in steps])
-      remat = layout.remat if layout else "none"
-      losses, grads = study.batched_gradient_fn(config, o.value_slice, remat)(params, batches)
-    if o.loss_sequences:
-      beat("heldout loss")
-      fn = study.batched_loss_fn(config, layout.loss_microbatch if layout else 0)
-      heldout = fn(params, self.heldout_tokens(m))
-    beat("metrics (CKA, spectra, gradient statistics)")
-    values = study.batched_checkpoint_metrics(
-      acts,
-      reference,
-      params["layers"],
-      o.value_slice,
-      grads=grads,
-      train_losses=losses,
-      heldout_loss=heldout,
-    )
-    return [
-      (self._rows(m, step, v), {k: a[i] for k, a in acts.items()})
-      for i, (step, v) in enumerate(zip(steps, values))
-    ]
-
-  def _fixed_inputs(self, m: ModelSource, config: GPTNeoXConfig, where: str) -> tuple:
-    """(tokens [b, s], kept positions [b, k] | None) every checkpoint of `m` runs on."""
-    o = self.options
-    tokens = self.inputs(m)
-    data.check_token_ids(tokens, config.vocab_size, self.source.name)
-    data.check_sequence_length(tokens, config.max_seq_len, where, self.source.name)
-    try:
-      idx = model.position_index(
-        o.positions, tokens.shape[1], n=len(tokens), seed=o.seed, what="--positions"
-      )
-    except ValueError as e:
-      raise SweepError(str(e)) from None
-    return tokens, idx
-
-  def _gradient_batches(self, m: ModelSource, step: int, config: GPTNeoXConfig) -> np.ndarray:
-    """The training batches of `step`'s gradients: [G, microbatches, mb, s+1]."""
-    o, layout = self.options, self.layouts.get(m.name)
-    batches = np.stack(
-      [
-        self.source.batch(s, o.gradient_sequences)
-        for s in gradient_steps(step, o.gradient_window, m.final_step - 1)
-      ]
-    )
-    mb = (layout and layout.gradient_microbatch) or o.gradient_microbatch or o.gradient_sequences
-    batches = batches.reshape(batches.shape[0], -1, mb, batches.shape[-1])
-    data.check_token_ids(batches, config.vocab_size, self.source.name)
-    return batches
-
-  def _rows(self, m: ModelSource, step: int, values: dict) -> pd.DataFrame:
-    frames = [
-      results.metric_rows(m.name, step, component, metric, self.placement.host(value))
-      for component, metrics in values.items()
-      for metric, value in metrics.items()
-    ]
-    return pd.concat(frames, ignore_index=True)
-
-  def heldout_tokens(self, m: ModelSource) -> np.ndarray:
-    """The batch of the final step: in the stream, but no checkpoint trained on it."""
-    return self.source.batch(m.final_step, self.options.loss_sequences)
-
-
-def _check_like_reference(acts: dict, reference: dict, where: str) -> None:
-  """CKA against the final checkpoint needs the same sites and shapes (architecture)."""
-  for name, value in acts.items():
-    expected = reference.get(name)
-    if expected is None or expected.shape != value.shape:
-      shape = None if expected is None else expected.shape
-      raise ConfigError(
-        f"{where}: its {name} activations have shape {value.shape}, the final checkpoint's "
-        f"{shape}: a different architecture (config.json), which CKA against it cannot compare"
-      )
 
 
 @contextlib.contextmanager

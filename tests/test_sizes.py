@@ -1,0 +1,47 @@
+"""Every module and function is small enough to read in one sitting: no module over 500
+lines and no function over 60, unless its docstring says why (a table, one formula) with the
+words "long because"."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+EXCUSE = "long because"
+PACKAGES = ("analysis", "jax_pythia", "tools")
+
+
+def sources() -> list[pathlib.Path]:
+  return [p for top in PACKAGES for p in sorted((REPO / top).rglob("*.py"))]
+
+
+def long_modules() -> list[str]:
+  found = []
+  for path in sources():
+    text = path.read_text()
+    lines = text.count("\n")
+    if lines > MAX_MODULE_LINES and EXCUSE not in (ast.get_docstring(ast.parse(text)) or ""):
+      found.append(f"{path.relative_to(REPO)}: {lines} lines")
+  return found
+
+
+def long_functions() -> list[str]:
+  found = []
+  for path in sources():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_FUNCTION_LINES and EXCUSE not in (ast.get_docstring(node) or ""):
+          found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
+  return found
+
+
+def test_no_module_is_over_500_lines():
+  assert long_modules() == []
+
+
+def test_no_function_is_over_60_lines():
+  assert long_functions() == []
