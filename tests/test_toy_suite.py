@@ -23,6 +23,7 @@ from jax_pythia import data
 from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.models import gpt_neox as model
 from jax_pythia.toy import build as toy_suite
+from jax_pythia.toy import options as toy_options
 from jax_pythia.toy import train as toy_train
 from jax_pythia.toy.build import TINY_OPTIONS
 
@@ -109,7 +110,7 @@ def test_learning_rates_follow_pythias_table():
 
   # The fitted law reproduces the real table within a factor of 1.6 at every size...
   for s in suite.SIZES.values():
-    b, a = toy_train.pythia_lr_law()
+    b, a = toy_options.pythia_lr_law()
     fitted = math.exp(a) * (12 * s.n_layers * s.d_model**2) ** b
     assert 1 / 1.6 < fitted / s.learning_rate < 1.6, s.name
   # ... and the default toy sizes get rates that fall as they grow.

@@ -63,22 +63,24 @@ from jax_pythia.toy.corpus import (
   byte_level_tokenizer,
   corpus_description,
 )
-from jax_pythia.toy.train import (
+from jax_pythia.toy.options import (
   DEFAULT_OPTIONS,
   DEFAULT_SIZES,
   TINY_OPTIONS,
+  ToySize,
+  ToySuiteOptions,
+  pythia_lr_law,
+)
+from jax_pythia.toy.train import (
   TRAIN_LOSS_FILE,
   ProgressFn,
   RunBudget,
-  ToySize,
-  ToySuiteOptions,
   TqdmProgress,
   atomic_write_bytes,
-  pythia_lr_law,
   train_model,
 )
 
-#: The build's API; the options, sizes and progress types are defined in toy_train.
+#: The build's API; the options, sizes and progress types are defined in toy.options and toy.train.
 __all__ = [
   "DEFAULT_OPTIONS",
   "DEFAULT_SIZES",
@@ -157,30 +159,50 @@ def _prepare_data(out: str, options: ToySuiteOptions, partial: dict[str, Any]) -
   return partial
 
 
+def _model_record(size: ToySize, options: ToySuiteOptions, final_loss: float) -> dict[str, Any]:
+  config = size.config(options.seq_len)
+  return {
+    "name": size.name,
+    "path": size.name,
+    "n_layers": size.n_layers,
+    "d_model": size.d_model,
+    "n_heads": size.n_heads,
+    "d_head": size.d_head,
+    "d_mlp": config.d_mlp,
+    "n_params": sum(math.prod(s) for s in _leaf_shapes(config)),
+    "non_embedding_params": size.non_embedding_params,
+    "learning_rate": options.learning_rate(size),
+    "train_loss": f"{size.name}/{TRAIN_LOSS_FILE}",
+    "final_train_loss_mean_last_10": final_loss,
+  }
+
+
+def _recipe(options: ToySuiteOptions) -> dict[str, Any]:
+  b, a = pythia_lr_law()
+  return {
+    "optimizer": "adamw",
+    "adam_betas": [options.adam_b1, options.adam_b2],
+    "adam_eps": options.adam_eps,
+    "weight_decay": options.weight_decay,
+    "weight_decay_on": "kernels and embeddings (not biases, not LayerNorms)",
+    "grad_clip_norm": options.grad_clip_norm,
+    "warmup_steps": options.warmup_steps,
+    "lr_decay": "cosine",
+    "min_lr_fraction": options.min_lr_fraction,
+    "lr_law": {
+      "form": "lr = lr_scale * exp(a) * N^b, N = 12 L d^2, least squares on "
+      "Pythia's table, 3 significant digits",
+      "a": a,
+      "b": b,
+      "lr_scale": options.lr_scale,
+    },
+  }
+
+
 def _manifest(
   options: ToySuiteOptions, partial: dict[str, Any], final_losses: dict[str, float]
 ) -> dict[str, Any]:
-  b, a = pythia_lr_law()
-  models = []
-  for size in options.sizes:
-    config = size.config(options.seq_len)
-    n_params = sum(math.prod(s) for s in _leaf_shapes(config))
-    models.append(
-      {
-        "name": size.name,
-        "path": size.name,
-        "n_layers": size.n_layers,
-        "d_model": size.d_model,
-        "n_heads": size.n_heads,
-        "d_head": size.d_head,
-        "d_mlp": config.d_mlp,
-        "n_params": n_params,
-        "non_embedding_params": size.non_embedding_params,
-        "learning_rate": options.learning_rate(size),
-        "train_loss": f"{size.name}/{TRAIN_LOSS_FILE}",
-        "final_train_loss_mean_last_10": final_losses[size.name],
-      }
-    )
+  models = [_model_record(size, options, final_losses[size.name]) for size in options.sizes]
   return {
     "format": MANIFEST_FORMAT,
     "models": models,
@@ -200,24 +222,7 @@ def _manifest(
     "corpus_files": CORPUS_LIST_FILE,
     "corpus": partial["corpus"],
     "data_sha256": partial["data_sha256"],
-    "recipe": {
-      "optimizer": "adamw",
-      "adam_betas": [options.adam_b1, options.adam_b2],
-      "adam_eps": options.adam_eps,
-      "weight_decay": options.weight_decay,
-      "weight_decay_on": "kernels and embeddings (not biases, not LayerNorms)",
-      "grad_clip_norm": options.grad_clip_norm,
-      "warmup_steps": options.warmup_steps,
-      "lr_decay": "cosine",
-      "min_lr_fraction": options.min_lr_fraction,
-      "lr_law": {
-        "form": "lr = lr_scale * exp(a) * N^b, N = 12 L d^2, least squares on "
-        "Pythia's table, 3 significant digits",
-        "a": a,
-        "b": b,
-        "lr_scale": options.lr_scale,
-      },
-    },
+    "recipe": _recipe(options),
     "options": options.to_dict(),
   }
 
@@ -266,6 +271,25 @@ def _matches(record: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
   return all(record.get(k) == v for k, v in expected.items())
 
 
+def _resume_partial(out: str, partial_path: str, expected: dict[str, Any]) -> dict[str, Any]:
+  """The partial manifest of an interrupted build of the same options (refusing another
+  build's), or a new one."""
+  if not os.path.isfile(partial_path):
+    atomic_write_bytes(partial_path, _json_bytes(expected))
+    return dict(expected)
+  with open(partial_path) as f:
+    try:
+      found = json.load(f)
+    except json.JSONDecodeError:
+      found = {}
+  if found and not _matches(found, expected):
+    raise ToySuiteError(
+      f"{out} holds a partial toy suite of other options or another Python "
+      f"({_difference(found, expected)}); choose another --out or remove it"
+    )
+  return {**found, **expected}
+
+
 def build_toy_suite(
   out_dir: str | os.PathLike,
   options: ToySuiteOptions = DEFAULT_OPTIONS,
@@ -293,21 +317,7 @@ def build_toy_suite(
     return BuildResult(manifest, True, {})
   os.makedirs(out, exist_ok=True)
   partial_path = os.path.join(out, PARTIAL_MANIFEST_FILE)
-  partial = dict(expected)
-  if os.path.isfile(partial_path):
-    with open(partial_path) as f:
-      try:
-        found = json.load(f)
-      except json.JSONDecodeError:
-        found = {}
-    if found and not _matches(found, expected):
-      raise ToySuiteError(
-        f"{out} holds a partial toy suite of other options or another Python "
-        f"({_difference(found, expected)}); choose another --out or remove it"
-      )
-    partial = {**found, **expected}
-  else:
-    atomic_write_bytes(partial_path, _json_bytes(partial))
+  partial = _resume_partial(out, partial_path, expected)
 
   seconds: dict[str, float] = {}
   start = time.perf_counter()

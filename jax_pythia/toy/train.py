@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import functools
 import io
-import math
 import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,208 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from jax_pythia import suite
-from jax_pythia.errors import ToySuiteError
 from jax_pythia.files import atomic_write
 from jax_pythia.models.config import GPTNeoXConfig
-from jax_pythia.toy.corpus import VOCAB_SIZE
+from jax_pythia.toy.options import ToySize, ToySuiteOptions
 
 TRAIN_LOSS_FILE = "train_loss.csv"
 TRAIN_STATE_FILE = "train_state.npz"
-#: Pythia's rotary fraction needs an even rotary dimension: d_head a multiple of 8.
-DEFAULT_D_HEAD = 16
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
   """Writes `payload` onto `path` atomically and durably (jax_pythia.files)."""
   atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
-
-
-# --------------------------------------------------------------------------- sizes and lr
-
-
-@dataclasses.dataclass(frozen=True)
-class ToySize:
-  """One model shape of the toy suite; the MLP is 4 d wide as in every Pythia size."""
-
-  n_layers: int
-  d_model: int
-  n_heads: int
-
-  def __post_init__(self):
-    for field in ("n_layers", "d_model", "n_heads"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
-        raise ToySuiteError(f"toy size {self.spec}: {field} must be a positive integer")
-    if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 8:
-      raise ToySuiteError(
-        f"toy size {self.spec}: d_head = d_model / n_heads must be a multiple of 8 (the "
-        "rotary quarter of a head must be even)"
-      )
-
-  @property
-  def name(self) -> str:
-    return f"toy-{self.n_layers}l-{self.d_model}d"
-
-  @property
-  def spec(self) -> str:
-    return f"{self.n_layers}x{self.d_model}x{self.n_heads}"
-
-  @property
-  def d_head(self) -> int:
-    return self.d_model // self.n_heads
-
-  @property
-  def non_embedding_params(self) -> int:
-    """12 L d^2: the count Pythia's lr law is fitted on (biases and norms left out)."""
-    return 12 * self.n_layers * self.d_model**2
-
-  def config(self, seq_len: int) -> GPTNeoXConfig:
-    return GPTNeoXConfig(
-      vocab_size=VOCAB_SIZE,
-      d_model=self.d_model,
-      n_layers=self.n_layers,
-      n_heads=self.n_heads,
-      d_mlp=4 * self.d_model,
-      max_seq_len=seq_len,
-      stored_dtype="float32",
-    )
-
-
-def parse_sizes(spec: str | Sequence[ToySize | str]) -> tuple[ToySize, ...]:
-  """`"2x32,4x64x8"` (LAYERSxD_MODEL[xHEADS], heads default to d_model/16) -> ToySizes."""
-  parts = spec.split(",") if isinstance(spec, str) else list(spec)
-  sizes = []
-  for part in parts:
-    if isinstance(part, ToySize):
-      sizes.append(part)
-      continue
-    bits = part.strip().lower().split("x")
-    if len(bits) not in (2, 3) or not all(b.isdigit() for b in bits):
-      raise ToySuiteError(f"toy size {part!r}: expected LAYERSxD_MODEL[xHEADS], e.g. 4x64")
-    n_layers, d_model = int(bits[0]), int(bits[1])
-    n_heads = int(bits[2]) if len(bits) == 3 else max(1, d_model // DEFAULT_D_HEAD)
-    sizes.append(ToySize(n_layers, d_model, n_heads))
-  if not sizes:
-    raise ToySuiteError("no toy sizes given")
-  names = [s.name for s in sizes]
-  if len(set(names)) != len(names):
-    raise ToySuiteError(f"toy sizes repeat a model name: {names}")
-  return tuple(sizes)
-
-
-@functools.cache
-def pythia_lr_law() -> tuple[float, float]:
-  """(exponent b, log-prefactor a) of lr = exp(a) * N^b fitted on Pythia's table.
-
-  N is the non-embedding parameter count 12 L d^2 of each real size, lr its published
-  learning rate; ordinary least squares in log-log space (b is about -0.27).
-  """
-  n = np.array([12 * s.n_layers * s.d_model**2 for s in suite.SIZES.values()], np.float64)
-  lr = np.array([s.learning_rate for s in suite.SIZES.values()], np.float64)
-  design = np.stack([np.log(n), np.ones_like(n)], axis=1)
-  (b, a), *_ = np.linalg.lstsq(design, np.log(lr), rcond=None)
-  return float(b), float(a)
-
-
-def pythia_learning_rate(size: ToySize, scale: float = 1.0) -> float:
-  """Pythia's lr law extrapolated to `size`, times `scale`, to 3 significant digits.
-
-  Rounded so the manifest shows plain numbers; the rounding is part of the recipe, so
-  every machine trains with the same rate.
-  """
-  b, a = pythia_lr_law()
-  lr = scale * math.exp(a) * size.non_embedding_params**b
-  return float(f"{lr:.3g}")
-
-
-# --------------------------------------------------------------------------- options
-
-
-DEFAULT_SIZES = parse_sizes("2x32,3x48,4x64,4x96")
-
-
-@dataclasses.dataclass(frozen=True)
-class ToySuiteOptions:
-  """Everything that determines the suite's bits. Two builds with equal options are equal."""
-
-  sizes: tuple[ToySize, ...] = DEFAULT_SIZES
-  seq_len: int = 64
-  # 128: the study takes the first 128 sequences of a step's batch (docs/method.md), so a
-  # batch must hold them; at 2 CPU cores that leaves ~200 steps for ~5 minutes.
-  sequences_per_step: int = 128
-  n_steps: int = 200
-  # 19 checkpoints: the sweep computes gradients on 11 batches around each one, so more
-  # checkpoints would cost the sweep more than the training itself.
-  checkpoint_every: int = 20
-  log_checkpoints_until: int = 128
-  seed: int = 0
-  lr_scale: float = 1.0
-  warmup_fraction: float = 0.01
-  min_lr_fraction: float = 0.1
-  weight_decay: float = 0.1
-  grad_clip_norm: float = 1.0
-  adam_b1: float = 0.9
-  adam_b2: float = 0.95
-  adam_eps: float = 1e-8
-
-  def __post_init__(self):
-    object.__setattr__(self, "sizes", parse_sizes(self.sizes))
-    for field in (
-      "seq_len",
-      "sequences_per_step",
-      "n_steps",
-      "checkpoint_every",
-      "log_checkpoints_until",
-    ):
-      value = getattr(self, field)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ToySuiteError(f"{field}={value!r}: must be a positive integer")
-    if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
-      raise ToySuiteError("warmup_fraction must be in [0, 1) and min_lr_fraction in [0, 1]")
-    if self.lr_scale <= 0:
-      raise ToySuiteError(f"lr_scale={self.lr_scale}: must be positive")
-
-  @property
-  def n_items(self) -> int:
-    return self.n_steps * self.sequences_per_step
-
-  @property
-  def warmup_steps(self) -> int:
-    return max(1, round(self.warmup_fraction * self.n_steps))
-
-  def checkpoint_steps(self) -> tuple[int, ...]:
-    """0, powers of two up to `log_checkpoints_until`, every `checkpoint_every`, and the end."""
-    log_spaced = {2**i for i in range(64) if 2**i <= min(self.log_checkpoints_until, self.n_steps)}
-    regular = set(range(0, self.n_steps + 1, self.checkpoint_every))
-    return tuple(sorted({0, self.n_steps} | log_spaced | regular))
-
-  def learning_rate(self, size: ToySize) -> float:
-    return pythia_learning_rate(size, self.lr_scale)
-
-  def to_dict(self) -> dict[str, Any]:
-    out = dataclasses.asdict(self)
-    out["sizes"] = [s.spec for s in self.sizes]
-    return out
-
-  @classmethod
-  def from_overrides(cls, **overrides) -> ToySuiteOptions:
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ToySuiteError(f"unknown toy-suite option(s) {unknown}")
-    return cls(**overrides)
-
-
-DEFAULT_OPTIONS = ToySuiteOptions()
-#: Seconds to build on 2 CPU cores; what the tests use.
-TINY_OPTIONS = ToySuiteOptions(
-  sizes=parse_sizes("1x16x2,2x32x2"),
-  seq_len=32,
-  sequences_per_step=4,
-  n_steps=40,
-  checkpoint_every=10,
-  log_checkpoints_until=8,
-)
 
 
 # --------------------------------------------------------------------------- training
@@ -467,6 +275,31 @@ class RunBudget:
     return True
 
 
+def _all_checkpoints_complete(model_dir: str, steps, until: int | None = None) -> bool:
+  return all(
+    _checkpoint_complete(os.path.join(model_dir, f"step{s}"))
+    for s in steps
+    if until is None or s <= until
+  )
+
+
+def _resume(state_path: str, model_dir: str, options: ToySuiteOptions, params, opt_state):
+  """(step, params, opt_state, losses) of a saved state whose checkpoints are all on disk,
+  else None (training restarts from step 0)."""
+  import jax
+
+  if not os.path.exists(state_path):
+    return None
+  saved = _load_train_state(state_path, params, opt_state)
+  steps = options.checkpoint_steps()
+  if saved is None or saved[0] not in steps:
+    return None
+  if not _all_checkpoints_complete(model_dir, steps, until=saved[0]):
+    return None
+  step, params, opt_state, losses = saved
+  return step, jax.device_put(params), jax.device_put(opt_state), losses
+
+
 def train_model(
   out_dir: str | os.PathLike,
   size: ToySize,
@@ -483,41 +316,26 @@ def train_model(
   from jax_pythia import data
   from jax_pythia.models import weights
 
-  budget = budget or RunBudget(None)
-  log = log or (lambda message: None)
+  budget, progress = budget or RunBudget(None), progress or (lambda *args: None)
   model_dir = os.path.join(os.fspath(out_dir), size.name)
   _remove_stale_temporaries(model_dir)
-  state_path = os.path.join(model_dir, TRAIN_STATE_FILE)
-  loss_path = os.path.join(model_dir, TRAIN_LOSS_FILE)
-  steps = options.checkpoint_steps()
-  checkpoint_steps = set(steps)
+  state_path, loss_path = (os.path.join(model_dir, f) for f in (TRAIN_STATE_FILE, TRAIN_LOSS_FILE))
+  checkpoint_steps = set(options.checkpoint_steps())
   if (
     os.path.isfile(loss_path)
     and _saved_step(state_path) == options.n_steps
-    and all(_checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps)
-  ):
-    if progress:  # finished by an earlier run: nothing to compile
-      progress(size.name, options.n_steps, options.n_steps, None)
+    and _all_checkpoints_complete(model_dir, checkpoint_steps)
+  ):  # finished by an earlier run: nothing to compile
+    progress(size.name, options.n_steps, options.n_steps, None)
     return True
   config = size.config(options.seq_len)
   _, init_opt_state, train_step, lrs = compiled_programs(size, options)
-
   params = init_model(size, options)
   opt_state = init_opt_state(params)
-  step, losses, resumed = 0, [], False
-  saved = _load_train_state(state_path, params, opt_state) if os.path.exists(state_path) else None
-  if (
-    saved is not None
-    and saved[0] in checkpoint_steps
-    and all(
-      _checkpoint_complete(os.path.join(model_dir, f"step{s}")) for s in steps if s <= saved[0]
-    )
-  ):
-    step, params, opt_state, losses = saved
-    params, opt_state = jax.device_put(params), jax.device_put(opt_state)
-    resumed = True
-    if step < options.n_steps:
-      log(f"{size.name}: resuming from step {step}")
+  resumed = _resume(state_path, model_dir, options, params, opt_state)
+  step, params, opt_state, losses = resumed or (0, params, opt_state, [])
+  if resumed and step < options.n_steps and log:
+    log(f"{size.name}: resuming from step {step}")
 
   def save_checkpoint(at_step):
     host_params = jax.device_get(params)
@@ -529,20 +347,16 @@ def train_model(
 
   if not resumed:
     save_checkpoint(0)
-  if progress:
-    progress(size.name, step, options.n_steps, losses[-1] if losses else None)
+  progress(size.name, step, options.n_steps, losses[-1] if losses else None)
   while step < options.n_steps:
     if not budget.take():
       return False
-    tokens = data.batch_of_step(
-      dataset, step, options.sequences_per_step, options.sequences_per_step
-    )
-    params, opt_state, loss = train_step(params, opt_state, tokens)
+    B = options.sequences_per_step
+    params, opt_state, loss = train_step(params, opt_state, data.batch_of_step(dataset, step, B, B))
     losses.append(float(loss))
     step += 1
     if step in checkpoint_steps:
       save_checkpoint(step)
-    if progress:
-      progress(size.name, step, options.n_steps, losses[-1])
+    progress(size.name, step, options.n_steps, losses[-1])
   atomic_write_bytes(loss_path, _loss_csv(losses, lrs))
   return True
