@@ -20,28 +20,10 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
 from jax_pythia.models import gpt_neox as model
-from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.study import checkpoint as study
 
-SHAPES = {
-  "toy": dict(
-    config=GPTNeoXConfig(
-      vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_mlp=256, max_seq_len=64
-    ),
-    seq=64,
-    n_sequences=32,
-    gradient_sequences=8,
-  ),
-  "14m": dict(
-    config=GPTNeoXConfig(
-      vocab_size=2048, d_model=128, n_layers=6, n_heads=4, d_mlp=512, max_seq_len=128
-    ),
-    seq=128,
-    n_sequences=64,
-    gradient_sequences=8,
-  ),
-}
 GRADIENT_BATCHES = 11  # a window of 5 steps either side, as the study
 VALUE_SLICE = "per_head"
 
@@ -110,7 +92,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--counts", default="2,4", help="C values to compare against C=1")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of shape names")
+  parser.add_argument(
+    "--shapes",
+    default=",".join(DEFAULT_STUDY_SHAPES),
+    help=f"comma list of shape names among {', '.join(STUDY_SHAPES)}",
+  )
   args = parser.parse_args()
   counts = [int(c) for c in args.counts.split(",")]
   rng = np.random.default_rng(0)
@@ -120,7 +106,7 @@ def main():
   )
   print(f"{'shape':6} {'C':>3} {'C=1 s/ckpt':>11} {'stacked s/ckpt':>15} {'gain':>6}  (spread)")
   for name in args.shapes.split(","):
-    shape = SHAPES[name]
+    shape = STUDY_SHAPES[name]
     config, seq = shape["config"], shape["seq"]
     tokens = rng.integers(0, config.vocab_size, (shape["n_sequences"], seq)).astype(np.int32)
     heldout = rng.integers(0, config.vocab_size, (8, seq + 1)).astype(np.int32)

@@ -20,18 +20,10 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
+from benchmarks import shapes
 from jax_pythia.models import gpt_neox as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.models.weights import convert_state_dict
-
-PYTHIA_70M = dict(
-  vocab_size=50304,
-  hidden_size=512,
-  num_hidden_layers=6,
-  num_attention_heads=8,
-  intermediate_size=2048,
-  max_position_embeddings=2048,
-)
 
 
 def best_of(fn, repeats):
@@ -50,7 +42,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   torch.manual_seed(0)
-  hf_config = HFConfig(**PYTHIA_70M)
+  hf_config = HFConfig(**shapes.hf_kwargs("70m"))
   tm = GPTNeoXForCausalLM(hf_config).eval()
   config = GPTNeoXConfig.from_hf_dict(hf_config.to_dict())
   params = jax.device_put(

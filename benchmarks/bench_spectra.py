@@ -34,11 +34,9 @@ if __package__ in (None, ""):  # allow `python benchmarks/bench_spectra.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import analysis  # noqa: E402
+from benchmarks import shapes  # noqa: E402
 
-SHAPES = {  # docs/pythia.md
-  "70m": dict(layers=6, d=512, heads=8, head_dim=64),
-  "410m": dict(layers=24, d=1024, heads=16, head_dim=64),
-}
+SHAPES = {name: shapes.spectra_shape(name) for name in ("70m", "410m")}
 
 
 def random_checkpoint(shape, grad_batches, grad_layers, seed=0):

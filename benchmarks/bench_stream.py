@@ -27,24 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_batched import GRADIENT_BATCHES, SHAPES, VALUE_SLICE, best_of
+from benchmarks.bench_batched import GRADIENT_BATCHES, VALUE_SLICE, best_of
+from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
 from jax_pythia.models import gpt_neox as model
-from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.study import checkpoint as study
 
+
 # bench_batched's shapes, and (on request: minutes on CPU) bench_sweep's 70m one.
-STREAM_SHAPES = SHAPES | {
-  "70m": dict(
-    config=GPTNeoXConfig(
-      vocab_size=50304, d_model=512, n_layers=6, n_heads=8, d_mlp=2048, max_seq_len=2048
-    ),
-    seq=128,
-    n_sequences=128,
-    gradient_sequences=16,
-  )
-}
-
-
 def at_once(config, params, batches):
   losses, grads = study.gradient_fn(config, VALUE_SLICE)(params, batches)
   return jax.device_get((study.gradient_metrics(grads, params["layers"], VALUE_SLICE), losses))
@@ -107,8 +96,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument(
     "--shapes",
-    default=",".join(SHAPES),
-    help=f"comma list of shape names among {', '.join(STREAM_SHAPES)}",
+    default=",".join(DEFAULT_STUDY_SHAPES),
+    help=f"comma list of shape names among {', '.join(STUDY_SHAPES)}",
   )
   args = parser.parse_args()
   rng = np.random.default_rng(0)
@@ -121,7 +110,7 @@ def main():
     f"{'at once bytes':>14} {'streamed bytes':>15}  max rel diff  (spread)"
   )
   for name in args.shapes.split(","):
-    shape = STREAM_SHAPES[name]
+    shape = STUDY_SHAPES[name]
     config, seq = shape["config"], shape["seq"]
     params = model.init_params(config, jax.random.PRNGKey(0))
     batches = rng.integers(

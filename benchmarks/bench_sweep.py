@@ -36,21 +36,13 @@ import torch
 from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
-from benchmarks import throughput
+from benchmarks import shapes, throughput
 from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.checkpoints.hub import load_checkpoint
 from jax_pythia.study import checkpoint as study
 from jax_pythia.sweep import results
 
-PYTHIA_70M = dict(
-  vocab_size=50304,
-  hidden_size=512,
-  num_hidden_layers=6,
-  num_attention_heads=8,
-  intermediate_size=2048,
-  max_position_embeddings=2048,
-)
 STEP_EVERY = 10
 
 
@@ -63,7 +55,7 @@ def write_suite(root, n_checkpoints, seq, sequences_per_step):
   )
   for step in steps:
     torch.manual_seed(step)
-    model = GPTNeoXForCausalLM(HFConfig(**PYTHIA_70M)).to(torch.float16)
+    model = GPTNeoXForCausalLM(HFConfig(**shapes.hf_kwargs("70m"))).to(torch.float16)
     model.save_pretrained(os.path.join(root, "pythia-70m-shaped", f"step{step}"))
   return steps
 
