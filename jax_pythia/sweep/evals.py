@@ -145,6 +145,51 @@ def _metric_rows(model: str, step: int, results: dict, tasks: set[str] | None) -
   return rows
 
 
+def _selected_directories(evals_dir: Path, wanted: list[str] | None) -> dict[str, Path]:
+  """{suite model name: its results directory}, of the `wanted` models when given."""
+  if not evals_dir.is_dir():
+    raise EvalsNotFoundError(f"evaluations directory {evals_dir} does not exist")
+  directories = _model_directories(evals_dir)
+  if not directories:
+    raise EvalsNotFoundError(
+      f"evaluations directory {evals_dir} holds no pythia-<size>[-deduped] model directories"
+    )
+  if wanted is None:
+    return directories
+  wanted = [suite_model_name(m.removeprefix("EleutherAI/")) for m in wanted]
+  missing = [m for m in wanted if m not in directories]
+  if missing:
+    raise EvalsError(
+      f"evaluations directory {evals_dir} has no results for {', '.join(missing)} "
+      f"(it has {', '.join(sorted(directories, key=_model_rank))})"
+    )
+  return {m: directories[m] for m in wanted}
+
+
+def _model_results(model: str, directory: Path, num_fewshot: int) -> list[tuple[int, dict]]:
+  """(step, file content) of each `num_fewshot`-shot result file of one model."""
+  file_of_step: dict[int, Path] = {}
+  found = []
+  for path in sorted(directory.glob("*.json")):
+    match = _FILE_RE.match(path.name)
+    if not match:
+      raise EvalsError(f"evaluation file {path} is not named <size>[-deduped]_step<N>.json")
+    content = _read_results_file(path)
+    step, shots = _file_step_and_shots(
+      path, content, int(match.group("step")), match.group("shots")
+    )
+    if shots != num_fewshot:
+      continue
+    if step in file_of_step:
+      raise EvalsError(
+        f"two {num_fewshot}-shot evaluation files for {model} step {step}: "
+        f"{file_of_step[step]} and {path}"
+      )
+    file_of_step[step] = path
+    found.append((step, content))
+  return found
+
+
 def load_evals(
   evals_dir: str | os.PathLike,
   models: str | Iterable[str] | None = None,
@@ -161,47 +206,14 @@ def load_evals(
   zero-shot).
   """
   evals_dir = Path(evals_dir)
-  if not evals_dir.is_dir():
-    raise EvalsNotFoundError(f"evaluations directory {evals_dir} does not exist")
-  directories = _model_directories(evals_dir)
-  if not directories:
-    raise EvalsNotFoundError(
-      f"evaluations directory {evals_dir} holds no pythia-<size>[-deduped] model directories"
-    )
-  wanted_models = _as_list(models)
-  if wanted_models is not None:
-    wanted_models = [suite_model_name(m.removeprefix("EleutherAI/")) for m in wanted_models]
-    missing = [m for m in wanted_models if m not in directories]
-    if missing:
-      raise EvalsError(
-        f"evaluations directory {evals_dir} has no results for {', '.join(missing)} "
-        f"(it has {', '.join(sorted(directories, key=_model_rank))})"
-      )
-    directories = {m: directories[m] for m in wanted_models}
+  directories = _selected_directories(evals_dir, _as_list(models))
   wanted_tasks = _as_list(tasks)
   task_filter = set(wanted_tasks) if wanted_tasks is not None else None
-
   rows: list[tuple] = []
   tasks_seen: set[str] = set()
   n_files_read = 0
   for model, directory in directories.items():
-    file_of_step: dict[int, Path] = {}
-    for path in sorted(directory.glob("*.json")):
-      match = _FILE_RE.match(path.name)
-      if not match:
-        raise EvalsError(f"evaluation file {path} is not named <size>[-deduped]_step<N>.json")
-      content = _read_results_file(path)
-      step, shots = _file_step_and_shots(
-        path, content, int(match.group("step")), match.group("shots")
-      )
-      if shots != num_fewshot:
-        continue
-      if step in file_of_step:
-        raise EvalsError(
-          f"two {num_fewshot}-shot evaluation files for {model} step {step}: "
-          f"{file_of_step[step]} and {path}"
-        )
-      file_of_step[step] = path
+    for step, content in _model_results(model, directory, num_fewshot):
       n_files_read += 1
       tasks_seen.update(content["results"])
       rows.extend(_metric_rows(model, step, content["results"], task_filter))
@@ -210,13 +222,12 @@ def load_evals(
       f"evaluations directory {evals_dir} holds no {num_fewshot}-shot result files for "
       f"{', '.join(directories)}"
     )
-  if task_filter is not None:
-    missing_tasks = sorted(task_filter - tasks_seen)
-    if missing_tasks:
-      raise EvalsError(
-        f"evaluations in {evals_dir} have no task {', '.join(missing_tasks)} "
-        f"(tasks include {', '.join(sorted(tasks_seen)[:12])}, ...)"
-      )
+  missing_tasks = sorted((task_filter or set()) - tasks_seen)
+  if missing_tasks:
+    raise EvalsError(
+      f"evaluations in {evals_dir} have no task {', '.join(missing_tasks)} "
+      f"(tasks include {', '.join(sorted(tasks_seen)[:12])}, ...)"
+    )
 
   frame = pd.DataFrame.from_records(rows, columns=list(EVALS_COLUMNS))
   frame = frame.astype({"step": np.int64, "value": np.float64, "stderr": np.float64})
