@@ -1,4 +1,4 @@
-"""Cost of the checkpoint content hash (jax_pythia.integrity) next to loading.
+"""Cost of the checkpoint content hash (jax_pythia.checkpoints.integrity) next to loading.
 
 Writes a random Pythia-shaped checkpoint as the Hub stores it (float16 safetensors, torch
 free: jax_pythia.models.weights.write_safetensors) and times, side by side in one process:

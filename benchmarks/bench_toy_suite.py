@@ -1,4 +1,4 @@
-"""Wall time of building the default toy suite (jax_pythia.toy_suite) on this machine.
+"""Wall time of building the default toy suite (jax_pythia.toy.build) on this machine.
 
 Builds it from scratch in a temporary directory (or --out, which must not hold a suite)
 and prints the time of the data, of each model (compile + training + checkpoints) and

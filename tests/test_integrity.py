@@ -1,4 +1,4 @@
-"""Checkpoint integrity (jax_pythia.integrity): hashes, duplicates, dtypes; 12b-style
+"""Checkpoint integrity (jax_pythia.checkpoints.integrity): hashes, duplicates, dtypes; 12b-style
 sharded .bin checkpoints through the Hub cache (stubbed, as tests/test_checkpoints.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pre-flight plan (jax_pythia.plan, tools.plan): shapes, FLOPs, memory, output."""
+"""The pre-flight plan (jax_pythia.scale.plan, tools.plan): shapes, FLOPs, memory, output."""
 
 from __future__ import annotations
 

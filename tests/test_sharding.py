@@ -1,4 +1,4 @@
-"""Device meshes and sharded sweeps (jax_pythia.sharding, jax_pythia.xla_cpu).
+"""Device meshes and sharded sweeps (jax_pythia.scale.sharding, jax_pythia.scale.xla_cpu).
 
 A sharded sweep must give the single-device table. Several devices on the CPU need
 XLA_FLAGS before JAX starts, so those sweeps run as subprocesses (`run_sweep`) and this
@@ -34,7 +34,7 @@ CONFIG = GPTNeoXConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, d_mlp=2
 STEPS = (0, 1, 2)
 # pythia-14m's shape (vocab 512 here) and batches of 32 sequences of 65 tokens, at which
 # every CPU mesh hung before jax_pythia sized XLA:CPU's thread pool (issue 13,
-# jax_pythia.xla_cpu). The small CONFIG cannot show it: its QR of W_O is too small for
+# jax_pythia.scale.xla_cpu). The small CONFIG cannot show it: its QR of W_O is too small for
 # jaxlib to split over the pool.
 CONFIG_14M = GPTNeoXConfig(
   vocab_size=512, d_model=128, n_layers=6, n_heads=4, d_mlp=512, max_seq_len=128
@@ -275,7 +275,7 @@ def test_lapack_runs_on_one_openblas_thread_unless_the_user_chose(user):
 # A batched LAPACK call (QR, as the OV basis of the activations) inside a layer scan,
 # replicated on every device, next to a collective over the data axis: the pattern that
 # hung every CPU mesh of the sweep (issue 13). With XLA's default pool of the 2 cores it
-# hangs at once; jax_pythia's import sizes the pool (jax_pythia.xla_cpu).
+# hangs at once; jax_pythia's import sizes the pool (jax_pythia.scale.xla_cpu).
 LAPACK_AND_COLLECTIVE = """
 import jax_pythia
 import jax, jax.numpy as jnp, numpy as np

@@ -1,4 +1,4 @@
-"""Sharded and remote training streams (jax_pythia.streams), all offline.
+"""Sharded and remote training streams (jax_pythia.data.streams), all offline.
 
 The stream is written joined by `data.write_mmap_indexed_dataset`, then cut into shards the
 way Pythia's `utils/shard_memmap.py` does (fixed-size byte chunks of the joined .bin named

@@ -1,4 +1,4 @@
-"""The stall watchdog (jax_pythia.watchdog): a run that stops progressing exits non-zero
+"""The stall watchdog (jax_pythia.sweep.watchdog): a run that stops progressing exits non-zero
 with one line naming the checkpoint and phase. Each stall runs in a subprocess, since the
 watchdog ends its process."""
 

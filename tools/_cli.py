@@ -154,7 +154,7 @@ def define_work_flags() -> None:
     "Checkpoints of one model stacked in one compiled call (activations, spectra and "
     "gradients vmapped over them; the same results). Stacked checkpoints hold all their "
     "gradient batches at once; one alone streams them. auto (or 0): as many as fit in the "
-    "device's memory by jax_pythia.plan's estimate, at most 16 on an accelerator and 1 on "
+    "device's memory by jax_pythia.scale.plan's estimate, at most 16 on an accelerator and 1 on "
     "CPU, where stacking does not reliably pay (benchmarks/bench_batched.py).",
   )
   flags.DEFINE_string(

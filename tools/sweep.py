@@ -100,7 +100,7 @@ flags.DEFINE_string(
   "device collective cannot be interrupted, so set it above the slowest phase of one "
   "checkpoint.",
 )
-# Scale-out (jax_pythia.sharding): a device mesh and JAX's multi-process runtime.
+# Scale-out (jax_pythia.scale.sharding): a device mesh and JAX's multi-process runtime.
 flags.DEFINE_string(
   "mesh",
   None,

@@ -109,7 +109,7 @@ class IndexHeader:
 def parse_index_header(head: bytes, idx_name: str, idx_size: int | None = None) -> IndexHeader:
   """Checks the first `INDEX_HEADER_SIZE` bytes of a `.idx` (and, given `idx_size`, that the
   file is as long as the header announces); errors name `idx_name`. Shared by the local
-  memory-mapped reader and the byte-range reader of remote streams (jax_pythia.streams)."""
+  memory-mapped reader and the byte-range reader of remote streams (jax_pythia.data.streams)."""
   if len(head) < INDEX_HEADER_SIZE or (idx_size is not None and idx_size < INDEX_HEADER_SIZE):
     size = len(head) if idx_size is None else idx_size
     raise DataError(

@@ -7,7 +7,7 @@ with params the matmul weights a token passes through, plus the attention matmul
 (QK^T and AV: 2 * 2 * s * d per token and layer forward; the model computes the full
 masked s x s square), plus the SVDs of the spectra (about 4 m n^2 each). Memory per
 device is params + the chosen weights' gradients + activations kept for the backward
-pass, under the mesh's model and data split (jax_pythia.sharding). One checkpoint per
+pass, under the mesh's model and data split (jax_pythia.scale.sharding). One checkpoint per
 call streams its gradient batches (jax_pythia.sweep): the gradient call holds one batch's
 gradients, beside the previous batch's kept for the spectra, and the spectra call two
 batches' and one batch's SVD workspace, whatever G; C > 1 stacked checkpoints hold all G

@@ -290,7 +290,7 @@ def batch_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "non
   The sweep calls it once per batch and reduces each batch's gradients at once
   (`streamed_gradient_metrics`), so a device holds one batch's gradients, not G.
   `remat` (model.REMAT_POLICIES) is what the backward pass recomputes to save memory;
-  jax_pythia.plan chooses mb and remat from the device's memory.
+  jax_pythia.scale.plan chooses mb and remat from the device's memory.
   """
   wrt = gradient_weights(value_slice)
   return jax.jit(functools.partial(_batch_gradients, config=config, wrt=wrt, remat=remat))

@@ -24,7 +24,7 @@ class SweepOptions:
   gradients: bool = True
   gradient_window: int = 5  # batches of steps s-w .. s+w
   gradient_sequences: int = data.DEFAULT_N_SEQUENCES
-  gradient_microbatch: int = 0  # 0: chosen from the device's memory (jax_pythia.plan)
+  gradient_microbatch: int = 0  # 0: chosen from the device's memory (jax_pythia.scale.plan)
   value_slice: str = "per_head"
   loss_sequences: int = 0  # held-out loss on this many sequences (0: off)
   dtype: str = "float32"  # forward/backward compute dtype (metric inputs: float32, HIGHEST)

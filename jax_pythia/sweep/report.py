@@ -84,7 +84,7 @@ def cka_table(
 
 def flagged_checkpoints(status: pd.DataFrame | None) -> pd.DataFrame:
   """Checkpoints whose weights duplicate another step's (checkpoints.parquet's `flag`,
-  jax_pythia.integrity): model, step, status, flag. Empty when none or not recorded."""
+  jax_pythia.checkpoints.integrity): model, step, status, flag. Empty when none or not recorded."""
   columns = ["model", "step", "status", "flag"]
   if status is None or "flag" not in status:
     return pd.DataFrame(columns=columns)

@@ -189,7 +189,8 @@ def finalize(out_dir: str) -> dict[str, str]:
     for name in ("metrics", "checkpoints", "pairwise_cka")
   }
   write_parquet(metrics, paths["metrics"])
-  # Duplicate weights flagged (jax_pythia.integrity): same as an earlier step, or the final.
+  # Duplicate weights flagged (jax_pythia.checkpoints.integrity): same as an earlier step, or
+  # the final.
   write_parquet(integrity.flag_duplicates(status), paths["checkpoints"])
   pair = [
     pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))

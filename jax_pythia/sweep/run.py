@@ -6,12 +6,12 @@ converted in a background thread; a model's other steps go C at a time
 (`checkpoints_per_call`, stacked in one compiled call: `jax_pythia.study`'s batched
 functions), the next chunk loading while one computes. Each finished checkpoint is
 written at once,
-atomically (`jax_pythia.results`: its metric rows, the sampled activations pairwise CKA
+atomically (`jax_pythia.sweep.results`: its metric rows, the sampled activations pairwise CKA
 needs, a status record); rerunning the same command skips what exists, so a kill loses
 at most the checkpoint in flight. `results.finalize` gathers everything into
 `metrics.parquet`, `pairwise_cka.parquet` and `checkpoints.parquet`.
 
-Where models and tokens come from: `jax_pythia.sources`. What is computed:
+Where models and tokens come from: `jax_pythia.checkpoints.sources`. What is computed:
 `jax_pythia.study.checkpoint.checkpoint_metrics`.
 """
 
@@ -45,7 +45,7 @@ class Sweep:
   """Runs the study for some models and steps into `out_dir` (see the module doc).
 
   The constructor only plans (which steps of which model); `prepare` (called by `run`)
-  checks the data, claims `out_dir` for these inputs (`jax_pythia.outdir`: recorded in
+  checks the data, claims `out_dir` for these inputs (`jax_pythia.sweep.outdir`: recorded in
   `<out_dir>/sweep.json`) and checks the checkpoints it already holds.
   """
 
@@ -78,9 +78,9 @@ class Sweep:
     self.keep = keep_checkpoints
     self.progress = progress
     self.notify = notify or (lambda line: print(line, file=sys.stderr))
-    # Mesh and process split (jax_pythia.sharding); the default is one device.
+    # Mesh and process split (jax_pythia.scale.sharding); the default is one device.
     self.placement = placement or sharding.Placement()
-    # Where the sweep is, for a stall watchdog (jax_pythia.watchdog) if one watches it.
+    # Where the sweep is, for a stall watchdog (jax_pythia.sweep.watchdog) if one watches it.
     self.heartbeat = heartbeat or watchdog.Heartbeat()
     self._inputs: dict[str, np.ndarray] = {}
     self._prepared = False
@@ -129,7 +129,7 @@ class Sweep:
     self._prepared = True
 
   def _check_output_dir(self):
-    """Claims --out for these inputs (see jax_pythia.outdir), then checks what it holds."""
+    """Claims --out for these inputs (see jax_pythia.sweep.outdir), then checks what it holds."""
     locations = {
       m.name: m.location if m.is_hub else os.path.realpath(m.location) for m in self.models
     }

@@ -1,4 +1,4 @@
-"""The toy suite's corpus, tokenizer and token stream (built by `jax_pythia.toy_suite`).
+"""The toy suite's corpus, tokenizer and token stream (built by `jax_pythia.toy.build`).
 
 Built from what every machine with a given CPython already has:
 
