@@ -97,7 +97,8 @@ def reject_extra_args(argv: list[str]) -> None:
 
 def define_work_flags() -> None:
   """The flags that set what a sweep computes per checkpoint, defined once: tools.sweep
-  runs that work, tools.plan prices it, with the same names, defaults and help."""
+  runs that work, tools.plan prices it, with the same names, defaults and help. Long
+  because it is a table: one definition per flag."""
   flags.DEFINE_string(
     "steps",
     "all",

@@ -53,6 +53,51 @@ flags.DEFINE_integer(
 )
 
 
+def device_memory_and_source() -> tuple[float, str]:
+  """Bytes of one device (--device_memory, else this machine's) and where they come from."""
+  from jax_pythia.scale import plan
+
+  if FLAGS.device_memory:
+    return plan.parse_bytes(
+      FLAGS.device_memory
+    ), f"--device_memory={FLAGS.device_memory} per device"
+  device_bytes, where = plan.device_memory()
+  return device_bytes, f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
+
+
+def flops_per_device() -> tuple[float | None, str]:
+  """(usable FLOP/s of one device, where the figure comes from); None with --measure,
+  which measures later at the checkpoints per call chosen."""
+  from jax_pythia.scale import plan
+
+  if FLAGS.measure:
+    return None, ""
+  if FLAGS.flops_per_device:
+    return (
+      FLAGS.flops_per_device * FLAGS.utilisation,
+      f"{FLAGS.flops_per_device:.3g} FLOP/s x {FLAGS.utilisation} utilisation",
+    )
+  raise plan.PlanError("give --measure or --flops_per_device (FLOP/s of one device)")
+
+
+def data_read(item_tokens: int) -> tuple[dict[int, int], int]:
+  """The training batches the sweep reads (fixed inputs, gradient windows, loss batch) and
+  their bytes."""
+  from jax_pythia import sweep
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.data import streams
+
+  options = sweep.SweepOptions(
+    n_sequences=FLAGS.n_sequences,
+    gradients=FLAGS.gradients,
+    gradient_window=FLAGS.gradient_window,
+    gradient_sequences=FLAGS.gradient_sequences,
+    loss_sequences=FLAGS.loss_sequences,
+  )
+  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models), FLAGS.steps, options)
+  return needs, streams.batch_bytes(needs, item_tokens)
+
+
 def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia.scale import plan, sharding
@@ -68,24 +113,8 @@ def main(argv):
 
     devices = devices or jax.device_count()
   requested = _cli.checkpoints_per_call()
-  if FLAGS.measure:
-    per_device, source = None, ""  # measured below, at the checkpoints per call chosen
-  elif FLAGS.flops_per_device:
-    per_device = FLAGS.flops_per_device * FLAGS.utilisation
-    source = f"{FLAGS.flops_per_device:.3g} FLOP/s x {FLAGS.utilisation} utilisation"
-  else:
-    raise plan.PlanError("give --measure or --flops_per_device (FLOP/s of one device)")
-  mesh = sharding.parse_mesh(FLAGS.mesh) or {"data": devices}
-  if -1 in mesh.values():
-    known = 1
-    for v in mesh.values():
-      known *= v if v != -1 else 1
-    mesh = {k: (devices // known if v == -1 else v) for k, v in mesh.items()}
-  product = 1
-  for v in mesh.values():
-    product *= v
-  if product != devices:
-    raise plan.PlanError(f"--mesh={FLAGS.mesh} has {product} devices, --devices={devices}")
+  per_device, source = flops_per_device()
+  mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
   work = plan.Work(
     FLAGS.n_sequences,
     FLAGS.gradients,
@@ -95,12 +124,7 @@ def main(argv):
     FLAGS.loss_sequences,
     FLAGS.dtype,
   )
-  if FLAGS.device_memory:
-    device_bytes = plan.parse_bytes(FLAGS.device_memory)
-    memory_source = f"--device_memory={FLAGS.device_memory} per device"
-  else:
-    device_bytes, where = plan.device_memory()
-    memory_source = f"{plan.format_bytes(device_bytes)} per device ({where} of this machine)"
+  device_bytes, memory_source = device_memory_and_source()
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
   works = [
     dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))
@@ -127,20 +151,7 @@ def main(argv):
     plan.make_plan(s, FLAGS.steps, w, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
     for s, w in zip(shapes, works)
   ]
-  # The training batches the sweep reads (fixed inputs, gradient windows, loss batch).
-  from jax_pythia import sweep
-  from jax_pythia.checkpoints import sources
-  from jax_pythia.data import streams
-
-  options = sweep.SweepOptions(
-    n_sequences=FLAGS.n_sequences,
-    gradients=FLAGS.gradients,
-    gradient_window=FLAGS.gradient_window,
-    gradient_sequences=FLAGS.gradient_sequences,
-    loss_sequences=FLAGS.loss_sequences,
-  )
-  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models), FLAGS.steps, options)
-  data_bytes = streams.batch_bytes(needs, max(s.seq_len for s in shapes) + 1)
+  needs, data_bytes = data_read(max(s.seq_len for s in shapes) + 1)
   print(
     plan.format_plan(
       plans,

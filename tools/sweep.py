@@ -133,39 +133,11 @@ flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordi
 flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-1.")
 
 
-def main(argv):
-  _cli.reject_extra_args(argv)
+def sweep_options():
+  """The flags that change the numbers, as the sweep's options (checked there)."""
   from jax_pythia import sweep
-  from jax_pythia.checkpoints import sources
-  from jax_pythia.scale import plan, sharding
-  from jax_pythia.sweep import report, results, watchdog
 
-  per_call = _cli.checkpoints_per_call()  # bad values fail before any work
-  _cli.require_precision()
-
-  device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
-
-  _cli.require_items("models", FLAGS.models)
-  stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
-  # Before anything touches a device: the runtime must know every process first.
-  sharding.initialize_distributed(
-    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
-  )
-  placement = sharding.Placement.create(FLAGS.mesh, FLAGS.split)
-  lead = placement.process_index == 0
-
-  if FLAGS.models == [DEFAULT_TOY_SUITE]:
-    if lead:
-      from jax_pythia.toy import build as toy_suite
-
-      # Builds the suite the first time, resumes an interrupted build, else returns at once.
-      toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
-    placement.barrier("toy_suite")  # the others read it once process 0 has built it
-  heartbeat = watchdog.Heartbeat()
-  watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
-  models = sources.resolve_models(FLAGS.models)
-  source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
-  options = sweep.SweepOptions(
+  return sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     positions=FLAGS.positions,
     data_step=FLAGS.data_step,
@@ -179,6 +151,68 @@ def main(argv):
     matmul_precision=FLAGS.matmul_precision,
     seed=FLAGS.seed,
   )
+
+
+def announce(runner, models, placement) -> int:
+  """Prints what the run will do; returns the number of checkpoints still to compute."""
+  todo = sum(map(len, runner.pending().values()))
+  total = sum(map(len, runner.plan.values()))
+  per_call = ", ".join(f"{name} {c}" for name, c in runner.per_call.items())
+  print(
+    f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
+    f"results in {FLAGS.out}; {placement.describe()}; checkpoints per call: {per_call}"
+  )
+  for name, layout in runner.layouts.items():
+    print(f"{name}: {layout.describe()}")
+  return todo
+
+
+def ensure_default_suite(placement) -> None:
+  """Process 0 builds the toy suite the first time, resumes an interrupted build, else
+  returns at once; the others read it once it is there."""
+  if placement.process_index == 0:
+    from jax_pythia.toy import build as toy_suite
+
+    toy_suite.ensure_toy_suite(DEFAULT_TOY_SUITE)
+  placement.barrier("toy_suite")
+
+
+def finish(heartbeat) -> None:
+  """Process 0 gathers the tables and draws the figures."""
+  from jax_pythia.sweep import report, results
+
+  heartbeat.beat(phase="gathering results")
+  for path in results.finalize(FLAGS.out).values():
+    print(f"wrote {path}")
+  if FLAGS.figures:
+    heartbeat.beat(phase="drawing figures")
+    for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
+      print(f"wrote {path}")
+
+
+def main(argv):
+  _cli.reject_extra_args(argv)
+  from jax_pythia import sweep
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.scale import plan, sharding
+  from jax_pythia.sweep import watchdog
+
+  per_call = _cli.checkpoints_per_call()  # bad values fail before any work
+  _cli.require_precision()
+  device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
+  _cli.require_items("models", FLAGS.models)
+  stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
+  # Before anything touches a device: the runtime must know every process first.
+  sharding.initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
+  )
+  placement = sharding.Placement.create(FLAGS.mesh, FLAGS.split)
+  if FLAGS.models == [DEFAULT_TOY_SUITE]:
+    ensure_default_suite(placement)
+  heartbeat = watchdog.Heartbeat()
+  watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
+  models = sources.resolve_models(FLAGS.models)
+  source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):
@@ -190,7 +224,7 @@ def main(argv):
     FLAGS.steps,
     source,
     FLAGS.out,
-    options,
+    sweep_options(),
     on_error=FLAGS.on_error,
     on_duplicate=FLAGS.on_duplicate,
     keep_checkpoints=FLAGS.keep_checkpoints,
@@ -203,32 +237,14 @@ def main(argv):
   # Checks the data, fits each model to the device's memory and checks --out, before
   # any checkpoint loads.
   runner.prepare()
-  pending = runner.pending()
-  todo = sum(map(len, pending.values()))
-  total = sum(map(len, runner.plan.values()))
-  per_call = ", ".join(f"{name} {c}" for name, c in runner.per_call.items())
-  print(
-    f"{len(models)} model(s), {total} checkpoints, {total - todo} already done; "
-    f"results in {FLAGS.out}; {placement.describe()}; checkpoints per call: {per_call}"
-  )
-  for name, layout in runner.layouts.items():
-    print(f"{name}: {layout.describe()}")
-  bar.reset(total=todo)
+  bar.reset(total=announce(runner, models, placement))
   with bar:
     runner.run()
   # Every process's files are on the shared --out before process 0 gathers them.
   heartbeat.beat(phase="waiting for the other processes")
   placement.barrier("done")
-  if not lead:
-    return
-  heartbeat.beat(phase="gathering results")
-  paths = results.finalize(FLAGS.out)
-  for path in paths.values():
-    print(f"wrote {path}")
-  if FLAGS.figures:
-    heartbeat.beat(phase="drawing figures")
-    for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
-      print(f"wrote {path}")
+  if placement.process_index == 0:
+    finish(heartbeat)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ residuals the backward pass keeps and were checked against XLA's own buffer assi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -81,6 +82,17 @@ class Shape:
   @property
   def bytes_per_checkpoint(self) -> int:
     return self.checkpoint_bytes or self.stored_bytes_per_param * self.params
+
+
+def mesh_of(mesh: dict[str, int] | None, devices: int, spec: str = "") -> dict[str, int]:
+  """The mesh's axis sizes over `devices` ({"data": devices} when none is given); an axis of
+  -1 takes the devices the others leave. Refuses a mesh of another device count."""
+  mesh = mesh or {"data": devices}
+  known = math.prod(v for v in mesh.values() if v != -1)
+  mesh = {k: (devices // known if v == -1 else v) for k, v in mesh.items()}
+  if math.prod(mesh.values()) != devices:
+    raise PlanError(f"--mesh={spec} has {math.prod(mesh.values())} devices, --devices={devices}")
+  return mesh
 
 
 def from_suite(name: str, seq_len: int | None = None) -> Shape:
