@@ -101,9 +101,17 @@ def define_work_flags() -> None:
   flags.DEFINE_string(
     "steps",
     "all",
-    "Checkpoints: all, paper (the study's 27), a comma "
-    "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
-    "included: it is every CKA's reference.",
+    "Checkpoints: all, final, paper (the study's 27), log:K (K log-spaced), a comma "
+    "list (0,512,143000) or START:STOP[:EVERY], for every suite (docs/suites.md). The final "
+    "one is always included: it is every CKA's reference.",
+  )
+  flags.DEFINE_string(
+    "revisions",
+    None,
+    "The checkpoints of Hub models outside the known suites (docs/suites.md): a comma list "
+    "REVISION[=STEP] (STEP defaults to the last number in the name; a commit id needs it) or "
+    "a regular expression over the repo's branches (the step: group (?P<step>...), else "
+    "group 1, else the name's last number). Overrides a known suite's scheme.",
   )
   flags.DEFINE_integer(
     "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."

@@ -163,7 +163,7 @@ def main(argv):
     placement.barrier("toy_suite")  # the others read it once process 0 has built it
   heartbeat = watchdog.Heartbeat()
   watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
-  models = sources.resolve_models(FLAGS.models)
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
   source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
