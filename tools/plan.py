@@ -139,7 +139,9 @@ def main(argv):
     gradient_sequences=FLAGS.gradient_sequences,
     loss_sequences=FLAGS.loss_sequences,
   )
-  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models, FLAGS.revisions), FLAGS.steps, options)
+  needs = sweep.batches_needed(
+    sources.resolve_models(FLAGS.models, FLAGS.revisions), FLAGS.steps, options
+  )
   data_bytes = streams.batch_bytes(needs, max(s.seq_len for s in shapes) + 1)
   print(
     plan.format_plan(
