@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from jax_pythia import data, suite
 from jax_pythia.checkpoints import revisions as hub_revisions
+from jax_pythia.data import olmo
 from jax_pythia.errors import SweepError
 
 MANIFEST_FILE = "suite.json"
@@ -157,9 +158,12 @@ def open_data(
   sequences_per_step: int | None,
 ) -> data.TokenSource:
   """The token source: --data, else the Hub stream Pythia models trained on, else the
-  data of the suite the models come from."""
+  data of the suite the models come from. `olmo:CONFIG.yaml[,GLOBAL_INDICES]` is OLMo's
+  training order (jax_pythia.data.olmo)."""
   manifest = {}
-  if path is None and models and all(m.is_hub for m in models):
+  if path is not None and olmo.is_olmo_location(path):
+    return olmo.open_olmo(path)
+  if path is None and models and all(m.is_hub and m.suite == "pythia" for m in models):
     from jax_pythia.data import streams
 
     # Pythia on the Hub trained on the Hub's stream: read it by byte range.
@@ -169,7 +173,8 @@ def open_data(
     if len(suite_dirs) != 1 or None in suite_dirs:
       raise SweepError(
         "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
-        "prefix), a .npy token array or a .txt file with --tokenizer"
+        "prefix), OLMo's order (olmo:CONFIG.yaml[,GLOBAL_INDICES]), a .npy token array or "
+        "a .txt file with --tokenizer (docs/suites.md)"
       )
     suite_dir = suite_dirs.pop()
     manifest = read_manifest(suite_dir) or {}
