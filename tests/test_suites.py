@@ -266,3 +266,41 @@ def test_step_selections():
   for bad in ("log:0", "log:6", "log:x"):
     with pytest.raises(ValueError, match="log:K with K in 1..5"):
       suite.parse_steps(bad, olmo)
+
+
+def test_a_sweep_fetches_a_suites_revisions_offline(hub, monkeypatch, tmp_path):
+  """End to end: an OLMo-named Hub repo's branches, listed once (the stub), then an offline
+  sweep resolves them from the listing cache and loads each from the Hugging Face cache by
+  its branch; `log:2` picks the first and last checkpoint."""
+  import numpy as np
+  import pandas as pd
+
+  from jax_pythia.sweep import results
+  from jax_pythia.sweep import run as sweep
+  from tests import hf_fixtures as hf
+
+  cache = tmp_path / "hf"
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  shape = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+  for seed, branch in enumerate(["step0-tokens0B", "step1000-tokens4B", "step20000-tokens84B"]):
+    model = hf.tiny_model(seed=seed, vocab_size=97, max_position_embeddings=64, **shape)
+    hf.write_hub_cache(model, cache, "allenai/OLMo-1B-hf", branch)
+  revisions.resolve("allenai/OLMo-1B-hf")  # online once: the listing is cached
+  _offline(monkeypatch)
+  hub.branches.clear()
+  models = sources.resolve_models(["allenai/OLMo-1B-hf"])
+  tokens = tmp_path / "tokens.npy"
+  np.save(tokens, np.random.default_rng(0).integers(0, 97, (8, 16)))
+  source = sources.open_data(str(tokens), models, None, None)
+  out = str(tmp_path / "out")
+  options = sweep.SweepOptions(n_sequences=8, gradients=False)
+  sweep.Sweep(models, "log:2", source, out, options).run()
+  results.finalize(out)
+  status = pd.read_parquet(f"{out}/checkpoints.parquet")
+  assert list(status.step) == [0, 20000] and (status.status == "ok").all()
+  assert set(status.suite) == {"olmo"} and set(status.family) == {"gpt_neox"}
+  # Different weights at each branch: CKA of step 0 to the final is below 1, the final's 1.
+  metrics = pd.read_parquet(f"{out}/metrics.parquet")
+  cka = metrics[(metrics.metric == "cka") & (metrics.component == "mlp")]
+  assert np.allclose(cka[cka.step == 20000].value, 1.0, atol=1e-5)
+  assert (cka[cka.step == 0].value < 0.999).all()

@@ -29,7 +29,9 @@ flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this to
 flags.DEFINE_list(
   "models",
   [DEFAULT_TOY_SUITE],
-  "Models: Pythia names (pythia-160m-deduped), Hub ids (org/name), "
+  "Models: Pythia names (pythia-160m-deduped), Hub ids of a known suite (OLMo, OLMo-2, "
+  "Amber, pico-decoder; org/name@SERIES for OLMo-2's stage-2 series) or any with "
+  "--revisions (docs/suites.md), "
   "directories of step<N>/ checkpoints, or a suite directory of such models. "
   f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
   "if missing.",
@@ -41,7 +43,8 @@ flags.DEFINE_string(
   "Token data: Pythia's training stream read by byte range "
   "(hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled, any fsspec URL, a folder "
   "of its shards, or a folder staged by tools.fetch_data), a joined .bin/.idx prefix, a "
-  ".npy [batch, seq] array, or a .txt file with --tokenizer. Default: the Hub stream the "
+  ".npy [batch, seq] array, a .txt file with --tokenizer, or OLMo's training order "
+  "olmo:CONFIG.yaml[,GLOBAL_INDICES] (docs/suites.md). Default: the Hub stream Pythia "
   "models trained on (deduped or standard Pile), or the data of their local suite.",
 )
 flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
