@@ -381,32 +381,7 @@ def _report_text(
     + ".",
     "",
   ]
-  lines += [
-    "## Convergence (whole-layer CKA to the final checkpoint)",
-    "",
-    "| model | component | estimator | median CKA at first step | first step with "
-    "median >= 0.9 | noise floor |",
-    "|---|---|---|---|---|---|",
-  ]
-  for model in models:
-    for component in BAND_COMPONENTS:
-      for estimator in estimators:
-        steps, values = cka_table(metrics, model, component, estimator)
-        if not len(steps):
-          continue
-        median = np.median(values, axis=1)
-        converged = float(analysis.convergence_step(jax.numpy.asarray(median), steps, 0.9))
-        first = "never" if np.isnan(converged) else str(int(converged))
-        floor = metrics[
-          (metrics.model == model)
-          & (metrics.component == component)
-          & (metrics.metric == analysis.noise_floor_name(estimator))
-          & (metrics["head"] == -1)
-        ]
-        lines.append(
-          f"| {_shown(labels, model)} | {component} | {estimator} | {median[0]:.3f} | {first} | "
-          f"{floor.value.mean():.3f} |"
-        )
+  lines += _convergence_lines(metrics, models, estimators, labels)
   lines += [
     "",
     "## PER at the final checkpoint (mean over layers)",
@@ -440,6 +415,39 @@ def _report_text(
     "",
   ]
   return "\n".join(lines)
+
+
+def _convergence_lines(
+  metrics: pd.DataFrame, models: Sequence[str], estimators, labels: dict[str, str] | None
+) -> list[str]:
+  """report.md's convergence table: per model, component and estimator."""
+  lines = [
+    "## Convergence (whole-layer CKA to the final checkpoint)",
+    "",
+    "| model | component | estimator | median CKA at first step | first step with "
+    "median >= 0.9 | noise floor |",
+    "|---|---|---|---|---|---|",
+  ]
+  for model in models:
+    for component in BAND_COMPONENTS:
+      for estimator in estimators:
+        steps, values = cka_table(metrics, model, component, estimator)
+        if not len(steps):
+          continue
+        median = np.median(values, axis=1)
+        converged = float(analysis.convergence_step(jax.numpy.asarray(median), steps, 0.9))
+        first = "never" if np.isnan(converged) else str(int(converged))
+        floor = metrics[
+          (metrics.model == model)
+          & (metrics.component == component)
+          & (metrics.metric == analysis.noise_floor_name(estimator))
+          & (metrics["head"] == -1)
+        ]
+        lines.append(
+          f"| {_shown(labels, model)} | {component} | {estimator} | {median[0]:.3f} | {first} | "
+          f"{floor.value.mean():.3f} |"
+        )
+  return lines
 
 
 def _models_text(models: Sequence[str], status: pd.DataFrame | None) -> str:
