@@ -24,7 +24,8 @@ def _expected_instances(files: list[np.ndarray]) -> np.ndarray:
 
 
 @pytest.fixture
-def olmo_dir(tmp_path):
+def olmo_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAX_PYTHIA_DATA_CACHE", str(tmp_path / "cache"))
   rng = np.random.default_rng(0)
   files = [rng.integers(0, 50_000, n).astype(np.uint16) for n in FILE_TOKENS]
   for i, tokens in enumerate(files):
@@ -56,6 +57,12 @@ def test_batches_of_steps(olmo_dir):
     source.batch(4, 1)
   with pytest.raises(DataError, match="n_sequences must be in 1..3"):
     source.batch(0, 4)
+  # Read once: with the token files gone, a rerun's batches come from the cache.
+  for i in range(3):
+    (root / f"part-{i:03d}-00000.npy").unlink()
+  again = sources.open_data(f"olmo:{root / 'OLMo-tiny.yaml'}", [], None, None)
+  np.testing.assert_array_equal(again.batch(1, 2), table[order[3:5]])
+  assert len(list((root / "cache" / "olmo").glob("*/step-*.npy"))) == 4
 
 
 def test_byte_ranges_through_fsspec_and_an_explicit_order(olmo_dir):

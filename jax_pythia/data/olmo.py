@@ -23,10 +23,15 @@ its last L - 1, so this source's `seq_len` is L - 1 (rows of seq_len + 1 tokens,
 the config). Paths may be local, http(s) or any fsspec URL; `r2://olmo-data/...` is read at
 its public mirror `https://olmo-data.org/...` (OLMo's README), relative paths from the
 config's folder.
+
+Batches read are cached as `.npy` under `$JAX_PYTHIA_DATA_CACHE/olmo/<key>/` (the streams'
+cache; key: the order file and token files), so the sweep's up-front check and its
+gradient windows read each row from the network once, and a rerun not at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -34,6 +39,7 @@ import numpy as np
 
 from jax_pythia.data import streams
 from jax_pythia.data.indexed import DataError, step_items
+from jax_pythia.files import atomic_write
 
 PREFIX = "olmo:"
 INDICES_FILE = "global_indices.npy"
@@ -93,6 +99,7 @@ class OlmoTokenSource:
     instance_tokens: int,
     dtype: str = "uint16",
     fixed_step: int | None = None,
+    cache_dir: str | None = "default",
   ):
     if not paths:
       raise DataError("OLMo data: the config names no data.paths")
@@ -108,6 +115,11 @@ class OlmoTokenSource:
     self.seq_len = instance_tokens - 1
     self.name = f"OLMo data ordered by {self.indices.location}"
     self._starts: list[int] = [0]  # first instance of each file whose size is known
+    if cache_dir == "default":
+      cache_dir = os.path.join(streams.default_cache_dir(), "olmo")
+    key = "\n".join([global_indices, *paths, str(batch_size), str(instance_tokens), dtype])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    self.cache = os.path.join(cache_dir, digest) if cache_dir else None
     self.n_steps = self.indices.size // _INDEX_DTYPE.itemsize // batch_size
     self.fixed_step = self.n_steps - 1 if fixed_step is None else fixed_step
 
@@ -145,8 +157,19 @@ class OlmoTokenSource:
     return np.frombuffer(raw, self.dtype)
 
   def batch(self, step: int, n_sequences: int) -> np.ndarray:
+    path = os.path.join(self.cache, f"step-{step}.npy") if self.cache else None
+    if path and os.path.isfile(path):
+      try:
+        cached = np.load(path)
+        if len(cached) >= n_sequences and cached.shape[1:] == (self.instance_tokens,):
+          return cached[:n_sequences].astype(np.int32)
+      except (OSError, ValueError):
+        pass  # unreadable: read again, and the write replaces it
     rows = [self.read_instance(i) for i in self.instance_ids(step, n_sequences)]
-    return np.stack(rows).astype(np.int32)
+    tokens = np.stack(rows)
+    if path:
+      atomic_write(path, lambda tmp: _save_npy(tmp, tokens), ".npy")
+    return tokens.astype(np.int32)
 
   def fixed_inputs(self, n_sequences: int) -> np.ndarray:
     return self.batch(self.fixed_step, n_sequences)[:, :-1]
@@ -156,6 +179,11 @@ class OlmoTokenSource:
       f"OlmoTokenSource({len(self.files)} files, indices={self.indices.location!r}, "
       f"batch_size={self.batch_size}, instance_tokens={self.instance_tokens})"
     )
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.save(f, array)
 
 
 def _token_dtype(name: str) -> np.dtype:
