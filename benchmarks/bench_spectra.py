@@ -319,8 +319,9 @@ def bench_routes():
 def model_gradients(grad_batches, sequences=4, seq_len=128, seed=0):
   """Real gradients: G backward passes of a random-init 70m-shaped model
   (jax_pythia.models.gpt_neox) on random tokens. Unlike Gaussian noise they have the
-  structure of the study's gradients (e.g. LayerNorm leaves the MLP and W_O gradients an exact null direction, and the spectra
-  spread over orders of magnitude), which decides whether the guarded Gram route is taken.
+  structure of the study's gradients (e.g. LayerNorm leaves the MLP and W_O gradients an
+  exact null direction, and the spectra spread over orders of magnitude), which decides
+  whether the guarded Gram route is taken.
   Returns (grads with leaves [G, L, ...], params['layers'])."""
   from jax_pythia.models import gpt_neox as model_lib
   from jax_pythia.models.config import GPTNeoXConfig

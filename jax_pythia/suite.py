@@ -7,6 +7,7 @@ imports them from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -140,9 +141,10 @@ def local_steps(directory: str) -> tuple[int, ...]:
 def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int, ...]:
   """Parses a step selection into sorted steps drawn from `available`.
 
-  `all` (every available step), `paper` (the study's 27), a comma list (`0,512,143000`),
-  a range `START:STOP[:EVERY]` (inclusive, keeping available steps in it, every EVERY-th),
-  or a mix separated by commas.
+  `all` (every available step), `final` (the last), `paper` (the study's 27), `log:K` (K
+  log-spaced checkpoints: `log_spaced`), a comma list (`0,512,143000`), a range
+  `START:STOP[:EVERY]` (inclusive, keeping available steps in it, every EVERY-th), or a mix
+  separated by commas.
   """
   spec = spec.strip()
   if not spec:
@@ -152,6 +154,10 @@ def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int,
     part = part.strip()
     if part == "all":
       chosen.update(available)
+    elif part == "final":
+      chosen.add(max(available))
+    elif part.startswith("log:"):
+      chosen.update(log_spaced(available, part))
     elif part == "paper":
       missing = sorted(set(PAPER_STEPS) - set(available))
       if missing:
@@ -173,7 +179,9 @@ def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int,
       try:
         step = int(part.removeprefix("step"))
       except ValueError:
-        raise ValueError(f"bad step {part!r}: expected an integer, all, paper or a range") from None
+        raise ValueError(
+          f"bad step {part!r}: expected an integer, all, final, paper, log:K or a range"
+        ) from None
       if step not in available:
         raise ValueError(f"step {step} is not a checkpoint (available: {_summarize(available)})")
       chosen.add(step)
@@ -184,3 +192,21 @@ def _summarize(steps: tuple[int, ...]) -> str:
   if len(steps) <= 12:
     return ", ".join(map(str, steps))
   return ", ".join(map(str, steps[:6])) + ", ..., " + ", ".join(map(str, steps[-3:]))
+
+
+def log_spaced(available: tuple[int, ...], part: str) -> tuple[int, ...]:
+  """`log:K`: the K available steps nearest (in log(1 + step)) to K points evenly spaced in
+  log(1 + step) from the first available step to the last, each taken once (the paper's
+  style: dense early, sparse late)."""
+  k_text = part.removeprefix("log:").strip()
+  steps = sorted(set(available))
+  if not k_text.isdigit() or not 1 <= int(k_text) <= len(steps):
+    raise ValueError(f"bad step selection {part!r}: log:K with K in 1..{len(steps)}")
+  k = int(k_text)
+  lo, hi = math.log1p(steps[0]), math.log1p(steps[-1])
+  targets = [lo + (hi - lo) * i / (k - 1) for i in range(k)] if k > 1 else [hi]
+  chosen: list[int] = []
+  for t in targets:
+    free = [s for s in steps if s not in chosen]
+    chosen.append(min(free, key=lambda s: (abs(math.log1p(s) - t), s)))
+  return tuple(sorted(chosen))

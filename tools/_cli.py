@@ -97,15 +97,8 @@ def reject_extra_args(argv: list[str]) -> None:
 
 def define_work_flags() -> None:
   """The flags that set what a sweep computes per checkpoint, defined once: tools.sweep
-  runs that work, tools.plan prices it, with the same names, defaults and help. Long
-  because it is a table: one definition per flag."""
-  flags.DEFINE_string(
-    "steps",
-    "all",
-    "Checkpoints: all, paper (the study's 27), a comma "
-    "list (0,512,143000) or START:STOP[:EVERY]. The final one is always "
-    "included: it is every CKA's reference.",
-  )
+  runs that work, tools.plan prices it, with the same names, defaults and help."""
+  _define_checkpoint_flags()
   flags.DEFINE_integer(
     "n_sequences", 128, "Sequences of the fixed batch activations are taken on (the paper: 128)."
   )
@@ -149,6 +142,30 @@ def define_work_flags() -> None:
     "(jax.default_matmul_precision). 'default' is the backend's: full float32 on CPU, one "
     "bfloat16 pass on TPU, TF32 on recent GPUs.",
   )
+  _define_memory_flags()
+
+
+def _define_checkpoint_flags() -> None:
+  """--steps and --revisions: which checkpoints of each model (docs/suites.md)."""
+  flags.DEFINE_string(
+    "steps",
+    "all",
+    "Checkpoints: all, final, paper (the study's 27), log:K (K log-spaced), a comma "
+    "list (0,512,143000) or START:STOP[:EVERY], for every suite (docs/suites.md). The final "
+    "one is always included: it is every CKA's reference.",
+  )
+  flags.DEFINE_string(
+    "revisions",
+    None,
+    "The checkpoints of Hub models outside the known suites (docs/suites.md): a comma list "
+    "REVISION[=STEP] (STEP defaults to the last number in the name; a commit id needs it) or "
+    "a regular expression over the repo's branches (the step: group (?P<step>...), else "
+    "group 1, else the name's last number). Overrides a known suite's scheme.",
+  )
+
+
+def _define_memory_flags() -> None:
+  """--checkpoints_per_call and --device_memory: how the work is fitted to a device."""
   flags.DEFINE_string(
     "checkpoints_per_call",
     "auto",

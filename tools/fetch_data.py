@@ -53,7 +53,7 @@ def main(argv):
 
   if not FLAGS.models or not FLAGS.out:
     raise ValueError("give --models and --out (see --help)")
-  models = sources.resolve_models(FLAGS.models)
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     data_step=FLAGS.data_step,

@@ -94,7 +94,9 @@ def data_read(item_tokens: int) -> tuple[dict[int, int], int]:
     gradient_sequences=FLAGS.gradient_sequences,
     loss_sequences=FLAGS.loss_sequences,
   )
-  needs = sweep.batches_needed(sources.resolve_models(FLAGS.models), FLAGS.steps, options)
+  needs = sweep.batches_needed(
+    sources.resolve_models(FLAGS.models, FLAGS.revisions), FLAGS.steps, options
+  )
   return needs, streams.batch_bytes(needs, item_tokens)
 
 

@@ -211,7 +211,7 @@ def main(argv):
     ensure_default_suite(placement)
   heartbeat = watchdog.Heartbeat()
   watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
-  models = sources.resolve_models(FLAGS.models)
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
   source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
   bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 

@@ -16,9 +16,12 @@ import re
 from collections.abc import Sequence
 
 from jax_pythia import data, suite
+from jax_pythia.checkpoints import revisions as hub_revisions
+from jax_pythia.data import olmo
 from jax_pythia.errors import SweepError
 
 MANIFEST_FILE = "suite.json"
+LOCAL = "local"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,55 +33,100 @@ class ModelSource:
   steps: tuple[int, ...]  # every checkpoint available
   is_hub: bool = False
   suite_dir: str | None = None  # the suite directory (with suite.json) it belongs to
+  #: The checkpoint suite it belongs to (`suites.SUITES`' names, `custom` for --revisions,
+  #: a local suite's manifest `suite` or directory name, `local` for a lone directory).
+  suite: str = LOCAL
+  #: A Hub model's revision of each of `steps` (None: `step<N>`, Pythia's and the folders').
+  revisions: tuple[str, ...] | None = None
 
   @property
   def final_step(self) -> int:
     return self.steps[-1]
 
+  def revision(self, step: int) -> str:
+    if self.revisions is None:
+      return suite.revision(step)
+    return self.revisions[self.steps.index(step)]
+
   def spec(self, step: int) -> str:
-    return f"{self.location}@{suite.revision(step)}"
+    return f"{self.location}@{self.revision(step)}"
 
 
-def resolve_models(names: Sequence[str]) -> list[ModelSource]:
-  """Models from suite names (`pythia-160m-deduped`), Hub ids (`org/name`), directories
-  holding `step<N>/` checkpoints, or suite directories holding several such models."""
+def resolve_models(names: Sequence[str], revisions: str | None = None) -> list[ModelSource]:
+  """Models from suite names (`pythia-160m-deduped`), Hub ids (`org/name`, or
+  `org/name@SERIES` for a series of a suite that has several), directories holding
+  `step<N>/` checkpoints, or suite directories holding several such models.
+
+  A Hub model's checkpoints come from its suite's revision scheme, or from `revisions`
+  (--revisions: a `REVISION[=STEP],...` list or a regular expression over its branches)."""
   models: list[ModelSource] = []
   for name in names:
     path = os.path.expanduser(name)
     if os.path.isdir(path):
-      path = os.path.abspath(path)
-      steps = suite.local_steps(path)
-      if steps:
-        parent = os.path.dirname(path)
-        suite_dir = parent if os.path.isfile(os.path.join(parent, MANIFEST_FILE)) else None
-        models.append(ModelSource(os.path.basename(path), path, steps, suite_dir=suite_dir))
-        continue
-      members = sorted(
-        n
-        for n in os.listdir(path)
-        if os.path.isdir(os.path.join(path, n)) and suite.local_steps(os.path.join(path, n))
-      )
-      if not members:
-        raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models that do)")
-      suite_dir = path if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else None
-      for member in _manifest_order(path, members):
-        sub = os.path.join(path, member)
-        models.append(ModelSource(member, sub, suite.local_steps(sub), suite_dir=suite_dir))
-      continue
-    try:
-      repo_id = suite.parse_model(name).repo_id
-    except ValueError as e:
-      if re.match(r"^[\w.-]+/[\w.-]+$", name) and not name.startswith("."):
-        repo_id = name
-      else:
-        raise SweepError(f"--models: unknown model {name!r}: not a directory and {e}") from None
-    models.append(ModelSource(repo_id.split("/")[-1], repo_id, suite.ALL_STEPS, is_hub=True))
+      models += _local_models(os.path.abspath(path))
+    else:
+      models.append(_hub_model(name, revisions))
   seen = set()
   for m in models:
     if m.name in seen:
       raise SweepError(f"--models: model name {m.name!r} appears twice")
     seen.add(m.name)
   return models
+
+
+def _local_models(path: str) -> list[ModelSource]:
+  steps = suite.local_steps(path)
+  if steps:
+    parent = os.path.dirname(path)
+    suite_dir = parent if os.path.isfile(os.path.join(parent, MANIFEST_FILE)) else None
+    label = _suite_label(suite_dir)
+    return [ModelSource(os.path.basename(path), path, steps, suite_dir=suite_dir, suite=label)]
+  members = sorted(
+    n
+    for n in os.listdir(path)
+    if os.path.isdir(os.path.join(path, n)) and suite.local_steps(os.path.join(path, n))
+  )
+  if not members:
+    raise SweepError(f"--models: {path} holds no step<N>/ checkpoints (nor models that do)")
+  suite_dir = path if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else None
+  label = _suite_label(suite_dir or path)
+  return [
+    ModelSource(
+      m,
+      os.path.join(path, m),
+      suite.local_steps(os.path.join(path, m)),
+      suite_dir=suite_dir,
+      suite=label,
+    )
+    for m in _manifest_order(path, members)
+  ]
+
+
+def _suite_label(suite_dir: str | None) -> str:
+  """A local suite's label: its manifest's `suite`, else its directory's name."""
+  if suite_dir is None:
+    return LOCAL
+  return str((read_manifest(suite_dir) or {}).get("suite") or os.path.basename(suite_dir))
+
+
+def _hub_model(name: str, revisions: str | None) -> ModelSource:
+  base, _, series = name.partition("@")
+  try:
+    repo_id = suite.parse_model(base).repo_id
+  except ValueError as e:
+    if not re.match(r"^[\w.-]+/[\w.-]+$", base) or base.startswith("."):
+      raise SweepError(f"--models: unknown model {name!r}: not a directory and {e}") from None
+    repo_id = base
+  found = hub_revisions.resolve(repo_id, revisions, series or None)
+  label = repo_id.split("/")[-1] + (f"@{series}" if series else "")
+  return ModelSource(
+    label,
+    repo_id,
+    found.steps,
+    is_hub=True,
+    suite=found.suite,
+    revisions=tuple(c.revision for c in found.checkpoints),
+  )
 
 
 def _manifest_order(suite_dir: str, members: list[str]) -> list[str]:
@@ -110,9 +158,12 @@ def open_data(
   sequences_per_step: int | None,
 ) -> data.TokenSource:
   """The token source: --data, else the Hub stream Pythia models trained on, else the
-  data of the suite the models come from."""
+  data of the suite the models come from. `olmo:CONFIG.yaml[,GLOBAL_INDICES]` is OLMo's
+  training order (jax_pythia.data.olmo)."""
   manifest = {}
-  if path is None and models and all(m.is_hub for m in models):
+  if path is not None and olmo.is_olmo_location(path):
+    return olmo.open_olmo(path)
+  if path is None and models and all(m.is_hub and m.suite == "pythia" for m in models):
     from jax_pythia.data import streams
 
     # Pythia on the Hub trained on the Hub's stream: read it by byte range.
@@ -122,7 +173,8 @@ def open_data(
     if len(suite_dirs) != 1 or None in suite_dirs:
       raise SweepError(
         "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
-        "prefix), a .npy token array or a .txt file with --tokenizer"
+        "prefix), OLMo's order (olmo:CONFIG.yaml[,GLOBAL_INDICES]), a .npy token array or "
+        "a .txt file with --tokenizer (docs/suites.md)"
       )
     suite_dir = suite_dirs.pop()
     manifest = read_manifest(suite_dir) or {}

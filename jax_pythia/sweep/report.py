@@ -68,6 +68,21 @@ def model_order(metrics: pd.DataFrame, status: pd.DataFrame | None = None) -> li
   return sorted(names, key=lambda n: (n not in sizes, sizes.get(n, 0), n))
 
 
+def suite_labels(models: Sequence[str], status: pd.DataFrame | None) -> dict[str, str]:
+  """{model: what figures and report.md call it}: `model (suite)` when the models come
+  from several suites (checkpoints.parquet's `suite`), else the model's name."""
+  suites = {}
+  if status is not None and "suite" in status:
+    suites = status.dropna(subset=["suite"]).groupby("model")["suite"].first().to_dict()
+  if len({suites.get(m) for m in models}) < 2:
+    return {m: m for m in models}
+  return {m: f"{m} ({suites[m]})" if suites.get(m) else m for m in models}
+
+
+def _shown(labels: dict[str, str] | None, model: str) -> str:
+  return labels.get(model, model) if labels else model
+
+
 def cka_table(
   metrics: pd.DataFrame, model: str, component: str, estimator: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +122,7 @@ def figure_cka_bands(
   out_dir: str,
   estimator: str,
   flagged: pd.DataFrame | None = None,
+  labels: dict[str, str] | None = None,
 ) -> list[str]:
   fig, axes = plt.subplots(
     len(BAND_COMPONENTS),
@@ -139,7 +155,7 @@ def figure_cka_bands(
         )
       _mark_flagged(ax, flagged, model)
       _log_axis(ax)
-      ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
+      ax.set_title(f"{_shown(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
       if col == 0:
         ax.set_ylabel(f"{'debiased ' if 'debiased' in estimator else ''}CKA to final")
   axes[0, 0].legend(fontsize=7, loc="lower right")
@@ -155,6 +171,7 @@ def figure_per(
   models: Sequence[str],
   out_dir: str,
   flagged: pd.DataFrame | None = None,
+  labels: dict[str, str] | None = None,
 ) -> list[str]:
   fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), squeeze=False, constrained_layout=True)
   per_rows = (("per", "weights"), (analysis.gradient_name("per"), "gradients"))
@@ -168,7 +185,8 @@ def figure_per(
         if rows.empty:
           continue
         curve = rows.groupby("step")["value"].mean()
-        ax.plot(curve.index, curve.values, marker=".", ms=3, color=f"C{i}", label=model)
+        shown = _shown(labels, model)
+        ax.plot(curve.index, curve.values, marker=".", ms=3, color=f"C{i}", label=shown)
         _mark_flagged(ax, flagged, model, color=f"C{i}")
       _log_axis(ax)
       ax.set_ylabel("PER (mean over layers)")
@@ -202,7 +220,11 @@ def per_convergence_points(
 
 
 def figure_per_vs_convergence(
-  metrics: pd.DataFrame, models: Sequence[str], out_dir: str, estimator: str
+  metrics: pd.DataFrame,
+  models: Sequence[str],
+  out_dir: str,
+  estimator: str,
+  labels: dict[str, str] | None = None,
 ) -> tuple[list[str], dict]:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
   stats = {}
@@ -212,7 +234,7 @@ def figure_per_vs_convergence(
     if points.empty:
       continue
     for i, (model, group) in enumerate(points.groupby("model", sort=False)):
-      ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=model)
+      ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=_shown(labels, model))
     if len(points) >= 3:
       corr = analysis.per_convergence_correlation(
         jax.numpy.asarray(points.per.to_numpy(np.float32)),
@@ -234,7 +256,12 @@ def figure_per_vs_convergence(
   return _save(fig, out_dir, "per_vs_convergence"), stats
 
 
-def figure_evals(evals: pd.DataFrame, models: Sequence[str], out_dir: str) -> list[str]:
+def figure_evals(
+  evals: pd.DataFrame,
+  models: Sequence[str],
+  out_dir: str,
+  labels: dict[str, str] | None = None,
+) -> list[str]:
   models = [m for m in models if m in set(evals.model)]
   tasks = [t for t in EVAL_TASKS if t in set(evals.task)]
   if not models or not tasks:
@@ -245,7 +272,7 @@ def figure_evals(evals: pd.DataFrame, models: Sequence[str], out_dir: str) -> li
     for i, model in enumerate(models):
       rows = evals[(evals.model == model) & (evals.task == task) & (evals.metric == "acc")]
       rows = rows.sort_values("step")
-      ax.plot(rows.step, rows.value, marker=".", color=f"C{i}", label=model)
+      ax.plot(rows.step, rows.value, marker=".", color=f"C{i}", label=_shown(labels, model))
     _log_axis(ax)
     ax.set_title(task, fontsize=9)
     ax.set_ylabel("accuracy (zero-shot)")
@@ -254,13 +281,21 @@ def figure_evals(evals: pd.DataFrame, models: Sequence[str], out_dir: str) -> li
   return _save(fig, out_dir, "evals")
 
 
-def figure_pairwise(pairwise: pd.DataFrame, out_dir: str, estimator: str) -> list[str]:
+def figure_pairwise(
+  pairwise: pd.DataFrame,
+  out_dir: str,
+  estimator: str,
+  order: Sequence[str] = (),
+  labels: dict[str, str] | None = None,
+) -> list[str]:
+  """CKA between the checkpoints of each model (never across models), models in `order`."""
   rows = pairwise[
     (pairwise.metric == estimator)
     & (pairwise["head"] == -1)
     & pairwise.component.isin(BAND_COMPONENTS)
   ]
-  models = list(dict.fromkeys(rows.model))
+  present = set(rows.model)
+  models = [m for m in order if m in present] + sorted(present - set(order))
   if not models:
     return []
   fig, axes = plt.subplots(
@@ -276,10 +311,10 @@ def figure_pairwise(pairwise: pd.DataFrame, out_dir: str, estimator: str) -> lis
       matrix = sel.pivot_table(index="step", columns="other_step", values="value")
       image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower")
       ticks = np.linspace(0, len(matrix) - 1, min(len(matrix), 5)).astype(int)
-      labels = [str(matrix.index[t]) for t in ticks]
-      ax.set_xticks(ticks, labels, fontsize=6, rotation=45)
-      ax.set_yticks(ticks, labels, fontsize=6)
-      ax.set_title(f"{model}\n{COMPONENT_LABELS[component]}", fontsize=9)
+      tick_labels = [str(matrix.index[t]) for t in ticks]
+      ax.set_xticks(ticks, tick_labels, fontsize=6, rotation=45)
+      ax.set_yticks(ticks, tick_labels, fontsize=6)
+      ax.set_title(f"{_shown(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
   fig.colorbar(image, ax=axes, shrink=0.6, label=f"{estimator}, mean over layers")
   return _save(fig, out_dir, "pairwise_cka")
 
@@ -300,22 +335,27 @@ def write_report(
   figures = os.path.join(out_dir, "figures")
   written = []
   flagged = flagged_checkpoints(status)
+  labels = suite_labels(models, status)
   for estimator in estimators:
-    written += figure_cka_bands(metrics, models, figures, estimator, flagged)
-  written += figure_per(metrics, models, figures, flagged)
-  paths, stats = figure_per_vs_convergence(metrics, models, figures, estimators[0])
+    written += figure_cka_bands(metrics, models, figures, estimator, flagged, labels)
+  written += figure_per(metrics, models, figures, flagged, labels)
+  paths, stats = figure_per_vs_convergence(metrics, models, figures, estimators[0], labels)
   written += paths
   if pairwise is not None and not pairwise.empty:
-    written += figure_pairwise(pairwise, figures, estimators[-1])
+    written += figure_pairwise(pairwise, figures, estimators[-1], models, labels)
   evals_note = "no --evals_dir given"
   if evals_dir:
     from jax_pythia.sweep.evals import load_evals
 
-    drawn = figure_evals(load_evals(evals_dir), models, figures)
+    drawn = figure_evals(load_evals(evals_dir), models, figures, labels)
     written += drawn
     evals_note = "figures/evals.png" if drawn else f"no swept model has evaluations in {evals_dir}"
   report_path = os.path.join(out_dir, "report.md")
-  text = _report_text(metrics, models, stats, estimators, evals_note) + _flagged_text(flagged)
+  text = (
+    _report_text(metrics, models, stats, estimators, evals_note, labels)
+    + _models_text(models, status)
+    + _flagged_text(flagged)
+  )
   atomic_write(report_path, lambda tmp: _write_text(tmp, text), ".md")
   return written + [report_path]
 
@@ -326,16 +366,62 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _report_text(
-  metrics: pd.DataFrame, models: Sequence[str], stats: dict, estimators, evals_note: str
+  metrics: pd.DataFrame,
+  models: Sequence[str],
+  stats: dict,
+  estimators,
+  evals_note: str,
+  labels: dict[str, str] | None = None,
 ) -> str:
   lines = ["# Sweep report", ""]
   lines += [
-    f"Models: {', '.join(models)}. Checkpoints per model: "
+    f"Models (by parameter count): {', '.join(_shown(labels, m) for m in models)}. "
+    "Checkpoints per model: "
     + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
     + ".",
     "",
   ]
+  lines += _convergence_lines(metrics, models, estimators, labels)
   lines += [
+    "",
+    "## PER at the final checkpoint (mean over layers)",
+    "",
+    "| model | component | weights | gradients |",
+    "|---|---|---|---|",
+  ]
+  for model in models:
+    final = metrics[(metrics.model == model)]
+    final = final[final.step == final.step.max()]
+    for component in analysis.COMPONENTS:
+      w = final[(final.component == component) & (final.metric == "per")].value.mean()
+      g = final[
+        (final.component == component) & (final.metric == analysis.gradient_name("per"))
+      ].value.mean()
+      lines.append(f"| {_shown(labels, model)} | {component} | {w:.3f} | {g:.3f} |")
+  lines += ["", "## PER vs convergence (layers pooled over models)", ""]
+  for component, s in stats.items():
+    lines.append(
+      f"- {component}: Spearman {s['spearman']:.2f} (95% bootstrap "
+      f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}]), Pearson "
+      f"{s['pearson']:.2f} ([{s['pearson_low']:.2f}, {s['pearson_high']:.2f}])"
+    )
+  lines += [
+    "",
+    f"Downstream evaluations: {evals_note}.",
+    "",
+    "Figures: figures/cka_bands.png, figures/cka_bands_debiased.png, "
+    "figures/per_over_training.png, figures/per_vs_convergence.png, "
+    "figures/pairwise_cka.png.",
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def _convergence_lines(
+  metrics: pd.DataFrame, models: Sequence[str], estimators, labels: dict[str, str] | None
+) -> list[str]:
+  """report.md's convergence table: per model, component and estimator."""
+  lines = [
     "## Convergence (whole-layer CKA to the final checkpoint)",
     "",
     "| model | component | estimator | median CKA at first step | first step with "
@@ -358,42 +444,27 @@ def _report_text(
           & (metrics["head"] == -1)
         ]
         lines.append(
-          f"| {model} | {component} | {estimator} | {median[0]:.3f} | {first} | "
+          f"| {_shown(labels, model)} | {component} | {estimator} | {median[0]:.3f} | {first} | "
           f"{floor.value.mean():.3f} |"
         )
-  lines += [
-    "",
-    "## PER at the final checkpoint (mean over layers)",
-    "",
-    "| model | component | weights | gradients |",
-    "|---|---|---|---|",
-  ]
+  return lines
+
+
+def _models_text(models: Sequence[str], status: pd.DataFrame | None) -> str:
+  """report.md's table of the models side by side, smallest first: suite, family, size."""
+  lines = ["## Models", "", "| model | suite | family | parameters |", "|---|---|---|---|"]
   for model in models:
-    final = metrics[(metrics.model == model)]
-    final = final[final.step == final.step.max()]
-    for component in analysis.COMPONENTS:
-      w = final[(final.component == component) & (final.metric == "per")].value.mean()
-      g = final[
-        (final.component == component) & (final.metric == analysis.gradient_name("per"))
-      ].value.mean()
-      lines.append(f"| {model} | {component} | {w:.3f} | {g:.3f} |")
-  lines += ["", "## PER vs convergence (layers pooled over models)", ""]
-  for component, s in stats.items():
-    lines.append(
-      f"- {component}: Spearman {s['spearman']:.2f} (95% bootstrap "
-      f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}]), Pearson "
-      f"{s['pearson']:.2f} ([{s['pearson_low']:.2f}, {s['pearson_high']:.2f}])"
-    )
-  lines += [
-    "",
-    f"Downstream evaluations: {evals_note}.",
-    "",
-    "Figures: figures/cka_bands.png, figures/cka_bands_debiased.png, "
-    "figures/per_over_training.png, figures/per_vs_convergence.png, "
-    "figures/pairwise_cka.png.",
-    "",
-  ]
-  return "\n".join(lines)
+    rows = status[status.model == model] if status is not None else pd.DataFrame()
+    suite, family = (_first(rows, column) for column in ("suite", "family"))
+    n = rows["parameters"].dropna().max() if "parameters" in rows else np.nan
+    size = f"{int(n):,}" if pd.notna(n) else ""
+    lines.append(f"| {model} | {suite} | {family} | {size} |")
+  return "\n".join(lines + ["", ""])
+
+
+def _first(rows: pd.DataFrame, column: str) -> str:
+  values = rows[column].dropna() if column in rows else []
+  return str(values.iloc[0]) if len(values) else ""
 
 
 def _flagged_text(flagged: pd.DataFrame) -> str:

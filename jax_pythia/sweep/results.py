@@ -5,7 +5,8 @@ Per checkpoint (written by `jax_pythia.sweep` as it finishes):
   <out>/activations/<model>/step<N>.npz      the sampled activations pairwise CKA needs
   <out>/status/<model>/step<N>.json          one status record (`STATUS_COLUMNS`)
 `finalize` gathers them into `metrics.parquet`, `pairwise_cka.parquet` and
-`checkpoints.parquet`.
+`checkpoints.parquet` (one row per checkpoint, `STATUS_COLUMNS`: its model's `family` and
+`suite` beside its status, so models of several suites share one table).
 
 metrics.parquet columns (`METRIC_COLUMNS`): model, step, layer, component, head, metric,
 value; head is -1 for whole-layer values, layer -1 for whole-model values (loss).
@@ -32,6 +33,8 @@ METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "valu
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
 STATUS_COLUMNS = (
   "model",
+  "family",  # the model's architecture: config.json's model_type (gpt_neox for Pythia)
+  "suite",  # the checkpoint suite it comes from (jax_pythia.checkpoints.suites)
   "step",
   "status",
   "message",
@@ -41,6 +44,12 @@ STATUS_COLUMNS = (
   integrity.HASH_COLUMN,
   integrity.SHARDS_COLUMN,
 )
+
+
+def family_of(config: Any) -> str:
+  """A model's family: its config's `model_type` (config.json's; `gpt_neox` for Pythia)."""
+  family = getattr(config, "model_type", None)
+  return str(family or config.to_hf_dict()["model_type"])
 
 
 def checkpoint_paths(out_dir: str, model: str, step: int) -> tuple[str, str, str]:

@@ -310,9 +310,10 @@ class Sweep:
   def _process(self, m: ModelSource, loaded: Loaded, computed: tuple | None = None) -> None:
     """Computes (unless `computed` gives (rows, acts, seconds)) and writes one checkpoint."""
     metrics_path, acts_path, status_path = self.paths(m.name, loaded.step)
-    status = {"model": m.name, "step": loaded.step, "load_s": loaded.seconds}
+    status = {"model": m.name, "suite": m.suite, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.config is not None:
       status["parameters"] = parameter_count(loaded.config)
+      status["family"] = results.family_of(loaded.config)
     if loaded.weights_hash is not None:
       status[integrity.HASH_COLUMN] = loaded.weights_hash.digest
       status[integrity.SHARDS_COLUMN] = ",".join(loaded.weights_hash.shards)
