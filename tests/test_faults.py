@@ -188,7 +188,7 @@ def test_capture_refuses_empty_or_too_long_tokens_in_one_line(tiny, shape, expec
 @pytest.mark.parametrize(
   "flag, expected",
   [
-    ("--devices=0", "--devices=0: must be > 0"),
+    ("--devices=0", "--devices=0: must be a finite number > 0"),
     ("--utilisation=-0.4", "--utilisation=-0.4: must be in (0, 1]"),
     ("--utilisation=1.5", "--utilisation=1.5: must be in (0, 1]"),
     ("--models=", "--models is empty"),

@@ -11,13 +11,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_tool(tool, *args, env=None, timeout=300):
+def run_tool(tool, *args, env=None, timeout=300, prelude=None):
   """`python -m tools.<tool> *args`; `env` adds to (or, with None values, removes from)
-  the environment."""
+  the environment. `prelude`: Python run in the tool's process before it starts (to fill
+  an in-process filesystem, or stand a stub in for the network)."""
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env or {})}
   env = {k: v for k, v in env.items() if v is not None}
+  command = [sys.executable, "-m", f"tools.{tool}"]
+  if prelude:
+    start = f"sys.argv[0] = {tool!r}\nrunpy.run_module('tools.{tool}', run_name='__main__')"
+    command = [sys.executable, "-c", f"import runpy, sys\n{prelude}\n{start}"]
   return subprocess.run(
-    [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
+    [*command, *map(str, args)],
     cwd=REPO,
     env=env,
     capture_output=True,

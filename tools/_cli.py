@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import traceback
@@ -184,6 +185,32 @@ def _define_memory_flags() -> None:
   )
 
 
+def define_data_timeout() -> None:
+  """--data_timeout, for the tools that read a remote stream (tools.sweep, tools.fetch_data)."""
+  from jax_pythia.data import streams
+
+  flags.DEFINE_string(
+    "data_timeout",
+    f"{streams.DEFAULT_TIMEOUT_S:g}s",
+    "How long one read of an http(s):// --data (a request and its whole answer, however "
+    "slowly it trickles in) may take: seconds or a duration (90s, 2m). A read that times "
+    f"out is tried {streams.DEFAULT_ATTEMPTS} times in all, with "
+    f"{streams.DEFAULT_BACKOFF_S:g}, {2 * streams.DEFAULT_BACKOFF_S:g}, ... s between, so "
+    f"a server that stalls holds the run about {streams.DEFAULT_ATTEMPTS} x this long before "
+    "the error line naming it.",
+  )
+
+
+def data_timeout() -> float:
+  """--data_timeout in seconds (> 0)."""
+  from jax_pythia.sweep import watchdog
+
+  seconds = watchdog.parse_duration(flags.FLAGS.data_timeout, "--data_timeout")
+  if not seconds > 0:
+    raise ValueError(f"--data_timeout={flags.FLAGS.data_timeout}: must be > 0")
+  return seconds
+
+
 def require_precision() -> None:
   """--dtype and --matmul_precision name a compute dtype and a matmul precision, checked
   before any work (the toy suite's build, a download) so a typo costs nothing."""
@@ -209,8 +236,8 @@ def require_positive(flag: str, value: float | None, at_most: float | None = Non
   """A count, rate or fraction that must be > 0 (and <= at_most when given)."""
   if value is None:
     return
-  if not value > 0 or (at_most is not None and value > at_most):
-    bound = f"in (0, {at_most:g}]" if at_most is not None else "> 0"
+  if not 0 < value < math.inf or (at_most is not None and value > at_most):
+    bound = f"in (0, {at_most:g}]" if at_most is not None else "a finite number > 0"
     raise ValueError(f"--{flag}={value:g}: must be {bound}")
 
 

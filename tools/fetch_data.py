@@ -33,8 +33,16 @@ flags.DEFINE_string(
   "Range-read cache (default: $JAX_PYTHIA_DATA_CACHE or ~/.cache/jax_pythia/data).",
 )
 flags.DEFINE_integer("sequences_per_step", 1024, "Sequences per training batch (Pythia: 1024).")
+_cli.define_data_timeout()
 _cli.define_work_flags()  # the sweep's own flags: what it computes is what is staged
 flags.adopt_module_key_flags(_cli)  # --help lists them with this tool's own
+flags.DEFINE_string(
+  "stall_timeout",
+  "30m",
+  "Exit (status 3, one line naming the batch being read) when staging makes no progress "
+  "for this long: seconds or a duration (90s, 30m, 2h); 0: never. Each read is also "
+  "bounded by --data_timeout.",
+)
 flags.DEFINE_integer(
   "data_step",
   None,
@@ -49,11 +57,15 @@ def main(argv):
 
   from jax_pythia import data, sweep
   from jax_pythia.checkpoints import sources
-  from jax_pythia.data import streams
+  from jax_pythia.data import staged, streams
+  from jax_pythia.sweep import watchdog
 
   if not FLAGS.models or not FLAGS.out:
     raise ValueError("give --models and --out (see --help)")
-  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
+  timeout_s = _cli.data_timeout()  # bad values fail before any work
+  heartbeat = watchdog.Heartbeat()
+  stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
+  watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
   options = sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
     data_step=FLAGS.data_step,
@@ -62,19 +74,31 @@ def main(argv):
     gradient_sequences=FLAGS.gradient_sequences,
     loss_sequences=FLAGS.loss_sequences,
   )
+  options.check_batch_counts(FLAGS.sequences_per_step, "--data")
+  heartbeat.beat(phase="resolving --models")
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
   needs = sweep.batches_needed(models, FLAGS.steps, options)
   location = FLAGS.data or streams.pile_for_models([m.name for m in models])
+  heartbeat.beat(phase=f"reading the index of {location} (--data)")
   if streams.is_stream_location(location):
-    stream = streams.open_stream(location, cache_dir=FLAGS.cache_dir or "default")
+    stream = streams.open_stream(
+      location, cache_dir=FLAGS.cache_dir or "default", timeout_s=timeout_s
+    )
   else:
     stream = data.MMapIndexedDataset(location)
   print(
     f"staging {len(needs)} batches ({sum(needs.values())} sequences) of {location} into {FLAGS.out}"
   )
+  heartbeat.beat(phase=f"reading the batch of step {min(needs)} (--data)")
+
+  def staged_one(step):
+    bar.update(1)
+    following = [s for s in needs if s > step]
+    what = f"the batch of step {following[0]}" if following else "the staged index"
+    heartbeat.beat(phase=f"reading {what} (--data)")
+
   with tqdm(total=len(needs), unit="batch", dynamic_ncols=True, delay=0.5) as bar:
-    manifest = streams.stage(
-      stream, needs, FLAGS.out, FLAGS.sequences_per_step, progress=lambda step: bar.update(1)
-    )
+    manifest = staged.stage(stream, needs, FLAGS.out, FLAGS.sequences_per_step, progress=staged_one)
   size = streams.batch_bytes(needs, manifest["item_size"], stream.dtype.itemsize)
   print(f"wrote {FLAGS.out}: {size / 1e6:.3g} MB; sweep with --data={FLAGS.out}")
 

@@ -48,6 +48,12 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float("utilisation", 0.4, "Fraction of --flops_per_device the sweep reaches.")
 flags.DEFINE_float("bandwidth", 200e6, "Download bytes/s of one host from the Hub.")
+flags.DEFINE_string(
+  "data",
+  None,
+  "The token data the sweep will read, as tools.sweep's --data (default: the Hub stream the "
+  "models trained on, or their suite's data); only its size is read.",
+)
 flags.DEFINE_integer(
   "seq_len", None, "Tokens per sequence (default: 2048 for Pythia, max_seq_len of a local config)."
 )
@@ -80,24 +86,38 @@ def flops_per_device() -> tuple[float | None, str]:
   raise plan.PlanError("give --measure or --flops_per_device (FLOP/s of one device)")
 
 
-def data_read(item_tokens: int) -> tuple[dict[int, int], int]:
-  """The training batches the sweep reads (fixed inputs, gradient windows, loss batch) and
-  their bytes."""
+def sweep_options():
+  """The work flags as the sweep's options: what the sweep would refuse is refused here
+  too (one check, SweepOptions)."""
   from jax_pythia import sweep
-  from jax_pythia.checkpoints import sources
-  from jax_pythia.data import streams
 
-  options = sweep.SweepOptions(
+  return sweep.SweepOptions(
     n_sequences=FLAGS.n_sequences,
+    positions=FLAGS.positions,
     gradients=FLAGS.gradients,
     gradient_window=FLAGS.gradient_window,
     gradient_sequences=FLAGS.gradient_sequences,
+    gradient_microbatch=FLAGS.gradient_microbatch,
     loss_sequences=FLAGS.loss_sequences,
+    dtype=FLAGS.dtype,
+    matmul_precision=FLAGS.matmul_precision,
   )
-  needs = sweep.batches_needed(
-    sources.resolve_models(FLAGS.models, FLAGS.revisions), FLAGS.steps, options
-  )
-  return needs, streams.batch_bytes(needs, item_tokens)
+
+
+def data_read(options, item_tokens: int) -> tuple[dict[int, int], int, tuple[str, int | None]]:
+  """The training batches the sweep reads (fixed inputs, gradient windows, loss batch),
+  their bytes, and the stream they come from with its size (None where unknown here)."""
+  from jax_pythia import sweep
+  from jax_pythia.checkpoints import sources
+  from jax_pythia.data import streams
+  from jax_pythia.scale import plan
+
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
+  needs = sweep.batches_needed(models, FLAGS.steps, options)
+  location, _ = sources.data_location(FLAGS.data, models)
+  pile = location in (streams.PILE_DEDUPED, streams.PILE_STANDARD)
+  size = plan.PILE_BYTES if pile else streams.local_bytes(location)
+  return needs, streams.batch_bytes(needs, item_tokens), (location, size)
 
 
 def main(argv):
@@ -106,9 +126,10 @@ def main(argv):
 
   _cli.require_items("models", FLAGS.models)
   _cli.require_precision()
-  for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences"):
+  for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences", "seq_len"):
     _cli.require_positive(flag, getattr(FLAGS, flag))
   _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)
+  options = sweep_options()
   devices = FLAGS.devices
   if devices is None or FLAGS.measure:
     import jax
@@ -153,7 +174,7 @@ def main(argv):
     plan.make_plan(s, FLAGS.steps, w, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
     for s, w in zip(shapes, works)
   ]
-  needs, data_bytes = data_read(max(s.seq_len for s in shapes) + 1)
+  needs, data_bytes, stream = data_read(options, max(s.seq_len for s in shapes) + 1)
   print(
     plan.format_plan(
       plans,
@@ -164,6 +185,7 @@ def main(argv):
       data_bytes,
       len(needs),
       memory_source,
+      stream,
     )
   )
 

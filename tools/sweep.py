@@ -25,6 +25,7 @@ DEFAULT_TOY_SUITE = os.path.join("runs", "toy_suite")
 
 FLAGS = flags.FLAGS
 _cli.define_work_flags()
+_cli.define_data_timeout()
 flags.adopt_module_key_flags(_cli)  # --help lists the shared flags with this tool's own
 flags.DEFINE_list(
   "models",
@@ -202,6 +203,8 @@ def main(argv):
   device_memory = plan.parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None
   _cli.require_items("models", FLAGS.models)
   stall_timeout = watchdog.parse_duration(FLAGS.stall_timeout)
+  data_timeout = _cli.data_timeout()
+  options = sweep_options()
   # Before anything touches a device: the runtime must know every process first.
   sharding.initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
@@ -211,8 +214,12 @@ def main(argv):
     ensure_default_suite(placement)
   heartbeat = watchdog.Heartbeat()
   watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
+  heartbeat.beat(phase="resolving --models")
   models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
-  source = sources.open_data(FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step)
+  heartbeat.beat(phase="opening the token data (--data)")
+  source = sources.open_data(
+    FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step, data_timeout
+  )
   bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):
@@ -224,7 +231,7 @@ def main(argv):
     FLAGS.steps,
     source,
     FLAGS.out,
-    sweep_options(),
+    options,
     on_error=FLAGS.on_error,
     on_duplicate=FLAGS.on_duplicate,
     keep_checkpoints=FLAGS.keep_checkpoints,

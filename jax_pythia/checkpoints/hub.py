@@ -521,7 +521,7 @@ def restore_converted(
       )
     dtype = weights.resolve_dtype(meta["dtype"])
     config = GPTNeoXConfig.from_hf_dict(meta["config"], source=meta_path)
-  except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+  except (OSError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
   shapes = weights.param_shapes(config)
   is_shape = lambda x: isinstance(x, tuple)  # noqa: E731

@@ -147,8 +147,35 @@ def read_manifest(suite_dir: str | os.PathLike | None) -> dict | None:
       return json.load(f)
   except FileNotFoundError:
     return None
-  except json.JSONDecodeError as e:
-    raise SweepError(f"{path}: not valid JSON ({e})") from None
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise SweepError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def data_location(path: str | None, models: Sequence[ModelSource]) -> tuple[str, dict]:
+  """(what the sweep reads, the suite manifest it came from or {}): --data, else the Hub
+  stream Pythia models trained on, else the data of the suite the models come from."""
+  if path is not None:
+    return path, {}
+  if models and all(m.is_hub and m.suite == "pythia" for m in models):
+    from jax_pythia.data import streams
+
+    # Pythia on the Hub trained on the Hub's stream: read it by byte range.
+    return streams.pile_for_models([m.name for m in models]), {}
+  suite_dirs = {m.suite_dir for m in models}
+  if len(suite_dirs) != 1 or None in suite_dirs:
+    raise SweepError(
+      "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
+      "prefix), OLMo's order (olmo:CONFIG.yaml[,GLOBAL_INDICES]), a .npy token array or "
+      "a .txt file with --tokenizer (docs/suites.md)"
+    )
+  suite_dir = suite_dirs.pop()
+  manifest = read_manifest(suite_dir) or {}
+  if not isinstance(manifest.get("data_prefix"), str):
+    raise SweepError(
+      f"{os.path.join(suite_dir, MANIFEST_FILE)}: no 'data_prefix' string naming the suite's "
+      f"token data; give --data"
+    )
+  return os.path.join(suite_dir, manifest["data_prefix"]), manifest
 
 
 def open_data(
@@ -156,32 +183,22 @@ def open_data(
   models: Sequence[ModelSource],
   tokenizer: str | None,
   sequences_per_step: int | None,
+  timeout_s: float | None = None,
 ) -> data.TokenSource:
   """The token source: --data, else the Hub stream Pythia models trained on, else the
   data of the suite the models come from. `olmo:CONFIG.yaml[,GLOBAL_INDICES]` is OLMo's
-  training order (jax_pythia.data.olmo)."""
-  manifest = {}
+  training order (jax_pythia.data.olmo). `timeout_s`: a remote stream's wait for its
+  server, per attempt (--data_timeout)."""
   if path is not None and olmo.is_olmo_location(path):
     return olmo.open_olmo(path)
-  if path is None and models and all(m.is_hub and m.suite == "pythia" for m in models):
-    from jax_pythia.data import streams
-
-    # Pythia on the Hub trained on the Hub's stream: read it by byte range.
-    path = streams.pile_for_models([m.name for m in models])
-  if path is None:
-    suite_dirs = {m.suite_dir for m in models}
-    if len(suite_dirs) != 1 or None in suite_dirs:
-      raise SweepError(
-        "--data is required: give Pythia's pre-tokenized Pile (.bin/.idx "
-        "prefix), OLMo's order (olmo:CONFIG.yaml[,GLOBAL_INDICES]), a .npy token array or "
-        "a .txt file with --tokenizer (docs/suites.md)"
-      )
-    suite_dir = suite_dirs.pop()
-    manifest = read_manifest(suite_dir) or {}
-    path = os.path.join(suite_dir, manifest["data_prefix"])
+  path, manifest = data_location(path, models)
+  if manifest:
+    suite_dir = {m.suite_dir for m in models}.pop()
     tokenizer = tokenizer or (
       os.path.join(suite_dir, manifest["tokenizer"]) if manifest.get("tokenizer") else None
     )
   if sequences_per_step is None:
     sequences_per_step = manifest.get("sequences_per_step", suite.SEQUENCES_PER_STEP)
-  return data.open_token_source(path, tokenizer=tokenizer, sequences_per_step=sequences_per_step)
+  return data.open_token_source(
+    path, tokenizer=tokenizer, sequences_per_step=sequences_per_step, timeout_s=timeout_s
+  )

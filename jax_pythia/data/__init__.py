@@ -56,6 +56,7 @@ def open_token_source(
   seq_len: int | None = None,
   sequences_per_step: int = SEQUENCES_PER_STEP,
   fixed_step: int | None = None,
+  timeout_s: float | None = None,
 ) -> TokenSource:
   """Opens a token source by its path or URL.
 
@@ -69,12 +70,14 @@ def open_token_source(
   - `*.npy`: an int array [n, seq_len] of inputs, `ArrayTokenSource`.
   - `*.txt`: text plus `tokenizer` (a tokenizer.json path or Tokenizer), `TextTokenSource`
     (`seq_len` defaults to Pythia's 2,048).
-  Only the training stream has `batch(step)`; the others raise there.
+  Only the training stream has `batch(step)`; the others raise there. `timeout_s`: how
+  long a remote stream's read may wait for its server (each attempt; `streams`).
   """
   text = os.fspath(path)
   if streams.is_stream_location(text):
+    options = {} if timeout_s is None else {"timeout_s": timeout_s}
     return streams.open_stream_source(
-      text, sequences_per_step=sequences_per_step, seq_len=seq_len, fixed_step=fixed_step
+      text, sequences_per_step=sequences_per_step, seq_len=seq_len, fixed_step=fixed_step, **options
     )
   if text.endswith(".npy"):
     return ArrayTokenSource(path, seq_len)

@@ -530,8 +530,9 @@ class ArrayTokenSource(_NoTrainingSteps):
       array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
       raise DataFileNotFoundError(f"token array {self.name} not found") from None
-    except ValueError as error:
-      raise DataError(f"token array {self.name} is not a readable .npy file: {error}") from None
+    except (ValueError, EOFError) as error:  # EOFError: an empty file (/dev/null)
+      why = error or "it is empty"
+      raise DataError(f"token array {self.name} is not a readable .npy file: {why}") from None
     if array.ndim != 2 or 0 in array.shape:
       raise DataError(
         f"token array {self.name} has shape {array.shape}; expected [n_sequences, seq_len], "

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import socket
@@ -46,8 +45,8 @@ import numpy as np
 
 from jax_pythia import remote
 from jax_pythia.data import indexed as data
+from jax_pythia.data import range_cache, staged
 from jax_pythia.data.indexed import DataError, DataFileNotFoundError
-from jax_pythia.files import atomic_write
 
 #: Pythia's training streams on the Hub (the deduped models trained on the first).
 PILE_DEDUPED = "hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled"
@@ -58,8 +57,6 @@ CACHE_ENV = "JAX_PYTHIA_DATA_CACHE"
 DEFAULT_ATTEMPTS = 4
 DEFAULT_BACKOFF_S = 1.0
 DEFAULT_TIMEOUT_S = 60.0
-_META_FILE = "stream.json"
-_ITEMS_FILE = re.compile(r"^items-(\d+)-(\d+)\.npy$")
 
 
 class StreamError(DataError):
@@ -90,6 +87,9 @@ class Transport:
 
   #: The stream's identity in the cache (repository@revision for the Hub, else the URL).
   key: str
+  #: What names each sized file's content where the protocol says (ETag, Last-Modified,
+  #: a Hub blob id): filled by `size`, recorded in the layout and the sweep's record.
+  versions: dict[str, str]
 
   def url(self, name: str) -> str:
     raise NotImplementedError
@@ -115,6 +115,7 @@ class FsspecTransport(Transport):
   def __init__(self, fs: Any, root: str, display: str, key: str | None = None):
     self.fs, self.root, self.display = fs, root.rstrip("/"), display.rstrip("/")
     self.key = key or self.display
+    self.versions = {}
 
   def _path(self, name: str) -> str:
     return f"{self.root}/{name}" if self.root else name
@@ -123,7 +124,17 @@ class FsspecTransport(Transport):
     return f"{self.display}/{name}"
 
   def size(self, name: str) -> int:
-    return int(self.fs.size(self._path(name)))
+    if not hasattr(self.fs, "info"):
+      return int(self.fs.size(self._path(name)))
+    info = self.fs.info(self._path(name))
+    lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
+    # Content names where the filesystem gives one (object stores, the Hub); not a local
+    # mtime, which changes when identical bytes are rewritten.
+    for version in (lfs.get("sha256"), info.get("blob_id"), info.get("ETag"), info.get("etag")):
+      if version:
+        self.versions[name] = str(version)
+        break
+    return int(info["size"])
 
   def read(self, name: str, start: int, stop: int) -> bytes:
     return self.fs.cat_file(self._path(name), start=start, end=stop)
@@ -179,6 +190,7 @@ class HttpTransport(Transport):
   def __init__(self, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
     self.base, self.timeout_s = base_url.rstrip("/"), timeout_s
     self.key = self.base
+    self.versions = {}
 
   def url(self, name: str) -> str:
     return f"{self.base}/{urllib.parse.quote(name)}"
@@ -194,6 +206,9 @@ class HttpTransport(Transport):
   def size(self, name: str) -> int:
     with self._open(urllib.request.Request(self.url(name), method="HEAD")) as response:
       length = response.headers.get("Content-Length")
+      version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+    if version:
+      self.versions[name] = version
     if length is None:
       raise StreamError(f"{self.url(name)}: the server gives no Content-Length")
     return int(length)
@@ -207,7 +222,34 @@ class HttpTransport(Transport):
           f"{self.url(name)} bytes {start}-{stop - 1}: the server ignored the Range header "
           f"(HTTP {response.status}); it must serve byte ranges"
         )
-      return response.read()
+      answered = response.headers.get("Content-Range")
+      if answered is not None and _content_range(answered) != (start, stop - 1):
+        # Another range's bytes would be taken for these: refuse them.
+        raise StreamError(
+          f"{self.url(name)} bytes {start}-{stop - 1}: the server answered with "
+          f"Content-Range {answered!r}, not the range asked for"
+        )
+      return self._read_body(response)
+
+  def _read_body(self, response) -> bytes:
+    """The whole answer within `timeout_s`: the socket's timeout bounds each wait only, so
+    a server that trickles a byte at a time would otherwise hold the read for ever."""
+    deadline = time.monotonic() + self.timeout_s
+    chunks = []
+    while chunk := response.read1(1 << 20):
+      chunks.append(chunk)
+      if time.monotonic() > deadline:
+        raise TimeoutError(
+          f"the answer took over {self.timeout_s:g} s ({sum(map(len, chunks))} bytes so far; "
+          f"the server trickles)"
+        )
+    return b"".join(chunks)
+
+
+def _content_range(header: str) -> tuple[int, int] | None:
+  """(first, last) of a `Content-Range: bytes first-last/total` header; None if malformed."""
+  m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", header)
+  return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def open_transport(location: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Transport, str]:
@@ -317,6 +359,8 @@ class Layout:
   count: int
   doc_count: int
   first_item_size: int
+  #: {file name: what names its content} where the server says (ETag, Last-Modified, ...)
+  versions: dict = dataclasses.field(default_factory=dict)
 
   @property
   def total_bytes(self) -> int:
@@ -391,6 +435,7 @@ class ShardedStream:
       digest = hashlib.sha256(transport.key.encode()).hexdigest()[:16]
       readable = re.sub(r"[^\w.@-]+", "_", transport.key).strip("_")[-80:]
       self.cache = os.path.join(cache_dir, f"{readable}-{digest}")
+    self._cache = range_cache.RangeCache(self.cache) if self.cache else None
     self._layout: Layout | None = None
     self._checked_shards: set[int] = set()
     self._last: tuple[int, int, np.ndarray] | None = None  # the last items read
@@ -414,19 +459,58 @@ class ShardedStream:
 
   @property
   def layout(self) -> Layout:
+    """Offline, the cached layout; online, the one read now (a few small requests), and a
+    cache that holds another layout (another stream now at this URL, or an edited
+    `stream.json`) is emptied first: its pieces are not this stream's."""
     if self._layout is None:
-      self._layout = self._cached_layout() or self._read_layout()
+      if self.transport.offline_reason():
+        self._layout = self._cached_layout()
+        if self._layout is None:
+          self._online("the stream's index and shard sizes")  # raises, naming the cache
+      else:
+        try:
+          cached = self._cached_layout()
+        except range_cache.CacheError:
+          cached = None
+          self._cache.clear()
+        self._layout = self._read_layout()
+        if self._cache and cached != self._layout:
+          self._cache.clear()
+          self._cache.write_layout(_layout_fields(self._layout))
     return self._layout
 
+  def identity(self) -> dict[str, Any]:
+    """What names this stream's content for a sweep's record: where it is (repository and
+    revision for the Hub, else the URL or folder), its files and their sizes, and the
+    server's name for their content where it gives one (ETag, Last-Modified, blob id). A
+    rewrite with the same sizes shows in the content hashes of the batches read
+    (`outdir.data_identity`), not here: a local folder's modification time is not used."""
+    layout = self.layout
+    identity = {
+      "location": self.transport.key,
+      "index": layout.idx_name,
+      "shards": len(layout.shard_names),
+      "shard_bytes": layout.shard_size,
+      "last_shard_bytes": layout.last_shard_size,
+      "items": layout.count,
+    }
+    if layout.versions:
+      identity["versions"] = dict(sorted(layout.versions.items()))
+    return identity
+
   def _cached_layout(self) -> Layout | None:
-    if not self.cache:
+    """The cache's layout, None without one; raises CacheError naming a damaged one."""
+    if not self._cache:
       return None
-    try:
-      with open(os.path.join(self.cache, _META_FILE)) as f:
-        fields = json.load(f)
-      return Layout(**{**fields, "shard_names": tuple(fields["shard_names"])})
-    except (FileNotFoundError, TypeError, ValueError, KeyError):
+    fields = self._cache.read_layout()
+    if fields is None:
       return None
+    layout = _layout_from_fields(fields)
+    if layout is None:
+      raise range_cache.CacheError(
+        f"{self._cache.layout_path}: not a stream layout (a field is missing or mistyped)"
+      )
+    return layout
 
   def _read_layout(self) -> Layout:
     remote = self._online("the stream's index and shard sizes")
@@ -457,6 +541,7 @@ class ShardedStream:
       header.count,
       header.doc_count,
       first_size,
+      dict(self.transport.versions),
     )
     if last_end != layout.total_bytes:
       raise StreamError(
@@ -464,15 +549,6 @@ class ShardedStream:
         f"the {len(shards)} shard(s) hold {layout.total_bytes} bytes ({shards[0]} "
         f"{shard_size} bytes, {shards[-1]} {last_size}); a shard is truncated or missing, "
         f"or the index belongs to another stream"
-      )
-    if self.cache:
-      os.makedirs(self.cache, exist_ok=True)
-      record = {**dataclasses.asdict(layout), "location": self.location}
-      record["shard_names"] = list(layout.shard_names)
-      atomic_write(
-        os.path.join(self.cache, _META_FILE),
-        lambda tmp: _write_json(tmp, {k: v for k, v in record.items() if k != "location"}),
-        ".json",
       )
     return layout
 
@@ -580,33 +656,40 @@ class ShardedStream:
   # -- cache
 
   def _from_cache(self, start: int, stop: int) -> np.ndarray | None:
-    if not self.cache or not os.path.isdir(self.cache):
+    if not self._cache:
       return None
-    for name in os.listdir(self.cache):
-      m = _ITEMS_FILE.match(name)
-      if m and int(m.group(1)) <= start and stop <= int(m.group(2)):
-        first = int(m.group(1))
-        try:
-          items = np.load(os.path.join(self.cache, name), mmap_mode="r")
-        except (OSError, ValueError):
-          continue  # unreadable: fetch again, and the write replaces it
-        return np.asarray(items[start - first : stop - first])
-    return None
+    self.layout  # noqa: B018 - online, a cache of another layout is emptied first
+    return self._cache.get(start, stop)
 
   def _to_cache(self, start: int, stop: int, items: np.ndarray) -> None:
-    if not self.cache:
-      return
-
-    def write(tmp):
-      with open(tmp, "wb") as f:
-        np.save(f, items)
-
-    atomic_write(os.path.join(self.cache, f"items-{start}-{stop}.npy"), write, ".npy")
+    if self._cache:
+      self._cache.put(start, stop, items)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+def _layout_fields(layout: Layout) -> dict[str, Any]:
+  fields = dataclasses.asdict(layout)
+  fields["shard_names"] = list(layout.shard_names)
+  return fields
+
+
+def _layout_from_fields(fields: dict[str, Any]) -> Layout | None:
+  """A Layout from its JSON fields, or None when one is missing or of the wrong type."""
+  names = fields.get("shard_names")
+  versions = fields.get("versions", {})
+  ints = ("shard_size", "last_shard_size", "count", "doc_count", "first_item_size")
+  if not (
+    isinstance(names, list)
+    and names
+    and all(isinstance(n, str) for n in names)
+    and isinstance(fields.get("idx_name"), str)
+    and isinstance(fields.get("dtype"), str)
+    and all(type(fields.get(k)) is int and fields[k] >= 0 for k in ints)
+    and isinstance(versions, dict)
+    and fields.get("dtype") in {d.name for d in data.DTYPE_CODES.values()}
+    and set(fields) <= {f.name for f in dataclasses.fields(Layout)}
+  ):
+    return None
+  return Layout(**{**fields, "shard_names": tuple(names)})
 
 
 def is_stream_location(path: str) -> bool:
@@ -624,77 +707,6 @@ def open_stream(location: str, cache_dir: str | None = "default", **options: Any
   return ShardedStream(location, cache_dir=cache_dir, **options)
 
 
-# ------------------------------------------------------------------ staged batches
-
-STAGED_MANIFEST = "manifest.json"
-STAGED_PREFIX = "batches"
-STAGED_FORMAT = "jax_pythia staged training batches"
-
-
-class StagedStream:
-  """A folder written by `stage`: the few batches a sweep needs, as a small local
-  `batches.bin/.idx`, standing in for the whole stream. Items keep their numbers in the
-  original stream (`manifest.json` maps each staged step to its items), so
-  `data.batch_of_step` finds the batch of a step exactly as in the original; an item that
-  was not staged is an error naming the step range and how to stage it."""
-
-  def __init__(self, directory: str):
-    self.directory = directory
-    self.name = directory
-    path = os.path.join(directory, STAGED_MANIFEST)
-    try:
-      with open(path) as f:
-        self.manifest = json.load(f)
-    except FileNotFoundError:
-      raise DataFileNotFoundError(
-        f"{path} not found: not a folder staged by tools.fetch_data"
-      ) from None
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}: not valid JSON ({e})") from None
-    if self.manifest.get("format") != STAGED_FORMAT:
-      raise DataError(f"{path}: not a manifest of staged batches (format {STAGED_FORMAT!r})")
-    self.staged = data.MMapIndexedDataset(os.path.join(directory, STAGED_PREFIX))
-    # (first original item, stop, first staged item), sorted
-    self.ranges = sorted(
-      (int(b["items"][0]), int(b["items"][1]), int(b["staged_first"]))
-      for b in self.manifest["batches"]
-    )
-    if sum(b - a for a, b, _ in self.ranges) != len(self.staged):
-      raise DataError(
-        f"{path} lists {sum(b - a for a, b, _ in self.ranges)} staged items, but "
-        f"{self.staged.bin_path} holds {len(self.staged)}: the folder is incomplete"
-      )
-
-  @property
-  def sequences_per_step(self) -> int:
-    return int(self.manifest["sequences_per_step"])
-
-  def __len__(self) -> int:
-    return int(self.manifest["source_items"])
-
-  def _staged_range(self, start: int, stop: int) -> tuple[int, int]:
-    for a, b, first in self.ranges:
-      if a <= start and stop <= b:
-        return first + start - a, first + stop - a
-    sps = self.sequences_per_step
-    raise DataError(
-      f"--data={self.directory}: items {start}..{stop - 1} (step {start // sps}) were not "
-      f"staged from {self.manifest['source']}; stage them with python -m tools.fetch_data "
-      f"(same --models/--steps and sweep options as the sweep) or read the stream directly"
-    )
-
-  def item_sizes(self, start: int, stop: int) -> np.ndarray:
-    # Every staged item has the one length the staging checked; item 0 need not be staged.
-    return np.full(stop - start, int(self.manifest["item_size"]), np.int64)
-
-  def read_items(self, start: int, stop: int) -> np.ndarray:
-    return self.staged.read_items(*self._staged_range(start, stop))
-
-
-def is_staged(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, STAGED_MANIFEST))
-
-
 def open_stream_source(
   location: str,
   sequences_per_step: int = data.SEQUENCES_PER_STEP,
@@ -704,8 +716,8 @@ def open_stream_source(
 ) -> data.MMapTokenSource:
   """The training stream at `location` (a URL, a folder of shards, or a staged folder) as a
   token source: the same `MMapTokenSource` that reads a local `.bin/.idx`."""
-  if "://" not in location and is_staged(location):
-    stream: data.IndexedStream = StagedStream(location)
+  if "://" not in location and staged.is_staged(location):
+    stream: data.IndexedStream = staged.StagedStream(location)
     if stream.sequences_per_step != sequences_per_step:
       raise DataError(
         f"--data={location} was staged with {stream.sequences_per_step} sequences a step; "
@@ -714,60 +726,6 @@ def open_stream_source(
   else:
     stream = open_stream(location, **options)
   return data.MMapTokenSource(stream, sequences_per_step, seq_len, fixed_step)
-
-
-def stage(
-  stream: data.IndexedStream,
-  needs: dict[int, int],
-  out_dir: str,
-  sequences_per_step: int = data.SEQUENCES_PER_STEP,
-  progress: Callable[[int], Any] | None = None,
-) -> dict:
-  """Copies the batches `needs` ({step: sequences}) of `stream` into `out_dir` (see
-  `StagedStream`); returns the manifest. Written `.bin` first, `.idx`, then the manifest,
-  each atomically, so a crash leaves no folder that looks complete."""
-  ranges = {}
-  for step, n in sorted(needs.items()):
-    ranges[step] = data.step_items(step, n, sequences_per_step)
-    if ranges[step][1] > len(stream):
-      raise DataError(
-        f"{stream.name} holds {len(stream)} items; step {step} needs items "
-        f"{ranges[step][0]}..{ranges[step][1] - 1}"
-      )
-  batches, item_size, first = [], None, 0
-
-  def items():
-    nonlocal item_size, first
-    for step, (a, b) in ranges.items():
-      tokens = stream.read_items(a, b)
-      if item_size is None:
-        item_size = tokens.shape[1]
-      if tokens.shape[1] != item_size:
-        raise DataError(
-          f"{stream.name}: step {step} has items of {tokens.shape[1]} tokens, earlier steps "
-          f"{item_size}; training sequences all have one length"
-        )
-      batches.append({"step": step, "items": [a, b], "staged_first": first})
-      first += b - a
-      yield from tokens
-      if progress:
-        progress(step)
-
-  dtype = getattr(stream, "dtype", np.dtype(np.uint16))
-  os.makedirs(out_dir, exist_ok=True)
-  data.write_mmap_indexed_dataset(os.path.join(out_dir, STAGED_PREFIX), items(), dtype)
-  manifest = {
-    "format": STAGED_FORMAT,
-    "source": stream.name,
-    "source_items": len(stream),
-    "sequences_per_step": sequences_per_step,
-    "item_size": item_size,
-    "batches": batches,
-  }
-  atomic_write(
-    os.path.join(out_dir, STAGED_MANIFEST), lambda tmp: _write_json(tmp, manifest), ".json"
-  )
-  return manifest
 
 
 def pile_for_models(names: list[str]) -> str:
@@ -780,6 +738,21 @@ def pile_for_models(names: list[str]) -> str:
       f"each kind separately, or name the stream with --data"
     )
   return PILE_DEDUPED if deduped.pop() else PILE_STANDARD
+
+
+def local_bytes(location: str) -> int | None:
+  """Bytes of the token data at a local `location` (a .bin/.idx prefix's .bin, a folder's
+  shards or staged batches, a .npy or .txt file); None for a URL or what is not there."""
+  if "://" in location:
+    return None
+  if os.path.isdir(location):
+    names = [n for n in os.listdir(location) if n.endswith(".bin")]
+    return sum(os.path.getsize(os.path.join(location, n)) for n in names) or None
+  stem = location[:-4] if location.endswith((".bin", ".idx")) else location
+  for path in (f"{stem}.bin", location):
+    if os.path.isfile(path):
+      return os.path.getsize(path)
+  return None
 
 
 def batch_bytes(needs: dict[int, int], item_tokens: int, token_bytes: int = 2) -> int:

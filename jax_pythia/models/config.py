@@ -316,8 +316,8 @@ class GPTNeoXConfig:
       raise ConfigError(
         f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
       ) from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+      raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(hf, dict):
       raise ConfigError(f"{path}: expected a JSON object")
     return cls.from_hf_dict(hf, source=path)

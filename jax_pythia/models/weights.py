@@ -119,8 +119,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       )
     try:
       header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+      raise CheckpointError(
+        f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {e})"
+      ) from None
     if not isinstance(header, dict):
       raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     # The mmap outlives the file object; the arrays keep it alive through their base.
@@ -128,14 +130,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   data_start = 8 + header_len
   data_len = size - data_start
   tensors: dict[str, np.ndarray] = {}
+  spans: list[tuple[int, int, str]] = []  # (begin, end, name): no two may share a byte
   for name, info in header.items():
     if name == "__metadata__":
       continue
     where = f"{path}: tensor {name!r}"
     try:
       st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-      shape = tuple(int(s) for s in shape)
-      begin, end = int(begin), int(end)
+      if not all(type(x) is int for x in (*shape, begin, end)):  # 2.5 or "3" are no sizes
+        raise ValueError
+      shape = tuple(shape)
     except (TypeError, KeyError, ValueError):
       raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
     if st_dtype not in _ST_TO_NP:
@@ -156,12 +160,20 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
         f"data_offsets span {end - begin}"
       )
+    if count:
+      spans.append((begin, end, name))
     if count == 0:
       tensors[name] = np.empty(shape, dtype)
     else:
       tensors[name] = np.frombuffer(
         mapped, dtype=dtype, count=count, offset=data_start + begin
       ).reshape(shape)
+  spans.sort()
+  for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+    if begin < end:  # two tensors over the same bytes: one of them is not what it says
+      raise CheckpointError(
+        f"{path}: tensors {first!r} and {second!r} overlap (data_offsets); the header is corrupt"
+      )
   return tensors
 
 
@@ -303,8 +315,10 @@ def _read_index(index_path: str) -> dict[str, str]:
   try:
     with open(index_path) as f:
       index = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{index_path}: cannot read the shard index ({e})") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise CheckpointError(
+      f"{index_path}: cannot read the shard index ({type(e).__name__}: {e})"
+    ) from None
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not all(
     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -759,9 +759,11 @@ def format_plan(
   data_bytes: int | None = None,
   data_batches: int = 0,
   memory_source: str = "",
+  stream: tuple[str, int | None] = ("Pythia's training stream", PILE_BYTES),
 ) -> str:
   """The plan as text; `data_bytes` of training data in `data_batches` batches (what
-  tools.fetch_data stages, from jax_pythia.sweep.run.batches_needed) go beside the checkpoints."""
+  tools.fetch_data stages, from jax_pythia.sweep.run.batches_needed) go beside the
+  checkpoints, and `stream`, (name, bytes or None when unknown), is what they come from."""
   lines = [
     f"plan for {devices} device(s) on {hosts} host(s); throughput "
     f"{_si(flops_per_second, 'FLOP/s')} in all ({source})",
@@ -822,9 +824,14 @@ def format_plan(
   if data_bytes is not None:
     lines.append(
       f"training data: {_si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
-      f"range; tools.fetch_data stages them), not the whole {_si(PILE_BYTES, 'B')} stream"
+      f"range; tools.fetch_data stages them), {_stream_words(*stream)}"
     )
   return "\n".join(lines)
+
+
+def _stream_words(name: str, size: int | None) -> str:
+  """'not the whole 1.2 MB of x' (or 'from x' where its size is not known here)."""
+  return f"not the whole {_si(size, 'B')} of {name}" if size else f"from {name}"
 
 
 def _layout_cell(layout: Layout | None) -> str:

@@ -98,7 +98,7 @@ def _read_results_file(path: Path) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       content = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
     raise EvalsError(f"evaluation file {path} is not valid JSON: {error}") from None
   if not isinstance(content, dict) or not isinstance(content.get("results"), dict):
     raise EvalsError(f"evaluation file {path} has no 'results' object")

@@ -53,6 +53,26 @@ class SweepOptions:
       raise SweepError(
         f"--matmul_precision={self.matmul_precision!r}: one of {', '.join(MATMUL_PRECISIONS)}"
       )
+    if self.loss_sequences < 0:
+      raise SweepError(f"--loss_sequences={self.loss_sequences}: must be >= 0 (0: off)")
+    if self.data_step is not None and self.data_step < 0:
+      raise SweepError(f"--data_step={self.data_step}: must be >= 0")
+    if not 0 <= self.seed < 2**63:  # found here, not after --out is claimed
+      raise SweepError(f"--seed={self.seed}: must be in 0 .. 2**63 - 1 (a 64-bit PRNG key)")
+
+  def check_batch_counts(self, sequences_per_step: int, where: str) -> None:
+    """Each sequence count fits a training batch of `where`, refused naming its own flag."""
+    if sequences_per_step < 1:
+      raise SweepError(f"--sequences_per_step={sequences_per_step}: must be >= 1")
+    counts = [("--n_sequences", self.n_sequences), ("--loss_sequences", self.loss_sequences)]
+    if self.gradients:
+      counts.append(("--gradient_sequences", self.gradient_sequences))
+    for flag, n in counts:
+      if n > sequences_per_step:
+        raise SweepError(
+          f"{flag}={n}: a training batch of {where} holds {sequences_per_step} sequences "
+          f"(--sequences_per_step)"
+        )
 
   def fingerprint(self) -> dict[str, Any]:
     options = dataclasses.asdict(self)

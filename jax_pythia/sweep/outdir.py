@@ -2,10 +2,14 @@
 cheap check that each finished checkpoint's files are whole.
 
 `sweep.json` records everything that changes a number: the options, what identifies the
-token data (its files' resolved paths, sizes and modification times; sequences per step;
-sequence length; the tokenizer) and where each model's checkpoints were read from. A
-rerun into the same --out must match it; a mismatch is refused naming the flag and both
-values, so results of different inputs are never mixed. A rerun may add models.
+token data (a local file's resolved path, size and modification time; a stream's
+location, files, sizes and the server's content names (`streams.ShardedStream.identity`);
+a content hash of every training batch read; sequences per step; sequence length; the
+tokenizer) and where each model's checkpoints were read from. A rerun into the same --out
+must match it; a mismatch is refused naming the flag and both values, so results of
+different inputs are never mixed. A rerun may add models and steps (their batches' hashes
+join the record). A record with a key missing or of the wrong type, or results without a
+record, are refused: nothing says what computed them.
 
 Claiming --out (reading, comparing and writing the record) holds an exclusive lock on
 `<out>/.sweep.lock`: two sweeps started together cannot both pass the check with
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from jax_pythia.errors import SweepError
+from jax_pythia.sweep import results
 from jax_pythia.sweep.results import read_json, write_json
 
 RECORD_FILE = "sweep.json"
@@ -37,10 +42,21 @@ LOCK_FILE = ".sweep.lock"
 _DATA_FLAGS = {
   "kind": "--data",
   "files": "--data",
+  "stream": "--data",
+  "batches": "--data (the content of the batches read)",
   "sequences_per_step": "--sequences_per_step",
   "seq_len": "--data (sequence length)",
   "tokenizer": "--tokenizer",
 }
+
+
+#: Options a record may lack, and what their absence means (SweepOptions.fingerprint).
+_ABSENT_OPTIONS = {"matmul_precision": "default"}
+#: What every record holds: without one of these it no longer says what computed its results.
+_RECORD_SECTIONS = ("options", "data", "models")
+_REQUIRED_DATA = {"kind": str, "seq_len": int}
+#: Where a sweep's per-checkpoint results live under --out (results.checkpoint_paths).
+_RESULT_FOLDERS = ("checkpoints", "activations", "status")
 
 
 class OutDirError(SweepError):
@@ -56,19 +72,26 @@ def _file_identity(path: str | os.PathLike) -> dict[str, Any]:
   return {"path": real, "bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
-def data_identity(source: Any) -> dict[str, Any]:
-  """What identifies a token source's content: its files (resolved path, size, mtime),
-  sequences per step and sequence length; a text source's tokenizer by its hash."""
+def content_hash(array: np.ndarray) -> str:
+  """A short hash of an array's bytes: names a batch of tokens by its content."""
+  return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def data_identity(source: Any, batches: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """What identifies a token source's content: a stream's own identity (location, files,
+  sizes, content names; `identity()`) or a local file's (resolved path, size, mtime);
+  sequences per step and sequence length; a text source's tokenizer by its hash; and
+  `batches`, {"<step>x<sequences>": content_hash} of the training batches read."""
   dataset = getattr(source, "dataset", None)
-  if dataset is not None and hasattr(dataset, "bin_path"):
-    paths = [dataset.idx_path, dataset.bin_path]
+  identity: dict[str, Any] = {"kind": type(source).__name__}
+  if hasattr(dataset, "identity"):
+    identity["stream"] = dataset.identity()
   else:
-    paths = [source.name]
-  identity: dict[str, Any] = {
-    "kind": type(source).__name__,
-    "files": [_file_identity(p) for p in paths],
-    "seq_len": int(source.seq_len),
-  }
+    paths = [dataset.idx_path, dataset.bin_path] if hasattr(dataset, "bin_path") else [source.name]
+    identity["files"] = [_file_identity(p) for p in paths]
+  identity["seq_len"] = int(source.seq_len)
+  if batches:
+    identity["batches"] = dict(batches)
   if getattr(source, "sequences_per_step", None) is not None:
     identity["sequences_per_step"] = int(source.sequences_per_step)
   tokenizer = getattr(source, "tokenizer", None)
@@ -91,16 +114,26 @@ def _show(value: Any) -> str:
 def _differences(previous: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
   """`<flag>: old X, new Y` for each recorded fact that changed."""
   found = []
-  for key, value in record.get("options", {}).items():
-    old = previous.get("options", {}).get(key, value)
+  old_options, new_options = previous["options"], record["options"]
+  for key in sorted(set(old_options) | set(new_options)):
+    old = old_options.get(key, _ABSENT_OPTIONS.get(key))
+    value = new_options.get(key, _ABSENT_OPTIONS.get(key))
     if old != value:
       found.append(f"--{key}: old {_show(old)}, new {_show(value)}")
-  old_data = previous.get("data")
-  if old_data is not None:
-    for key in sorted(set(old_data) | set(record["data"])):
-      old, new = old_data.get(key), record["data"].get(key)
-      if old != new:
-        found.append(f"{_DATA_FLAGS.get(key, '--data')}: old {_show(old)}, new {_show(new)}")
+  old_data = previous["data"]
+  for key in sorted(set(old_data) | set(record["data"])):
+    old, new = old_data.get(key), record["data"].get(key)
+    if key == "batches":  # a rerun may read more batches; those both read must agree
+      old, new = old or {}, new or {}
+      changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+      if changed:
+        k = changed[0]
+        found.append(
+          f"{_DATA_FLAGS[key]}: the batch {k} (step x sequences) had content hash {old[k]}, "
+          f"now {new[k]}"
+        )
+    elif old != new:
+      found.append(f"{_DATA_FLAGS.get(key, '--data')}: old {_show(old)}, new {_show(new)}")
   for name, location in record.get("models", {}).items():
     old = previous.get("models", {}).get(name, location)
     if old != location:
@@ -146,51 +179,81 @@ def claim(
   record = json.loads(json.dumps(record))  # tuples -> lists, as they read back
   with locked(out_dir):
     if not os.path.exists(path):
+      held = holds_results(out_dir)
+      if held:
+        raise OutDirError(
+          f"--out={out_dir} holds results ({held}) but no {RECORD_FILE} saying what computed "
+          f"them; use another --out, or remove them"
+        )
       write_json(path, record)
       return
     previous = read_json(path, "the record of the options its results were computed with")
-    if not isinstance(previous, dict):
-      raise OutDirError(f"{path}: not a sweep record (expected a JSON object); remove it and rerun")
+    _check_record(path, previous, record)
     differences = _differences(previous, record)
     if differences:
       raise OutDirError(
         f"--out={out_dir} holds results computed with other options: "
         f"{'; '.join(differences)}. Use another --out, or remove it"
       )
-    # Records from before data and model locations were recorded gain them now.
+    # New models and the batches new steps read join the record.
+    batches = {**record["data"].get("batches", {}), **previous["data"].get("batches", {})}
     merged = {
       "options": record["options"],
-      "data": previous.get("data") or record["data"],
-      "models": {**record["models"], **previous.get("models", {})},
+      "data": {**record["data"], **({"batches": batches} if batches else {})},
+      "models": {**record["models"], **previous["models"]},
     }
     if merged != previous:
       write_json(path, merged)
 
 
+def holds_results(out_dir: str) -> str:
+  """A result file under `out_dir` (a per-checkpoint file or a gathered table), or ''."""
+  for folder in _RESULT_FOLDERS:
+    for dirpath, _, names in os.walk(os.path.join(out_dir, folder)):
+      for name in sorted(names):
+        if not name.startswith(".tmp-"):
+          return os.path.join(dirpath, name)
+  table = os.path.join(out_dir, "metrics.parquet")
+  return table if os.path.exists(table) else ""
+
+
+def _check_record(path: str, previous: Any, record: Mapping[str, Any]) -> None:
+  """Refuses a record that lost a key or holds one of the wrong type, naming file and key:
+  compared as it is, it would take other inputs for its own and mix their results."""
+
+  def refuse(key: str, why: str) -> OutDirError:
+    return OutDirError(
+      f"{path}: {key} {why}, so it no longer says what computed the results beside it; "
+      f"use another --out, or remove the folder's results"
+    )
+
+  if not isinstance(previous, dict):
+    raise refuse("the record", "is not a JSON object")
+  for section in _RECORD_SECTIONS:
+    if not isinstance(previous.get(section), dict):
+      why = "is missing" if section not in previous else "is not an object"
+      raise refuse(f"key {section!r}", why)
+  old = previous["options"]
+  for key, value in record["options"].items():
+    if key not in old and key not in _ABSENT_OPTIONS:
+      raise refuse(f"key 'options.{key}'", "is missing")
+    if key in old and not _same_type(old[key], value):
+      raise refuse(f"key 'options.{key}'", f"holds {old[key]!r}, of the wrong type")
+  for key, kind in _REQUIRED_DATA.items():
+    if not isinstance(previous["data"].get(key), kind):
+      raise refuse(f"key 'data.{key}'", "is missing or of the wrong type")
+  batches = previous["data"].get("batches", {})
+  if not isinstance(batches, dict) or not all(isinstance(v, str) for v in batches.values()):
+    raise refuse("key 'data.batches'", "is not an object of content hashes")
+  if not all(isinstance(v, str) for v in previous["models"].values()):
+    raise refuse("key 'models'", "holds a location that is not a string")
+
+
+def _same_type(old: Any, new: Any) -> bool:
+  return old is None or new is None or type(old) is type(new)
+
+
 # ------------------------------------------------------------------------------ checking
-
-
-def check_finished(metrics_path: str, acts_path: str, status: Mapping[str, Any] | None) -> str:
-  """'' when a finished checkpoint's files are whole (they open; the rows are as many as
-  its status says), else why not. Reads only the parquet footer and the .npz directory."""
-  import pyarrow.parquet as pq
-
-  try:
-    rows = pq.read_metadata(metrics_path).num_rows
-  except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
-    return f"{metrics_path} does not open ({type(e).__name__}: {e})"
-  expected = (status or {}).get("rows")
-  if not rows or (expected is not None and rows != expected):
-    return f"{metrics_path} holds {rows} rows, expected {expected or 'some'}"
-  try:
-    with np.load(acts_path) as f:
-      if not f.files:
-        return f"{acts_path} holds no activations"
-  except FileNotFoundError:
-    return f"{acts_path} is missing"
-  except Exception as e:  # noqa: BLE001 - zipfile/numpy raise several kinds
-    return f"{acts_path} does not open ({type(e).__name__}: {e})"
-  return ""
 
 
 def verify_finished(
@@ -213,7 +276,7 @@ def verify_finished(
       status = None
     if status is not None and (not isinstance(status, dict) or status.get("status") != "ok"):
       status = None
-    why = check_finished(metrics_path, acts_path, status)
+    why = results.check_finished(metrics_path, acts_path, status)
     if why:
       notify(f"{model} step {step}: {why}; computing it again")
       for path in (metrics_path, acts_path, status_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,8 +105,10 @@ def read_json(path: str, what: str) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise SweepError(f"{path}: {what} is damaged ({e}); remove it and rerun") from None
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise SweepError(
+      f"{path}: {what} is damaged ({type(e).__name__}: {e}); remove it and rerun"
+    ) from None
 
 
 def load_activations(path: str) -> dict[str, np.ndarray]:
@@ -128,6 +130,54 @@ def _damaged(path: str, error: Exception) -> str:
   return f"{path}: damaged ({type(error).__name__}: {error}); rerun the sweep to compute it again"
 
 
+def check_finished(metrics_path: str, acts_path: str, status: Mapping[str, Any] | None) -> str:
+  """'' when a finished checkpoint's files are whole (they open; the rows are as many as
+  its status says), else why not. Reads only the parquet footer and the .npz directory."""
+  import pyarrow.parquet as pq
+
+  try:
+    rows = pq.read_metadata(metrics_path).num_rows
+  except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+    return f"{metrics_path} does not open ({type(e).__name__}: {e})"
+  expected = (status or {}).get("rows")
+  if not rows or (expected is not None and rows != expected):
+    return f"{metrics_path} holds {rows} rows, expected {expected or 'some'}"
+  try:
+    with np.load(acts_path) as f:
+      if not f.files:
+        return f"{acts_path} holds no activations"
+  except FileNotFoundError:
+    return f"{acts_path} is missing"
+  except Exception as e:  # noqa: BLE001 - zipfile/numpy raise several kinds
+    return f"{acts_path} does not open ({type(e).__name__}: {e})"
+  return ""
+
+
+def check_gatherable(out_dir: str) -> None:
+  """Refuses, in one line naming the file, a finished checkpoint whose files are not whole
+  (`check_finished`) or whose status is missing or not ok: gathered, it would replace good
+  tables with smaller or wrong ones. The sweep repairs such files (outdir.verify_finished);
+  a gather alone must not paper over them."""
+  root = os.path.join(out_dir, "checkpoints")
+  for dirpath, _, names in sorted(os.walk(root)):
+    for name in sorted(names):
+      if not name.endswith(".parquet") or name.startswith(".tmp-"):
+        continue
+      metrics_path = os.path.join(dirpath, name)
+      stem = os.path.relpath(metrics_path, root)[: -len(".parquet")]
+      acts_path = os.path.join(out_dir, "activations", stem + ".npz")
+      status_path = os.path.join(out_dir, "status", stem + ".json")
+      status = read_json(status_path, "a status record") if os.path.exists(status_path) else None
+      if not isinstance(status, dict) or status.get("status") != "ok":
+        why = f"{status_path} is missing or not an ok status for {metrics_path}"
+      else:
+        why = check_finished(metrics_path, acts_path, status)
+      if why:
+        raise SweepError(
+          f"{why}; the tables were left as they were: rerun the sweep to compute it again"
+        )
+
+
 def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   """(metrics, status) gathered from the per-checkpoint files under out_dir."""
   frames = []
@@ -146,7 +196,15 @@ def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   for dirpath, _, files in sorted(os.walk(os.path.join(out_dir, "status"))):
     for f in sorted(files):
       if f.endswith(".json") and not f.startswith(".tmp-"):
-        statuses.append(read_json(os.path.join(dirpath, f), "a status record"))
+        path = os.path.join(dirpath, f)
+        record = read_json(path, "a status record")
+        if not (
+          isinstance(record, dict)
+          and isinstance(record.get("model"), str)
+          and type(record.get("step")) is int
+        ):
+          raise SweepError(f"{path}: not a status record (no model name and integer step)")
+        statuses.append(record)
   status = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
   return metrics, status.sort_values(["model", "step"], ignore_index=True)
 
@@ -190,6 +248,7 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
 def finalize(out_dir: str) -> dict[str, str]:
   """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet from everything
   in `out_dir` (every model any run put there, not only the last run's); their paths."""
+  check_gatherable(out_dir)
   metrics, status = collect(out_dir)
   if metrics.empty:
     raise SweepError(f"{out_dir}: no finished checkpoints to gather")

@@ -83,6 +83,7 @@ class Sweep:
     # Where the sweep is, for a stall watchdog (jax_pythia.sweep.watchdog) if one watches it.
     self.heartbeat = heartbeat or watchdog.Heartbeat()
     self._inputs: dict[str, np.ndarray] = {}
+    self._batch_hashes: dict[str, str] = {}  # "<step>x<sequences>": content hash, read once
     self._prepared = False
     self._steps_spec = steps
     self.device_memory = device_memory  # bytes of one device; None: what it reports
@@ -112,6 +113,7 @@ class Sweep:
     outdir.check_is_directory(self.out_dir)
     # Inputs first: a run refused for its flags must not claim --out for them.
     self._check_data()
+    self.heartbeat.beat(phase="planning memory and claiming --out")
     mesh = sharding.mesh_sizes(self.placement.mesh) if self.placement.mesh else {"data": 1}
     seq_len = self.inputs(self.models[0]).shape[1]
     self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
@@ -133,19 +135,28 @@ class Sweep:
     locations = {
       m.name: m.location if m.is_hub else os.path.realpath(m.location) for m in self.models
     }
-    outdir.claim(
-      self.out_dir, self.options.fingerprint(), outdir.data_identity(self.source), locations
-    )
+    identity = outdir.data_identity(self.source, self._batch_hashes)
+    outdir.claim(self.out_dir, self.options.fingerprint(), identity, locations)
     finished = {(m.name, s): self.paths(m.name, s) for m in self.models for s in self.plan[m.name]}
     lead = self.placement.process_index == 0  # every process checks; one says so
     outdir.verify_finished(finished, self.notify if lead else lambda line: None)
 
   def _check_data(self):
     o = self.options
-    if o.data_step is not None and o.data_step < 0:
-      raise SweepError(f"--data_step={o.data_step}: must be >= 0")
-    with _naming_flag("--n_sequences", o.n_sequences):
+    self.heartbeat.beat(phase="reading the fixed inputs (--data)")
+    if self.source.has_training_steps:
+      o.check_batch_counts(self.source.sequences_per_step, self.source.name)
+    flag = (
+      ("--data_step", o.data_step) if o.data_step is not None else ("--n_sequences", o.n_sequences)
+    )
+    with _naming_flag(*flag):
       tokens = self.inputs(self.models[0])  # raises naming the file when it lacks the batch
+    try:  # indices past the sequence, before --out is claimed
+      model.position_index(
+        o.positions, tokens.shape[1], n=o.n_sequences, seed=o.seed, what="--positions"
+      )
+    except ValueError as e:
+      raise SweepError(str(e)) from None
     kind, k = model.parse_positions(o.positions, "--positions")
     per_sequence = {"last": 1, "all": tokens.shape[1], "random": k}.get(kind)
     samples = o.n_sequences * (len(k) if per_sequence is None else per_sequence)
@@ -168,8 +179,11 @@ class Sweep:
     if self.source.has_training_steps:
       # Every batch the run will read, now: one that is missing (past the stream's end, not
       # staged) fails here naming file and step, not hours in; a remote stream caches them.
+      # Each batch's content hash goes into --out's record: a stream whose bytes changed
+      # under the same name is refused there, not mixed with earlier results.
       for step, n in batches_needed(self.models, self._steps_spec, o).items():
-        self.source.batch(step, n)
+        self.heartbeat.beat(phase=f"reading the training batch of step {step} (--data)")
+        self._batch_hashes[f"{step}x{n}"] = outdir.content_hash(self.source.batch(step, n))
 
   def data_step(self, m: ModelSource) -> int:
     return fixed_input_step(self.options, m)
@@ -328,6 +342,7 @@ class Sweep:
     if error is None:
       try:
         rows, acts, seconds = computed or (*self.work.one(m, loaded), None)
+        error = _overflow(acts, self.options.dtype)
       except JaxPythiaError as e:  # a checkpoint the study cannot run: as one that fails to load
         error = str(e)
     if error is not None:
@@ -349,6 +364,20 @@ class Sweep:
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
+
+
+def _overflow(acts: dict[str, np.ndarray], dtype: str) -> str | None:
+  """Why a checkpoint's activations cannot give metrics (some are inf or NaN: finite but
+  huge weights overflowed the forward pass), or None. Its metrics would be mostly NaN under
+  an ok status otherwise."""
+  bad = [site for site, values in acts.items() if not np.isfinite(values).all()]
+  if not bad:
+    return None
+  more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+  return (
+    f"activations at {bad[0]}{more} are not finite: the forward pass overflowed "
+    f"(--dtype={dtype}; the weights are finite but too large)"
+  )
 
 
 @contextlib.contextmanager
