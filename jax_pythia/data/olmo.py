@@ -123,6 +123,16 @@ class OlmoTokenSource:
     self.n_steps = self.indices.size // _INDEX_DTYPE.itemsize // batch_size
     self.fixed_step = self.n_steps - 1 if fixed_step is None else fixed_step
 
+  def identity(self) -> dict:
+    """What names this source for a sweep's record (its batches' content hashes too)."""
+    return {
+      "indices": self.indices.location,
+      "files": [f.location for f in self.files],
+      "batch_size": self.batch_size,
+      "instance_tokens": self.instance_tokens,
+      "dtype": self.dtype.name,
+    }
+
   def instance_ids(self, step: int, n_sequences: int) -> np.ndarray:
     """The instance ids of the first `n_sequences` rows of step's batch: uint32 [n]."""
     start, stop = step_items(step, n_sequences, self.batch_size)

@@ -84,11 +84,15 @@ def data_identity(source: Any, batches: Mapping[str, str] | None = None) -> dict
   `batches`, {"<step>x<sequences>": content_hash} of the training batches read."""
   dataset = getattr(source, "dataset", None)
   identity: dict[str, Any] = {"kind": type(source).__name__}
-  if hasattr(dataset, "identity"):
-    identity["stream"] = dataset.identity()
-  else:
-    paths = [dataset.idx_path, dataset.bin_path] if hasattr(dataset, "bin_path") else [source.name]
-    identity["files"] = [_file_identity(p) for p in paths]
+  own = getattr(source, "identity", None) or getattr(dataset, "identity", None)
+  if own is not None:  # a remote or staged stream names itself (never by a local stat)
+    identity["stream"] = own()
+  elif hasattr(dataset, "bin_path"):
+    identity["files"] = [_file_identity(p) for p in (dataset.idx_path, dataset.bin_path)]
+  elif os.path.isfile(source.name):
+    identity["files"] = [_file_identity(source.name)]
+  else:  # named by no local file: its batches' hashes name its content
+    identity["stream"] = {"location": source.name}
   identity["seq_len"] = int(source.seq_len)
   if batches:
     identity["batches"] = dict(batches)
