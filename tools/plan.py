@@ -110,11 +110,15 @@ def data_read(options, item_tokens: int) -> tuple[dict[int, int], int, tuple[str
   from jax_pythia import sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.data import streams
+  from jax_pythia.errors import JaxPythiaError
   from jax_pythia.scale import plan
 
   models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
   needs = sweep.batches_needed(models, FLAGS.steps, options)
-  location, _ = sources.data_location(FLAGS.data, models)
+  try:
+    location, _ = sources.data_location(FLAGS.data, models)
+  except JaxPythiaError:  # models of several suites: the sweep will need --data
+    location = "the token data the sweep is given (--data)"
   pile = location in (streams.PILE_DEDUPED, streams.PILE_STANDARD)
   size = plan.PILE_BYTES if pile else streams.local_bytes(location)
   return needs, streams.batch_bytes(needs, item_tokens), (location, size)
