@@ -101,7 +101,9 @@ def test_local_suite_and_cli(tmp_path):
   assert "8 device(s)" in proc.stdout
   # 27 + 1 checkpoints of 6.9b: 253 batches of 128 x 2,049 uint16 tokens (counted in
   # test_fetch_data); the local suite's own final step adds its window.
-  assert "training data: " in proc.stdout and "not the whole 600 GB stream" in proc.stdout
+  # A local suite and a Hub model read no one stream: no stream's size is claimed.
+  assert "training data: " in proc.stdout and "600 GB" not in proc.stdout
+  assert "from the token data the sweep is given (--data)" in proc.stdout
   bad = subprocess.run(
     [
       sys.executable,
