@@ -191,10 +191,22 @@ def finish(heartbeat) -> None:
       print(f"wrote {path}")
 
 
+def open_inputs(heartbeat, data_timeout: float):
+  """The models and their token data; the watchdog is told which of them is being read."""
+  from jax_pythia.checkpoints import sources
+
+  heartbeat.beat(phase="resolving --models")
+  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
+  heartbeat.beat(phase="opening the token data (--data)")
+  source = sources.open_data(
+    FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step, data_timeout
+  )
+  return models, source
+
+
 def main(argv):
   _cli.reject_extra_args(argv)
   from jax_pythia import sweep
-  from jax_pythia.checkpoints import sources
   from jax_pythia.scale import plan, sharding
   from jax_pythia.sweep import watchdog
 
@@ -214,12 +226,7 @@ def main(argv):
     ensure_default_suite(placement)
   heartbeat = watchdog.Heartbeat()
   watchdog.Watchdog(heartbeat, stall_timeout).start()  # a daemon: gone when main returns
-  heartbeat.beat(phase="resolving --models")
-  models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
-  heartbeat.beat(phase="opening the token data (--data)")
-  source = sources.open_data(
-    FLAGS.data, models, FLAGS.tokenizer, FLAGS.sequences_per_step, data_timeout
-  )
+  models, source = open_inputs(heartbeat, data_timeout)
   bar = _cli.progress_bar(unit="ckpt", dynamic_ncols=True, delay=0.5)
 
   def progress(model, step):

@@ -135,17 +135,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     where = f"{path}: tensor {name!r}"
-    try:
-      st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-      if not all(type(x) is int for x in (*shape, begin, end)):  # 2.5 or "3" are no sizes
-        raise ValueError
-      shape = tuple(shape)
-    except (TypeError, KeyError, ValueError):
-      raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
-    if st_dtype not in _ST_TO_NP:
-      raise CheckpointError(
-        f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
-      )
+    st_dtype, shape, begin, end = _header_entry(where, info)
     dtype = _ST_TO_NP[st_dtype]
     if any(s < 0 for s in shape) or not 0 <= begin <= end:
       raise CheckpointError(f"{where}: invalid shape {shape} or data_offsets {[begin, end]}")
@@ -168,13 +158,33 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       tensors[name] = np.frombuffer(
         mapped, dtype=dtype, count=count, offset=data_start + begin
       ).reshape(shape)
-  spans.sort()
+  _check_no_overlap(path, spans)
+  return tensors
+
+
+def _header_entry(where: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+  """(dtype, shape, begin, end) of one safetensors header entry, all sizes integers."""
+  try:
+    st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    if not all(type(x) is int for x in (*shape, begin, end)):  # 2.5 or "3" are no sizes
+      raise ValueError
+  except (TypeError, KeyError, ValueError):
+    raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
+  if st_dtype not in _ST_TO_NP:
+    raise CheckpointError(
+      f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
+    )
+  return st_dtype, tuple(shape), begin, end
+
+
+def _check_no_overlap(path: str, spans: list[tuple[int, int, str]]) -> None:
+  """Two tensors over the same bytes: one of them is not what the header says."""
+  spans = sorted(spans)
   for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-    if begin < end:  # two tensors over the same bytes: one of them is not what it says
+    if begin < end:
       raise CheckpointError(
         f"{path}: tensors {first!r} and {second!r} overlap (data_offsets); the header is corrupt"
       )
-  return tensors
 
 
 def write_safetensors(
