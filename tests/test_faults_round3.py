@@ -17,7 +17,7 @@ import pytest
 
 from jax_pythia import data
 from jax_pythia.checkpoints import hub, sources
-from jax_pythia.data import staged, streams
+from jax_pythia.data import staged, streams, transports
 from jax_pythia.errors import CheckpointError, JaxPythiaError
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
@@ -531,7 +531,7 @@ def test_an_edited_cache_layout_is_named_offline(pile, server, tmp_path, monkeyp
   layout = next(cache.iterdir()) / "stream.json"
   fields = json.loads(layout.read_text())
   layout.write_text(json.dumps({**fields, "count": "40"}))
-  monkeypatch.setattr(streams.HttpTransport, "offline_reason", lambda self: "offline here")
+  monkeypatch.setattr(transports.HttpTransport, "offline_reason", lambda self: "offline here")
   with pytest.raises(data.DataError, match=f"{layout}: damaged or edited"):
     cached_http_source(server, cache)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jax_pythia import data
-from jax_pythia.data import DataError, DataFileNotFoundError, indexed, staged, streams
+from jax_pythia.data import DataError, DataFileNotFoundError, indexed, staged, streams, transports
 
 SEQUENCES_PER_STEP = 4
 ITEM_TOKENS = 9  # 18 bytes an item: items straddle the 100-byte shards' ends
@@ -352,7 +352,7 @@ def test_hub_stream_then_offline_from_the_cache(pile, tmp_path, monkeypatch):
   finally:
     stub.close()
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  monkeypatch.setattr(streams.HubTransport, "fs", None)  # any request would fail
+  monkeypatch.setattr(transports.HubTransport, "fs", None)  # any request would fail
   offline = data.open_token_source(url, sequences_per_step=SEQUENCES_PER_STEP)
   for step in (0, 3, 9):
     np.testing.assert_array_equal(offline.batch(step, 4), reference.batch(step, 4))
@@ -372,13 +372,13 @@ def test_hub_offline_without_cache_says_so(tmp_path, monkeypatch):
 
 
 def test_hub_url_forms():
-  t = streams.HubTransport("hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled@v1/sub")
+  t = transports.HubTransport("hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled@v1/sub")
   assert (t.repo_id, t.revision) == ("EleutherAI/pile-deduped-pythia-preshuffled", "v1")
   assert t.url("document.idx") == (
     "hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled@v1/sub/document.idx"
   )
   with pytest.raises(streams.StreamError, match="expected hf://datasets"):
-    streams.HubTransport("hf://nonsense")
+    transports.HubTransport("hf://nonsense")
 
 
 # --------------------------------------------------------------------- staging

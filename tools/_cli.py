@@ -187,16 +187,16 @@ def _define_memory_flags() -> None:
 
 def define_data_timeout() -> None:
   """--data_timeout, for the tools that read a remote stream (tools.sweep, tools.fetch_data)."""
-  from jax_pythia.data import streams
+  from jax_pythia.data import transports
 
   flags.DEFINE_string(
     "data_timeout",
-    f"{streams.DEFAULT_TIMEOUT_S:g}s",
+    f"{transports.DEFAULT_TIMEOUT_S:g}s",
     "How long one read of an http(s):// --data (a request and its whole answer, however "
     "slowly it trickles in) may take: seconds or a duration (90s, 2m). A read that times "
-    f"out is tried {streams.DEFAULT_ATTEMPTS} times in all, with "
-    f"{streams.DEFAULT_BACKOFF_S:g}, {2 * streams.DEFAULT_BACKOFF_S:g}, ... s between, so "
-    f"a server that stalls holds the run about {streams.DEFAULT_ATTEMPTS} x this long before "
+    f"out is tried {transports.DEFAULT_ATTEMPTS} times in all, with "
+    f"{transports.DEFAULT_BACKOFF_S:g}, {2 * transports.DEFAULT_BACKOFF_S:g}, ... s between, so "
+    f"a server that stalls holds the run about {transports.DEFAULT_ATTEMPTS} x this long before "
     "the error line naming it.",
   )
 

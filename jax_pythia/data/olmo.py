@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jax_pythia.data import streams
+from jax_pythia.data import streams, transports
 from jax_pythia.data.indexed import DataError, step_items
 from jax_pythia.files import atomic_write
 
@@ -61,7 +61,7 @@ class RemoteFile:
     self.location = location
     base, _, self.file = location.rstrip("/").rpartition("/")
     if location.startswith(("http://", "https://")):
-      transport = streams.HttpTransport(base)
+      transport = transports.HttpTransport(base)
     else:
       import fsspec
 
@@ -71,8 +71,8 @@ class RemoteFile:
       except (ImportError, ValueError) as e:
         raise DataError(f"{location}: no filesystem for {protocol}:// ({e})") from None
       folder = base[len(protocol) + 3 :] if sep else os.path.abspath(base or ".")
-      transport = streams.FsspecTransport(fs, folder, base)
-    self._remote = streams.Retrying(transport)
+      transport = transports.FsspecTransport(fs, folder, base)
+    self._remote = transports.Retrying(transport)
     self._size: int | None = None
 
   @property
