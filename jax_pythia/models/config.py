@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from jax_pythia.errors import ConfigError
 
@@ -150,6 +150,7 @@ def _check_types(hf: dict[str, Any], where: str) -> None:
 class GPTNeoXConfig:
   """The GPT-NeoX architecture this project implements (see docs/pythia.md)."""
 
+  family: ClassVar[str] = "gpt_neox"  # its entry in models.family.FAMILIES
   vocab_size: int
   d_model: int
   n_layers: int
@@ -198,6 +199,31 @@ class GPTNeoXConfig:
   def rotary_dim(self) -> int:
     # Hugging Face truncates, int(d_head * rotary_pct); so do we.
     return int(self.d_head * self.rotary_pct)
+
+  @property
+  def n_kv_heads(self) -> int:
+    return self.n_heads
+
+  def dims(self) -> dict[str, int]:
+    """Each dim symbol of the layout table (gpt_neox.DIM_SYMBOLS) -> its size."""
+    d = self.d_model
+    return {
+      "L": self.n_layers,
+      "V": self.vocab_size,
+      "d": d,
+      "3d": 3 * d,
+      "H": self.n_heads,
+      "dh": self.d_head,
+      "f": self.d_mlp,
+    }
+
+  def site_refusal(self, suffix: str) -> str | None:
+    """Why this model has no per-layer capture site `suffix`, or None if it has it."""
+    if suffix == "hook_resid_mid" and self.use_parallel_residual:
+      return "exists only with sequential residual (use_parallel_residual=False)"
+    if suffix == "mlp.hook_pre_linear":
+      return "exists only in gated (SwiGLU) MLPs; GPT-NeoX's MLP is not gated"
+    return None
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], source: str = "config") -> GPTNeoXConfig:
@@ -307,48 +333,57 @@ class GPTNeoXConfig:
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> GPTNeoXConfig:
     path = os.fspath(path)
-    try:
-      with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: no such config file") from None
-    except UnicodeDecodeError as e:
-      raise ConfigError(
-        f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
-      ) from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-      raise ConfigError(f"{path}: expected a JSON object")
-    return cls.from_hf_dict(hf, source=path)
+    return cls.from_hf_dict(read_config_json(path), source=path)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers-5 layout (what `save_pretrained` writes), loadable by both."""
-    return {
-      "architectures": ["GPTNeoXForCausalLM"],
-      "model_type": "gpt_neox",
-      "vocab_size": self.vocab_size,
-      "hidden_size": self.d_model,
-      "num_hidden_layers": self.n_layers,
-      "num_attention_heads": self.n_heads,
-      "intermediate_size": self.d_mlp,
-      "max_position_embeddings": self.max_seq_len,
-      "rope_parameters": {
-        "partial_rotary_factor": self.rotary_pct,
-        "rope_theta": self.rotary_base,
-        "rope_type": "default",
-      },
-      # transformers-4 spelling too, so older readers get the same model.
-      "rotary_pct": self.rotary_pct,
-      "rotary_emb_base": self.rotary_base,
-      "layer_norm_eps": self.layer_norm_eps,
-      "use_parallel_residual": self.use_parallel_residual,
-      "hidden_act": "gelu",
-      "attention_bias": True,
-      "tie_word_embeddings": False,
-      "attention_dropout": 0.0,
-      "hidden_dropout": 0.0,
-      "bos_token_id": 0,
-      "eos_token_id": 0,
-      "dtype": self.stored_dtype,
-    }
+    return _to_hf_dict(self)
+
+
+def read_config_json(path: str) -> dict[str, Any]:
+  """The JSON object of a config.json; a ConfigError naming the file if it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: no such config file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(
+      f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
+    ) from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{path}: expected a JSON object")
+  return hf
+
+
+def _to_hf_dict(self: GPTNeoXConfig) -> dict[str, Any]:
+  return {
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "vocab_size": self.vocab_size,
+    "hidden_size": self.d_model,
+    "num_hidden_layers": self.n_layers,
+    "num_attention_heads": self.n_heads,
+    "intermediate_size": self.d_mlp,
+    "max_position_embeddings": self.max_seq_len,
+    "rope_parameters": {
+      "partial_rotary_factor": self.rotary_pct,
+      "rope_theta": self.rotary_base,
+      "rope_type": "default",
+    },
+    # transformers-4 spelling too, so older readers get the same model.
+    "rotary_pct": self.rotary_pct,
+    "rotary_emb_base": self.rotary_base,
+    "layer_norm_eps": self.layer_norm_eps,
+    "use_parallel_residual": self.use_parallel_residual,
+    "hidden_act": "gelu",
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "dtype": self.stored_dtype,
+  }

@@ -126,12 +126,12 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
     except ValueError:
       return None
   from jax_pythia.checkpoints import hub as checkpoints
-  from jax_pythia.models import weights
+  from jax_pythia.models import family, weights
 
   step_dir = os.path.join(m.location, suite.revision(m.final_step))
   config_path = os.path.join(step_dir, weights.CONFIG_FILE)
   if os.path.isfile(config_path):
-    config = GPTNeoXConfig.from_json_file(config_path)
+    config = family.load_config(config_path)
   else:
     config = checkpoints.converted_config(step_dir)
   size = sum(
@@ -585,7 +585,7 @@ def stacked_peaks(
 
 def kept_positions(spec: str, seq_len: int) -> int:
   """Token positions per sequence a --positions spec keeps."""
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   try:
     kind, arg = model.parse_positions(spec, "--positions")
@@ -632,7 +632,7 @@ def measure_flops_per_device(seconds: float = 2.0, checkpoints_per_call: int = 1
   does (what stacking gains shows here)."""
   import jax
 
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   config = GPTNeoXConfig(
     vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048, max_seq_len=256
