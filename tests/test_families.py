@@ -63,10 +63,11 @@ def torch_sites(hf, tokens) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   hooks.append(base.norm.register_forward_hook(out("ln_final.hook_normalized")))
   for l, layer in enumerate(base.layers):
     p, a = f"blocks.{l}.", layer.self_attn
-    hooks.append(layer.register_forward_pre_hook(
-      lambda m, args, kw, p=p: got.__setitem__(p + "hook_resid_pre", kw.get("hidden_states", args[0] if args else None)),
-      with_kwargs=True,
-    ))  # fmt: skip
+
+    def resid_pre(module, args, kwargs, p=p):
+      got[p + "hook_resid_pre"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    hooks.append(layer.register_forward_pre_hook(resid_pre, with_kwargs=True))
     hooks.append(
       layer.register_forward_hook(
         out(p + "hook_resid_post", lambda o: o[0] if isinstance(o, tuple) else o)
@@ -166,7 +167,8 @@ def test_layer_gradients_match_torch(case, tmp_path):
   torch_names = {
     ("attn", "query"): "self_attn.q_proj", ("attn", "key"): "self_attn.k_proj",
     ("attn", "value"): "self_attn.v_proj", ("attn", "out"): "self_attn.o_proj",
-    ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj", ("mlp", "fc_out"): "mlp.down_proj",
+    ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj",
+    ("mlp", "fc_out"): "mlp.down_proj",
   }  # fmt: skip
   for (group, leaf), name in torch_names.items():
     g = np.asarray(grads[group][leaf]["kernel"])  # [L, in..., out...] kernels (in, out)
@@ -216,7 +218,8 @@ def test_pico_decoder_maps_onto_llama(tmp_path):
   sd = {k: torch_numpy(v) for k, v in hf.state_dict().items()}
   rename = {"input_layernorm": "attention_norm", "post_attention_layernorm": "swiglu_norm",
             "self_attn.v_proj": "attention.v_proj", "self_attn.o_proj": "attention.o_proj",
-            "mlp.gate_proj": "swiglu.w_0", "mlp.up_proj": "swiglu.w_1", "mlp.down_proj": "swiglu.w_2"}  # fmt: skip
+            "mlp.gate_proj": "swiglu.w_0", "mlp.up_proj": "swiglu.w_1",
+            "mlp.down_proj": "swiglu.w_2"}  # fmt: skip
   for l in range(cfg.num_hidden_layers):
     src, dst = f"model.layers.{l}.", f"pico_decoder.layers.{l}."
     state[dst + "attention.q_proj.weight"] = interleave(sd[src + "self_attn.q_proj.weight"], 4)
