@@ -41,7 +41,6 @@ def close(got, want, what):
 def torch_sites(hf, tokens) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """(logits, {site name: array at every position}) of the torch model, by hooks."""
   import torch
-  from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
   cfg, base = hf.config, hf.model
   H, Hkv, dh = (
@@ -96,8 +95,18 @@ def torch_sites(hf, tokens) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     logits = hf(input_ids=torch.as_tensor(tokens), output_attentions=True).logits
   for h in hooks:
     h.remove()
-  # Derived sites, from torch's own tensors and transformers' own rotary.
-  s = tokens.shape[1]
+  _derive_sites(hf, got, tokens.shape[1])
+  return torch_numpy(logits), {k: torch_numpy(v) for k, v in got.items()}
+
+
+def _derive_sites(hf, got, s):
+  """The sites torch has no module for, from its own tensors and its own rotary."""
+  import torch
+  from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+  cfg, base = hf.config, hf.model
+  H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+  dh = cfg.hidden_size // H
   positions = torch.arange(s)[None]
   for l in range(cfg.num_hidden_layers):
     p = f"blocks.{l}."
@@ -110,7 +119,6 @@ def torch_sites(hf, tokens) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     got[p + "attn.hook_attn_scores"] = (rq @ rk.transpose(-1, -2)) / dh**0.5
     w_o = base.layers[l].self_attn.o_proj.weight.reshape(cfg.hidden_size, H, dh)
     got[p + "attn.hook_result"] = torch.einsum("bshi,dhi->bshd", got[p + "attn.hook_z"], w_o)
-  return torch_numpy(logits), {k: torch_numpy(v) for k, v in got.items()}
 
 
 def load(hf, tmp_path, dtype):

@@ -146,6 +146,59 @@ def _check_types(hf: dict[str, Any], where: str) -> None:
       refuse(key, hf[key], 'a dtype name such as "float16"')
 
 
+# config.json key -> field.
+_HF_FIELDS = {
+  "vocab_size": "vocab_size",
+  "hidden_size": "d_model",
+  "num_hidden_layers": "n_layers",
+  "num_attention_heads": "n_heads",
+  "intermediate_size": "d_mlp",
+  "max_position_embeddings": "max_seq_len",
+  "layer_norm_eps": "layer_norm_eps",
+  "use_parallel_residual": "use_parallel_residual",
+}
+
+
+def _rotary(hf: dict[str, Any], refuse) -> tuple[Any, Any]:
+  """(rotary_pct, rotary_base) from rope_parameters (transformers 5), the 4.x keys
+  (`rotary_pct`, `rotary_emb_base`) or flattened rope keys; contradictions refused."""
+  rotary_pct, rotary_base = 0.25, 10_000.0
+  rope = hf.get("rope_parameters")
+  if rope is not None:
+    if not isinstance(rope, dict):
+      refuse("rope_parameters", rope, "expected a mapping")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+      refuse("rope_parameters.rope_type", rope_type, "only 'default' rotary is implemented")
+    unknown = set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"}
+    if unknown:
+      refuse("rope_parameters", sorted(unknown), "unknown rotary settings")
+    rotary_pct = rope.get("partial_rotary_factor", 1.0)
+    rotary_base = rope.get("rope_theta", rotary_base)
+  # transformers-4 keys (the Hub's Pythia repos); they win only when no rope_parameters.
+  if "rotary_pct" in hf and rope is None:
+    rotary_pct = hf["rotary_pct"]
+  if "rotary_emb_base" in hf and rope is None:
+    rotary_base = hf["rotary_emb_base"]
+  if rope is not None:
+    for legacy, value in (("rotary_pct", rotary_pct), ("rotary_emb_base", rotary_base)):
+      if legacy in hf and hf[legacy] != value:
+        refuse(legacy, hf[legacy], f"contradicts rope_parameters ({value!r})")
+
+  for key in ("rope_theta", "partial_rotary_factor"):
+    # Some exports flatten rope settings to the top level.
+    if key in hf:
+      value = rotary_base if key == "rope_theta" else rotary_pct
+      if rope is None:
+        if key == "rope_theta":
+          rotary_base = hf[key]
+        else:
+          rotary_pct = hf[key]
+      elif hf[key] != value:
+        refuse(key, hf[key], f"contradicts rope_parameters ({value!r})")
+  return rotary_pct, rotary_base
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTNeoXConfig:
   """The GPT-NeoX architecture this project implements (see docs/pythia.md)."""
@@ -242,46 +295,13 @@ class GPTNeoXConfig:
     if "model_type" not in hf:
       raise ConfigError(f"{where}no model_type; expected 'gpt_neox'")
 
-    rotary_pct, rotary_base = 0.25, 10_000.0
-    rope = hf.get("rope_parameters")
-    if rope is not None:
-      if not isinstance(rope, dict):
-        refuse("rope_parameters", rope, "expected a mapping")
-      rope_type = rope.get("rope_type", "default")
-      if rope_type != "default":
-        refuse("rope_parameters.rope_type", rope_type, "only 'default' rotary is implemented")
-      unknown = set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"}
-      if unknown:
-        refuse("rope_parameters", sorted(unknown), "unknown rotary settings")
-      rotary_pct = rope.get("partial_rotary_factor", 1.0)
-      rotary_base = rope.get("rope_theta", rotary_base)
-    # transformers-4 keys (the Hub's Pythia repos); they win only when no rope_parameters.
-    if "rotary_pct" in hf and rope is None:
-      rotary_pct = hf["rotary_pct"]
-    if "rotary_emb_base" in hf and rope is None:
-      rotary_base = hf["rotary_emb_base"]
-    if rope is not None:
-      for legacy, value in (("rotary_pct", rotary_pct), ("rotary_emb_base", rotary_base)):
-        if legacy in hf and hf[legacy] != value:
-          refuse(legacy, hf[legacy], f"contradicts rope_parameters ({value!r})")
+    rotary_pct, rotary_base = _rotary(hf, refuse)
 
     intermediate = hf.get("intermediate_size")
     if intermediate is None:
       refuse("intermediate_size", None, "required")
-    stored = hf.get("dtype", hf.get("torch_dtype")) or "float32"
-    if isinstance(stored, str):
-      stored = stored.removeprefix("torch.")
+    stored = str(hf.get("dtype", hf.get("torch_dtype")) or "float32").removeprefix("torch.")
 
-    mapping = {
-      "vocab_size": "vocab_size",
-      "hidden_size": "d_model",
-      "num_hidden_layers": "n_layers",
-      "num_attention_heads": "n_heads",
-      "intermediate_size": "d_mlp",
-      "max_position_embeddings": "max_seq_len",
-      "layer_norm_eps": "layer_norm_eps",
-      "use_parallel_residual": "use_parallel_residual",
-    }
     missing = [
       k
       for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -289,10 +309,10 @@ class GPTNeoXConfig:
     ]
     if missing:
       raise ConfigError(f"{where}missing required keys {missing}")
-    kwargs = {field: hf[key] for key, field in mapping.items() if key in hf}
+    kwargs = {field: hf[key] for key, field in _HF_FIELDS.items() if key in hf}
 
     understood = (
-      set(mapping)
+      set(_HF_FIELDS)
       | set(_REQUIRED_VALUES)
       | {
         "rope_parameters",
@@ -302,17 +322,6 @@ class GPTNeoXConfig:
         "partial_rotary_factor",
       }
     )
-    for key in ("rope_theta", "partial_rotary_factor"):
-      # Some exports flatten rope settings to the top level.
-      if key in hf:
-        value = rotary_base if key == "rope_theta" else rotary_pct
-        if rope is None:
-          if key == "rope_theta":
-            rotary_base = hf[key]
-          else:
-            rotary_pct = hf[key]
-        elif hf[key] != value:
-          refuse(key, hf[key], f"contradicts rope_parameters ({value!r})")
     unknown = sorted(set(hf) - understood - _IGNORED_KEYS)
     if unknown:
       details = ", ".join(f"{k}={hf[k]!r}" for k in unknown)

@@ -114,43 +114,43 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     # The mmap outlives the file object; the arrays keep it alive through their base.
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
   data_start = 8 + header_len
-  data_len = size - data_start
-  tensors: dict[str, np.ndarray] = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    where = f"{path}: tensor {name!r}"
-    try:
-      st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-      shape = tuple(int(s) for s in shape)
-      begin, end = int(begin), int(end)
-    except (TypeError, KeyError, ValueError):
-      raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
-    if st_dtype not in _ST_TO_NP:
-      raise CheckpointError(
-        f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
-      )
-    dtype = _ST_TO_NP[st_dtype]
-    if any(s < 0 for s in shape) or not 0 <= begin <= end:
-      raise CheckpointError(f"{where}: invalid shape {shape} or data_offsets {[begin, end]}")
-    if end > data_len:
-      raise CheckpointError(
-        f"{where}: data_offsets [{begin}, {end}] run past the end of the data ({data_len} "
-        "bytes); the file is truncated"
-      )
-    count = math.prod(shape)
-    if count * dtype.itemsize != end - begin:
-      raise CheckpointError(
-        f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
-        f"data_offsets span {end - begin}"
-      )
-    if count == 0:
-      tensors[name] = np.empty(shape, dtype)
-    else:
-      tensors[name] = np.frombuffer(
-        mapped, dtype=dtype, count=count, offset=data_start + begin
-      ).reshape(shape)
-  return tensors
+  return {
+    name: _header_tensor(path, name, info, mapped, data_start, size - data_start)
+    for name, info in header.items()
+    if name != "__metadata__"
+  }
+
+
+def _header_tensor(path, name, info, mapped, data_start: int, data_len: int) -> np.ndarray:
+  """One tensor of a safetensors header entry, as a view over the file's mmap, checked."""
+  where = f"{path}: tensor {name!r}"
+  try:
+    st_dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    shape = tuple(int(s) for s in shape)
+    begin, end = int(begin), int(end)
+  except (TypeError, KeyError, ValueError):
+    raise CheckpointError(f"{where}: malformed header entry {info!r}") from None
+  if st_dtype not in _ST_TO_NP:
+    raise CheckpointError(
+      f"{where}: unsupported dtype {st_dtype} (supported: {', '.join(_ST_TO_NP)})"
+    )
+  dtype = _ST_TO_NP[st_dtype]
+  if any(s < 0 for s in shape) or not 0 <= begin <= end:
+    raise CheckpointError(f"{where}: invalid shape {shape} or data_offsets {[begin, end]}")
+  if end > data_len:
+    raise CheckpointError(
+      f"{where}: data_offsets [{begin}, {end}] run past the end of the data ({data_len} "
+      "bytes); the file is truncated"
+    )
+  count = math.prod(shape)
+  if count * dtype.itemsize != end - begin:
+    raise CheckpointError(
+      f"{where}: shape {list(shape)} of {st_dtype} needs {count * dtype.itemsize} bytes, "
+      f"data_offsets span {end - begin}"
+    )
+  if count == 0:
+    return np.empty(shape, dtype)
+  return np.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
 
 
 def write_safetensors(
