@@ -299,3 +299,23 @@ def test_sites_a_family_lacks_are_refused_by_name():
                                 "intermediate_size": 64})  # fmt: skip
   with pytest.raises(ValueError, match=r"'blocks.0.mlp.hook_pre_linear' exists only in gated"):
     model.SiteRequest.parse(["blocks.0.mlp.hook_pre_linear"], neox)
+
+
+def test_plan_counts_gqa_swiglu_and_tied_embeddings(tmp_path):
+  """tools.plan's shape of a Llama-family checkpoint: parameters exactly as the layout
+  table has them, and the layer matmuls with H_kv key/value heads and three MLP matrices."""
+  import dataclasses
+
+  from jax_pythia.scale import plan
+
+  hf = tiny_llama("llama", seed=2, tie_word_embeddings=True)
+  hf.save_pretrained(tmp_path / "m" / "step0")
+  (shape,) = plan.from_directory(str(tmp_path / "m"))
+  assert (shape.n_kv_heads, shape.gated_mlp, shape.tied_embeddings) == (2, True, True)
+  assert shape.params == sum(p.numel() for p in hf.parameters())  # torch: tied counted once
+  d, f, L, kv = 32, 48, 2, 16  # kv = H_kv * dh
+  assert shape.layer_params == L * (2 * d * d + 2 * d * kv + 3 * d * f)
+  untied = dataclasses.replace(shape, tied_embeddings=False)
+  work = plan.Work(dtype="float32")
+  extra = plan._param_bytes(untied, work, {}) - plan._param_bytes(shape, work, {})
+  assert extra == 4 * 97 * d  # a tied model holds one V x d table
