@@ -1,15 +1,17 @@
 """OV circuits and the MLP matrix from the stacked Flax parameters, in the paper's terms.
 
-Parameter layout (Flax, kernels (in, out), layer axis first; '...' below is any leading
+Parameter layout: the model-family seam's per-layer study factors (models/family.py), the
+same in every family (kernels (in, out), layer axis first; '...' below is any leading
 axes, typically [L] for weights and [G, L] for G gradient batches):
-  attn['value']['kernel'] [..., d, H, dh], attn['out']['kernel'] [..., H, dh, d]
-  (query/key alike), mlp['fc_out']['kernel'] [..., f, d].
-Torch (Hugging Face, out x in) names used in docs/method.md:
-  W_V[h, :] = value.kernel[:, h, :].T   (dh x d)
+  attn['value']['kernel'] [..., d, H_kv, dh], attn['out']['kernel'] [..., H, dh, d]
+  (query [..., d, H, dh], key like value), mlp['fc_out']['kernel'] [..., f, d].
+H_kv divides H; with grouped-query attention (H_kv < H) query head h reads key/value head
+kv(h) = h // (H / H_kv). Torch (Hugging Face, out x in) names used in docs/method.md:
+  W_V[g, :] = value.kernel[:, g, :].T   (dh x d), g a key/value head
   W_O[:, h] = out.kernel[h].T           (d x dh)
-  W_OV,h    = W_O[:, h] @ W_V[h, :]     (d x d, rank <= dh)
-  W_OV      = W_O @ W_V = sum_h W_OV,h  (d x d)
-  dense_4h_to_h = fc_out.kernel.T       (d x f)
+  W_OV,h    = W_O[:, h] @ W_V[kv(h), :] (d x d, rank <= dh)
+  W_OV      = sum_h W_OV,h              (d x d)
+  MLP output matrix = fc_out.kernel.T   (d x f: dense_4h_to_h, or down_proj)
 Matrices returned here are in the torch (out x in) convention; singular values do not
 depend on the convention.
 
@@ -113,12 +115,23 @@ def value_vectors(
   return reference_value_activation(q, k, v).reshape(v.shape)
 
 
+def kv_to_heads(x: jax.Array, heads: int, axis: int) -> jax.Array:
+  """Key/value heads on `axis` [..., H_kv, ...] -> query heads [..., H, ...]: query head h
+  gets key/value head h // (H / H_kv). A no-op without grouping (H_kv = H)."""
+  kv = x.shape[axis]
+  if kv == heads:
+    return x
+  if heads % kv:
+    raise ValueError(f"{kv} key/value heads do not divide {heads} query heads")
+  return jnp.repeat(x, heads // kv, axis=axis)
+
+
 def _ov_factors(attn: dict, value_slice: str):
-  """Per-head W_O[:, h] [..., H, d, dh] and W_V[h, :] [..., H, dh, d] (torch)."""
-  w_v = jnp.moveaxis(value_kernel(attn, value_slice), -2, -3)  # [..., H, d, dh]
-  w_v = jnp.swapaxes(w_v, -1, -2)  # [..., H, dh, d]
+  """Per-head W_O[:, h] [..., H, d, dh] and W_V[kv(h), :] [..., H, dh, d] (torch)."""
+  w_v = jnp.moveaxis(value_kernel(attn, value_slice), -2, -3)  # [..., H_kv, d, dh]
+  w_v = jnp.swapaxes(w_v, -1, -2)  # [..., H_kv, dh, d]
   w_o = jnp.swapaxes(attn["out"]["kernel"], -1, -2)  # [..., H, d, dh]
-  return w_o, w_v
+  return w_o, kv_to_heads(w_v, w_o.shape[-3], axis=-3)
 
 
 def _whole_factors(attn: dict, value_slice: str):
@@ -230,18 +243,19 @@ def ov_head_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   """Per-head OV activation v_h(x) @ W_O[:, h]^T: a token's own value, no attention mixing.
 
   Args:
-    values: [..., n, H, dh] (hook_v, or `value_vectors(..., 'reference')`).
+    values: [..., n, H or H_kv, dh] (hook_v, or `value_vectors(..., 'reference')`); key/value
+      head kv(h) serves query head h.
     out_kernel: [..., H, dh, d] (same leading axes as values minus n, e.g. [L]).
   Returns:
     [..., n, H, d]. No output bias (the paper's v(x) @ W_O^T).
   """
-  _check_head_dims(values, out_kernel)
+  values = _check_head_dims(values, out_kernel)
   return jnp.einsum("...nhi,...hid->...nhd", values, out_kernel, precision=_HIGHEST)
 
 
 def ov_activations(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   """Whole-layer OV activation v(x) @ W_O^T = sum over heads. [..., n, H, dh] -> [..., n, d]."""
-  _check_head_dims(values, out_kernel)
+  values = _check_head_dims(values, out_kernel)
   return jnp.einsum("...nhi,...hid->...nd", values, out_kernel, precision=_HIGHEST)
 
 
@@ -254,22 +268,26 @@ def ov_head_features(values: jax.Array, out_kernel: jax.Array) -> jax.Array:
   times less to store and to multiply.
 
   Args:
-    values: [L, n, H, dh]. out_kernel: [L, H, dh, d].
+    values: [L, n, H or H_kv, dh]. out_kernel: [L, H, dh, d].
   Returns:
     [L, H, n, dh].
   """
+  values = _check_head_dims(values, out_kernel)
   r = jnp.linalg.qr(jnp.swapaxes(out_kernel, -1, -2), mode="r")  # [L, H, dh, dh]
   return jnp.einsum("lnhi,lhji->lhnj", values, r, precision=_HIGHEST)
 
 
 def _check_head_dims(values, out_kernel):
+  """values with its key/value heads spread to out_kernel's query heads (kv_to_heads)."""
   if values.ndim < 3 or out_kernel.ndim < 3:
     raise ValueError(
       f"expected values [..., n, H, dh] and out_kernel [..., H, dh, d], got "
       f"{values.shape} and {out_kernel.shape}"
     )
-  if values.shape[-2:] != out_kernel.shape[-3:-1]:
+  heads = out_kernel.shape[-3]
+  if values.shape[-1] != out_kernel.shape[-2] or heads % values.shape[-2]:
     raise ValueError(
       f"head dims differ: values {values.shape} (.., n, H, dh) vs out_kernel "
       f"{out_kernel.shape} (.., H, dh, d)"
     )
+  return kv_to_heads(values, heads, axis=-2)

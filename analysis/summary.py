@@ -9,7 +9,8 @@ registered 'spectral' metrics ('effective_rank', 'per', 'condition_number',
 metrics are the same of the mean gradient singular values, prefixed 'grad_', plus
 'grad_norm' and 'grad_cosine'.
 
-Rank bounds k (docs/method.md): d_head for a head's OV matrix, d for the whole OV and the MLP.
+Rank bounds k (docs/method.md): d_head for a head's OV matrix, d for the whole OV (H_kv d_head
+under grouped-query attention) and the MLP.
 A head's OV *gradient* has rank <= 2 d_head (sum of two rank-d_head products), so its
 default bound is 2 d_head; pass head_gradient_rank_bound=d_head to mimic the reference.
 """
@@ -86,12 +87,14 @@ def weight_spectra(layers: dict, value_slice: str = "per_head") -> dict[str, dic
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
-  d, _, head_dim = _dims(layers)
+  d, kv_heads, head_dim = _dims(layers)
   d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
   s = weight_singular_values(layers, value_slice)
   return {
     "ov_head": spectral_metrics(s["ov_head"], head_dim),
-    "ov": spectral_metrics(s["ov"], d),
+    # W_OV = sum_h W_O[:, h] W_V[kv(h)] factors through the H_kv * dh values: its rank
+    # bound is d, or H_kv * dh under grouped-query attention (docs/method.md).
+    "ov": spectral_metrics(s["ov"], min(d, kv_heads * head_dim)),
     "mlp": spectral_metrics(s["mlp"], d_mlp),
   }
 
@@ -120,9 +123,9 @@ def first_gradient_carry(grad: dict, value_slice: str = "per_head") -> dict:
     'ov': [L], 'mlp': [L]} of ones}.
   """
   leaves = _gradient_leaves(grad, value_slice)
-  value = leaves["attn"]["value"]["kernel"]  # [L, d, H, dh]
-  dtype = value.dtype
-  layers, heads = value.shape[:-3], value.shape[-2]
+  out = leaves["attn"]["out"]["kernel"]  # [L, H, dh, d]: H query heads (H_kv <= H values)
+  dtype = out.dtype
+  layers, heads = out.shape[:-3], out.shape[-3]
   return {
     "grads": jax.tree.map(jnp.zeros_like, leaves),
     "norms": {

@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import throughput  # noqa: E402
 from jax_pythia import files  # noqa: E402
-from jax_pythia.models import gpt_neox as model_lib  # noqa: E402
+from jax_pythia.models import model as model_lib  # noqa: E402
 from jax_pythia.models.config import GPTNeoXConfig  # noqa: E402
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study

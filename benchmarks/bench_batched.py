@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.study import checkpoint as study
 
 GRADIENT_BATCHES = 11  # a window of 5 steps either side, as the study

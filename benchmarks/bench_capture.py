@@ -21,7 +21,7 @@ from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 
 from benchmarks import shapes
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.models.weights import convert_state_dict
 

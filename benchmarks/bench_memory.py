@@ -39,7 +39,7 @@ from transformers import GPTNeoXForCausalLM
 
 from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study

@@ -30,7 +30,7 @@ def build(work: str, n_steps: int, seq_len: int) -> str:
   import numpy as np
 
   from jax_pythia import data
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
   from jax_pythia.models import weights
   from jax_pythia.models.config import GPTNeoXConfig
 

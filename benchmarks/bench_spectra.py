@@ -323,7 +323,7 @@ def model_gradients(grad_batches, sequences=4, seq_len=128, seed=0):
   exact null direction, and the spectra spread over orders of magnitude), which decides
   whether the guarded Gram route is taken.
   Returns (grads with leaves [G, L, ...], params['layers'])."""
-  from jax_pythia.models import gpt_neox as model_lib
+  from jax_pythia.models import model as model_lib
   from jax_pythia.models.config import GPTNeoXConfig
 
   shape = SHAPES["70m"]

@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.bench_batched import GRADIENT_BATCHES, VALUE_SLICE, best_of
 from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.study import checkpoint as study
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests import hf_fixtures
+from tests import hf_fixtures, llama_fixtures
 
 SUITE_MODELS = {
   "small-2l": dict(
@@ -27,6 +27,19 @@ SUITE_MODELS = {
     num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=256
   ),
 }
+#: A two-family suite: a GPT-NeoX model beside Llama-family ones (a "family" key picks
+#: the transformers class, llama_fixtures.tiny_llama), with grouped-query attention.
+FAMILY_SUITE_MODELS = {
+  "neox-2l": SUITE_MODELS["small-2l"],
+  "llama-gqa-2l": dict(
+    family="llama", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=48,
+  ),
+  "olmo2-gqa-2l": dict(
+    family="olmo2", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+    num_key_value_heads=1, intermediate_size=40, tie_word_embeddings=True,
+  ),
+}  # fmt: skip
 SUITE_STEPS = (0, 1, 2, 4, 8)
 VOCAB = 97
 SEQ_LEN = 16
@@ -57,9 +70,7 @@ def write_suite(
   write_token_stream(root / "data" / "train", rng.integers(0, VOCAB, (n_items, SEQ_LEN + 1)))
   for i, (name, shape) in enumerate(models.items()):
     for step in steps:
-      model = hf_fixtures.tiny_model(
-        seed=1000 * i + step, vocab_size=VOCAB, max_position_embeddings=64, **shape
-      )
+      model = _tiny(seed=1000 * i + step, vocab_size=VOCAB, max_position_embeddings=64, **shape)
       hf_fixtures.write_safetensors(model, root / name / f"step{step}")
   manifest = {
     "models": [{"name": n} for n in models],
@@ -68,3 +79,10 @@ def write_suite(
   }
   (root / "suite.json").write_text(json.dumps(manifest))
   return root
+
+
+def _tiny(family: str = "gpt_neox", **kwargs):
+  """A random torch model of `family` (GPT-NeoX: hf_fixtures; else llama_fixtures)."""
+  if family == "gpt_neox":
+    return hf_fixtures.tiny_model(**kwargs)
+  return llama_fixtures.tiny_llama(family, **kwargs)

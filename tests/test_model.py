@@ -16,7 +16,7 @@ from transformers import GPTNeoXConfig as HFConfig
 from transformers import GPTNeoXForCausalLM
 from transformers.models.gpt_neox import modeling_gpt_neox as hf_neox
 
-from jax_pythia.models import gpt_neox as M
+from jax_pythia.models import model as M
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.models.weights import convert_state_dict
 
@@ -157,7 +157,7 @@ def all_sites(config):
   names = list(M.GLOBAL_SITES)
   for l in range(config.n_layers):
     for suffix in M.LAYER_SITES:
-      if suffix == "hook_resid_mid" and config.use_parallel_residual:
+      if config.site_refusal(suffix):  # hook_resid_mid under parallel residual; gated MLP's
         continue
       names.append(f"blocks.{l}.{suffix}")
   return names

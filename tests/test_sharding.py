@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_pythia import data
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import sharding, xla_cpu

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import analysis
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.study import checkpoint as study
 

@@ -20,7 +20,7 @@ import analysis
 from jax_pythia import sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import SweepError
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.sweep import report, results
 from tests import suite_fixtures as sf
 

@@ -21,7 +21,7 @@ import pytest
 
 from jax_pythia import data
 from jax_pythia.checkpoints import hub as checkpoints
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.toy import build as toy_suite
 from jax_pythia.toy import options as toy_options
 from jax_pythia.toy import train as toy_train

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_pythia.models import gpt_neox as M
+from jax_pythia.models import model as M
 from tests.test_model import TINY, make_torch_model, rel_err, to_flax
 
 

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from jax_pythia.errors import CheckpointError, ConfigError
-from jax_pythia.models import weights
+from jax_pythia.models import convert, weights
 from jax_pythia.models.config import GPTNeoXConfig
 from tests import hf_fixtures as hf
 
@@ -415,12 +415,12 @@ def test_host_cast_to_float32_is_exact_for_every_bit_pattern(stored):
   every = np.arange(1 << 16, dtype=np.uint16).view(stored)
   finite = every[np.isfinite(every.astype(np.float32))]
   out = np.empty(finite.shape, np.float32)
-  assert weights._cast_into(finite, out)
+  assert convert._cast_into(finite, out)
   np.testing.assert_array_equal(out.view(np.uint32), finite.astype(np.float32).view(np.uint32))
   for bad in every[~np.isfinite(every.astype(np.float32))][::97]:
     tensor = finite.copy()
     tensor[12345] = bad
-    assert not weights._cast_into(tensor, np.empty(tensor.shape, np.float32)), bad
+    assert not convert._cast_into(tensor, np.empty(tensor.shape, np.float32)), bad
 
 
 @pytest.mark.parametrize(
@@ -449,7 +449,7 @@ def test_host_converted_tables_are_adopted_without_a_copy(ckpts):
   adopts them: the jax array reads the numpy buffer's own memory."""
   config = GPTNeoXConfig.from_json_file(ckpts["hub"].path / "config.json")
   state = weights.read_state_dict(ckpts["hub"].path)
-  params, flags = weights._host_convert(state, config, np.dtype(np.float32), None)
+  params, flags = convert._host_convert(state, config, np.dtype(np.float32), None)
   table = params["embed_out"]["embedding"]
   assert all(np.all(f) for f in flags.values())
   assert table.unsafe_buffer_pointer() % 64 == 0

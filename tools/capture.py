@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from jax_pythia.models.gpt_neox import GLOBAL_SITES, LAYER_SITES
+from jax_pythia.models.sites import GLOBAL_SITES, LAYER_SITES
 from tools import _cli
 
 FLAGS = flags.FLAGS
@@ -51,7 +51,7 @@ def main(argv):
   from jax_pythia import files
   from jax_pythia.checkpoints import hub as checkpoints
   from jax_pythia.data import ArrayTokenSource, check_sequence_length, check_token_ids
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   if not FLAGS.out.endswith(".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .npz path")

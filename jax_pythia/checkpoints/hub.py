@@ -33,7 +33,7 @@ import numpy as np
 
 from jax_pythia import files, remote, suite
 from jax_pythia.errors import CheckpointError
-from jax_pythia.models import weights
+from jax_pythia.models import family, weights
 from jax_pythia.models.config import GPTNeoXConfig
 
 DEFAULT_REVISION = "main"
@@ -371,7 +371,7 @@ def load_checkpoint(
   import jax
 
   directory = resolve_checkpoint(spec, step, cache_dir=cache_dir, local_files_only=local_files_only)
-  config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
+  config = family.load_config(os.path.join(directory, weights.CONFIG_FILE))
   state = weights.read_state_dict(directory)
   if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
     _shardings_like(weights.param_shapes(config), sharding)  # a clear error on a mismatch
@@ -491,7 +491,7 @@ def converted_config(directory: str) -> GPTNeoXConfig:
   """The config stored in a converted checkpoint, read without restoring the params."""
   path = os.path.join(directory, _META_FILE)
   with open(path) as f:
-    return GPTNeoXConfig.from_hf_dict(json.load(f)["config"], source=path)
+    return family.config_from_hf(json.load(f)["config"], source=path)
 
 
 def restore_converted(
@@ -520,7 +520,7 @@ def restore_converted(
         f"{_FORMAT_VERSION}; convert again"
       )
     dtype = weights.resolve_dtype(meta["dtype"])
-    config = GPTNeoXConfig.from_hf_dict(meta["config"], source=meta_path)
+    config = family.config_from_hf(meta["config"], source=meta_path)
   except (OSError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
   shapes = weights.param_shapes(config)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from jax_pythia.errors import CheckpointError
-from jax_pythia.models import weights
+from jax_pythia.models import formats, gpt_neox, weights
 
 #: checkpoints.parquet columns this module adds.
 HASH_COLUMN = "weights_hash"
@@ -34,7 +34,7 @@ HASH_THREADS = 8  # "" or "same weights as step N" / "... as the final step N"
 
 
 def _is_buffer(name: str) -> bool:
-  return bool(weights._IGNORED_BUFFER_RE.search(name))
+  return bool(formats.IGNORED_BUFFER_RE.search(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,9 @@ def content_hash(state_dict: Mapping[str, np.ndarray]) -> WeightsHash:
 
   def tensor_digest(name: str) -> str:
     arr = np.ascontiguousarray(state_dict[name])
-    digest = hashlib.sha256(f"{weights._canonical(name)}|{arr.dtype.str}|{arr.shape}\n".encode())
+    digest = hashlib.sha256(
+      f"{gpt_neox.canonical_name(name)}|{arr.dtype.str}|{arr.shape}\n".encode()
+    )
     if arr.size:
       digest.update(memoryview(arr.reshape(-1).view(np.uint8)))
     return digest.hexdigest()
@@ -66,7 +68,9 @@ def content_hash(state_dict: Mapping[str, np.ndarray]) -> WeightsHash:
   workers = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(names)))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     digests = dict(zip(names, pool.map(tensor_digest, names)))
-  per_tensor = {weights._canonical(name): (digests[name], sources.get(name, "")) for name in names}
+  per_tensor = {
+    gpt_neox.canonical_name(name): (digests[name], sources.get(name, "")) for name in names
+  }
   whole = hashlib.sha256()
   files: dict[str, hashlib._Hash] = {}
   for canon in sorted(per_tensor):

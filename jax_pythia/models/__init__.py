@@ -1,3 +1,5 @@
-"""Models: the config dataclass that refuses what it does not implement, the Flax modules
-with their capture sites (`gpt_neox`), and the one parameter-layout table that drives
-conversion from and to Hugging Face checkpoints (`weights`)."""
+"""Models: one seam for every architecture (`family`: config, forward with capture sites,
+loss and gradients, the per-layer study factors, the parameter-layout table), the
+families behind it (`gpt_neox`, `llama`: Llama, OLMo, OLMo-2, pico-decoder), the generic
+entry points (`model`), and conversion from and to Hugging Face checkpoints (`weights`:
+`formats` for the files, `convert` for the table-driven layout)."""

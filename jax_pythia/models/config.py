@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from jax_pythia.errors import ConfigError
 
@@ -146,10 +146,64 @@ def _check_types(hf: dict[str, Any], where: str) -> None:
       refuse(key, hf[key], 'a dtype name such as "float16"')
 
 
+# config.json key -> field.
+_HF_FIELDS = {
+  "vocab_size": "vocab_size",
+  "hidden_size": "d_model",
+  "num_hidden_layers": "n_layers",
+  "num_attention_heads": "n_heads",
+  "intermediate_size": "d_mlp",
+  "max_position_embeddings": "max_seq_len",
+  "layer_norm_eps": "layer_norm_eps",
+  "use_parallel_residual": "use_parallel_residual",
+}
+
+
+def _rotary(hf: dict[str, Any], refuse) -> tuple[Any, Any]:
+  """(rotary_pct, rotary_base) from rope_parameters (transformers 5), the 4.x keys
+  (`rotary_pct`, `rotary_emb_base`) or flattened rope keys; contradictions refused."""
+  rotary_pct, rotary_base = 0.25, 10_000.0
+  rope = hf.get("rope_parameters")
+  if rope is not None:
+    if not isinstance(rope, dict):
+      refuse("rope_parameters", rope, "expected a mapping")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+      refuse("rope_parameters.rope_type", rope_type, "only 'default' rotary is implemented")
+    unknown = set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"}
+    if unknown:
+      refuse("rope_parameters", sorted(unknown), "unknown rotary settings")
+    rotary_pct = rope.get("partial_rotary_factor", 1.0)
+    rotary_base = rope.get("rope_theta", rotary_base)
+  # transformers-4 keys (the Hub's Pythia repos); they win only when no rope_parameters.
+  if "rotary_pct" in hf and rope is None:
+    rotary_pct = hf["rotary_pct"]
+  if "rotary_emb_base" in hf and rope is None:
+    rotary_base = hf["rotary_emb_base"]
+  if rope is not None:
+    for legacy, value in (("rotary_pct", rotary_pct), ("rotary_emb_base", rotary_base)):
+      if legacy in hf and hf[legacy] != value:
+        refuse(legacy, hf[legacy], f"contradicts rope_parameters ({value!r})")
+
+  for key in ("rope_theta", "partial_rotary_factor"):
+    # Some exports flatten rope settings to the top level.
+    if key in hf:
+      value = rotary_base if key == "rope_theta" else rotary_pct
+      if rope is None:
+        if key == "rope_theta":
+          rotary_base = hf[key]
+        else:
+          rotary_pct = hf[key]
+      elif hf[key] != value:
+        refuse(key, hf[key], f"contradicts rope_parameters ({value!r})")
+  return rotary_pct, rotary_base
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTNeoXConfig:
   """The GPT-NeoX architecture this project implements (see docs/pythia.md)."""
 
+  family: ClassVar[str] = "gpt_neox"  # its entry in models.family.FAMILIES
   vocab_size: int
   d_model: int
   n_layers: int
@@ -199,6 +253,31 @@ class GPTNeoXConfig:
     # Hugging Face truncates, int(d_head * rotary_pct); so do we.
     return int(self.d_head * self.rotary_pct)
 
+  @property
+  def n_kv_heads(self) -> int:
+    return self.n_heads
+
+  def dims(self) -> dict[str, int]:
+    """Each dim symbol of the layout table (gpt_neox.DIM_SYMBOLS) -> its size."""
+    d = self.d_model
+    return {
+      "L": self.n_layers,
+      "V": self.vocab_size,
+      "d": d,
+      "3d": 3 * d,
+      "H": self.n_heads,
+      "dh": self.d_head,
+      "f": self.d_mlp,
+    }
+
+  def site_refusal(self, suffix: str) -> str | None:
+    """Why this model has no per-layer capture site `suffix`, or None if it has it."""
+    if suffix == "hook_resid_mid" and self.use_parallel_residual:
+      return "exists only with sequential residual (use_parallel_residual=False)"
+    if suffix == "mlp.hook_pre_linear":
+      return "exists only in gated (SwiGLU) MLPs; GPT-NeoX's MLP is not gated"
+    return None
+
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], source: str = "config") -> GPTNeoXConfig:
     """Reads either config.json layout; refuses what the model does not implement."""
@@ -216,46 +295,13 @@ class GPTNeoXConfig:
     if "model_type" not in hf:
       raise ConfigError(f"{where}no model_type; expected 'gpt_neox'")
 
-    rotary_pct, rotary_base = 0.25, 10_000.0
-    rope = hf.get("rope_parameters")
-    if rope is not None:
-      if not isinstance(rope, dict):
-        refuse("rope_parameters", rope, "expected a mapping")
-      rope_type = rope.get("rope_type", "default")
-      if rope_type != "default":
-        refuse("rope_parameters.rope_type", rope_type, "only 'default' rotary is implemented")
-      unknown = set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"}
-      if unknown:
-        refuse("rope_parameters", sorted(unknown), "unknown rotary settings")
-      rotary_pct = rope.get("partial_rotary_factor", 1.0)
-      rotary_base = rope.get("rope_theta", rotary_base)
-    # transformers-4 keys (the Hub's Pythia repos); they win only when no rope_parameters.
-    if "rotary_pct" in hf and rope is None:
-      rotary_pct = hf["rotary_pct"]
-    if "rotary_emb_base" in hf and rope is None:
-      rotary_base = hf["rotary_emb_base"]
-    if rope is not None:
-      for legacy, value in (("rotary_pct", rotary_pct), ("rotary_emb_base", rotary_base)):
-        if legacy in hf and hf[legacy] != value:
-          refuse(legacy, hf[legacy], f"contradicts rope_parameters ({value!r})")
+    rotary_pct, rotary_base = _rotary(hf, refuse)
 
     intermediate = hf.get("intermediate_size")
     if intermediate is None:
       refuse("intermediate_size", None, "required")
-    stored = hf.get("dtype", hf.get("torch_dtype")) or "float32"
-    if isinstance(stored, str):
-      stored = stored.removeprefix("torch.")
+    stored = str(hf.get("dtype", hf.get("torch_dtype")) or "float32").removeprefix("torch.")
 
-    mapping = {
-      "vocab_size": "vocab_size",
-      "hidden_size": "d_model",
-      "num_hidden_layers": "n_layers",
-      "num_attention_heads": "n_heads",
-      "intermediate_size": "d_mlp",
-      "max_position_embeddings": "max_seq_len",
-      "layer_norm_eps": "layer_norm_eps",
-      "use_parallel_residual": "use_parallel_residual",
-    }
     missing = [
       k
       for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -263,10 +309,10 @@ class GPTNeoXConfig:
     ]
     if missing:
       raise ConfigError(f"{where}missing required keys {missing}")
-    kwargs = {field: hf[key] for key, field in mapping.items() if key in hf}
+    kwargs = {field: hf[key] for key, field in _HF_FIELDS.items() if key in hf}
 
     understood = (
-      set(mapping)
+      set(_HF_FIELDS)
       | set(_REQUIRED_VALUES)
       | {
         "rope_parameters",
@@ -276,17 +322,6 @@ class GPTNeoXConfig:
         "partial_rotary_factor",
       }
     )
-    for key in ("rope_theta", "partial_rotary_factor"):
-      # Some exports flatten rope settings to the top level.
-      if key in hf:
-        value = rotary_base if key == "rope_theta" else rotary_pct
-        if rope is None:
-          if key == "rope_theta":
-            rotary_base = hf[key]
-          else:
-            rotary_pct = hf[key]
-        elif hf[key] != value:
-          refuse(key, hf[key], f"contradicts rope_parameters ({value!r})")
     unknown = sorted(set(hf) - understood - _IGNORED_KEYS)
     if unknown:
       details = ", ".join(f"{k}={hf[k]!r}" for k in unknown)
@@ -307,48 +342,57 @@ class GPTNeoXConfig:
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> GPTNeoXConfig:
     path = os.fspath(path)
-    try:
-      with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: no such config file") from None
-    except UnicodeDecodeError as e:
-      raise ConfigError(
-        f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
-      ) from None
-    except (json.JSONDecodeError, RecursionError) as e:
-      raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(hf, dict):
-      raise ConfigError(f"{path}: expected a JSON object")
-    return cls.from_hf_dict(hf, source=path)
+    return cls.from_hf_dict(read_config_json(path), source=path)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers-5 layout (what `save_pretrained` writes), loadable by both."""
-    return {
-      "architectures": ["GPTNeoXForCausalLM"],
-      "model_type": "gpt_neox",
-      "vocab_size": self.vocab_size,
-      "hidden_size": self.d_model,
-      "num_hidden_layers": self.n_layers,
-      "num_attention_heads": self.n_heads,
-      "intermediate_size": self.d_mlp,
-      "max_position_embeddings": self.max_seq_len,
-      "rope_parameters": {
-        "partial_rotary_factor": self.rotary_pct,
-        "rope_theta": self.rotary_base,
-        "rope_type": "default",
-      },
-      # transformers-4 spelling too, so older readers get the same model.
-      "rotary_pct": self.rotary_pct,
-      "rotary_emb_base": self.rotary_base,
-      "layer_norm_eps": self.layer_norm_eps,
-      "use_parallel_residual": self.use_parallel_residual,
-      "hidden_act": "gelu",
-      "attention_bias": True,
-      "tie_word_embeddings": False,
-      "attention_dropout": 0.0,
-      "hidden_dropout": 0.0,
-      "bos_token_id": 0,
-      "eos_token_id": 0,
-      "dtype": self.stored_dtype,
-    }
+    return _to_hf_dict(self)
+
+
+def read_config_json(path: str) -> dict[str, Any]:
+  """The JSON object of a config.json; a ConfigError naming the file if it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: no such config file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(
+      f"{path}: not UTF-8 text, so not a config.json ({e.reason} at byte {e.start})"
+    ) from None
+  except (json.JSONDecodeError, RecursionError) as e:
+    raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{path}: expected a JSON object")
+  return hf
+
+
+def _to_hf_dict(self: GPTNeoXConfig) -> dict[str, Any]:
+  return {
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "vocab_size": self.vocab_size,
+    "hidden_size": self.d_model,
+    "num_hidden_layers": self.n_layers,
+    "num_attention_heads": self.n_heads,
+    "intermediate_size": self.d_mlp,
+    "max_position_embeddings": self.max_seq_len,
+    "rope_parameters": {
+      "partial_rotary_factor": self.rotary_pct,
+      "rope_theta": self.rotary_base,
+      "rope_type": "default",
+    },
+    # transformers-4 spelling too, so older readers get the same model.
+    "rotary_pct": self.rotary_pct,
+    "rotary_emb_base": self.rotary_base,
+    "layer_norm_eps": self.layer_norm_eps,
+    "use_parallel_residual": self.use_parallel_residual,
+    "hidden_act": "gelu",
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "dtype": self.stored_dtype,
+  }

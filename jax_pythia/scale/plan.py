@@ -67,14 +67,24 @@ class Shape:
   steps: tuple[int, ...]
   checkpoint_bytes: int | None = None  # on disk, when known (local suites)
   stored_bytes_per_param: int = 2  # fp16/bf16 on the Hub
+  # The Llama family (docs/families.md); the defaults are GPT-NeoX's.
+  n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
+  gated_mlp: bool = False  # SwiGLU: three MLP matrices, not two
+  tied_embeddings: bool = False  # one V x d table, not two
+  param_count: int | None = None  # exact, from the family's layout table, when known
 
   @property
   def layer_params(self) -> int:
-    """Matmul weights of the layers (what every token passes through)."""
-    return self.n_layers * (4 * self.d_model**2 + 2 * self.d_model * self.d_mlp)
+    """Matmul weights of the layers (what every token passes through): q and o (d x d),
+    k and v (d x H_kv*dh each), and two MLP matrices (three when gated)."""
+    d, kv = self.d_model, self.d_model * (self.n_kv_heads or self.n_heads) // self.n_heads
+    mlp = (3 if self.gated_mlp else 2) * d * self.d_mlp
+    return self.n_layers * (2 * d * d + 2 * d * kv + mlp)
 
   @property
   def params(self) -> int:
+    if self.param_count is not None:
+      return self.param_count
     d, f, L = self.d_model, self.d_mlp, self.n_layers
     per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
     return 2 * self.vocab * d + L * per_layer + 2 * d
@@ -126,12 +136,12 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
     except ValueError:
       return None
   from jax_pythia.checkpoints import hub as checkpoints
-  from jax_pythia.models import weights
+  from jax_pythia.models import family, weights
 
   step_dir = os.path.join(m.location, suite.revision(m.final_step))
   config_path = os.path.join(step_dir, weights.CONFIG_FILE)
   if os.path.isfile(config_path):
-    config = GPTNeoXConfig.from_json_file(config_path)
+    config = family.load_config(config_path)
   else:
     config = checkpoints.converted_config(step_dir)
   size = sum(
@@ -147,7 +157,18 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
     seq_len or config.max_seq_len,
     m.steps,
     checkpoint_bytes=size,
+    n_kv_heads=config.n_kv_heads,
+    gated_mlp=config.family != "gpt_neox",
+    tied_embeddings=getattr(config, "tie_embeddings", False),
+    param_count=sum(math.prod(s) for s in _leaves(weights.param_shapes(config))),
   )
+
+
+def _leaves(tree) -> list[tuple[int, ...]]:
+  """The shape tuples of a nested dict of them (weights.param_shapes), without JAX."""
+  if isinstance(tree, dict):
+    return [leaf for value in tree.values() for leaf in _leaves(value)]
+  return [tree]
 
 
 def resolve(names: Sequence[str], seq_len: int | None = None) -> list[Shape]:
@@ -298,7 +319,7 @@ def _param_bytes(shape: Shape, work: Work, mesh: dict[str, int]) -> float:
   M = mesh.get("model", 1)
   d, f, L, V = shape.d_model, shape.d_mlp, shape.n_layers, shape.vocab
   vocab_split = M if V % M == 0 else 1
-  embeddings = 2 * V * d / vocab_split
+  embeddings = (1 if shape.tied_embeddings else 2) * V * d / vocab_split
   layers = (shape.layer_params + L * (3 * d + f)) / M  # kernels and split biases
   small = L * (6 * d) + 2 * d  # LayerNorms, out/fc_out biases: replicated
   return DTYPE_BYTES[work.dtype] * (embeddings + layers + small)
@@ -585,7 +606,7 @@ def stacked_peaks(
 
 def kept_positions(spec: str, seq_len: int) -> int:
   """Token positions per sequence a --positions spec keeps."""
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   try:
     kind, arg = model.parse_positions(spec, "--positions")
@@ -632,7 +653,7 @@ def measure_flops_per_device(seconds: float = 2.0, checkpoints_per_call: int = 1
   does (what stacking gains shows here)."""
   import jax
 
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   config = GPTNeoXConfig(
     vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_mlp=2048, max_seq_len=256

@@ -157,7 +157,7 @@ def param_specs(config: GPTNeoXConfig, model_size: int = 1) -> dict[str, Any]:
       axes[p.dims.index(p.model_dim)] = mdl
     return P(*axes)
 
-  return weights.param_tree(spec)
+  return weights.param_tree(weights.table(config), spec)
 
 
 def param_shardings(config: GPTNeoXConfig, mesh: Mesh) -> dict[str, Any]:

@@ -36,8 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
-from jax_pythia.models import gpt_neox as model_lib
+from jax_pythia.errors import ConfigError
+from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
+
+
+def check_value_slice(config: Any, value_slice: str) -> None:
+  """Refuses `--value_slice=reference` for a family without GPT-NeoX's fused qkv weight,
+  whose last third the reference slice reads (docs/method.md)."""
+  family = model_lib.family_of(config)
+  if value_slice == "reference" and not family.fused_qkv:
+    raise ConfigError(
+      f"--value_slice=reference: only GPT-NeoX's fused query_key_value has the reference "
+      f"code's value slice; this model is {family.title} (use per_head)"
+    )
 
 
 def activation_sites(value_slice: str) -> tuple[str, ...]:
@@ -55,6 +67,7 @@ def activation_fn(config: GPTNeoXConfig, value_slice: str, microbatch: int = 0):
   at a time, so its peak (one layer's attention scores) stays bounded; the result is the
   same.
   """
+  check_value_slice(config, value_slice)
   request = model_lib.SiteRequest.parse(activation_sites(value_slice), config)
 
   def capture(params, tokens, idx):
@@ -292,6 +305,7 @@ def batch_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "non
   `remat` (model.REMAT_POLICIES) is what the backward pass recomputes to save memory;
   jax_pythia.scale.plan chooses mb and remat from the device's memory.
   """
+  check_value_slice(config, value_slice)
   wrt = gradient_weights(value_slice)
   return jax.jit(functools.partial(_batch_gradients, config=config, wrt=wrt, remat=remat))
 
@@ -301,6 +315,7 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   """jit fn(params, batches [G, m, mb, s+1]) -> (losses [G], grads with leaves [G, ...]):
   `batch_gradient_fn` of G batches in one compiled call (jax.lax.map), all G gradients held
   at once. The stacked (`--checkpoints_per_call` > 1) path and the benchmarks use it."""
+  check_value_slice(config, value_slice)
   wrt = gradient_weights(value_slice)
 
   @jax.jit

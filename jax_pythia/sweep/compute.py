@@ -13,7 +13,7 @@ import pandas as pd
 from jax_pythia import data
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import ConfigError, SweepError
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan, sharding
 from jax_pythia.study import checkpoint as study

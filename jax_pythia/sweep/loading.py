@@ -16,7 +16,7 @@ from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.checkpoints import integrity
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import JaxPythiaError
-from jax_pythia.models import weights
+from jax_pythia.models import family, weights
 from jax_pythia.models.config import GPTNeoXConfig
 
 
@@ -53,7 +53,7 @@ def load(m: ModelSource, step: int, dtype: str) -> Loaded:
         seconds=time.perf_counter() - start,
       )
     directory = checkpoints.resolve_checkpoint(m.spec(step))
-    config = GPTNeoXConfig.from_json_file(os.path.join(directory, weights.CONFIG_FILE))
+    config = family.load_config(os.path.join(directory, weights.CONFIG_FILE))
     state = weights.read_state_dict(directory)
     # Hashed as read (the hash's pass faults the mmap in; conversion then reads the page
     # cache), in this prefetch thread, so it overlaps the previous checkpoint's compute.

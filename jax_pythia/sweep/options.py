@@ -11,7 +11,7 @@ from typing import Any
 from jax_pythia import data, suite
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import SweepError
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from jax_pythia.checkpoints import integrity
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model as model
 from jax_pythia.scale import plan, sharding
 from jax_pythia.sweep import compute, loading, outdir, results, watchdog
 from jax_pythia.sweep.loading import Loaded, parameter_count

@@ -101,7 +101,7 @@ def make_train_step(config: GPTNeoXConfig, optimizer):
   import jax
   import optax
 
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   @jax.jit
   def train_step(params, opt_state, tokens):
@@ -121,7 +121,7 @@ def compiled_programs(size: ToySize, options: ToySuiteOptions):
   """
   import jax
 
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model as model
 
   config = size.config(options.seq_len)
   optimizer, schedule = make_optimizer(options, options.learning_rate(size))
