@@ -91,6 +91,25 @@ def quiet_libraries() -> None:
   logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
+def define_compilation_cache_flag() -> None:
+  flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache, so a rerun, a resumed sweep, a "
+    "second model of the same shapes and every host of a pod reuse compiled calls; "
+    "none turns it off. Default: $JAX_PYTHIA_COMPILATION_CACHE, else "
+    "$XDG_CACHE_HOME/jax_pythia/xla (~/.cache/jax_pythia/xla).",
+  )
+
+
+def enable_compilation_cache() -> None:
+  """Turns on the cache --compilation_cache names (jax_pythia.compile_cache), before any
+  compile."""
+  from jax_pythia import compile_cache
+
+  compile_cache.enable(flags.FLAGS.compilation_cache)
+
+
 def reject_extra_args(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}: every option is a --flag (see --help)")

@@ -43,11 +43,13 @@ flags.DEFINE_enum(
   "Compute dtype; fp16/bf16 checkpoints are cast to it.",
 )
 flags.DEFINE_integer("batch_size", 32, "Sequences per compiled call (bounds memory).")
+_cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 
 
 def main(argv):
   _cli.reject_extra_args(argv)
+  _cli.enable_compilation_cache()
   from jax_pythia import files
   from jax_pythia.checkpoints import hub as checkpoints
   from jax_pythia.data import ArrayTokenSource, check_sequence_length, check_token_ids

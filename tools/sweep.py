@@ -132,6 +132,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes-1.")
+_cli.define_compilation_cache_flag()
 
 
 def sweep_options():
@@ -206,6 +207,7 @@ def open_inputs(heartbeat, data_timeout: float):
 
 def main(argv):
   _cli.reject_extra_args(argv)
+  _cli.enable_compilation_cache()
   from jax_pythia import sweep
   from jax_pythia.scale import plan, sharding
   from jax_pythia.sweep import watchdog
