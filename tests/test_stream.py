@@ -1,5 +1,6 @@
-"""The streamed gradient study (one batch at a time, as jax_pythia.sweep drives it) against
-analysis.gradient_spectra of all G batches' gradients stacked."""
+"""The streamed gradient study (one batch at a time, as jax_pythia.sweep drives it, each
+batch reduced layer by layer) against analysis.gradient_spectra of all G batches' float32
+gradients stacked (the whole-gradient computation)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ def params():
   return model.init_params(CONFIG, jax.random.PRNGKey(7))
 
 
+@pytest.mark.parametrize("remat", ["none", "layer"])
 @pytest.mark.parametrize("value_slice", ["per_head", "reference"])
-@pytest.mark.parametrize("num_batches", [1, 3, 4])
+@pytest.mark.parametrize("num_batches", [1, 3])
 def test_streamed_study_equals_gradient_spectra_of_the_stacked_batches(
-  params, num_batches, value_slice
+  params, num_batches, value_slice, remat
 ):
   # G batches of 2 microbatches of 2 sequences of 13 tokens.
   tokens = jax.random.randint(jax.random.PRNGKey(num_batches), (num_batches, 2, 2, 13), 0, 97)
-  one_batch = study.batch_gradient_fn(CONFIG, value_slice)
+  one_batch = study.batch_gradient_fn(CONFIG, value_slice, remat)
   losses, stacked = study.gradient_fn(CONFIG, value_slice)(params, tokens)
   layers32 = jax.tree.map(lambda x: x.astype(jnp.float32), params["layers"])
   expected = jax.jit(analysis.gradient_spectra, static_argnums=2)(stacked, layers32, value_slice)
@@ -53,7 +55,10 @@ def test_streamed_study_equals_gradient_spectra_of_the_stacked_batches(
       if metric == "grad_cosine" and num_batches == 1:
         assert np.isnan(a).all() and np.isnan(b).all()
         continue
-      np.testing.assert_allclose(a, b, rtol=2e-6, atol=0, err_msg=f"{component} {metric}")
+      # A cosine lies in [-1, 1]: near 0 (cancellation in the dot product) its error is
+      # measured against that scale, not its own size.
+      atol = 1e-6 if metric == "grad_cosine" else 0
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=f"{component} {metric}")
 
 
 def test_the_carry_is_the_donated_batch_not_a_copy(params):

@@ -258,10 +258,43 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
   return out
 
 
+def _by_layer(fn, *trees):
+  """fn of each layer's slice (leaves [1, ...], cast to float32) one layer after another
+  (jax.lax.map over the leading L axis), outputs stacked [L, ...]: only one layer's float32
+  copies and SVD workspace exist at a time, whatever L."""
+
+  def one(slices):
+    one_layer = jax.tree.map(lambda x: x[None].astype(jnp.float32), slices)
+    return jax.tree.map(lambda x: x[0], fn(*one_layer))
+
+  return jax.lax.map(one, trees)
+
+
+def _weight_metrics(layers: dict, value_slice: str) -> dict:
+  return _by_layer(lambda w: analysis.weight_spectra(w, value_slice), layers)
+
+
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def weight_metrics(layers: dict, value_slice: str) -> dict:
-  """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra)."""
-  return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers), value_slice)
+  """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra), one layer
+  at a time (`_by_layer`)."""
+  return _weight_metrics(layers, value_slice)
+
+
+@functools.cache
+def spread_weight_metrics(value_slice: str, mesh: jax.sharding.Mesh):
+  """jit fn(layers) -> `weight_metrics`, on a mesh with one axis 'layers' over which the
+  layers' leaves are split on L (see `spread_gradient_terms`): each device the spectra of
+  its own layers, the outputs split alike."""
+  return _on_layers(functools.partial(_weight_metrics, value_slice=value_slice), mesh, 1)
+
+
+def _on_layers(fn, mesh: jax.sharding.Mesh, inputs: int, donate: tuple = ()):
+  """fn under jax.shard_map over `mesh`'s 'layers' axis, every input and output split on
+  its leading (layer) axis: no collective, each device reduces its own layers."""
+  spec = jax.sharding.PartitionSpec("layers")
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * inputs, out_specs=spec)
+  return jax.jit(mapped, donate_argnums=donate)
 
 
 @functools.partial(jax.jit, static_argnames=("value_slice",))
@@ -277,9 +310,10 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
   return wrt
 
 
-def _batch_gradients(params, microbatches, config, wrt, remat):
-  """(mean loss [], float32 gradients of `wrt`) of one batch, summed over its microbatches
-  [m, mb, s+1] (jax.lax.scan) so memory holds one microbatch's backward pass."""
+def _batch_gradients(params, microbatches, config, wrt, remat, keep_dtype=False):
+  """(mean loss [], gradients of `wrt`) of one batch, summed over its microbatches
+  [m, mb, s+1] (jax.lax.scan) so memory holds one microbatch's backward pass; float32, or
+  with `keep_dtype` the weights' dtype they were summed in (the same values)."""
 
   def accumulate(total, tokens):
     loss, grads = model_lib.loss_and_grads(params, tokens, config, wrt, remat=remat)
@@ -291,14 +325,18 @@ def _batch_gradients(params, microbatches, config, wrt, remat):
   )
   (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
   m = microbatches.shape[0]
-  return loss / m, jax.tree.map(lambda g: (g / m).astype(jnp.float32), grads)
+  grads = jax.tree.map(lambda g: g / m, grads)  # summed in the weights' dtype
+  return loss / m, grads if keep_dtype else jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
 
 @functools.cache
 def batch_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   """jit fn(params, microbatches [m, mb, s+1]) -> (loss [], grads): one gradient batch (one
   training step's sequences, split into m microbatches of mb so memory stays bounded) gives
-  one float32 gradient of the weights `gradient_weights` names, leaves shaped like them.
+  one gradient of the weights `gradient_weights` names, leaves shaped like them, in the
+  weights' dtype: the microbatch sum is accumulated in it, so its float32 copy holds the
+  same values and is made one layer at a time by `gradient_terms` (no whole-model float32
+  gradient on any device).
 
   The sweep calls it once per batch and reduces each batch's gradients at once
   (`streamed_gradient_metrics`), so a device holds one batch's gradients, not G.
@@ -307,7 +345,8 @@ def batch_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "non
   """
   check_value_slice(config, value_slice)
   wrt = gradient_weights(value_slice)
-  return jax.jit(functools.partial(_batch_gradients, config=config, wrt=wrt, remat=remat))
+  fn = functools.partial(_batch_gradients, config=config, wrt=wrt, remat=remat, keep_dtype=True)
+  return jax.jit(fn)
 
 
 @functools.cache
@@ -342,57 +381,116 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def first_gradient_carry(grads: dict, value_slice: str) -> dict:
   """The carry `gradient_terms` takes with the first batch (analysis.first_gradient_carry):
-  zeros shaped like one batch's gradients `grads` (whose values are not read)."""
-  return analysis.first_gradient_carry(grads, value_slice)
+  zeros shaped like one batch's gradients `grads` (whose values are not read), float32
+  unit norms."""
+  carry = analysis.first_gradient_carry(grads, value_slice)
+  return {**carry, "norms": jax.tree.map(lambda x: x.astype(jnp.float32), carry["norms"])}
+
+
+def _gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+  def one_layer(grad, previous, norms, weights):
+    terms = analysis.gradient_batch_terms(
+      grad, {"grads": previous, "norms": norms}, weights, value_slice
+    )
+    return terms[:3]
+
+  svals, norms, cosines = _by_layer(one_layer, grads, carry["grads"], carry["norms"], layers)
+  return svals, norms, cosines, {"grads": grads, "norms": norms}
 
 
 @functools.partial(jax.jit, static_argnames=("value_slice",), donate_argnames=("grads",))
 def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
-  """One batch's gradients reduced (analysis.gradient_batch_terms): (singular values, norms,
-  cosines with the previous batch, carry for the next batch).
+  """One batch's gradients reduced (analysis.gradient_batch_terms) layer by layer
+  (`_by_layer`): (singular values, norms, cosines with the previous batch, carry for the
+  next batch). Each layer's gradients, the previous batch's and its weights are cast to
+  float32 in turn, so beyond its inputs the call holds one layer's float32 matrices and
+  SVD workspace, whatever L.
 
-  `grads` (one batch, leaves shaped like the weights) is donated: the returned carry is
-  those buffers, so a device holds the previous and the current batch's gradients and no
-  copy; the caller must not read `grads` again. Like `gradient_metrics` a compiled call
-  apart from the gradient call (collectives and LAPACK in one XLA:CPU program can
-  deadlock), run on a single device.
+  `grads` (one batch, leaves shaped like the weights, in their dtype) is donated: the
+  returned carry is those buffers, so a device holds the previous and the current batch's
+  gradients and no copy; the caller must not read `grads` again. A compiled call apart from
+  the gradient call (collectives and LAPACK in one XLA:CPU program can deadlock); on a mesh
+  `spread_gradient_terms` runs it split by layer.
   """
-  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
-  return analysis.gradient_batch_terms(grads, carry, layers, value_slice)
+  return _gradient_terms(grads, carry, layers, value_slice)
+
+
+@functools.cache
+def spread_gradient_terms(value_slice: str, mesh: jax.sharding.Mesh):
+  """jit fn(grads, carry, layers) -> `gradient_terms`, on a mesh with one axis 'layers':
+  every input's leaves are split on their leading L axis (L a multiple of the axis), each
+  device reduces its own layers (no collective), the outputs and the carry stay split
+  alike. So the previous batch's gradients live beside the current ones, L / n layers per
+  device, and no device holds the whole model's gradients or weights. `grads` donated."""
+  fn = functools.partial(_gradient_terms, value_slice=value_slice)
+  return _on_layers(fn, mesh, 3, donate=(0,))
+
+
+@functools.cache
+def spread_first_carry(value_slice: str, mesh: jax.sharding.Mesh):
+  """jit fn(grads) -> `first_gradient_carry`, created split on L over `mesh`'s 'layers'
+  axis (never whole on one device)."""
+  out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("layers"))
+  return jax.jit(lambda grads: first_gradient_carry(grads, value_slice), out_shardings=out)
 
 
 @jax.jit
 def gradient_summary(terms: list, layers: dict) -> dict:
   """{component: {metric: ...}} from G batches' `gradient_terms` outputs [(singular values,
-  norms, cosines)], stacked here (analysis.gradient_summary)."""
+  norms, cosines)], stacked here (analysis.gradient_summary). `layers`: only the shapes are
+  read (`layer_shapes` will do)."""
   svals, norms, cosines = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
   return analysis.gradient_summary(svals, norms, cosines, layers)
 
 
-def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice: str) -> dict:
+def layer_shapes(layers: dict) -> dict:
+  """Empty stand-ins ([0, ...]) for the leaves whose shapes `gradient_summary` reads, so a
+  summary on one device never moves the weights there."""
+  stand_in = lambda x: np.zeros((0, *x.shape[1:]), np.float32)  # noqa: E731
+  return {
+    "attn": {"value": {"kernel": stand_in(layers["attn"]["value"]["kernel"])}},
+    "mlp": {"fc_out": {"kernel": stand_in(layers["mlp"]["fc_out"]["kernel"])}},
+  }
+
+
+def streamed_gradient_metrics(
+  batches: Iterable[dict],
+  layers: dict,
+  value_slice: str,
+  mesh: jax.sharding.Mesh | None = None,
+  to_host=jax.device_get,
+) -> dict:
   """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
   (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
-  whatever G. No host sync: the calls queue behind one another on the device.
+  whatever G. No host sync until the end: the calls queue behind one another.
 
   Args:
-    batches: one batch's gradients at a time (leaves shaped like the weights, on the
-      device the spectra run on), e.g. a generator calling `batch_gradient_fn`. Each is
-      donated to `gradient_terms`.
-    layers: params['layers'] (leaves [L, ...]) on that device.
+    batches: one batch's gradients at a time (leaves shaped like the weights, where
+      `layers` are), e.g. a generator calling `batch_gradient_fn`. Each is donated.
+    layers: params['layers'] (leaves [L, ...]), in their own dtype, on one device, or
+      split on L over `mesh`.
+    mesh: a mesh with one axis 'layers' that `layers` and every batch are split over
+      (`spread_gradient_terms`); None: one device.
+    to_host: moves the small per-batch terms to the host (the sweep's for several processes).
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
-  # Cast once here, not in each batch's call (a float32 copy of the weights per batch).
-  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  reduce = (
+    functools.partial(gradient_terms, value_slice=value_slice)
+    if mesh is None
+    else spread_gradient_terms(value_slice, mesh)
+  )
   carry, terms = None, []
   for grads in batches:
     if carry is None:
-      carry = first_gradient_carry(grads, value_slice)
-    *batch_terms, carry = gradient_terms(grads, carry, layers, value_slice)
+      first = first_gradient_carry if mesh is None else spread_first_carry(value_slice, mesh)
+      carry = first(grads, value_slice) if mesh is None else first(grads)
+    *batch_terms, carry = reduce(grads, carry, layers)
     terms.append(tuple(batch_terms))
   if not terms:
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
-  return gradient_summary(terms, layers)
+  terms = [jax.tree.map(to_host, t) for t in terms]
+  return gradient_summary(terms, layer_shapes(layers))
 
 
 @functools.cache
