@@ -201,6 +201,15 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def layer_mesh(devices: Sequence[jax.Device], n_layers: int) -> Mesh:
+  """A mesh with one axis 'layers' over the first k of `devices`, k the largest count
+  dividing n_layers: the spectra's matrices (weights and gradients) split by layer, each
+  device the SVDs of its L / k layers, none gathered on one device. (L = 36 on 8 devices
+  takes 6; every Pythia L is a multiple of 6 or 8.)"""
+  k = max(c for c in range(1, len(devices) + 1) if n_layers % c == 0)
+  return Mesh(np.array(list(devices)[:k], dtype=object), ("layers",))
+
+
 # ------------------------------------------------------------------------ processes
 
 
@@ -349,6 +358,20 @@ class Placement:
       return tree
     device = jax.local_devices()[0]
     return jax.tree.map(lambda x: jax.device_put(to_host(x), device), tree)
+
+  def layer_mesh(self, n_layers: int) -> Mesh | None:
+    """The mesh the spectra run on (`layer_mesh`), over this placement's devices; None
+    without a mesh (one device: the params are already there)."""
+    if self.mesh is None:
+      return None
+    return layer_mesh(list(self.mesh.devices.flat), n_layers)
+
+  def onto_layers(self, tree: Any, mesh: Mesh | None) -> Any:
+    """A pytree of [L, ...] arrays split on L over `mesh` (a `layer_mesh`); unchanged when
+    None. The move is a transfer of its own, not part of a LAPACK program (XLA:CPU)."""
+    if mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(mesh, P("layers")))
 
   def describe(self) -> str:
     where = (

@@ -135,6 +135,7 @@ def checkpoint_metrics(
   value_slice: str,
   *,
   floor_key: jax.Array | None = None,
+  weight_values: dict | None = None,
   grads: dict | None = None,
   gradient_values: dict | None = None,
   train_losses: Any = None,
@@ -147,6 +148,8 @@ def checkpoint_metrics(
     acts, reference: `activation_fn` outputs of this checkpoint and of the final one.
     layers: params['layers'] (leaves [L, ...]) for the weight spectra.
     floor_key: given (at the final checkpoint), CKA's noise floor is added from this key.
+    weight_values: the weight spectra already computed (`spread_weight_metrics`); None:
+      computed here from `layers`.
     grads, train_losses: `gradient_fn` outputs (gradient leaves [G, ...], losses [G]).
     gradient_values: instead of `grads`, their metrics already computed
       (`streamed_gradient_metrics`).
@@ -157,7 +160,7 @@ def checkpoint_metrics(
   return _gather(
     cka_against(acts, reference),
     cka_noise_floor(acts, floor_key) if floor_key is not None else None,
-    weight_metrics(layers, value_slice),
+    weight_metrics(layers, value_slice) if weight_values is None else weight_values,
     gradient_values,
     train_losses,
     heldout_loss,

@@ -53,10 +53,8 @@ class ChunkWork:
   def one(self, m: ModelSource, loaded: Loaded) -> tuple[pd.DataFrame, dict]:
     """All metrics of one checkpoint: (tidy rows, activations to store).
 
-    The gradient batches stream: each batch's gradients are computed (on the mesh),
-    moved to the spectra's device and reduced to singular values, norms and the cosine
-    with the previous batch before the next batch's are computed
-    (`study.streamed_gradient_metrics`), so a device holds two batches' gradients, not G.
+    The gradient batches stream (`_gradient_values`), so a device holds two batches'
+    gradients (split by layer over the mesh), not G.
     """
     o, config, step = self.options, loaded.config, loaded.step
     place = self.placement
@@ -74,31 +72,17 @@ class ChunkWork:
       self.references[m.name] = acts
     reference = acts if step == m.final_step else self.reference(m)
     check_like_reference(acts, reference, where)
-    # Spectra run on one device: LAPACK SVDs do not split over a mesh (every device would
-    # repeat them), and they are small next to the forward and backward passes.
-    layers = place.single_device(params["layers"])
+    # The spectra run split by layer over the mesh's devices (each its own layers' SVDs),
+    # never gathered on one device.
+    spread = place.layer_mesh(config.n_layers)
+    layers = place.onto_layers(params["layers"], spread)
+    weight_values = None
+    if spread is not None:
+      weight_values = study.spread_weight_metrics(o.value_slice, spread)(layers)
+      weight_values = jax.tree.map(place.host, weight_values)
     gradient_values = losses = heldout = None
     if o.gradients:
-      batches = self._gradient_batches(m, step, config)
-      remat = layout.remat if layout else "none"
-      one_batch = study.batch_gradient_fn(config, o.value_slice, remat)
-      batch_losses = []
-
-      def batch_gradients():
-        # One batch's gradients at a time, on the mesh, then onto the spectra's device;
-        # streamed_gradient_metrics reduces each before the next is asked for. Calls are
-        # queued (no host sync): the device works through them while this loop runs ahead.
-        for g, batch in enumerate(batches):
-          beat(f"gradients, batch {g + 1} of {len(batches)} queued")
-          loss, grads = one_batch(
-            params, place.batch(batch, 1, "--gradient_microbatch (or _sequences)")
-          )
-          batch_losses.append(loss)
-          yield place.single_device(grads)
-
-      gradient_values = study.streamed_gradient_metrics(batch_gradients(), layers, o.value_slice)
-      beat(f"gradients, {len(batches)} batches queued: waiting for the device")
-      losses = np.array([place.host(loss) for loss in batch_losses])
+      gradient_values, losses = self._gradient_values(m, step, config, params, layers, spread)
     if o.loss_sequences:
       beat("heldout loss")
       heldout = study.loss_fn(config, layout.loss_microbatch if layout else 0)(
@@ -111,11 +95,42 @@ class ChunkWork:
       layers,
       o.value_slice,
       floor_key=jax.random.PRNGKey(o.seed) if step == m.final_step else None,
+      weight_values=weight_values,
       gradient_values=gradient_values,
       train_losses=losses,
       heldout_loss=heldout,
     )
     return self._rows(m, step, values), acts
+
+  def _gradient_values(self, m, step, config, params, layers, spread) -> tuple[dict, np.ndarray]:
+    """(gradient metrics, losses [G]) of one checkpoint, its batches streamed: each batch's
+    gradients are computed on the mesh, split by layer over `spread` (None: one device) and
+    reduced there layer by layer before the next batch's are asked for. The previous batch's
+    gradients, for the cosine, stay split by layer beside them: on the devices, not the
+    host, since each holds only L / n layers of them and a host round trip per batch
+    would cost two transfers of the whole gradient."""
+    o, place = self.options, self.placement
+    layout = self.layouts.get(m.name)
+    batches = self._gradient_batches(m, step, config)
+    one_batch = study.batch_gradient_fn(config, o.value_slice, layout.remat if layout else "none")
+    batch_losses = []
+
+    def batch_gradients():
+      # Calls are queued (no host sync): the device works through them while this loop
+      # runs ahead.
+      for g, batch in enumerate(batches):
+        self.heartbeat.beat(m.name, step, f"gradients, batch {g + 1} of {len(batches)} queued")
+        loss, grads = one_batch(
+          params, place.batch(batch, 1, "--gradient_microbatch (or _sequences)")
+        )
+        batch_losses.append(loss)
+        yield place.onto_layers(grads, spread)
+
+    values = study.streamed_gradient_metrics(
+      batch_gradients(), layers, o.value_slice, spread, place.host
+    )
+    self.heartbeat.beat(m.name, step, f"gradients, {len(batches)} batches: waiting for the device")
+    return values, np.array([place.host(loss) for loss in batch_losses])
 
   def stacked(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
     """`one` of C non-final checkpoints of `m` (one config) stacked, one compiled call
