@@ -64,7 +64,8 @@ for vs in ("per_head", "reference"):
   def worst(a, b):
     return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
   out[vs] = {"grad": worst(got, single), "weights": worst(got_w, single_w),
-             "devices": spread.devices.size, "layers_per_device": splits,
+             "devices": spread.devices.size, "groups": spread.shape["layers"],
+             "layers_per_device": splits,
              "weight_split": sorted({s.data.shape[0] for x in jax.tree.leaves(layers)
                                      for s in x.addressable_shards})}
 print(json.dumps(out))
@@ -72,10 +73,10 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize(
-  "mesh, n_layers, devices_used",
-  [("data:2,model:2", 4, 4), ("model:4", 6, 3)],  # L = 6 on 4 devices: split over 3
+  "mesh, n_layers, groups",
+  [("data:2,model:2", 4, 4), ("model:4", 6, 2)],  # L = 6 on 4 devices: 2 groups of 3 layers
 )
-def test_spread_spectra_equal_one_device(mesh, n_layers, devices_used):
+def test_spread_spectra_equal_one_device(mesh, n_layers, groups):
   try:
     proc = subprocess.run(
       [sys.executable, "-c", PROGRAM, mesh, str(n_layers)],
@@ -89,9 +90,9 @@ def test_spread_spectra_equal_one_device(mesh, n_layers, devices_used):
     pytest.fail(f"spectra split by layer on mesh {mesh} hung (420 s)")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  per_device = n_layers // devices_used
+  per_device = n_layers // groups
   for value_slice, r in result.items():
-    assert r["devices"] == devices_used, (value_slice, r)
+    assert (r["devices"], r["groups"]) == (4, groups), (value_slice, r)
     # Every batch's gradients and the weights split by layer: no device holds them whole.
     assert r["layers_per_device"] == [[per_device]] * 3, (value_slice, r)
     assert r["weight_split"] == [per_device], (value_slice, r)

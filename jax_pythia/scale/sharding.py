@@ -29,6 +29,8 @@ Either way the caller runs `results.finalize` on process 0 only, after `barrier(
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -202,12 +204,23 @@ def to_host(x: Any) -> np.ndarray:
 
 
 def layer_mesh(devices: Sequence[jax.Device], n_layers: int) -> Mesh:
-  """A mesh with one axis 'layers' over the first k of `devices`, k the largest count
-  dividing n_layers: the spectra's matrices (weights and gradients) split by layer, each
-  device the SVDs of its L / k layers, none gathered on one device. (L = 36 on 8 devices
-  takes 6; every Pythia L is a multiple of 6 or 8.)"""
-  k = max(c for c in range(1, len(devices) + 1) if n_layers % c == 0)
-  return Mesh(np.array(list(devices)[:k], dtype=object), ("layers",))
+  """A mesh over all of `devices` with axes ('layers', 'copies'): the spectra's matrices
+  (weights and gradients) split by layer into k = gcd(L, n) groups, each group's L / k
+  layers on n / k devices that reduce them alike. No device holds the whole model's
+  matrices unless k = 1. All devices, in their order: a jitted move reaches it from the
+  compute mesh across processes, where `jax.device_put` cannot (`onto_layers`).
+  (Pythia's L on 8 devices: 6 -> 2 groups, 12 -> 4, 16, 24, 32 -> 8, 36 -> 4.)"""
+  k = math.gcd(n_layers, len(devices))
+  return Mesh(np.array(list(devices), dtype=object).reshape(k, -1), ("layers", "copies"))
+
+
+@functools.cache
+def _mover(sharding: NamedSharding):
+  return jax.jit(lambda tree: tree, out_shardings=sharding)
+
+
+def _move(tree: Any, sharding: NamedSharding) -> Any:
+  return _mover(sharding)(tree)
 
 
 # ------------------------------------------------------------------------ processes
@@ -352,13 +365,6 @@ class Placement:
   def host(self, x: Any) -> np.ndarray:
     return to_host(x)
 
-  def single_device(self, tree: Any) -> Any:
-    """A pytree of (possibly sharded) arrays gathered onto this process's first device."""
-    if self.mesh is None:
-      return tree
-    device = jax.local_devices()[0]
-    return jax.tree.map(lambda x: jax.device_put(to_host(x), device), tree)
-
   def layer_mesh(self, n_layers: int) -> Mesh | None:
     """The mesh the spectra run on (`layer_mesh`), over this placement's devices; None
     without a mesh (one device: the params are already there)."""
@@ -368,10 +374,11 @@ class Placement:
 
   def onto_layers(self, tree: Any, mesh: Mesh | None) -> Any:
     """A pytree of [L, ...] arrays split on L over `mesh` (a `layer_mesh`); unchanged when
-    None. The move is a transfer of its own, not part of a LAPACK program (XLA:CPU)."""
+    None. The move is a compiled call of its own (collectives apart from any LAPACK
+    program: XLA:CPU), which works across processes."""
     if mesh is None:
       return tree
-    return jax.device_put(tree, NamedSharding(mesh, P("layers")))
+    return _move(tree, NamedSharding(mesh, P("layers")))
 
   def describe(self) -> str:
     where = (
