@@ -64,9 +64,11 @@ def test_plan_tracks_xla_memory_analysis(dims, remat, checkpoints):
   shape = plan.Shape("t", L, d, H, f, V, s, (0,))
   work = plan.Work(gradient_window=(G - 1) // 2, gradient_sequences=m * mb)
   parts = plan.gradient_call_bytes(shape, work, {"data": 1}, mb, remat, checkpoints)
-  # The carry (the previous batch's gradients, held for the spectra) lives beside the
-  # streamed call, not in it; a single batch has none.
+  # The carry (the previous batch's gradients, held for the spectra) and the spectra's
+  # weights live beside the streamed call, not in it; a single batch has no carry, a
+  # single device no copy of the weights.
   assert (parts["carry"] > 0) == (checkpoints == 1 and work.gradient_batches > 1)
+  assert parts["spectra_weights"] == 0
   planned = parts["total"] - parts["carry"]
   assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
 
@@ -91,16 +93,20 @@ def test_spectra_plan_covers_xla(dims, streamed):
   if streamed:  # the sweep's per-batch call: one batch and the carry, whatever G
     grads = gradients()
     carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, "per_head"), grads)
+    weights = study.spectra_weights(layers, "per_head")
     measured = compiled_bytes(
-      study.gradient_terms.lower(grads, carry, layers, "per_head").compile()
+      study.gradient_terms.lower(grads, carry, weights, "per_head").compile()
     )
-    planned = plan.spectra_call_bytes(shape, work)["total"]
+    parts = plan.spectra_call_bytes(shape, work)
+    planned = parts["total"] - parts["params"]  # the params' shard waits beside the call
   else:  # one checkpoint's G batches at once, as each of C stacked checkpoints holds them
     measured = compiled_bytes(
       study.gradient_metrics.lower(gradients(G), layers, "per_head").compile()
     )
     planned = plan.spectra_call_bytes(shape, work, 2)["total"] / 2
-  assert 0.75 * measured <= planned <= 1.6 * measured, (planned, measured)
+  # The streamed (layer by layer) call within 25%; the stacked one is held above XLA.
+  high = 1.25 if streamed else 1.6
+  assert 0.75 * measured <= planned <= high * measured, (planned, measured)
 
 
 def test_remat_policies_are_the_models():

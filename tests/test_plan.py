@@ -51,12 +51,19 @@ def test_memory_shrinks_under_the_mesh():
   assert one["params"] == pytest.approx(4 * shape.params, rel=1e-6)  # float32
   assert split["params"] < one["params"] / 7
   assert split["activations"] < one["activations"] / 2
-  # The call's gradients split over the model axis; the carried previous batch's sit whole
-  # on the first device, for the spectra.
-  carry = plan.gradient_call_bytes(shape, work, {"model": 8})["carry"]
+  # The call's gradients split over the model axis; the carried previous batch's and the
+  # spectra's copy of the weights split by layer over all 16 devices: 36 layers in 4
+  # groups of 9 (gcd(36, 16) = 4), in float32 here.
+  parts = plan.gradient_call_bytes(shape, work, {"data": 2, "model": 8})
   d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
-  assert carry == plan.gradient_call_bytes(shape, work, {})["carry"] == 4 * L * (2 * d * d + f * d)
-  assert split["grads"] - carry == pytest.approx((one["grads"] - carry) / 8)
+  nine_layers = 4 * 9 * (2 * d * d + f * d)
+  assert parts["carry"] == parts["spectra_weights"] == nine_layers
+  whole = plan.gradient_call_bytes(shape, work, {})
+  assert whole["carry"] == 4 * L * (2 * d * d + f * d) and whole["spectra_weights"] == 0
+  beside = 2 * nine_layers
+  assert split["grads"] - beside == pytest.approx((one["grads"] - whole["carry"]) / 8)
+  # Without a carry on the devices (--gradient_window=0, or kept in host memory): none.
+  assert plan.gradient_call_bytes(shape, work, {}, carry="host")["carry"] == 0
 
 
 def test_plan_steps_and_time():

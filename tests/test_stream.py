@@ -77,3 +77,18 @@ def test_the_carry_is_the_donated_batch_not_a_copy(params):
 def test_no_batches_is_an_error(params):
   with pytest.raises(ValueError, match="at least one gradient batch"):
     study.streamed_gradient_metrics(iter(()), params["layers"], "per_head")
+
+
+def test_a_carry_in_host_memory_gives_the_same_metrics(params):
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (3, 2, 2, 13), 0, 97)
+  one_batch = study.batch_gradient_fn(CONFIG, "per_head")
+
+  def metrics(carry_on_host):
+    batches = (one_batch(params, batch)[1] for batch in tokens)
+    out = study.streamed_gradient_metrics(
+      batches, params["layers"], "per_head", carry_on_host=carry_on_host
+    )
+    return jax.tree.map(np.asarray, out)
+
+  on_device, on_host = metrics(False), metrics(True)
+  jax.tree.map(np.testing.assert_array_equal, on_host, on_device)

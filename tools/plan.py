@@ -34,7 +34,8 @@ flags.DEFINE_integer("hosts", 1, "Hosts fetching checkpoints in parallel (--spli
 flags.DEFINE_string(
   "mesh",
   None,
-  "Mesh for the memory estimate, e.g. data:8,model:8 (default: data over all devices).",
+  "Mesh for the memory estimate, e.g. data:8,model:8 (default: per model the smallest model "
+  "axis that fits --device_memory, shown as model:M in the microbatch column; pass it as --mesh).",
 )
 flags.DEFINE_bool(
   "measure",
@@ -163,20 +164,24 @@ def main(argv):
 
   local_cpu = jax.local_devices()[0].platform == "cpu" and not FLAGS.device_memory
   platform = "cpu" if local_cpu else "gpu"
+  meshes = [
+    mesh if FLAGS.mesh else plan.choose_mesh(s, w, devices, device_bytes)
+    for s, w in zip(shapes, works)
+  ]
   works = [
     dataclasses.replace(
       w,
-      checkpoints_per_call=plan.checkpoints_per_call(s, w, mesh, device_bytes, requested, platform),
+      checkpoints_per_call=plan.checkpoints_per_call(s, w, m, device_bytes, requested, platform),
     )
-    for s, w in zip(shapes, works)
+    for s, w, m in zip(shapes, works, meshes)
   ]
   if FLAGS.measure:
     c = max(w.checkpoints_per_call for w in works)
     per_device = plan.measure_flops_per_device(checkpoints_per_call=c)
     source = f"measured {per_device / 1e9:.3g} GFLOP/s on one local device at {c} ckpt(s)/call"
   plans = [
-    plan.make_plan(s, FLAGS.steps, w, mesh, per_device * devices, FLAGS.bandwidth, device_bytes)
-    for s, w in zip(shapes, works)
+    plan.make_plan(s, FLAGS.steps, w, m, per_device * devices, FLAGS.bandwidth, device_bytes)
+    for s, w, m in zip(shapes, works, meshes)
   ]
   needs, data_bytes, stream = data_read(options, max(s.seq_len for s in shapes) + 1)
   print(

@@ -269,18 +269,21 @@ def gradient_call_bytes(
   microbatch: int | None = None,
   remat: str = "none",
   checkpoints_per_call: int = 1,
+  carry: str = "device",
 ) -> dict[str, float]:
   """{part: bytes} on one device of the compiled gradient call under `mesh`: params,
-  outputs (float32 gradients), accumulators (the microbatch scan's running sum and one
+  outputs (the gradients), accumulators (the microbatch scan's running sum and one
   microbatch's gradient), activations (what the backward pass keeps for one microbatch,
-  `remat` deciding how much), tokens, carry; total.
+  `remat` deciding how much), tokens; beside the call: carry, spectra_weights; total.
 
   One checkpoint per call (C = 1) is the sweep's streamed call (study.batch_gradient_fn):
-  one batch's gradients and tokens, beside the carry, the previous batch's float32
-  gradients which the first device holds whole for the spectra while this batch computes
-  (none when G = 1). C > 1 checkpoints are the stacked call (study.batched_gradient_fn):
-  every part for all G batches, times C (a call vmapped over a checkpoint axis holds each
-  one's weights, outputs and activations); no carry.
+  one batch's gradients, in the weights' dtype, and tokens. Beside it, split by layer over
+  all devices (`spectra_layers` per device): the carry, the previous batch's gradients in
+  the weights' dtype (none when G = 1 or `carry` is 'host'), and on several devices the
+  copy of the weights the spectra read. C > 1 checkpoints are the stacked call
+  (study.batched_gradient_fn): every part for all G batches, float32 gradients, times C (a
+  call vmapped over a checkpoint axis holds each one's weights, outputs and activations);
+  nothing beside.
   """
   if remat not in _ACTIVATION_VALUES:
     raise PlanError(f"remat={remat!r}: one of {', '.join(REMAT)}")
@@ -303,14 +306,18 @@ def gradient_call_bytes(
   logits = 4 * lv * V / vocab_split * min(tokens, LOSS_CHUNK_TOKENS)
   parts = {
     "params": _param_bytes(shape, work, mesh),
-    "outputs": 4 * (batches * grad_values + batches),
-    "accumulators": 2 * b * grad_values,
+    "outputs": (b if streamed else 4) * batches * grad_values + 4 * batches,
+    # The running sum and one microbatch's gradient of the attention kernels: XLA adds the
+    # MLP's fc_out gradient into the sum in place (the dot's output fused with the add;
+    # XLA:CPU's buffer assignment, float32).
+    "accumulators": b * (grad_values + L * 2 * d * d / M),
     "activations": tokens * per_token + logits,
     "tokens": 4 * batches * work.gradient_sequences / D * (s + 1),
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
-  # The carry is whole on the first device, whatever the model axis.
-  parts["carry"] = 4 * L * (2 * d * d + f * d) if streamed and G > 1 else 0.0
+  beside = spectra_layers(shape, mesh) * layer_gradient_values(shape) * b if streamed else 0.0
+  parts["carry"] = beside if G > 1 and carry == "device" else 0.0
+  parts["spectra_weights"] = beside if D * M > 1 else 0.0  # one device: the params themselves
   parts["total"] = sum(parts.values())
   return parts
 
@@ -359,25 +366,51 @@ def forward_call_bytes(
   return parts
 
 
-def spectra_call_bytes(shape: Shape, work: Work, checkpoints_per_call: int = 1) -> dict[str, float]:
-  """{part: bytes} of the gradient spectra call, which runs on one device whatever the
-  mesh (LAPACK SVDs do not split): float32 gradients, the layer weights in float32, and a
-  working copy of the largest gradient stack (the MLP's, L x d_mlp x d per batch) for the
-  batched SVD. Held above XLA's figure on CPU (tests/test_memory.py).
+def spectra_layers(shape: Shape, mesh: dict[str, int]) -> int:
+  """Layers each device holds in the spectra: L / gcd(L, devices) (sharding.layer_mesh)."""
+  devices = mesh.get("data", 1) * mesh.get("model", 1)
+  return shape.n_layers // math.gcd(shape.n_layers, devices)
 
-  One checkpoint per call (C = 1) is the sweep's per-batch call (study.gradient_terms):
-  two batches' gradients (the current one and the carried previous one) and one batch's
-  workspace, whatever G. C > 1 is the stacked call (study.batched_gradient_metrics): G
-  batches' gradients and workspace, times C.
+
+def layer_gradient_values(shape: Shape) -> int:
+  """Values of one layer's gradients (and of the weights the spectra read): the value and
+  out kernels (d x d each) and fc_out (f x d); 'reference' adds query and key, not counted."""
+  return 2 * shape.d_model**2 + shape.d_mlp * shape.d_model
+
+
+def spectra_call_bytes(
+  shape: Shape, work: Work, checkpoints_per_call: int = 1, mesh: dict[str, int] | None = None
+) -> dict[str, float]:
+  """{part: bytes} on one device of the gradient spectra call.
+
+  One checkpoint per call (C = 1) is the sweep's per-batch call (study.gradient_terms, on a
+  mesh study.spread_gradient_terms), split by layer over all devices (`spectra_layers` per
+  device): the current and the previous batch's gradients and the weights the spectra
+  read, in the weights' dtype, and one layer's float32 copies and SVD workspace
+  (`workspace`), whatever L and G; beside it the params' shard on the compute mesh.
+  C > 1 is the stacked call (study.batched_gradient_metrics) on one device: G batches'
+  float32 gradients and workspace, the layer weights in float32, times C. Held within 25%
+  of XLA's figure on CPU for float32 (tests/test_memory.py; XLA:CPU computes bfloat16 in
+  float32 and holds more).
   """
   d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
-  streamed = checkpoints_per_call == 1
+  if checkpoints_per_call == 1:
+    mesh = mesh or {}
+    b = DTYPE_BYTES[work.dtype]
+    held = spectra_layers(shape, mesh) * layer_gradient_values(shape) * b
+    parts = {
+      "gradients": 2 * held,  # G = 1: the first carry's zeros
+      "weights": held,
+      "workspace": 4 * 4 * layer_gradient_values(shape),
+      "params": _param_bytes(shape, work, mesh),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
   G = work.gradient_batches
-  held, worked = (2, 1) if streamed else (G, G)  # G = 1 streamed: the first carry's zeros
   parts = {
-    "gradients": 4 * held * L * (2 * d * d + f * d),
+    "gradients": 4 * G * L * (2 * d * d + f * d),
     "weights": 4 * (shape.layer_params + L * (3 * d + f)),
-    "workspace": 4 * worked * L * f * d,
+    "workspace": 4 * G * L * f * d,
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
   parts["total"] = sum(parts.values())
@@ -385,16 +418,17 @@ def spectra_call_bytes(shape: Shape, work: Work, checkpoints_per_call: int = 1) 
 
 
 def memory_per_device(
-  shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none"
+  shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none", carry: str = "device"
 ) -> dict[str, float]:
   """{params, grads, activations, total}: bytes on one device under `mesh` ({'data': D,
   'model': M}) of the gradient call (work.gradient_microbatch, `remat`) or, without
   gradients, of the capture forward (all sequences at once)."""
   if work.gradients:
     g = gradient_call_bytes(
-      shape, work, mesh, remat=remat, checkpoints_per_call=work.checkpoints_per_call
+      shape, work, mesh, remat=remat, checkpoints_per_call=work.checkpoints_per_call, carry=carry
     )
-    out = {"params": g["params"], "grads": g["outputs"] + g["accumulators"] + g["carry"]}
+    grads = g["outputs"] + g["accumulators"] + g["carry"] + g["spectra_weights"]
+    out = {"params": g["params"], "grads": grads}
   else:
     g = forward_call_bytes(
       shape,
@@ -421,6 +455,7 @@ class Layout:
   loss_microbatch: int
   peaks: dict[str, float]  # {call: bytes}: capture, gradients, spectra, loss
   limit: float
+  carry: str = "device"  # where the previous batch's gradients wait: device or host
 
   @property
   def peak(self) -> float:
@@ -431,7 +466,8 @@ class Layout:
     return self.peak <= self.limit
 
   def describe(self) -> str:
-    grad = f"gradient microbatch {self.gradient_microbatch} (remat {self.remat}), "
+    grad = f"gradient microbatch {self.gradient_microbatch} (remat {self.remat}"
+    grad += ", carry in host memory), " if self.carry == "host" else "), "
     return (
       (grad if "gradients" in self.peaks else "")
       + f"capture microbatch {self.capture_microbatch}: peak {_si(self.peak, 'B')} of "
@@ -500,15 +536,34 @@ def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: 
       lambda m: forward_call_bytes(shape, work, mesh, work.loss_sequences, m, True)["total"],
       limit,
     )
-  microbatch, remat = 0, "none"
+  microbatch, remat, carry = 0, "none", "device"
   if work.gradients:
-    (microbatch, remat), peaks["gradients"] = _first_fit(
-      gradient_layouts(shape, work, mesh),
-      lambda c: gradient_call_bytes(shape, work, mesh, *c)["total"],
+    # The previous batch's gradients wait on the devices unless only host memory lets the
+    # gradient call fit (two transfers of a batch's gradients per batch).
+    layouts = gradient_layouts(shape, work, mesh)
+    (microbatch, remat, carry), peaks["gradients"] = _first_fit(
+      [(*c, where) for where in ("device", "host") for c in layouts],
+      lambda c: gradient_call_bytes(shape, work, mesh, c[0], c[1], carry=c[2])["total"],
       limit,
     )
-    peaks["spectra"] = spectra_call_bytes(shape, work)["total"]
-  return Layout(microbatch, remat, capture, loss, peaks, limit)
+    peaks["spectra"] = spectra_call_bytes(shape, work, mesh=mesh)["total"]
+  return Layout(microbatch, remat, capture, loss, peaks, limit, carry)
+
+
+def choose_mesh(shape: Shape, work: Work, devices: int, device_bytes: float | None) -> dict:
+  """{'data': D, 'model': M} for `devices` when no mesh is given: the smallest model axis
+  (a power of two dividing the devices, the heads and d_mlp) under which `choose_layout`
+  fits, the rest on the data axis; the largest such axis when none fits; all on the data
+  axis when the memory is unknown."""
+  sizes = [m for m in (2**i for i in range(devices.bit_length())) if devices % m == 0]
+  sizes = [m for m in sizes if shape.n_heads % m == 0 and shape.d_mlp % m == 0]
+  meshes = [{"data": devices // m, "model": m} for m in sizes]
+  if not device_bytes:
+    return meshes[0]
+  for mesh in meshes:
+    if choose_layout(shape, work, mesh, device_bytes).fits:
+      return mesh
+  return meshes[-1]
 
 
 def require_fit(name: str, layout: Layout, work: Work) -> Layout:
@@ -525,7 +580,7 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
       "gradients": f"gradient microbatch {layout.gradient_microbatch} (remat={layout.remat})",
       "capture": f"capture microbatch {layout.capture_microbatch}",
       "loss": f"loss microbatch {layout.loss_microbatch}",
-      "spectra": "the gradient spectra (two gradient batches' gradients on one device)",
+      "spectra": "the gradient spectra (two batches' gradients, split by layer)",
     }[call]
     what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
     if call == "spectra":
@@ -598,7 +653,7 @@ def stacked_peaks(
     )["total"]
   if work.gradients:
     peaks["gradients"] = gradient_call_bytes(
-      shape, work, mesh, layout.gradient_microbatch, layout.remat, c
+      shape, work, mesh, layout.gradient_microbatch, layout.remat, c, layout.carry
     )["total"]
     peaks["spectra"] = spectra_call_bytes(shape, work, c)["total"]
   return peaks
@@ -685,6 +740,7 @@ class ModelPlan:
   layout: Layout | None = None  # chosen from the device's memory, when it is known
   checkpoints_per_call: int = 1  # memory holds this many at once; FLOPs per checkpoint are
   # unchanged (stacking changes the rate reached, which --measure measures at C)
+  mesh: dict | None = None  # {'data': D, 'model': M} planned under
 
   @property
   def fetch_bytes(self) -> int:
@@ -734,7 +790,9 @@ def make_plan(
       "layer": 2 * shape.layer_params * g_seqs * shape.seq_len + attention_flops(shape, g_seqs),
     }[layout.remat]
     flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
-  memory = memory_per_device(shape, work, mesh, layout.remat if layout else "none")
+  memory = memory_per_device(
+    shape, work, mesh, layout.remat if layout else "none", layout.carry if layout else "device"
+  )
   if layout:
     c = work.checkpoints_per_call
     peak = layout.peak if c == 1 else max(stacked_peaks(shape, work, mesh, layout, c).values())
@@ -748,6 +806,7 @@ def make_plan(
     shape.bytes_per_checkpoint / bandwidth,
     layout,
     work.checkpoints_per_call,
+    dict(mesh),
   )
 
 
@@ -818,7 +877,7 @@ def format_plan(
         _si(p.fetch_bytes, "B"),
         _si(f["total"], ""),
         f"{_si(f['capture'], '')}/{_si(f['gradients'], '')}",
-        _layout_cell(p.layout),
+        _layout_cell(p.layout) + _mesh_cell(p.mesh),
         _si(m["total"], "B"),
         f"{_si(m['params'], 'B')}/{_si(m['grads'], 'B')}/{_si(m['activations'], 'B')}",
         f"{max(p.compute_s, p.fetch_s / hosts):.3g}",
@@ -839,7 +898,7 @@ def format_plan(
       lines.append(
         f"* {p.shape.name} does not fit: its {call} call needs "
         f"{_si(p.layout.peaks[call], 'B')} per device"
-        + (" even at the smallest microbatch with remat" if call != "spectra" else " (one device)")
+        + (" even at the smallest microbatch with remat" if call != "spectra" else "")
         + f", over {_si(p.layout.limit, 'B')}"
       )
   if data_bytes is not None:
@@ -855,6 +914,11 @@ def _stream_words(name: str, size: int | None) -> str:
   return f"not the whole {_si(size, 'B')} of {name}" if size else f"from {name}"
 
 
+def _mesh_cell(mesh: dict | None) -> str:
+  """' model:4' when the plan splits the weights over a model axis (pass --mesh so)."""
+  return f" model:{mesh['model']}" if mesh and mesh.get("model", 1) > 1 else ""
+
+
 def _layout_cell(layout: Layout | None) -> str:
   """'16' or '4 remat:attention' (the gradient microbatch), '*' marking a misfit."""
   if layout is None:
@@ -862,6 +926,8 @@ def _layout_cell(layout: Layout | None) -> str:
   cell = str(layout.gradient_microbatch or layout.capture_microbatch)
   if layout.remat != "none":
     cell += f" remat:{layout.remat}"
+  if layout.carry == "host":
+    cell += " carry:host"
   return cell if layout.fits else cell + " *"
 
 

@@ -267,6 +267,9 @@ def _by_layer(fn, *trees):
   copies and SVD workspace exist at a time, whatever L."""
 
   def one(slices):
+    # The barrier keeps XLA from hoisting the casts out of the loop (a float32 copy of
+    # every layer at once, seen with bfloat16 weights).
+    slices = jax.lax.optimization_barrier(slices)
     one_layer = jax.tree.map(lambda x: x[None].astype(jnp.float32), slices)
     return jax.tree.map(lambda x: x[0], fn(*one_layer))
 
@@ -311,6 +314,13 @@ def gradient_weights(value_slice: str) -> tuple[str, ...]:
   if value_slice == "reference":
     wrt += ("attn.query.kernel", "attn.key.kernel")
   return wrt
+
+
+def spectra_weights(layers: dict, value_slice: str) -> dict:
+  """The leaves of params['layers'] the weight and gradient spectra read (those
+  `gradient_weights` names), in the same layout: what moves to the spectra's devices."""
+  wrt = gradient_weights(value_slice)
+  return model_lib.nest({p: model_lib.get_path(layers, p) for p in wrt})
 
 
 def _batch_gradients(params, microbatches, config, wrt, remat, keep_dtype=False):
@@ -462,6 +472,7 @@ def streamed_gradient_metrics(
   value_slice: str,
   mesh: jax.sharding.Mesh | None = None,
   to_host=jax.device_get,
+  carry_on_host: bool = False,
 ) -> dict:
   """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
   (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
@@ -474,7 +485,11 @@ def streamed_gradient_metrics(
       split on L over `mesh`.
     mesh: a mesh with one axis 'layers' that `layers` and every batch are split over
       (`spread_gradient_terms`); None: one device.
-    to_host: moves the small per-batch terms to the host (the sweep's for several processes).
+    to_host: moves arrays to the host (the sweep's for several processes).
+    carry_on_host: keep the previous batch's gradients in host memory between batches
+      (moved down after each reduction and up for the next), so the gradient call runs
+      beside no carry: two transfers of a batch's gradients per batch for one batch's
+      device memory (jax_pythia.scale.plan chooses it when nothing else fits).
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
@@ -485,11 +500,16 @@ def streamed_gradient_metrics(
   )
   carry, terms = None, []
   for grads in batches:
+    shardings = jax.tree.map(lambda x: x.sharding, grads)
     if carry is None:
       first = first_gradient_carry if mesh is None else spread_first_carry(value_slice, mesh)
       carry = first(grads, value_slice) if mesh is None else first(grads)
+    elif carry_on_host:
+      carry = {**carry, "grads": jax.tree.map(jax.device_put, carry["grads"], shardings)}
     *batch_terms, carry = reduce(grads, carry, layers)
     terms.append(tuple(batch_terms))
+    if carry_on_host:
+      carry = {**carry, "grads": jax.tree.map(to_host, carry["grads"])}
   if not terms:
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
   terms = [jax.tree.map(to_host, t) for t in terms]

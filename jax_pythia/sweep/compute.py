@@ -75,7 +75,7 @@ class ChunkWork:
     # The spectra run split by layer over the mesh's devices (each its own layers' SVDs),
     # never gathered on one device.
     spread = place.layer_mesh(config.n_layers)
-    layers = place.onto_layers(params["layers"], spread)
+    layers = place.onto_layers(study.spectra_weights(params["layers"], o.value_slice), spread)
     weight_values = None
     if spread is not None:
       weight_values = study.spread_weight_metrics(o.value_slice, spread)(layers)
@@ -127,7 +127,12 @@ class ChunkWork:
         yield place.onto_layers(grads, spread)
 
     values = study.streamed_gradient_metrics(
-      batch_gradients(), layers, o.value_slice, spread, place.host
+      batch_gradients(),
+      layers,
+      o.value_slice,
+      spread,
+      place.host,
+      carry_on_host=bool(layout and layout.carry == "host"),
     )
     self.heartbeat.beat(m.name, step, f"gradients, {len(batches)} batches: waiting for the device")
     return values, np.array([place.host(loss) for loss in batch_losses])
