@@ -188,7 +188,9 @@ def test_more_devices_on_the_model_axis_fit_larger_microbatches():
   work = plan.Work()
   one = plan.choose_layout(PYTHIA_SHAPE, work, {"data": 1}, 16e9)
   eight = plan.choose_layout(PYTHIA_SHAPE, work, {"model": 8}, 16e9)
-  assert eight.gradient_microbatch > one.gradient_microbatch and eight.fits
+  # A larger microbatch, or the same one with less recomputation.
+  merit = lambda layout: (layout.gradient_microbatch, -plan.REMAT.index(layout.remat))  # noqa: E731
+  assert merit(eight) > merit(one) and eight.fits
 
 
 def test_forward_microbatches_give_the_same_activations_and_loss():

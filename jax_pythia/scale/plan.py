@@ -387,7 +387,7 @@ def spectra_call_bytes(
   mesh study.spread_gradient_terms), split by layer over all devices (`spectra_layers` per
   device): the current and the previous batch's gradients and the weights the spectra
   read, in the weights' dtype, and one layer's float32 copies and SVD workspace
-  (`workspace`), whatever L and G; beside it the params' shard on the compute mesh.
+  (`workspace`), whatever L and G; beside it the rest of the params' shard.
   C > 1 is the stacked call (study.batched_gradient_metrics) on one device: G batches'
   float32 gradients and workspace, the layer weights in float32, times C. Held within 25%
   of XLA's figure on CPU for float32 (tests/test_memory.py; XLA:CPU computes bfloat16 in
@@ -396,13 +396,16 @@ def spectra_call_bytes(
   d, f, L = shape.d_model, shape.d_mlp, shape.n_layers
   if checkpoints_per_call == 1:
     mesh = mesh or {}
+    devices = mesh.get("data", 1) * mesh.get("model", 1)
     b = DTYPE_BYTES[work.dtype]
     held = spectra_layers(shape, mesh) * layer_gradient_values(shape) * b
     parts = {
       "gradients": 2 * held,  # G = 1: the first carry's zeros
       "weights": held,
       "workspace": 4 * 4 * layer_gradient_values(shape),
-      "params": _param_bytes(shape, work, mesh),
+      # The rest of the params' shard waits beside the call (on one device the weights
+      # the spectra read are the params themselves).
+      "params": _param_bytes(shape, work, mesh) - (held if devices == 1 else 0),
     }
     parts["total"] = sum(parts.values())
     return parts
