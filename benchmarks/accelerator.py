@@ -311,6 +311,24 @@ def study_checkpoint(config, protocol: Protocol, dtype: str, seed: int, keep: bo
   one_batch = time.perf_counter() - start
   seconds["gradients"] = GRADIENT_BATCHES * one_batch
 
+  # The sweep's own calls for one checkpoint, per batch: one batch's gradients in the
+  # weights' dtype (study.batch_gradient_fn, streamed) and their reduction layer by layer
+  # (study.gradient_terms); a checkpoint runs each 11 times.
+  streamed = {}
+  stream_exe, compile_s["batch_gradients"] = compiled(
+    study.batch_gradient_fn(config, VALUE_SLICE), params, batch[0]
+  )
+  start = time.perf_counter()
+  _, batch_grads = jax.block_until_ready(stream_exe(params, batch[0]))
+  streamed["batch_gradients"] = time.perf_counter() - start
+  carry = study.first_gradient_carry(batch_grads, VALUE_SLICE)
+  terms_exe, compile_s["gradient_terms"] = compiled(
+    study.gradient_terms, batch_grads, carry, layers, value_slice=VALUE_SLICE
+  )
+  start = time.perf_counter()
+  jax.block_until_ready(terms_exe(batch_grads, carry, layers))  # donates batch_grads
+  streamed["gradient_terms"] = time.perf_counter() - start
+
   # The spectra cost does not depend on the values: the one gradient stands for all 11.
   stacked = jax.tree.map(lambda g: jnp.concatenate([g] * GRADIENT_BATCHES), grads)
   spectra_exe, compile_s["gradient_spectra"] = compiled(
@@ -328,6 +346,7 @@ def study_checkpoint(config, protocol: Protocol, dtype: str, seed: int, keep: bo
     "seconds_per_checkpoint": sum(seconds.values()),
     "seconds": seconds,
     "compile_seconds": compile_s,
+    "streamed_seconds_per_batch": streamed,
     "gradient_microbatch": mb,
     "activation_chunk": chunk,
     "fwd_bwd_one_batch_s": one_batch,

@@ -3,8 +3,9 @@
   python -m benchmarks.bench_compile_cache [--shape 14m]
 
 Runs two fresh processes, one after the other, on one new empty cache directory; each
-lowers and compiles one checkpoint's calls of a bench_batched shape (activations, one
-gradient batch, the gradient reduction and the loss), timing compile alone. Prints both
+lowers and compiles one checkpoint's calls of a benchmarks.shapes study shape (activations, one
+gradient batch, its reduction layer by layer, the loss and the weight spectra), timing
+compile alone. Prints both
 processes' compile seconds and the ratio second / first: what a rerun, a resumed sweep, a
 second model of the same shapes or another host of a pod pays, against the first.
 """
@@ -27,7 +28,7 @@ def compile_calls(shape_name: str, cache: str) -> float:
   import jax
   import numpy as np
 
-  from benchmarks.bench_batched import SHAPES
+  from benchmarks.shapes import STUDY_SHAPES as SHAPES
   from jax_pythia.models import gpt_neox as model
   from jax_pythia.study import checkpoint as study
 
@@ -36,9 +37,13 @@ def compile_calls(shape_name: str, cache: str) -> float:
   params = model.init_params(config, jax.random.PRNGKey(0))
   tokens = np.zeros((shape["n_sequences"], seq), np.int32)
   batch = np.zeros((1, shape["gradient_sequences"], seq + 1), np.int32)
+  one_batch = study.batch_gradient_fn(config, "per_head")
+  _, grads = jax.eval_shape(one_batch, params, batch)
+  carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, "per_head"), grads)
   calls = [
     (study.activation_fn(config, "per_head"), (params, tokens, None)),
-    (study.batch_gradient_fn(config, "per_head"), (params, batch)),
+    (one_batch, (params, batch)),
+    (study.gradient_terms, (grads, carry, params["layers"], "per_head")),
     (study.loss_fn(config), (params, batch[0])),
     (study.weight_metrics, (params["layers"], "per_head")),
   ]
@@ -53,7 +58,7 @@ def compile_calls(shape_name: str, cache: str) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shape", default="14m", help="a benchmarks.bench_batched shape")
+  parser.add_argument("--shape", default="14m", help="a benchmarks.shapes study shape")
   parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
