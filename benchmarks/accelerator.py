@@ -70,6 +70,7 @@ from jax_pythia.models import model as model_lib  # noqa: E402
 from jax_pythia.models.config import GPTNeoXConfig  # noqa: E402
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed as streaming
 
 VALUE_SLICE = "per_head"
 GRADIENT_BATCHES = 11  # 2 x window 5 + 1
@@ -313,7 +314,7 @@ def study_checkpoint(config, protocol: Protocol, dtype: str, seed: int, keep: bo
 
   # The sweep's own calls for one checkpoint, per batch: one batch's gradients in the
   # weights' dtype (study.batch_gradient_fn, streamed) and their reduction layer by layer
-  # (study.gradient_terms); a checkpoint runs each 11 times.
+  # (streaming.gradient_terms); a checkpoint runs each 11 times.
   streamed = {}
   stream_exe, compile_s["batch_gradients"] = compiled(
     study.batch_gradient_fn(config, VALUE_SLICE), params, batch[0]
@@ -321,9 +322,9 @@ def study_checkpoint(config, protocol: Protocol, dtype: str, seed: int, keep: bo
   start = time.perf_counter()
   _, batch_grads = jax.block_until_ready(stream_exe(params, batch[0]))
   streamed["batch_gradients"] = time.perf_counter() - start
-  carry = study.first_gradient_carry(batch_grads, VALUE_SLICE)
+  carry = streaming.first_gradient_carry(batch_grads, VALUE_SLICE)
   terms_exe, compile_s["gradient_terms"] = compiled(
-    study.gradient_terms, batch_grads, carry, layers, value_slice=VALUE_SLICE
+    streaming.gradient_terms, batch_grads, carry, layers, value_slice=VALUE_SLICE
   )
   start = time.perf_counter()
   jax.block_until_ready(terms_exe(batch_grads, carry, layers))  # donates batch_grads

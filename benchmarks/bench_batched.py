@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
 from jax_pythia.models import model as model
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed
 
 GRADIENT_BATCHES = 11  # a window of 5 steps either side, as the study
 VALUE_SLICE = "per_head"
@@ -42,7 +43,7 @@ def one_at_a_time(config, params, tokens, batches, heldout, reference):
         losses.append(loss)
         yield grads
 
-    gradient_values = study.streamed_gradient_metrics(gradients(), p["layers"], VALUE_SLICE)
+    gradient_values = streamed.streamed_gradient_metrics(gradients(), p["layers"], VALUE_SLICE)
     loss = study.loss_fn(config)(p, heldout)
     values = study.checkpoint_metrics(
       acts,

@@ -29,8 +29,9 @@ def compile_calls(shape_name: str, cache: str) -> float:
   import numpy as np
 
   from benchmarks.shapes import STUDY_SHAPES as SHAPES
-  from jax_pythia.models import gpt_neox as model
+  from jax_pythia.models import model
   from jax_pythia.study import checkpoint as study
+  from jax_pythia.study import streamed
 
   shape = SHAPES[shape_name]
   config, seq = shape["config"], shape["seq"]
@@ -39,11 +40,11 @@ def compile_calls(shape_name: str, cache: str) -> float:
   batch = np.zeros((1, shape["gradient_sequences"], seq + 1), np.int32)
   one_batch = study.batch_gradient_fn(config, "per_head")
   _, grads = jax.eval_shape(one_batch, params, batch)
-  carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, "per_head"), grads)
+  carry = jax.eval_shape(lambda g: streamed.first_gradient_carry(g, "per_head"), grads)
   calls = [
     (study.activation_fn(config, "per_head"), (params, tokens, None)),
     (one_batch, (params, batch)),
-    (study.gradient_terms, (grads, carry, params["layers"], "per_head")),
+    (streamed.gradient_terms, (grads, carry, params["layers"], "per_head")),
     (study.loss_fn(config), (params, batch[0])),
     (study.weight_metrics, (params["layers"], "per_head")),
   ]

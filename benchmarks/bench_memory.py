@@ -43,6 +43,7 @@ from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed
 from jax_pythia.sweep import results
 
 SHAPE_14M = dict(
@@ -89,9 +90,9 @@ def xla_peaks(config: GPTNeoXConfig, layout: plan.Layout, options: sweep.SweepOp
   batch = jax.ShapeDtypeStruct((options.gradient_sequences // mb, mb, SEQ + 1), jnp.int32)
   one_batch = study.batch_gradient_fn(config, vs, layout.remat)
   _, grads = jax.eval_shape(one_batch, params, batch)
-  carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, vs), grads)
+  carry = jax.eval_shape(lambda g: streamed.first_gradient_carry(g, vs), grads)
   carried = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["grads"]))
-  terms = study.gradient_terms.lower(grads, carry, params["layers"], vs)
+  terms = streamed.gradient_terms.lower(grads, carry, params["layers"], vs)
   n = options.n_sequences
   capture = study.activation_fn(config, vs, layout.capture_microbatch).lower(
     params, jax.ShapeDtypeStruct((n, SEQ), jnp.int32), jax.ShapeDtypeStruct((n, 1), jnp.int32)

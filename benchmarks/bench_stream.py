@@ -9,7 +9,7 @@ batches two ways, side by side in this process, each compiled first and timed be
 - at once: `study.gradient_fn` (all G batches' gradients in one call), then
   `study.gradient_metrics` (the stacked path's calls);
 - streamed: `study.batch_gradient_fn` per batch, each reduced at once by
-  `study.streamed_gradient_metrics` (the sweep's calls for one checkpoint).
+  `streaming.streamed_gradient_metrics` (the sweep's calls for one checkpoint).
 
 Prints seconds of both and the ratio (at once / streamed), XLA's bytes of each way's
 largest call (`compiled.memory_analysis()`: temp + argument + output, less outputs
@@ -31,6 +31,7 @@ from benchmarks.bench_batched import GRADIENT_BATCHES, VALUE_SLICE, best_of
 from benchmarks.shapes import DEFAULT_STUDY_SHAPES, STUDY_SHAPES
 from jax_pythia.models import model as model
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed as streaming
 
 
 # bench_batched's shapes, and (on request: minutes on CPU) bench_sweep's 70m one.
@@ -49,7 +50,7 @@ def streamed(config, params, batches):
       losses.append(loss)
       yield grads
 
-  values = study.streamed_gradient_metrics(gradients(), params["layers"], VALUE_SLICE)
+  values = streaming.streamed_gradient_metrics(gradients(), params["layers"], VALUE_SLICE)
   return jax.device_get((values, jnp.stack(losses)))
 
 
@@ -67,9 +68,9 @@ def largest_calls(config, params, batches) -> tuple[int, int]:
   metrics = study.gradient_metrics.lower(grads, params["layers"], VALUE_SLICE).compile()
   one_batch = study.batch_gradient_fn(config, VALUE_SLICE)
   _, grad = jax.eval_shape(one_batch, params, batches[0])
-  carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, VALUE_SLICE), grad)
+  carry = jax.eval_shape(lambda g: streaming.first_gradient_carry(g, VALUE_SLICE), grad)
   carried = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["grads"]))
-  terms = study.gradient_terms.lower(grad, carry, params["layers"], VALUE_SLICE).compile()
+  terms = streaming.gradient_terms.lower(grad, carry, params["layers"], VALUE_SLICE).compile()
   batch_call = one_batch.lower(params, batches[0]).compile()
   return (
     max(_bytes(gradient), _bytes(metrics)),

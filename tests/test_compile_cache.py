@@ -20,7 +20,7 @@ _PROGRAM = """
 import sys
 import jax, numpy as np
 from jax_pythia import compile_cache
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model
 from jax_pythia.study import checkpoint as study
 from jax_pythia.models.config import GPTNeoXConfig
 compile_cache.enable(sys.argv[1])

@@ -17,6 +17,7 @@ from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed as streaming
 
 
 def compiled_bytes(compiled) -> int:
@@ -92,10 +93,10 @@ def test_spectra_plan_covers_xla(dims, streamed):
 
   if streamed:  # the sweep's per-batch call: one batch and the carry, whatever G
     grads = gradients()
-    carry = jax.eval_shape(lambda g: study.first_gradient_carry(g, "per_head"), grads)
+    carry = jax.eval_shape(lambda g: streaming.first_gradient_carry(g, "per_head"), grads)
     weights = study.spectra_weights(layers, "per_head")
     measured = compiled_bytes(
-      study.gradient_terms.lower(grads, carry, weights, "per_head").compile()
+      streaming.gradient_terms.lower(grads, carry, weights, "per_head").compile()
     )
     parts = plan.spectra_call_bytes(shape, work)
     planned = parts["total"] - parts["params"]  # the params' shard waits beside the call

@@ -21,10 +21,11 @@ from tests.test_sharding import ROOT, env_with_devices
 PROGRAM = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from jax_pythia.models import gpt_neox as model
+from jax_pythia.models import model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import sharding
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed
 
 spec, n_layers = sys.argv[1], int(sys.argv[2])
 config = GPTNeoXConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=4, d_mlp=128,
@@ -48,11 +49,11 @@ for vs in ("per_head", "reference"):
       splits.append(sorted({s.data.shape[0] for x in jax.tree.leaves(g)
                             for s in x.addressable_shards}))
       yield g
-  got = study.streamed_gradient_metrics(grads(), layers, vs, spread, place.host)
+  got = streamed.streamed_gradient_metrics(grads(), layers, vs, spread, place.host)
   got_w = jax.tree.map(place.host, study.spread_weight_metrics(vs, spread)(layers))
   # The same gradients and weights reduced on one device, no mesh.
   device = jax.devices()[0]
-  single = study.streamed_gradient_metrics(
+  single = streamed.streamed_gradient_metrics(
     (jax.device_put(g, device) for g in on_host), jax.device_put(params["layers"], device), vs)
   single_w = study.weight_metrics(jax.device_put(params["layers"], device), vs)
   def rel(x, y):  # equal values (inf, NaN alike) differ by 0; NaN against a number: inf

@@ -13,6 +13,7 @@ import analysis
 from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed
 
 CONFIG = GPTNeoXConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=12)
 
@@ -43,7 +44,7 @@ def test_streamed_study_equals_gradient_spectra_of_the_stacked_batches(
       streamed_losses.append(loss)
       yield grads
 
-  got = study.streamed_gradient_metrics(batches(), params["layers"], value_slice)
+  got = streamed.streamed_gradient_metrics(batches(), params["layers"], value_slice)
   # One batch's call gives the batched call's gradients and loss.
   np.testing.assert_allclose(np.array(streamed_losses), losses, rtol=1e-6)
   assert set(got) == set(expected)
@@ -66,8 +67,8 @@ def test_the_carry_is_the_donated_batch_not_a_copy(params):
   _, grads = study.batch_gradient_fn(CONFIG, "per_head")(params, tokens)
   expected = jax.tree.map(np.array, grads)
   pointers = jax.tree.map(lambda x: x.unsafe_buffer_pointer(), grads)
-  carry = study.first_gradient_carry(grads, "per_head")
-  *_, carry = study.gradient_terms(grads, carry, params["layers"], "per_head")
+  carry = streamed.first_gradient_carry(grads, "per_head")
+  *_, carry = streamed.gradient_terms(grads, carry, params["layers"], "per_head")
   assert all(x.is_deleted() for x in jax.tree.leaves(grads))
   assert jax.tree.map(lambda x: x.unsafe_buffer_pointer(), carry["grads"]) == pointers
   for a, b in zip(jax.tree.leaves(carry["grads"]), jax.tree.leaves(expected)):
@@ -76,7 +77,7 @@ def test_the_carry_is_the_donated_batch_not_a_copy(params):
 
 def test_no_batches_is_an_error(params):
   with pytest.raises(ValueError, match="at least one gradient batch"):
-    study.streamed_gradient_metrics(iter(()), params["layers"], "per_head")
+    streamed.streamed_gradient_metrics(iter(()), params["layers"], "per_head")
 
 
 def test_a_carry_in_host_memory_gives_the_same_metrics(params):
@@ -85,7 +86,7 @@ def test_a_carry_in_host_memory_gives_the_same_metrics(params):
 
   def metrics(carry_on_host):
     batches = (one_batch(params, batch)[1] for batch in tokens)
-    out = study.streamed_gradient_metrics(
+    out = streamed.streamed_gradient_metrics(
       batches, params["layers"], "per_head", carry_on_host=carry_on_host
     )
     return jax.tree.map(np.asarray, out)

@@ -383,8 +383,8 @@ def spectra_call_bytes(
 ) -> dict[str, float]:
   """{part: bytes} on one device of the gradient spectra call.
 
-  One checkpoint per call (C = 1) is the sweep's per-batch call (study.gradient_terms, on a
-  mesh study.spread_gradient_terms), split by layer over all devices (`spectra_layers` per
+  One checkpoint per call (C = 1) is the sweep's per-batch call (streamed.gradient_terms, on a
+  mesh streamed.spread_gradient_terms), split by layer over all devices (`spectra_layers` per
   device): the current and the previous batch's gradients and the weights the spectra
   read, in the weights' dtype, and one layer's float32 copies and SVD workspace
   (`workspace`), whatever L and G; beside it the rest of the params' shard.

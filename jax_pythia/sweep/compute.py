@@ -17,6 +17,7 @@ from jax_pythia.models import model as model
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import plan, sharding
 from jax_pythia.study import checkpoint as study
+from jax_pythia.study import streamed
 from jax_pythia.sweep import results, watchdog
 from jax_pythia.sweep.loading import Loaded
 from jax_pythia.sweep.options import SweepOptions, gradient_steps
@@ -126,7 +127,7 @@ class ChunkWork:
         batch_losses.append(loss)
         yield place.onto_layers(grads, spread)
 
-    values = study.streamed_gradient_metrics(
+    values = streamed.streamed_gradient_metrics(
       batch_gradients(),
       layers,
       o.value_slice,
