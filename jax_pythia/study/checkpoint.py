@@ -261,7 +261,10 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def weight_metrics(layers: dict, value_slice: str) -> dict:
   """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra)."""
-  return analysis.weight_spectra(jax.tree.map(lambda x: x.astype(jnp.float32), layers), value_slice)
+  factors = model_lib.study_factors(layers)  # the family seam's per-layer factors
+  return analysis.weight_spectra(
+    jax.tree.map(lambda x: x.astype(jnp.float32), factors), value_slice
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("value_slice",))
@@ -335,7 +338,7 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
   need collectives and the spectra LAPACK calls, and XLA:CPU can deadlock running both in
   one program; the stacked path runs this one on a single device.
   """
-  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), model_lib.study_factors(layers))
   return analysis.gradient_spectra(grads, layers, value_slice)
 
 
@@ -382,8 +385,9 @@ def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
-  # Cast once here, not in each batch's call (a float32 copy of the weights per batch).
-  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  # Cast once here, not in each batch's call (a float32 copy of the weights per batch);
+  # only the family seam's per-layer factors, which is all the statistics read.
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), model_lib.study_factors(layers))
   carry, terms = None, []
   for grads in batches:
     if carry is None:
