@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_pythia.checkpoints import converted
 from jax_pythia.checkpoints import hub as ck
 from jax_pythia.errors import CheckpointError
 from jax_pythia.models import weights
@@ -214,10 +215,10 @@ def test_download_gives_up_with_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_orbax_round_trip_is_exact(local, tmp_path, dtype):
   config, params = ck.load_checkpoint(local.path, dtype=dtype)
-  ck.save_converted(tmp_path / "conv", config, params)
-  assert ck.is_converted(tmp_path / "conv")
+  converted.save_converted(tmp_path / "conv", config, params)
+  assert converted.is_converted(tmp_path / "conv")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  config2, restored = ck.restore_converted(tmp_path / "conv", sharding=device)
+  config2, restored = converted.restore_converted(tmp_path / "conv", sharding=device)
   assert config2 == config
   assert jax.tree.structure(restored) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
@@ -227,11 +228,11 @@ def test_orbax_round_trip_is_exact(local, tmp_path, dtype):
 
 def test_orbax_restore_with_a_sharding_pytree_and_overwrite(local, tmp_path):
   config, params = ck.load_checkpoint(local.path)
-  ck.save_converted(tmp_path / "conv", config, params)
-  ck.save_converted(tmp_path / "conv", config, params)  # replaces the first one
+  converted.save_converted(tmp_path / "conv", config, params)
+  converted.save_converted(tmp_path / "conv", config, params)  # replaces the first one
   assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  _, restored = ck.restore_converted(
+  _, restored = converted.restore_converted(
     tmp_path / "conv", sharding=jax.tree.map(lambda _: device, params)
   )
   np.testing.assert_array_equal(
@@ -247,8 +248,8 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(local, tmp_path, mo
 
   monkeypatch.setattr(weights, "replace_directory", crash)
   with pytest.raises(KeyboardInterrupt):
-    ck.save_converted(tmp_path / "conv", config, params)
-  assert not ck.is_converted(tmp_path / "conv")
+    converted.save_converted(tmp_path / "conv", config, params)
+  assert not converted.is_converted(tmp_path / "conv")
   assert list(tmp_path.iterdir()) == []
   with pytest.raises(CheckpointError, match="conv: not a converted checkpoint"):
-    ck.restore_converted(tmp_path / "conv")
+    converted.restore_converted(tmp_path / "conv")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from jax_pythia.checkpoints import converted
 from jax_pythia.checkpoints import hub as checkpoints
 from jax_pythia.models.weights import read_safetensors, write_safetensors
 from tests import hf_fixtures as hf
@@ -70,7 +71,7 @@ def test_convert_writes_an_orbax_cache_that_restores_the_same_params(tiny):
   root, ckpt, _ = tiny
   result = run_tool("convert", f"--checkpoint={ckpt.path}", f"--out={root / 'cache'}")
   assert result.returncode == 0, result.stderr
-  config, params = checkpoints.restore_converted(root / "cache")
+  config, params = converted.restore_converted(root / "cache")
   _, direct = checkpoints.load_checkpoint(ckpt.path)
   assert config.n_layers == 2
   np.testing.assert_array_equal(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 
@@ -48,3 +49,15 @@ def test_no_citation_of_docs_outside_the_repository():
     )
   ]
   assert not stale, f"cite docs/method.md or docs/pythia.md instead: {stale[:5]}"
+
+
+def test_the_api_example_runs(capsys):
+  """docs/api.md's example, as a notebook user would paste it."""
+  text = (ROOT / "docs" / "api.md").read_text()
+  (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+  exec(compile(code, "docs/api.md", "exec"), {})
+  loss, cka = re.search(
+    r"loss ([\d.]+), CKA\(layer 0, layer 1\) ([\d.-]+)", capsys.readouterr().out
+  ).groups()
+  # A random 64-token model's loss is near ln 64; CKA lies in [0, 1].
+  assert abs(float(loss) - math.log(64)) < 0.5 and 0 <= float(cka) <= 1

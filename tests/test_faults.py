@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from jax_pythia import files, sweep
+from jax_pythia.checkpoints import converted, sources
 from jax_pythia.checkpoints import hub as checkpoints
-from jax_pythia.checkpoints import sources
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
@@ -79,7 +79,7 @@ def test_save_converted_refuses_anything_it_did_not_write(tiny, target):
   path = {"checkpoint": ckpt.path, "parent": ckpt.path.parent, "file": regular}[target]
   before = snapshot(path)
   with pytest.raises(CheckpointError, match="refusing to replace"):
-    checkpoints.save_converted(path, config, params)
+    converted.save_converted(path, config, params)
   assert snapshot(path) == before
 
 
@@ -87,15 +87,15 @@ def test_convert_replaces_its_own_cache_and_cleans_what_a_kill_left(tiny, tmp_pa
   _, ckpt = tiny
   config, params = checkpoints.load_checkpoint(ckpt.path)
   cache = tmp_path / "cache"
-  checkpoints.save_converted(cache, config, params)
+  converted.save_converted(cache, config, params)
   # What a kill -9 inside an earlier save leaves beside the cache.
   (tmp_path / ".cache.tmp-abc123" / "params").mkdir(parents=True)
   (tmp_path / ".cache.old-def456" / "x").mkdir(parents=True)
   (tmp_path / ".other.tmp-keep").mkdir()  # another cache's: not ours to remove
   doubled = {k: v for k, v in params.items()}
   doubled["embed_in"] = {"embedding": 2 * params["embed_in"]["embedding"]}
-  checkpoints.save_converted(cache, config, doubled)
-  _, restored = checkpoints.restore_converted(cache)
+  converted.save_converted(cache, config, doubled)
+  _, restored = converted.restore_converted(cache)
   np.testing.assert_array_equal(
     restored["embed_in"]["embedding"], 2 * np.asarray(params["embed_in"]["embedding"])
   )
@@ -214,7 +214,7 @@ def test_result_files_follow_the_umask(tiny, tmp_path):
     files.save_npz(tmp_path / "a.npz", {"x": np.zeros(3)})
     directory = files.make_temp_dir(str(tmp_path), ".d.tmp-")
     config, params = checkpoints.load_checkpoint(tiny[1].path)
-    checkpoints.save_converted(tmp_path / "cache", config, params)
+    converted.save_converted(tmp_path / "cache", config, params)
     weights.save_hf_checkpoint(tmp_path / "hf", params, config)
   finally:
     os.umask(old)

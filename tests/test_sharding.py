@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_pythia import data
+from jax_pythia.checkpoints import converted
 from jax_pythia.models import model as model
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
@@ -365,7 +366,7 @@ def test_sharded_sweep_at_realistic_sizes(suite_14m_and_baseline, mesh, devices)
 
 
 def test_converted_cache_restores_onto_the_mesh(suite_and_baseline, tmp_path):
-  """A suite of orbax caches (checkpoints.save_converted) sweeps to the same table."""
+  """A suite of orbax caches (converted.save_converted) sweeps to the same table."""
   from jax_pythia.checkpoints import hub as checkpoints
 
   suite, baseline, _ = suite_and_baseline
@@ -375,7 +376,7 @@ def test_converted_cache_restores_onto_the_mesh(suite_and_baseline, tmp_path):
     os.symlink(os.path.join(suite, name), cached / name)
   for s in STEPS:
     config, params = checkpoints.load_checkpoint(os.path.join(suite, "mini-h8", f"step{s}"))
-    checkpoints.save_converted(str(cached / "mini-h8" / f"step{s}"), config, params)
+    converted.save_converted(str(cached / "mini-h8" / f"step{s}"), config, params)
   out = str(tmp_path / "out")
   run_sweep(str(cached), out, *SWEEP_ARGS, "--mesh=data:2,model:4", devices=8)
   assert_same_table(baseline, out)

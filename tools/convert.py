@@ -1,9 +1,9 @@
-"""Converts a Hugging Face-format GPT-NeoX checkpoint into an orbax cache.
+"""Converts a Hugging Face-format checkpoint (any supported family) into an orbax cache.
 
   python -m tools.convert --checkpoint=EleutherAI/pythia-410m@step143000 --out=cache/410m
 
-Later runs restore the cache with `jax_pythia.checkpoints.hub.restore_converted`, straight onto
-a device sharding, skipping the read and conversion of the original weights.
+Later runs restore the cache with `jax_pythia.checkpoints.converted.restore_converted`,
+straight onto a device sharding, skipping the read and conversion of the original weights.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv):
   _cli.reject_extra_args(argv)
+  from jax_pythia.checkpoints import converted
   from jax_pythia.checkpoints import hub as checkpoints
 
-  checkpoints.check_converted_target(FLAGS.out)  # before the slow part: refuse at once
+  converted.check_converted_target(FLAGS.out)  # before the slow part: refuse at once
   config, params = checkpoints.load_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  checkpoints.save_converted(FLAGS.out, config, params)
+  converted.save_converted(FLAGS.out, config, params)
   print(f"wrote {FLAGS.out}: {config.n_layers} layers, d_model {config.d_model}, {FLAGS.dtype}")
 
 

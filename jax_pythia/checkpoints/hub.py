@@ -21,7 +21,6 @@ so repeated sweeps skip the read and the conversion.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -29,9 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from jax_pythia import files, remote, suite
+from jax_pythia import remote, suite
+from jax_pythia.checkpoints import converted
 from jax_pythia.errors import CheckpointError
 from jax_pythia.models import family, weights
 from jax_pythia.models.config import GPTNeoXConfig
@@ -109,7 +107,7 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
     steps = sorted(n for n in os.listdir(local) if suite.STEP_DIR_RE.match(n))
     raise CheckpointError(
       f"{local}: no {revision} subfolder (it holds "
-      f"{_few_dirs(steps) if steps else 'no step<N> subfolders'})"
+      f"{converted.few_names(steps) if steps else 'no step<N> subfolders'})"
     )
   if _looks_like_path(base) or os.path.exists(local):
     raise CheckpointError(f"{local}: no such checkpoint directory")
@@ -127,14 +125,6 @@ def parse_spec(spec: str | os.PathLike, step: int | None = None) -> CheckpointSp
       f"checkpoint spec {text!r}: not a local directory and not a Hub repo id (org/name)"
     )
   return CheckpointSpec(repo_id=repo_id, revision=revision or DEFAULT_REVISION)
-
-
-def _few_dirs(names: list[str]) -> str:
-  return (
-    ", ".join(names)
-    if len(names) <= 6
-    else (", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:]))
-  )
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -307,7 +297,7 @@ def resolve_checkpoint(
       steps = sorted(n for n in os.listdir(directory) if suite.STEP_DIR_RE.match(n))
       hint = (
         (
-          f"; it holds step subfolders ({_few_dirs(steps)}): give a step, "
+          f"; it holds step subfolders ({converted.few_names(steps)}): give a step, "
           f"e.g. {directory}@{steps[-1]}"
         )
         if steps
@@ -336,26 +326,6 @@ def evict_snapshot(directory: str) -> None:
   shutil.rmtree(directory, ignore_errors=True)
 
 
-def _default_sharding():
-  import jax
-
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _shardings_like(tree: Any, sharding: Any) -> Any:
-  """One sharding per leaf of `tree`: a single Sharding broadcast, or a matching pytree."""
-  import jax
-
-  if sharding is None:
-    sharding = _default_sharding()
-  if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda _: sharding, tree)
-  try:
-    return jax.tree.map(lambda _, s: s, tree, sharding)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f"sharding: a pytree that does not match the params ({e})") from None
-
-
 def load_checkpoint(
   spec: str | os.PathLike | CheckpointSpec,
   dtype: Any = "float32",
@@ -374,164 +344,7 @@ def load_checkpoint(
   config = family.load_config(os.path.join(directory, weights.CONFIG_FILE))
   state = weights.read_state_dict(directory)
   if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-    _shardings_like(weights.param_shapes(config), sharding)  # a clear error on a mismatch
+    converted.shardings_like(weights.param_shapes(config), sharding)  # a clear error on a mismatch
   params = weights.convert_state_dict(state, config, dtype, sharding)
   del state  # drop the mmaps once the converted copy exists
-  return config, params
-
-
-# --------------------------------------------------------------------------- orbax cache
-
-_META_FILE = "jax_pythia.json"
-_PARAMS_DIR = "params"
-_FORMAT_VERSION = 1
-
-
-def check_converted_target(directory: str | os.PathLike) -> str:
-  """The absolute `directory`, if `save_converted` may write it; else CheckpointError.
-
-  Writing replaces the whole directory, so it may name only something that does not
-  exist yet or a cache `save_converted` wrote itself (its marker file and params/,
-  nothing else): never a checkpoint, a suite, a parent of either, or a file.
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.lexists(directory):
-    return directory
-  if os.path.islink(directory) or not os.path.isdir(directory):
-    kind = "a symbolic link" if os.path.islink(directory) else "a file"
-    raise CheckpointError(f"{directory}: is {kind}, not a converted cache; refusing to replace it")
-  entries = set(os.listdir(directory))
-  if not entries:
-    return directory
-  if not (is_converted(directory) and entries == {_META_FILE, _PARAMS_DIR}):
-    held = _few_dirs(sorted(entries))
-    raise CheckpointError(
-      f"{directory}: exists and is not a converted cache written by convert (it holds "
-      f"{held}); refusing to replace it: give a new directory"
-    )
-  return directory
-
-
-def _remove_stale_temporaries(directory: str) -> None:
-  """Drops what a killed save left beside `directory` (`.<name>.tmp-*`, `.<name>.old-*`)."""
-  parent, name = os.path.split(directory)
-  if not os.path.isdir(parent):
-    return
-  for entry in os.listdir(parent):
-    if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
-      path = os.path.join(parent, entry)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-      else:
-        os.unlink(path)
-
-
-def save_converted(directory: str | os.PathLike, config: GPTNeoXConfig, params: Any) -> str:
-  """Saves converted params (orbax) and their config (JSON) for `restore_converted`.
-
-  Everything is written in a temporary sibling that is renamed onto `directory` last,
-  so a crash leaves no directory that looks complete; what an earlier, killed save left
-  beside it is removed first. `directory` must be new, empty or an earlier output of this
-  function (`check_converted_target`): nothing else is ever replaced.
-  """
-  import jax
-  import orbax.checkpoint as ocp
-
-  directory = check_converted_target(directory)
-  _remove_stale_temporaries(directory)
-  leaves = jax.tree.leaves(params)
-  dtypes = {np.dtype(leaf.dtype) for leaf in leaves}
-  if len(dtypes) != 1:
-    raise CheckpointError(
-      f"params: expected one dtype for every leaf, found {sorted(map(str, dtypes))}"
-    )
-  found = jax.tree.map(lambda x: tuple(x.shape), params)
-  if found != weights.param_shapes(config):
-    raise CheckpointError("params: tree or shapes do not match the config")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = files.make_temp_dir(parent, prefix=f".{os.path.basename(directory)}.tmp-")
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, _PARAMS_DIR), params)
-      ckptr.wait_until_finished()
-    meta = {
-      "format_version": _FORMAT_VERSION,
-      "dtype": weights.dtype_name(dtypes.pop()),
-      "config": config.to_hf_dict(),
-    }
-    with open(os.path.join(tmp, _META_FILE), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    weights.replace_directory(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
-
-
-def is_converted(directory: str | os.PathLike) -> bool:
-  """Whether `directory` holds a complete `save_converted` output."""
-  directory = os.fspath(directory)
-  return os.path.isfile(os.path.join(directory, _META_FILE)) and os.path.isdir(
-    os.path.join(directory, _PARAMS_DIR)
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Converted:
-  """A `save_converted` directory, restored only when placed (`sharding.Placement.params`),
-  straight onto the mesh's shardings."""
-
-  directory: str
-
-
-def converted_config(directory: str) -> GPTNeoXConfig:
-  """The config stored in a converted checkpoint, read without restoring the params."""
-  path = os.path.join(directory, _META_FILE)
-  with open(path) as f:
-    return family.config_from_hf(json.load(f)["config"], source=path)
-
-
-def restore_converted(
-  directory: str | os.PathLike, sharding: Any = None
-) -> tuple[GPTNeoXConfig, Any]:
-  """(config, params) saved by `save_converted`, restored straight onto `sharding`.
-
-  `sharding`: one `jax.sharding.Sharding` for every leaf, a pytree of them matching the
-  params, or None (the first device).
-  """
-  import jax
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(os.fspath(directory))
-  meta_path = os.path.join(directory, _META_FILE)
-  if not is_converted(directory):
-    raise CheckpointError(
-      f"{directory}: not a converted checkpoint (expected {_META_FILE} and {_PARAMS_DIR}/)"
-    )
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta.get("format_version") != _FORMAT_VERSION:
-      raise CheckpointError(
-        f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
-        f"{_FORMAT_VERSION}; convert again"
-      )
-    dtype = weights.resolve_dtype(meta["dtype"])
-    config = family.config_from_hf(meta["config"], source=meta_path)
-  except (OSError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
-  shapes = weights.param_shapes(config)
-  is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-  shardings = _shardings_like(jax.tree.map(lambda s: 0, shapes, is_leaf=is_shape), sharding)
-  abstract = jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh), shapes, shardings, is_leaf=is_shape
-  )
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(directory, _PARAMS_DIR), abstract)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f"{directory}: cannot restore the params ({e})") from None
   return config, params

@@ -10,21 +10,23 @@ from pathlib import Path
 from jax_pythia.data import streams
 from jax_pythia.data.indexed import (
   DEFAULT_N_SEQUENCES,
-  ArrayTokenSource,
   DataError,
   DataFileNotFoundError,
   IndexHeader,
   MMapIndexedDataset,
-  MMapTokenSource,
-  TextTokenSource,
-  TokenSource,
   batch_of_step,
   check_sequence_length,
   check_token_ids,
-  load_tokenizer,
   parse_index_header,
   step_items,
   write_mmap_indexed_dataset,
+)
+from jax_pythia.data.sources import (
+  ArrayTokenSource,
+  MMapTokenSource,
+  TextTokenSource,
+  TokenSource,
+  load_tokenizer,
 )
 from jax_pythia.suite import SEQUENCE_LENGTH, SEQUENCES_PER_STEP
 

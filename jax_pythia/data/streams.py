@@ -42,6 +42,7 @@ import numpy as np
 from jax_pythia.data import indexed as data
 from jax_pythia.data import range_cache, staged
 from jax_pythia.data.indexed import DataError, DataFileNotFoundError
+from jax_pythia.data.sources import MMapTokenSource
 from jax_pythia.data.transports import (
   DEFAULT_ATTEMPTS,
   DEFAULT_BACKOFF_S,
@@ -441,7 +442,7 @@ def open_stream_source(
   seq_len: int | None = None,
   fixed_step: int | None = None,
   **options: Any,
-) -> data.MMapTokenSource:
+) -> MMapTokenSource:
   """The training stream at `location` (a URL, a folder of shards, or a staged folder) as a
   token source: the same `MMapTokenSource` that reads a local `.bin/.idx`."""
   if "://" not in location and staged.is_staged(location):
@@ -453,7 +454,7 @@ def open_stream_source(
       )
   else:
     stream = open_stream(location, **options)
-  return data.MMapTokenSource(stream, sequences_per_step, seq_len, fixed_step)
+  return MMapTokenSource(stream, sequences_per_step, seq_len, fixed_step)
 
 
 def pile_for_models(names: list[str]) -> str:

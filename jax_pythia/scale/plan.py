@@ -135,7 +135,7 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
       return dataclasses.replace(from_suite(m.name, seq_len), steps=m.steps)
     except ValueError:
       return None
-  from jax_pythia.checkpoints import hub as checkpoints
+  from jax_pythia.checkpoints import converted
   from jax_pythia.models import family, weights
 
   step_dir = os.path.join(m.location, suite.revision(m.final_step))
@@ -143,7 +143,7 @@ def of_source(m, seq_len: int | None = None) -> Shape | None:
   if os.path.isfile(config_path):
     config = family.load_config(config_path)
   else:
-    config = checkpoints.converted_config(step_dir)
+    config = converted.converted_config(step_dir)
   size = sum(
     os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(step_dir) for f in files
   )

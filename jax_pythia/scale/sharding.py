@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_pythia.checkpoints import hub as checkpoints
+from jax_pythia.checkpoints import converted
 from jax_pythia.errors import JaxPythiaError
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
@@ -334,8 +334,8 @@ class Placement:
     """Converted params (weights.convert_state_dict) or a `checkpoints.Converted` cache onto
     the devices."""
     target = None if self.mesh is None else param_shardings(config, self.mesh)
-    if isinstance(params, checkpoints.Converted):
-      _, restored = checkpoints.restore_converted(params.directory, sharding=target)
+    if isinstance(params, converted.Converted):
+      _, restored = converted.restore_converted(params.directory, sharding=target)
       return restored
     if target is None:
       return jax.device_put(params)

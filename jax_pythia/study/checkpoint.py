@@ -268,15 +268,15 @@ def _weight_metrics(layers: dict, value_slice: str) -> dict:
 @functools.partial(jax.jit, static_argnames=("value_slice",))
 def weight_metrics(layers: dict, value_slice: str) -> dict:
   """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra), one layer
-  at a time (`streamed.by_layer`)."""
-  return _weight_metrics(layers, value_slice)
+  at a time (`streamed.by_layer`), of the leaves the spectra read (`spectra_weights`)."""
+  return _weight_metrics(spectra_weights(layers, value_slice), value_slice)
 
 
 @functools.cache
 def spread_weight_metrics(value_slice: str, mesh: jax.sharding.Mesh):
-  """jit fn(layers) -> `weight_metrics`, on a mesh with one axis 'layers' over which the
-  layers' leaves are split on L (see `streamed.spread_gradient_terms`): each device the spectra of
-  its own layers, the outputs split alike."""
+  """jit fn(spectra_weights(layers)) -> `weight_metrics`, on a mesh with one axis 'layers'
+  over which the leaves are split on L (see `streamed.spread_gradient_terms`): each device
+  the spectra of its own layers, the outputs split alike."""
   return on_layers(functools.partial(_weight_metrics, value_slice=value_slice), mesh, 1)
 
 
@@ -364,7 +364,7 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
   need collectives and the spectra LAPACK calls, and XLA:CPU can deadlock running both in
   one program; the stacked path runs this one on a single device.
   """
-  layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
+  layers = jax.tree.map(lambda x: x.astype(jnp.float32), model_lib.study_factors(layers))
   return analysis.gradient_spectra(grads, layers, value_slice)
 
 

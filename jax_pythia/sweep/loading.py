@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from jax_pythia import suite
+from jax_pythia.checkpoints import converted, integrity
 from jax_pythia.checkpoints import hub as checkpoints
-from jax_pythia.checkpoints import integrity
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import JaxPythiaError
 from jax_pythia.models import family, weights
@@ -43,12 +43,12 @@ def load(m: ModelSource, step: int, dtype: str) -> Loaded:
   start = time.perf_counter()
   try:
     local = None if m.is_hub else os.path.join(m.location, suite.revision(step))
-    if local and checkpoints.is_converted(local):
+    if local and converted.is_converted(local):
       # An orbax cache: restored in compute, straight onto the mesh's shardings.
       return Loaded(
         step,
-        checkpoints.converted_config(local),
-        checkpoints.Converted(local),
+        converted.converted_config(local),
+        converted.Converted(local),
         local,
         seconds=time.perf_counter() - start,
       )
