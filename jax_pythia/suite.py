@@ -138,6 +138,11 @@ def local_steps(directory: str) -> tuple[int, ...]:
   )
 
 
+def is_decimal(text: str) -> bool:
+  """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+  return text.isascii() and text.isdigit()
+
+
 def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int, ...]:
   """Parses a step selection into sorted steps drawn from `available`.
 
@@ -165,7 +170,7 @@ def parse_steps(spec: str, available: tuple[int, ...] = ALL_STEPS) -> tuple[int,
       chosen.update(PAPER_STEPS)
     elif ":" in part:
       bits = part.split(":")
-      if len(bits) not in (2, 3) or not all(b.strip().isdigit() for b in bits):
+      if len(bits) not in (2, 3) or not all(is_decimal(b.strip()) for b in bits):
         raise ValueError(f"bad step range {part!r}: expected START:STOP[:EVERY]")
       start, stop = int(bits[0]), int(bits[1])
       every = int(bits[2]) if len(bits) == 3 else 1
@@ -200,7 +205,7 @@ def log_spaced(available: tuple[int, ...], part: str) -> tuple[int, ...]:
   style: dense early, sparse late)."""
   k_text = part.removeprefix("log:").strip()
   steps = sorted(set(available))
-  if not k_text.isdigit() or not 1 <= int(k_text) <= len(steps):
+  if not is_decimal(k_text) or not 1 <= int(k_text) <= len(steps):
     raise ValueError(f"bad step selection {part!r}: log:K with K in 1..{len(steps)}")
   k = int(k_text)
   lo, hi = math.log1p(steps[0]), math.log1p(steps[-1])

@@ -71,7 +71,7 @@ def listing(repo_id: str, kind: str, branch: str = "main") -> list[tuple[str, st
         f"{repo_id}: offline (HF_HUB_OFFLINE=1) and its {what} were never listed: no {path}; "
         "list them once with network access, or give --revisions=REVISION=STEP,..."
       )
-    return _read_cache(path, repo_id, kind)
+    return _read_cache(path, repo_id, kind, branch)
   entries = _list_hub(repo_id, kind, branch, what)
   record = {
     "format": _FORMAT,
@@ -90,18 +90,38 @@ def _dump(path: str, record: dict) -> None:
     json.dump(record, f, indent=1)
 
 
-def _read_cache(path: str, repo_id: str, kind: str) -> list[tuple[str, str]]:
+def _read_cache(path: str, repo_id: str, kind: str, branch: str) -> list[tuple[str, str]]:
+  """The entries of a cached listing, checked field by field: a damaged or edited file is
+  named, never read as some other listing."""
+
+  def damaged(why: str) -> CheckpointError:
+    return CheckpointError(
+      f"{path}: the cached listing of {repo_id} is damaged ({why}); remove it and list again "
+      "with network access"
+    )
+
   try:
     with open(path, encoding="utf-8") as f:
       record = json.load(f)
-    if record.get("format") != _FORMAT or record.get("repo_id") != repo_id:
-      raise ValueError(f"format {record.get('format')!r} of {record.get('repo_id')!r}")
-    return [(str(label), str(rev)) for label, rev in record["entries"]]
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(
-      f"{path}: the cached listing of {repo_id} is damaged ({e}); remove it and list again "
-      "with network access"
-    ) from None
+  except (OSError, ValueError, RecursionError) as e:
+    raise damaged(f"{type(e).__name__}: {e}") from None
+  if not isinstance(record, dict):
+    raise damaged("not a JSON object")
+  expected = {"format": _FORMAT, "repo_id": repo_id, "kind": kind}
+  if kind == suites.COMMITS:
+    expected["branch"] = branch
+  for key, value in expected.items():
+    if record.get(key) != value:
+      raise damaged(f"{key} {record.get(key)!r}, expected {value!r}")
+  entries = record.get("entries")
+  if not isinstance(entries, list):
+    raise damaged("'entries' is not a list")
+  for i, entry in enumerate(entries):
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+      raise damaged(f"entries[{i}] is {json.dumps(entry)[:80]}, not [label, revision]")
+    if not entry[1]:
+      raise damaged(f"entries[{i}] has an empty revision")
+  return [(label, revision) for label, revision in entries]
 
 
 def _list_hub(repo_id: str, kind: str, branch: str, what: str) -> list[tuple[str, str]]:

@@ -172,6 +172,13 @@ def _add(by_step: dict[int, Checkpoint], checkpoint: Checkpoint, repo_id: str) -
       f"{repo_id}: step {checkpoint.step} is named twice ({earlier.revision!r} and "
       f"{checkpoint.revision!r}); give the one to use with --revisions"
     )
+  # One revision is one set of weights: two steps of it would be one checkpoint counted twice.
+  same = next((c for c in by_step.values() if c.revision == checkpoint.revision), None)
+  if same is not None:
+    raise CheckpointError(
+      f"{repo_id}: revision {checkpoint.revision!r} is given for steps {same.step} and "
+      f"{checkpoint.step}; one revision is one checkpoint"
+    )
   by_step[checkpoint.step] = checkpoint
 
 
@@ -179,7 +186,7 @@ def _add(by_step: dict[int, Checkpoint], checkpoint: Checkpoint, repo_id: str) -
 
 _REGEX_CHARS = set("()[]*+?\\^$|{}")
 _COMMIT_ID = re.compile(r"^[0-9a-f]{40}$")
-_LAST_INT = re.compile(r"(\d+)(?!.*\d)")
+_LAST_INT = re.compile(r"([0-9]+)(?!.*[0-9])")
 
 
 def is_pattern(spec: str) -> bool:
@@ -197,7 +204,7 @@ def given_revisions(spec: str, repo_id: str) -> tuple[Checkpoint, ...]:
     revision, eq, step_text = item.partition("=")
     revision = revision.strip()
     if eq:
-      if not step_text.strip().isdigit() or not revision:
+      if not suite.is_decimal(step_text.strip()) or not revision:
         raise CheckpointError(f"--revisions: {item!r} is not REVISION=STEP with an integer STEP")
       step = int(step_text)
     else:
@@ -232,7 +239,7 @@ def matched_revisions(
     if text is None:
       last = _LAST_INT.search(label)
       text = last.group(1) if last else None
-    if text is None or not text.isdigit():
+    if text is None or not suite.is_decimal(text):
       raise CheckpointError(
         f"{repo_id}: branch {label!r} matches --revisions={pattern!r} but names no step "
         "(use a group (?P<step>\\d+))"

@@ -75,16 +75,40 @@ def _validated(state_dict: Mapping[str, np.ndarray], config: Any):
     raise CheckpointError(
       f"{', '.join(files[:3]) + ': ' if files else ''}missing tensor(s) {few(missing)}"
     )
+  symbols = {n: p.hf_shape.split() for p in table(config) for n in p.hf_names(config.n_layers)}
   for canon, shape in expected.items():
     name, arr = tensors[canon]
     if tuple(arr.shape) != shape:
+      dims = symbols[canon]
       raise CheckpointError(
-        f"{where(name)}: expected shape {list(shape)} from the config "
-        f"(d_model={config.d_model}, n_heads={config.n_heads}, d_mlp={config.d_mlp}, "
-        f"vocab_size={config.vocab_size}), found {list(arr.shape)}"
+        f"{where(name)}: expected shape {list(shape)} = [{', '.join(dims)}] from the config "
+        f"({_dims_text(config, dims)}), found {list(arr.shape)}"
       )
 
   return tensors, where
+
+
+#: The config sizes behind each dim symbol of the layout tables (what a shape error names).
+_DIM_WORDS = {"L": "layers", "V": "vocabulary", "d": "hidden size", "H": "heads",
+              "Hkv": "key/value heads", "dh": "head dim", "f": "MLP size"}  # fmt: skip
+_PRODUCTS = {"D": ("H", "dh"), "Dkv": ("Hkv", "dh"), "3d": ("3", "d")}
+
+
+def _dims_text(config: Any, dims: list[str]) -> str:
+  """'Dkv = Hkv x dh = 2 key/value heads x 8 head dim, d = 32 hidden size' for `dims`."""
+  sizes = {**config.dims(), "3": 3}
+
+  def word(s):
+    return f"{sizes[s]} {_DIM_WORDS[s]}" if s in _DIM_WORDS else str(sizes[s])
+
+  parts = []
+  for s in dict.fromkeys(dims):
+    if s in _PRODUCTS:
+      a, b = _PRODUCTS[s]
+      parts.append(f"{s} = {a} x {b} = {word(a)} x {word(b)}")
+    else:
+      parts.append(f"{s} = {word(s)}")
+  return ", ".join(parts)
 
 
 def _cast_keeps_finite(source: Any, target: np.dtype) -> bool:

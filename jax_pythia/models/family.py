@@ -26,6 +26,7 @@ table, one entry below, and its parity test.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -109,9 +110,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config") -> Any:
     known = ", ".join(f.model_type for f in FAMILIES.values())
     raise ConfigError(f"{where}unsupported model_type={model_type!r} (supported: {known})")
   archs = hf.get("architectures") or []
+  if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+    raise ConfigError(
+      f"{where}architectures={json.dumps(archs)}: expected a list of class names such as "
+      f"{json.dumps(list(family.architectures))}"
+    )
   others = {a: f.name for f in FAMILIES.values() if f is not family for a in f.architectures}
-  clash = [a for a in archs if a in others] if isinstance(archs, list) else [archs]
-  if clash:
+  if any(a in others for a in archs):
     raise ConfigError(
       f"{where}architectures={archs!r} disagrees with model_type={model_type!r} "
       f"(expected {list(family.architectures)})"

@@ -81,8 +81,8 @@ class LlamaConfig:
   n_layers: int
   n_heads: int
   d_mlp: int
-  n_kv_heads: int = 0  # 0: n_heads (no grouping)
-  d_head: int = 0  # 0: d_model // n_heads
+  n_kv_heads: int = None  # type: ignore[assignment]  # None: n_heads (no grouping)
+  d_head: int = None  # type: ignore[assignment]  # None: d_model // n_heads
   max_seq_len: int = 2048
   rope_base: float = 10_000.0
   norm_eps: float = 1e-6
@@ -94,25 +94,26 @@ class LlamaConfig:
   def __post_init__(self):
     if self.family not in VARIANTS:
       raise ConfigError(f"family={self.family!r}: one of {', '.join(VARIANTS)}")
-    if not self.n_kv_heads and _is_int(self.n_heads) and self.n_heads > 0:
+    if self.n_kv_heads is None and _is_int(self.n_heads) and self.n_heads > 0:
       object.__setattr__(self, "n_kv_heads", self.n_heads)
-    if not self.d_head and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0:
+    if self.d_head is None and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0:
       object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+    key = self.key
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_mlp", "n_kv_heads", "d_head",
                  "max_seq_len"):  # fmt: skip
       value = getattr(self, name)
       if not _is_int(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        raise ConfigError(f"{key(name)}={value!r}: must be a positive integer")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(
-        f"num_key_value_heads={self.n_kv_heads} does not divide num_attention_heads={self.n_heads}"
+        f"{key('n_kv_heads')}={self.n_kv_heads} does not divide {key('n_heads')}={self.n_heads}"
       )
     if self.d_head % 2:
-      raise ConfigError(f"head_dim={self.d_head}: rotate-half rotary needs it even")
+      raise ConfigError(f"{key('d_head')}={self.d_head}: rotate-half rotary needs it even")
     for name in ("rope_base", "norm_eps"):
       value = getattr(self, name)
       if not _is_finite_number(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: must be a positive number")
+        raise ConfigError(f"{key(name)}={value!r}: must be a positive number")
     if self.clip_qkv is not None and (not _is_finite_number(self.clip_qkv) or self.clip_qkv <= 0):
       raise ConfigError(f"clip_qkv={self.clip_qkv!r}: must be null or a positive number")
     if self.clip_qkv is not None and self.family != "olmo":
@@ -121,6 +122,11 @@ class LlamaConfig:
       raise ConfigError(f"tie_word_embeddings={self.tie_embeddings!r}: must be true or false")
     if self.stored_dtype not in _SUPPORTED_DTYPES:
       raise ConfigError(f"dtype={self.stored_dtype!r}: supported are {_SUPPORTED_DTYPES}")
+
+  def key(self, field: str) -> str:
+    """The config.json key of `field` in this variant's layout (what errors name)."""
+    fields = _PICO_FIELDS if self.family == "pico_decoder" else _HF_FIELDS
+    return next((k for k, f in fields.items() if f == field), field)
 
   def dims(self) -> dict[str, int]:
     """Each dim symbol of the layout table (llama.params) -> its size."""
