@@ -83,7 +83,7 @@ def test_a_damaged_entry_is_named_and_compiled_again(tmp_path, damage):
   again = _run(cache)
   assert again.returncode == 0, again.stderr[-2000:]
   assert again.stdout == first.stdout
-  assert "Error reading persistent compilation cache entry for 'jit_fn'" in again.stderr
+  assert "compilation cache: " in again.stderr and "-cache could not be used" in again.stderr
 
 
 def test_an_unusable_directory_is_one_line(tmp_path):

@@ -39,9 +39,9 @@ def suite_dir(tmp_path_factory):
   return sf.write_suite(tmp_path_factory.mktemp("suite"), models=models, steps=(0, 4, 8))
 
 
-def prepared(suite_dir, out, data=None, steps="8", **options):
+def prepared(suite_dir, out, data=None, steps="8", model="small-2l", **options):
   """A sweep checked and --out claimed (sweep.json written), nothing computed."""
-  models = sources.resolve_models([str(suite_dir / "small-2l")])
+  models = sources.resolve_models([str(suite_dir / model)])
   source = sources.open_data(str(data or suite_dir / "data" / "train"), models, None, 8)
   defaults = {"n_sequences": 6, "gradient_window": 1, "gradient_sequences": 4}
   options = sweep.SweepOptions(**{**defaults, **options})

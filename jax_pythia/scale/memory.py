@@ -19,6 +19,7 @@ from jax_pythia.scale.shapes import (
   device_memory,
   of_source,
   si,
+  split_problem,
 )
 
 _ACTIVATION_VALUES = {
@@ -340,7 +341,7 @@ def choose_mesh(shape: Shape, work: Work, devices: int, device_bytes: float | No
   fits, the rest on the data axis; the largest such axis when none fits; all on the data
   axis when the memory is unknown."""
   sizes = [m for m in (2**i for i in range(devices.bit_length())) if devices % m == 0]
-  sizes = [m for m in sizes if shape.n_heads % m == 0 and shape.d_mlp % m == 0]
+  sizes = [m for m in sizes if not split_problem(shape.n_heads, shape.n_kv_heads, shape.d_mlp, m)]
   meshes = [{"data": devices // m, "model": m} for m in sizes]
   if not device_bytes:
     return meshes[0]
@@ -481,6 +482,10 @@ def sweep_layouts(
   layouts = {}
   for m in models:
     shape = of_source(m, seq_len)
-    if shape is not None:
-      layouts[m.name] = require_fit(m.name, choose_layout(shape, work, mesh, device_bytes), work)
+    if shape is None:
+      continue
+    # Before --out is claimed: a mesh that cannot split the weights fails at the first load.
+    if problem := split_problem(shape.n_heads, shape.n_kv_heads, shape.d_mlp, mesh.get("model", 1)):
+      raise PlanError(f"--mesh for {m.name}: {problem}")
+    layouts[m.name] = require_fit(m.name, choose_layout(shape, work, mesh, device_bytes), work)
   return layouts

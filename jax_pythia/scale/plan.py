@@ -71,6 +71,7 @@ from jax_pythia.scale.shapes import (  # noqa: F401
   parse_bytes,
   resolve,
   si,
+  split_problem,
   svd_flops,
 )
 
@@ -144,12 +145,9 @@ def make_plan(
     raise PlanError(f"--steps for {shape.name}: {e}") from None
   if shape.steps[-1] not in chosen:
     chosen = chosen + (shape.steps[-1],)  # the sweep always adds the final checkpoint
-  M = mesh.get("model", 1)
-  if shape.n_heads % M or shape.d_mlp % M:
-    raise PlanError(
-      f"--mesh model axis of {M}: {shape.name} has {shape.n_heads} heads and d_mlp "
-      f"{shape.d_mlp}, not both divisible by it"
-    )
+  problem = split_problem(shape.n_heads, shape.n_kv_heads, shape.d_mlp, mesh.get("model", 1))
+  if problem:
+    raise PlanError(f"--mesh for {shape.name}: {problem}")
   flops = flops_per_checkpoint(shape, work)
   layout = None
   if device_bytes:

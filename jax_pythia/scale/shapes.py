@@ -72,6 +72,16 @@ class Shape:
     return self.checkpoint_bytes or self.stored_bytes_per_param * self.params
 
 
+def split_problem(n_heads: int, n_kv_heads: int, d_mlp: int, model_axis: int) -> str | None:
+  """Why a model axis of `model_axis` devices cannot split these sizes (the heads, the
+  key/value heads of grouped-query attention and d_mlp are each split over it), or None."""
+  sizes = {"heads": n_heads, "key/value heads": n_kv_heads or n_heads, "d_mlp": d_mlp}
+  bad = [f"{n} {what}" for what, n in sizes.items() if n % model_axis]
+  if not bad:
+    return None
+  return f"a model axis of {model_axis} does not divide its {' and '.join(bad)}"
+
+
 def mesh_of(mesh: dict[str, int] | None, devices: int, spec: str = "") -> dict[str, int]:
   """The mesh's axis sizes over `devices` ({"data": devices} when none is given); an axis of
   -1 takes the devices the others leave. Refuses a mesh of another device count."""

@@ -46,6 +46,7 @@ from jax_pythia.errors import JaxPythiaError
 from jax_pythia.models import weights
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.scale import xla_cpu
+from jax_pythia.scale.shapes import split_problem
 
 AXES = ("data", "model")
 SPLITS = ("checkpoints", "shard")
@@ -147,10 +148,8 @@ def param_specs(config: GPTNeoXConfig, model_size: int = 1) -> dict[str, Any]:
   vocab only when it divides (Pythia's 50,304 does for every power of two up to 128).
   """
   H, f, V = config.n_heads, config.d_mlp, config.vocab_size
-  if H % model_size or f % model_size:
-    raise ShardingError(
-      f"model axis of size {model_size}: needs n_heads ({H}) and d_mlp ({f}) divisible by it"
-    )
+  if problem := split_problem(H, config.n_kv_heads, f, model_size):
+    raise ShardingError(f"--mesh: {problem}")
   mdl = "model" if model_size > 1 else None
 
   def spec(p: weights.Param) -> P:

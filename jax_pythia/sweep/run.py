@@ -113,6 +113,7 @@ class Sweep:
     outdir.check_is_directory(self.out_dir)
     # Inputs first: a run refused for its flags must not claim --out for them.
     self._check_data()
+    self._check_value_slice()
     self.heartbeat.beat(phase="planning memory and claiming --out")
     mesh = sharding.mesh_sizes(self.placement.mesh) if self.placement.mesh else {"data": 1}
     seq_len = self.inputs(self.models[0]).shape[1]
@@ -140,6 +141,22 @@ class Sweep:
     finished = {(m.name, s): self.paths(m.name, s) for m in self.models for s in self.plan[m.name]}
     lead = self.placement.process_index == 0  # every process checks; one says so
     outdir.verify_finished(finished, self.notify if lead else lambda line: None)
+
+  def _check_value_slice(self):
+    """--value_slice=reference on a local model of another family than GPT-NeoX, refused
+    before --out is claimed (a Hub model's family is known once its config is fetched)."""
+    if self.options.value_slice != "reference":
+      return
+    from jax_pythia.models import family
+    from jax_pythia.study import checkpoint as study
+
+    for m in self.models:
+      path = os.path.join(m.location, m.revision(m.final_step), "config.json")
+      if not m.is_hub and os.path.isfile(path):
+        try:
+          study.check_value_slice(family.load_config(path), "reference")
+        except JaxPythiaError as e:
+          raise SweepError(f"{m.name}: {e}") from None
 
   def _check_data(self):
     o = self.options
