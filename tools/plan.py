@@ -127,54 +127,19 @@ def data_read(options, item_tokens: int) -> tuple[dict[int, int], int, tuple[str
 
 def main(argv):
   _cli.reject_extra_args(argv)
-  from jax_pythia.scale import plan, sharding
+  from jax_pythia.scale import plan
 
-  _cli.require_items("models", FLAGS.models)
-  _cli.require_precision()
-  for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences", "seq_len"):
-    _cli.require_positive(flag, getattr(FLAGS, flag))
-  _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)
+  check_flags()
   options = sweep_options()
   devices = FLAGS.devices
   if devices is None or FLAGS.measure:
     import jax
 
     devices = devices or jax.device_count()
-  requested = _cli.checkpoints_per_call()
   per_device, source = flops_per_device()
-  mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
-  work = plan.Work(
-    FLAGS.n_sequences,
-    FLAGS.gradients,
-    FLAGS.gradient_window,
-    FLAGS.gradient_sequences,
-    FLAGS.gradient_microbatch,
-    FLAGS.loss_sequences,
-    FLAGS.dtype,
-  )
   device_bytes, memory_source = device_memory_and_source()
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
-  works = [
-    dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))
-    for s in shapes
-  ]
-  # C as the sweep would choose it on such a device (a CPU: this machine's, unless
-  # --device_memory names another device's memory).
-  import jax
-
-  local_cpu = jax.local_devices()[0].platform == "cpu" and not FLAGS.device_memory
-  platform = "cpu" if local_cpu else "gpu"
-  meshes = [
-    mesh if FLAGS.mesh else plan.choose_mesh(s, w, devices, device_bytes)
-    for s, w in zip(shapes, works)
-  ]
-  works = [
-    dataclasses.replace(
-      w,
-      checkpoints_per_call=plan.checkpoints_per_call(s, w, m, device_bytes, requested, platform),
-    )
-    for s, w, m in zip(shapes, works, meshes)
-  ]
+  works, meshes = works_and_meshes(shapes, devices, device_bytes)
   if FLAGS.measure:
     c = max(w.checkpoints_per_call for w in works)
     per_device = plan.measure_flops_per_device(checkpoints_per_call=c)
@@ -197,6 +162,54 @@ def main(argv):
       stream,
     )
   )
+
+
+def check_flags() -> None:
+  """Refuse, naming the flag, what the sweep would refuse."""
+  _cli.require_items("models", FLAGS.models)
+  _cli.require_precision()
+  for flag in ("devices", "hosts", "flops_per_device", "bandwidth", "n_sequences", "seq_len"):
+    _cli.require_positive(flag, getattr(FLAGS, flag))
+  _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)
+
+
+def works_and_meshes(shapes, devices: int, device_bytes: int | None):
+  """Each model's work (kept positions, checkpoints per call) and mesh, as the sweep
+  would choose them on such a device."""
+  import jax
+
+  from jax_pythia.scale import plan, sharding
+
+  requested = _cli.checkpoints_per_call()
+  mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
+  work = plan.Work(
+    FLAGS.n_sequences,
+    FLAGS.gradients,
+    FLAGS.gradient_window,
+    FLAGS.gradient_sequences,
+    FLAGS.gradient_microbatch,
+    FLAGS.loss_sequences,
+    FLAGS.dtype,
+  )
+  works = [
+    dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))
+    for s in shapes
+  ]
+  # A CPU plans for this machine's memory, unless --device_memory names another device's.
+  local_cpu = jax.local_devices()[0].platform == "cpu" and not FLAGS.device_memory
+  platform = "cpu" if local_cpu else "gpu"
+  meshes = [
+    mesh if FLAGS.mesh else plan.choose_mesh(s, w, devices, device_bytes)
+    for s, w in zip(shapes, works)
+  ]
+  works = [
+    dataclasses.replace(
+      w,
+      checkpoints_per_call=plan.checkpoints_per_call(s, w, m, device_bytes, requested, platform),
+    )
+    for s, w, m in zip(shapes, works, meshes)
+  ]
+  return works, meshes
 
 
 if __name__ == "__main__":

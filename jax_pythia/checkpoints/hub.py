@@ -215,9 +215,6 @@ def fetch_from_hub(
   Uses the cache when the revision is complete there; else (unless offline) lists the
   revision's files and downloads only config.json and one weight format.
   """
-  from huggingface_hub import HfApi, snapshot_download
-  from huggingface_hub import errors as hf_errors
-
   cache_dir = os.fspath(cache_dir) if cache_dir is not None else _env_cache_dir()
   offline = remote.hub_offline() if local_files_only is None else local_files_only
   label = f"{repo_id}@{revision}"
@@ -232,8 +229,29 @@ def fetch_from_hub(
       f"missing: {', '.join(missing)}. Fetch it once with network access "
       f"(or point the spec at a local directory)"
     )
+  files = _list_revision_files(
+    repo_id, revision, label, f"not cached{where}; missing: {', '.join(missing)}"
+  )
+  chosen = weights.choose_weight_files(files)
+  if weights.CONFIG_FILE not in files or not chosen:
+    raise CheckpointError(
+      f"{label}: the revision holds no {'config.json' if chosen else 'weights'} "
+      f"(files: {', '.join(sorted(files)[:20])})"
+    )
+  folder = _download(repo_id, revision, cache_dir, label, [weights.CONFIG_FILE, *chosen])
+  missing = _missing_files(folder)
+  if missing:
+    raise CheckpointError(f"{label}: downloaded snapshot {folder} still lacks {missing}")
+  return folder
+
+
+def _list_revision_files(repo_id: str, revision: str, label: str, why_needed: str) -> list[str]:
+  """The revision's file names, with the Hub's refusals and outages as one-line errors."""
+  from huggingface_hub import HfApi
+  from huggingface_hub import errors as hf_errors
+
   try:
-    files = _with_retries(lambda: HfApi().list_repo_files(repo_id, revision=revision))
+    return _with_retries(lambda: HfApi().list_repo_files(repo_id, revision=revision))
   except hf_errors.RevisionNotFoundError:
     raise CheckpointError(f"{label}: the repo has no revision {revision!r}") from None
   except hf_errors.RepositoryNotFoundError:
@@ -242,36 +260,28 @@ def fetch_from_hub(
     if _is_transient(e) or isinstance(e, hf_errors.OfflineModeIsEnabled):
       raise CheckpointError(
         f"{label}: the Hub could not be reached after {HUB_ATTEMPTS} attempts "
-        f"({type(e).__name__}: {e}) and it is not cached{where}; missing: "
-        f"{', '.join(missing)}"
+        f"({type(e).__name__}: {e}) and it is {why_needed}"
       ) from None
     raise
-  chosen = weights.choose_weight_files(files)
-  if weights.CONFIG_FILE not in files or not chosen:
-    raise CheckpointError(
-      f"{label}: the revision holds no {'config.json' if chosen else 'weights'} "
-      f"(files: {', '.join(sorted(files)[:20])})"
-    )
+
+
+def _download(repo_id: str, revision: str, cache_dir, label: str, patterns: list[str]) -> str:
+  """Download only `patterns` of the revision into the cache; its snapshot folder."""
+  from huggingface_hub import snapshot_download
+
   try:
-    folder = _with_retries(
+    return _with_retries(
       lambda: snapshot_download(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        allow_patterns=[weights.CONFIG_FILE, *chosen],
+        repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns
       )
     )
   except Exception as e:
     if _is_transient(e):
       raise CheckpointError(
-        f"{label}: downloading {', '.join(chosen)} failed after {HUB_ATTEMPTS} attempts "
+        f"{label}: downloading {', '.join(patterns[1:])} failed after {HUB_ATTEMPTS} attempts "
         f"({type(e).__name__}: {e})"
       ) from None
     raise
-  missing = _missing_files(folder)
-  if missing:
-    raise CheckpointError(f"{label}: downloaded snapshot {folder} still lacks {missing}")
-  return folder
 
 
 # --------------------------------------------------------------------------- loading

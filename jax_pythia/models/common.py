@@ -127,18 +127,31 @@ def causal_attention(rot_q: Array, rot_k: Array, v: Array) -> tuple[Array, Array
   return scores, pattern, z
 
 
-def head_captures(sites, idx, values: dict, scores, pattern, z, out_kernel) -> dict:
-  """The attention sites requested in `sites`: per-token `values` ({site: [b, s, ...]}),
-  the score and pattern rows of the kept queries, and hook_result (z_h @ W_O[h], formed
-  only at the kept positions: [b, k, H, d] at every token would be the pass's largest)."""
+def attend(sites, idx, q: Array, k: Array, v: Array, cos, sin, out_proj) -> tuple[Array, dict]:
+  """Rotary on q and k, causal attention and `out_proj` ([b, s, H, dh] -> [b, s, d]);
+  returns the output and the attention sites requested in `sites`: per-token values, the
+  score and pattern rows of the kept queries, and hook_result (z_h @ W_O[h], formed only at
+  the kept positions: [b, k, H, d] at every token would be the pass's largest)."""
+  rot_q, rot_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+  scores, pattern, z = causal_attention(rot_q, rot_k, v)
+  out = out_proj(z)
+  values = {
+    "attn.hook_q": q,
+    "attn.hook_k": k,
+    "attn.hook_v": v,
+    "attn.hook_rot_q": rot_q,
+    "attn.hook_rot_k": rot_k,
+    "attn.hook_z": z,
+  }
   captured = {name: select(x, idx) for name, x in values.items() if name in sites}
   if "attn.hook_attn_scores" in sites:
     captured["attn.hook_attn_scores"] = select(scores, idx, axis=2)
   if "attn.hook_pattern" in sites:
     captured["attn.hook_pattern"] = select(pattern, idx, axis=2)
   if "attn.hook_result" in sites:
-    captured["attn.hook_result"] = jnp.einsum("bkhd,hdm->bkhm", select(z, idx), out_kernel)
-  return captured
+    kernel = out_proj.variables["params"]["kernel"]
+    captured["attn.hook_result"] = jnp.einsum("bkhd,hdm->bkhm", select(z, idx), kernel)
+  return out, captured
 
 
 def scan_layers(block, config, layer_sites, remat: str, name: str = "layers"):

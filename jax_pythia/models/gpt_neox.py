@@ -30,10 +30,8 @@ import numpy as np
 
 from jax_pythia.models.common import (
   LayerNorm,
-  apply_rotary,
-  causal_attention,
+  attend,
   check_length,
-  head_captures,
   rotary_tables,
   scan_layers,
   select,
@@ -63,8 +61,6 @@ class Attention(nn.Module):
       heads, name=name, dtype=x.dtype, param_dtype=x.dtype, kernel_init=nn.initializers.normal(std)
     )
     q, k, v = (dense(n, small)(x) for n in ("query", "key", "value"))
-    rot_q, rot_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    scores, pattern, z = causal_attention(rot_q, rot_k, v)
     out_proj = nn.DenseGeneral(
       cfg.d_model,
       axis=(-2, -1),
@@ -73,17 +69,7 @@ class Attention(nn.Module):
       param_dtype=x.dtype,
       kernel_init=nn.initializers.normal(wang),
     )
-    out = out_proj(z)
-    values = {
-      "attn.hook_q": q,
-      "attn.hook_k": k,
-      "attn.hook_v": v,
-      "attn.hook_rot_q": rot_q,
-      "attn.hook_rot_k": rot_k,
-      "attn.hook_z": z,
-    }
-    kernel = out_proj.variables["params"]["kernel"]
-    return out, head_captures(self.sites, idx, values, scores, pattern, z, kernel)
+    return attend(self.sites, idx, q, k, v, cos, sin, out_proj)
 
 
 class MLP(nn.Module):

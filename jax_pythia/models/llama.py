@@ -41,10 +41,8 @@ import jax.numpy as jnp
 from jax_pythia.models.common import (
   LayerNorm,
   RMSNorm,
-  apply_rotary,
-  causal_attention,
+  attend,
   check_length,
-  head_captures,
   rotary_tables,
   scan_layers,
   select,
@@ -84,23 +82,11 @@ class Attention(nn.Module):
       # The norm spans all heads of the projection (H * dh), not each head.
       q = RMSNorm(cfg.norm_eps, True, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = RMSNorm(cfg.norm_eps, True, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    rot_q, rot_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    scores, pattern, z = causal_attention(rot_q, rot_k, v)
     out_proj = nn.DenseGeneral(
       cfg.d_model, axis=(-2, -1), use_bias=False, name="out", dtype=x.dtype, param_dtype=x.dtype,
       kernel_init=_INIT,
     )  # fmt: skip
-    out = out_proj(z)
-    values = {
-      "attn.hook_q": q,
-      "attn.hook_k": k,
-      "attn.hook_v": v,
-      "attn.hook_rot_q": rot_q,
-      "attn.hook_rot_k": rot_k,
-      "attn.hook_z": z,
-    }
-    kernel = out_proj.variables["params"]["kernel"]
-    return out, head_captures(self.sites, idx, values, scores, pattern, z, kernel)
+    return attend(self.sites, idx, q, k, v, cos, sin, out_proj)
 
 
 class MLP(nn.Module):

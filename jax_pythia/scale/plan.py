@@ -209,7 +209,24 @@ def format_plan(
   ]
   if memory_source:
     lines.append(f"memory: {memory_source}; peaks held under {HEADROOM:.0%} of it")
-  lines.append("")
+  lines += ["", *_plan_table(plans, hosts)]
+  total = sum(p.total_s(hosts) for p in plans)
+  lines += [
+    "",
+    f"all models: {si(sum(p.fetch_bytes for p in plans), 'B')} of checkpoints to fetch, "
+    f"about {_duration(total)}",
+  ]
+  lines += _misfits(plans)
+  if data_bytes is not None:
+    lines.append(
+      f"training data: {si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
+      f"range; tools.fetch_data stages them), {_stream_words(*stream)}"
+    )
+  return "\n".join(lines)
+
+
+def _plan_table(plans: Sequence[ModelPlan], hosts: int) -> list[str]:
+  """One aligned row per model: checkpoints, FLOPs, layout, memory per device, time."""
   header = (
     "model",
     "ckpts",
@@ -244,13 +261,12 @@ def format_plan(
       )
     )
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-  total = sum(p.total_s(hosts) for p in plans)
-  lines += [
-    "",
-    f"all models: {si(sum(p.fetch_bytes for p in plans), 'B')} of checkpoints to fetch, "
-    f"about {_duration(total)}",
-  ]
+  return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _misfits(plans: Sequence[ModelPlan]) -> list[str]:
+  """One line per model that does not fit, naming the call that needs the most."""
+  lines = []
   for p in plans:
     if p.layout and not p.layout.fits:
       call = max(p.layout.peaks, key=p.layout.peaks.get)
@@ -260,12 +276,7 @@ def format_plan(
         + (" even at the smallest microbatch with remat" if call != "spectra" else "")
         + f", over {si(p.layout.limit, 'B')}"
       )
-  if data_bytes is not None:
-    lines.append(
-      f"training data: {si(data_bytes, 'B')} to fetch ({data_batches} batches read by byte "
-      f"range; tools.fetch_data stages them), {_stream_words(*stream)}"
-    )
-  return "\n".join(lines)
+  return lines
 
 
 def _stream_words(name: str, size: int | None) -> str:
