@@ -76,6 +76,8 @@ def split_problem(n_heads: int, n_kv_heads: int, d_mlp: int, model_axis: int) ->
   """Why a model axis of `model_axis` devices cannot split these sizes (the heads, the
   key/value heads of grouped-query attention and d_mlp are each split over it), or None."""
   sizes = {"heads": n_heads, "key/value heads": n_kv_heads or n_heads, "d_mlp": d_mlp}
+  if sizes["key/value heads"] == n_heads:  # no grouped-query attention: one count of heads
+    del sizes["key/value heads"]
   bad = [f"{n} {what}" for what, n in sizes.items() if n % model_axis]
   if not bad:
     return None
