@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jax_pythia import compile_cache, suite
-from jax_pythia.checkpoints import revisions, suites
+from jax_pythia.checkpoints import revisions, sources, suites
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError, SweepError
 from jax_pythia.models import family, weights
 from jax_pythia.scale import memory
@@ -224,6 +224,14 @@ def test_one_revision_is_one_checkpoint(tmp_path):
   result = run_tool("sweep", "--models=org/m", "--revisions=ckpt=1,ckpt=2", f"--out={out}")
   one_line_error(result, "sweep", "org/m: revision 'ckpt' is given for steps 1 and 2")
   assert not out.exists()
+
+
+def test_revisions_are_never_silently_ignored(llama_suite):
+  """`--revisions` beside local models only, or given empty, ran as if not given."""
+  with pytest.raises(SweepError, match="--revisions='step0=0' names revisions of Hub models"):
+    sources.resolve_models([str(llama_suite / LLAMA)], "step0=0")
+  with pytest.raises(CheckpointError, match="--revisions is empty"):
+    sources.resolve_models(["pythia-70m"], "")
 
 
 # ------------------------------------------------------------------ the compilation cache

@@ -155,7 +155,7 @@ def resolve(repo_id: str, revisions: str | None = None, series: str | None = Non
   expression) when given, else by its suite's scheme; `series` picks a series of a suite
   that has several (OLMo-2's stage-2 ingredients)."""
   scheme = suites.scheme_of(repo_id)
-  if revisions:
+  if revisions is not None:  # given empty (`--revisions=`) is refused, not ignored
     if series:
       raise CheckpointError(
         f"{repo_id}@{series}: a series is a suite's; --revisions names revisions"

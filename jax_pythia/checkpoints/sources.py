@@ -66,6 +66,11 @@ def resolve_models(names: Sequence[str], revisions: str | None = None) -> list[M
       models += _local_models(os.path.abspath(path))
     else:
       models.append(_hub_model(name, revisions))
+  if revisions is not None and not any(m.is_hub for m in models):
+    raise SweepError(
+      f"--revisions={revisions!r} names revisions of Hub models; --models are local "
+      "directories, whose checkpoints are their step<N>/ folders (choose them with --steps)"
+    )
   seen = set()
   for m in models:
     if m.name in seen:
