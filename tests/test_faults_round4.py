@@ -226,6 +226,14 @@ def test_one_revision_is_one_checkpoint(tmp_path):
   assert not out.exists()
 
 
+def test_a_revisions_pattern_is_checked_before_the_listing(tmp_path, monkeypatch):
+  """Offline with no cached listing, `--revisions='ckpt-('` was blamed on the listing."""
+  monkeypatch.setenv(revisions.CACHE_ENV, str(tmp_path))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(CheckpointError, match=r"--revisions='ckpt-\(': not a regular expression"):
+    revisions.resolve("org/m", "ckpt-(")
+
+
 def test_revisions_are_never_silently_ignored(llama_suite):
   """`--revisions` beside local models only, or given empty, ran as if not given."""
   with pytest.raises(SweepError, match="--revisions='step0=0' names revisions of Hub models"):

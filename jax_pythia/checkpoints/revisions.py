@@ -161,6 +161,7 @@ def resolve(repo_id: str, revisions: str | None = None, series: str | None = Non
         f"{repo_id}@{series}: a series is a suite's; --revisions names revisions"
       )
     if suites.is_pattern(revisions):
+      suites.revisions_pattern(revisions)  # a typo is named before the listing is read
       found = suites.matched_revisions(revisions, listing(repo_id, suites.BRANCHES), repo_id)
     else:
       found = suites.given_revisions(revisions, repo_id)

@@ -220,15 +220,20 @@ def given_revisions(spec: str, repo_id: str) -> tuple[Checkpoint, ...]:
   return tuple(by_step[s] for s in sorted(by_step))
 
 
+def revisions_pattern(pattern: str) -> re.Pattern:
+  """A --revisions regular expression, compiled (checked before any listing is read)."""
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise CheckpointError(f"--revisions={pattern!r}: not a regular expression ({e})") from None
+
+
 def matched_revisions(
   pattern: str, branches: Sequence[tuple[str, str]], repo_id: str
 ) -> tuple[Checkpoint, ...]:
   """Checkpoints from a --revisions regular expression matched against every branch name;
   the step is its group `step`, else its first group, else the name's last number."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise CheckpointError(f"--revisions={pattern!r}: not a regular expression ({e})") from None
+  regex = revisions_pattern(pattern)
   by_step: dict[int, Checkpoint] = {}
   for label, revision in branches:
     m = regex.fullmatch(label)
