@@ -92,6 +92,16 @@ def test_config_values_are_refused_by_the_files_own_key(tmp_path, config, expect
   assert str(caught.value) == f"{tmp_path / 'config.json'}: {expected}"
 
 
+def test_a_llama_config_without_model_type_is_named_so(tmp_path):
+  """It went to GPT-NeoX's reader, which blamed hidden_act='silu'."""
+  config = {k: v for k, v in llama_config().items() if k != "model_type"}
+  with pytest.raises(ConfigError) as caught:
+    load(tmp_path, config)
+  expected = 'no model_type; architectures=["LlamaForCausalLM"] is Llama\'s'
+  expected += ' (add "model_type": "llama")'
+  assert str(caught.value) == f"{tmp_path / 'config.json'}: {expected}"
+
+
 def test_a_shape_error_names_the_config_sizes_behind_it(llama_suite, tmp_path):
   """A head_dim or num_key_value_heads at odds with the weights was reported with d_model,
   n_heads, d_mlp and vocab_size only, none of which is wrong."""

@@ -103,6 +103,14 @@ def config_from_hf(hf: dict[str, Any], source: str = "config") -> Any:
   where = f"{source}: " if source else ""
   model_type = hf.get("model_type")
   if model_type is None and "d_model" not in hf:
+    archs = hf.get("architectures")
+    named = [f for f in FAMILIES.values() if isinstance(archs, list) and archs
+             and archs[0] in f.architectures and f.name != "gpt_neox"]  # fmt: skip
+    if named:  # else GPT-NeoX's reader blames the first Llama key it meets (hidden_act)
+      raise ConfigError(
+        f"{where}no model_type; architectures={json.dumps(archs)} is {named[0].title}'s "
+        f'(add "model_type": "{named[0].model_type}")'
+      )
     # Pythia's Hub configs always name it; without one only GPT-NeoX's reader explains.
     return GPTNeoXConfig.from_hf_dict(hf, source)
   family = next((f for f in FAMILIES.values() if f.model_type == model_type), None)
