@@ -21,7 +21,7 @@ from jax_pythia.scale.shapes import Shape, Work
 from tests import suite_fixtures as sf
 from tests.test_compile_cache import _run as compile_in_a_process
 from tests.test_faults import one_line_error
-from tests.test_faults_round3 import prepared
+from tests.test_faults_round3 import prepared, suite_dir  # noqa: F401  (its fixture)
 from tests.test_suites import hub  # noqa: F401  (its fixture: a stubbed Hub, listings cached)
 from tests.tool_runs import run_tool
 
@@ -160,6 +160,31 @@ def test_a_mesh_that_cannot_split_the_key_value_heads_is_refused_before_out(llam
   shape = Shape(LLAMA, 2, 32, 4, 48, 97, 16, (0, 8), n_kv_heads=2, gated_mlp=True)
   work = Work(n_sequences=6, gradient_window=0, gradient_sequences=4)
   assert memory.choose_mesh(shape, work, 4, device_bytes=1.0) == {"data": 2, "model": 2}
+
+
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
+    (("--n_sequences=6",), "--n_sequences=6: 6 sequences cannot be split over the data axis"),
+    (("--gradient_microbatch=2",), "--gradient_microbatch=2: 2 sequences cannot be split"),
+  ],
+)
+def test_batches_that_the_data_axis_cannot_split_are_refused_before_out(
+  suite_dir,
+  tmp_path,
+  flags,
+  expected,  # noqa: F811  (the fixture)
+):
+  """Refused at the final checkpoint's first call, after --out was claimed for these
+  options: the corrected rerun was then refused as "other options"."""
+  out = tmp_path / "out"
+  result = run_tool(
+    "sweep", f"--models={suite_dir / 'small-2l'}", f"--out={out}", "--steps=0", "--mesh=data:4",
+    "--sequences_per_step=8", "--n_sequences=8", "--gradient_sequences=8", "--gradient_window=0",
+    "--nofigures", *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+  )  # fmt: skip
+  one_line_error(result, "sweep", expected, "of 4 devices (--mesh); choose a multiple of 4")
+  assert not out.exists()
 
 
 # ------------------------------------------------------------------ revisions and suites

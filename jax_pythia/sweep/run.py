@@ -119,6 +119,7 @@ class Sweep:
     seq_len = self.inputs(self.models[0]).shape[1]
     self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
     self.per_call = self._checkpoints_per_call(seq_len, mesh)
+    self._check_data_axis(mesh.get("data", 1))
     self.work = compute.ChunkWork(
       self.options,
       self.source,
@@ -157,6 +158,28 @@ class Sweep:
           study.check_value_slice(family.load_config(path), "reference")
         except JaxPythiaError as e:
           raise SweepError(f"{m.name}: {e}") from None
+
+  def _check_data_axis(self, n: int) -> None:
+    """Every batch a call splits over the mesh's data axis divides by it, checked before
+    --out is claimed (not at the final checkpoint's first call, after)."""
+    o = self.options
+    counts = [(f"--n_sequences={o.n_sequences}", o.n_sequences)]
+    if o.loss_sequences:
+      counts.append((f"--loss_sequences={o.loss_sequences}", o.loss_sequences))
+    for m in self.models if o.gradients else ():
+      layout = self.layouts.get(m.name)
+      chosen = (layout.gradient_microbatch if layout else 0) or o.gradient_sequences
+      if o.gradient_microbatch:
+        counts.append((f"--gradient_microbatch={o.gradient_microbatch}", o.gradient_microbatch))
+      else:  # the microbatch chosen to fit memory, or the whole batch
+        what = f"--gradient_sequences={o.gradient_sequences} (microbatches of {chosen})"
+        counts.append((what, chosen))
+    for what, count in counts:
+      if count % n:
+        raise SweepError(
+          f"{what}: {count} sequences cannot be split over the data axis of {n} devices "
+          f"(--mesh); choose a multiple of {n}"
+        )
 
   def _check_data(self):
     o = self.options
