@@ -170,10 +170,10 @@ def test_a_mesh_that_cannot_split_the_key_value_heads_is_refused_before_out(llam
   ],
 )
 def test_batches_that_the_data_axis_cannot_split_are_refused_before_out(
-  suite_dir,
+  suite_dir,  # noqa: F811  (the fixture)
   tmp_path,
   flags,
-  expected,  # noqa: F811  (the fixture)
+  expected,
 ):
   """Refused at the final checkpoint's first call, after --out was claimed for these
   options: the corrected rerun was then refused as "other options"."""
