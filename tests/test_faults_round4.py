@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jax_pythia import compile_cache, suite
-from jax_pythia.checkpoints import revisions, sources, suites
+from jax_pythia.checkpoints import converted, revisions, sources, suites
 from jax_pythia.errors import CheckpointError, ConfigError, JaxPythiaError, SweepError
 from jax_pythia.models import family, weights
 from jax_pythia.scale import memory
@@ -134,6 +134,35 @@ def test_value_slice_reference_on_a_llama_is_refused_before_out_is_claimed(llama
   assert not out.exists()
   prepared(llama_suite, out, model=LLAMA, value_slice="per_head")  # the rerun is welcome
   assert (out / "sweep.json").exists()
+
+
+@pytest.mark.parametrize(
+  "content, why",
+  [
+    ('{"format_version": 1, "dtype": "float32"}', "TypeError: expected an object with a 'config'"),
+    ("[1]", "TypeError: expected an object"),
+    ('{"format_version": 1, "dtype": "float32", "config": 5}', "TypeError: expected an object"),
+    ("[" * 100_000 + "]" * 100_000, "RecursionError"),
+    ('{"config":', "JSONDecodeError"),
+  ],
+  ids=["no config", "a list", "config not an object", "nested", "truncated"],
+)
+def test_a_damaged_converted_checkpoints_metadata_is_named(tmp_path, content, why):
+  """tools.plan and the sweep read a converted (orbax) checkpoint's config through its
+  metadata file: a KeyError, TypeError, AttributeError or RecursionError traceback, or a
+  JSON error naming no file."""
+  step = tmp_path / "model" / "step0"
+  (step / "params").mkdir(parents=True)
+  meta = step / "jax_pythia.json"
+  meta.write_text(content)
+  with pytest.raises(CheckpointError, match=f"{meta}: unreadable \\({why}"):
+    converted.converted_config(str(step))
+  if why == "RecursionError":  # and through a tool
+    result = run_tool(
+      "plan", f"--models={tmp_path / 'model'}", "--steps=0", "--devices=1",
+      "--flops_per_device=1e12", "--device_memory=16GB",
+    )  # fmt: skip
+    one_line_error(result, "plan", f"{meta}: unreadable (RecursionError")
 
 
 # ------------------------------------------------------------------ sharded spectra, mesh

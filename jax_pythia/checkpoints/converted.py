@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jax_pythia import files
-from jax_pythia.errors import CheckpointError
+from jax_pythia.errors import CheckpointError, JaxPythiaError
 from jax_pythia.models import family, weights
 from jax_pythia.models.config import GPTNeoXConfig
 
@@ -165,9 +165,29 @@ class Converted:
 
 def converted_config(directory: str) -> GPTNeoXConfig:
   """The config stored in a converted checkpoint, read without restoring the params."""
-  path = os.path.join(directory, _META_FILE)
-  with open(path) as f:
-    return family.config_from_hf(json.load(f)["config"], source=path)
+  return _read_meta(directory)[1]
+
+
+def _read_meta(directory: str) -> tuple[np.dtype, Any]:
+  """(dtype, config) of a converted checkpoint's metadata; a damaged file is named."""
+  meta_path = os.path.join(directory, _META_FILE)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+      raise TypeError("expected an object with a 'config' object")
+    if meta.get("format_version") != _FORMAT_VERSION:
+      raise CheckpointError(
+        f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
+        f"{_FORMAT_VERSION}; convert again"
+      )
+    dtype = weights.resolve_dtype(meta["dtype"])
+    config = family.config_from_hf(meta["config"], source=meta_path)
+  except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+    if isinstance(e, JaxPythiaError):  # already one line naming the file
+      raise
+    raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+  return dtype, config
 
 
 def restore_converted(
@@ -182,23 +202,11 @@ def restore_converted(
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(os.fspath(directory))
-  meta_path = os.path.join(directory, _META_FILE)
   if not is_converted(directory):
     raise CheckpointError(
       f"{directory}: not a converted checkpoint (expected {_META_FILE} and {_PARAMS_DIR}/)"
     )
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta.get("format_version") != _FORMAT_VERSION:
-      raise CheckpointError(
-        f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
-        f"{_FORMAT_VERSION}; convert again"
-      )
-    dtype = weights.resolve_dtype(meta["dtype"])
-    config = family.config_from_hf(meta["config"], source=meta_path)
-  except (OSError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+  dtype, config = _read_meta(directory)
   shapes = weights.param_shapes(config)
   is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
   shardings = shardings_like(jax.tree.map(lambda s: 0, shapes, is_leaf=is_shape), sharding)

@@ -101,6 +101,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config") -> Any:
   """The family's config object for a config.json dict, chosen by `model_type`; refuses
   an unknown model_type, or `architectures` naming another family's class, by name."""
   where = f"{source}: " if source else ""
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{where}expected a config object, found {type(hf).__name__}")
   model_type = hf.get("model_type")
   if model_type is None and "d_model" not in hf:
     archs = hf.get("architectures")
