@@ -26,6 +26,7 @@ class Metric:
   fn: Callable
   needs_rank_bound: bool = False
   description: str = ""
+  refined: bool = False  # reads float64-refined singular values where float32 cannot resolve
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -37,7 +38,12 @@ METRICS: Mapping[str, Metric] = MappingProxyType(_REGISTRY)
 
 
 def register_metric(
-  name: str, family: str, *, needs_rank_bound: bool = False, description: str = ""
+  name: str,
+  family: str,
+  *,
+  needs_rank_bound: bool = False,
+  description: str = "",
+  refined: bool = False,
 ) -> Callable[[Callable], Callable]:
   """Decorator registering `fn` under `name`; returns `fn` unchanged.
 
@@ -51,7 +57,7 @@ def register_metric(
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
       raise ValueError(f"metric name {name!r} is already registered")
     doc = description or (fn.__doc__ or "").strip().split("\n")[0]
-    _REGISTRY[name] = Metric(name, family, fn, needs_rank_bound, doc)
+    _REGISTRY[name] = Metric(name, family, fn, needs_rank_bound, doc, refined)
     return fn
 
   return decorate
