@@ -33,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from analysis.registry import register_metric
 from analysis.similarity import _broadcast_apply
 from analysis.validation import require_ndim, require_nonempty
 
@@ -123,6 +124,12 @@ def cca_similarity(x: jax.Array, y: jax.Array) -> jax.Array:
   return _broadcast_apply(lambda a, b: _mean_correlation(a, b, None), x, y, 2)
 
 
+@register_metric(
+  "svcca",
+  "similarity",
+  description="SVCCA: mean canonical correlation of the SVD directions explaining 99% of "
+  "the variance (Raghu et al. 2017)",
+)
 def svcca(x: jax.Array, y: jax.Array, variance: float = SVCCA_VARIANCE) -> jax.Array:
   """SVCCA (Raghu et al. 2017): mean canonical correlation of the leading SVD directions of
   x and y that explain `variance` of each one's variance (module doc for the rule).
@@ -139,6 +146,11 @@ def svcca(x: jax.Array, y: jax.Array, variance: float = SVCCA_VARIANCE) -> jax.A
   return _broadcast_apply(lambda a, b: _mean_correlation(a, b, variance), x, y, 2)
 
 
+@register_metric(
+  "pwcca",
+  "similarity",
+  description="PWCCA: sum_i alpha_i rho_i, alpha_i ~ sum_j |<h_i, x_j>| (Morcos et al. 2018)",
+)
 def pwcca(x: jax.Array, y: jax.Array) -> jax.Array:
   """PWCCA (Morcos et al. 2018): canonical correlations weighted by how much of the
   neurons each canonical variate accounts for (module doc for the formula).

@@ -257,7 +257,7 @@ def top_k(s: jax.Array, k: int) -> jax.Array:
   return jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, k - m)])
 
 
-@register_metric("effective_rank", "spectral")
+@register_metric("effective_rank", "spectral", default=("weights", "gradients"))
 def effective_rank(s: jax.Array) -> jax.Array:
   """Effective rank (Roy & Vetterli 2007): exp of the entropy of p_i = s_i / sum(s).
 
@@ -278,7 +278,7 @@ def effective_rank(s: jax.Array) -> jax.Array:
   return jnp.exp(entropy)
 
 
-@register_metric("per", "spectral", needs_rank_bound=True)
+@register_metric("per", "spectral", needs_rank_bound=True, default=("weights", "gradients"))
 def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
   """Proportional effective rank PER = ER(top-k singular values) / k (docs/method.md).
 
@@ -300,7 +300,14 @@ def condition_resolution(s: jax.Array) -> jax.Array:
   return SVD_ERROR_PER_SQRT_DIM * math.sqrt(s.shape[-1]) * eps / CONDITION_RELATIVE_ERROR
 
 
-@register_metric("condition_number", "spectral", needs_rank_bound=True, refined=True)
+@register_metric(
+  "condition_number",
+  "spectral",
+  needs_rank_bound=True,
+  refined=True,
+  default=("weights", "gradients"),
+  description="s_1 / s_k over the top-k singular values (k the rank bound), refined in float64",
+)
 def condition_number(s: jax.Array, k: int) -> jax.Array:
   """s_1 / s_k over the top-k singular values (k = rank bound, so a head's d x d OV
   matrix, which has rank <= d_head, is not trivially infinite).
@@ -321,7 +328,7 @@ def condition_number(s: jax.Array, k: int) -> jax.Array:
   return jnp.where(unresolved, jnp.nan, first / last)
 
 
-@register_metric("stable_rank", "spectral")
+@register_metric("stable_rank", "spectral", default=("weights", "gradients"))
 def stable_rank(s: jax.Array) -> jax.Array:
   """Stable rank ||A||_F^2 / ||A||_2^2 = sum(s^2) / max(s)^2.
 
@@ -336,7 +343,7 @@ def stable_rank(s: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(s / s_max[..., None]), axis=-1)
 
 
-@register_metric("frobenius_norm", "spectral")
+@register_metric("frobenius_norm", "spectral", default=("weights", "gradients"))
 def frobenius_norm(s: jax.Array) -> jax.Array:
   """Frobenius norm sqrt(sum(s^2)). s: [..., m] -> [...]."""
   require_ndim("s", s, 1)
@@ -345,14 +352,14 @@ def frobenius_norm(s: jax.Array) -> jax.Array:
   return scale * jnp.sqrt(jnp.sum(jnp.square(s / scale[..., None]), axis=-1))
 
 
-@register_metric("spectral_norm", "spectral")
+@register_metric("spectral_norm", "spectral", default=("weights", "gradients"))
 def spectral_norm(s: jax.Array) -> jax.Array:
   """Spectral norm max(s). s: [..., m] -> [...]."""
   require_ndim("s", s, 1)
   return jnp.max(s, axis=-1)
 
 
-@register_metric("nuclear_norm", "spectral")
+@register_metric("nuclear_norm", "spectral", default=("weights", "gradients"))
 def nuclear_norm(s: jax.Array) -> jax.Array:
   """Nuclear (trace) norm sum(s). s: [..., m] -> [...]."""
   require_ndim("s", s, 1)

@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
+from analysis import protocol
+from analysis.selection import Selection
+from analysis.selection import default as default_selection
 from jax_pythia.errors import ConfigError
 from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
@@ -139,9 +142,10 @@ def checkpoint_metrics(
   gradient_values: dict | None = None,
   train_losses: Any = None,
   heldout_loss: Any = None,
+  selection: Selection | None = None,
 ) -> dict[str, dict[str, Any]]:
-  """Every metric of one checkpoint: {component: {metric: [L, H] | [L] | []}}, named as in
-  the tables (`analysis.metric_table`).
+  """The selected metrics of one checkpoint: {component: {metric: [L, H] | [L] | []}},
+  named as in the tables (`analysis.metric_table`).
 
   Args:
     acts, reference: `activation_fn` outputs of this checkpoint and of the final one.
@@ -151,17 +155,30 @@ def checkpoint_metrics(
     gradient_values: instead of `grads`, their metrics already computed
       (`streamed_gradient_metrics`).
     heldout_loss: the loss on a batch no checkpoint trained on.
+    selection: what to compute (analysis.selection; default: the paper's protocol).
+  Values of metrics not selected may be present (the gradient statistics come together);
+  the sweep writes only the selected rows (`Selection.keeps`).
   """
+  selection = selection or default_selection()
   if grads is not None:
     gradient_values = gradient_metrics(grads, layers, value_slice)
+  similar, floor = selected_similarities(acts, reference, floor_key, selection)
   return _gather(
-    cka_against(acts, reference),
-    cka_noise_floor(acts, floor_key) if floor_key is not None else None,
-    weight_metrics(layers, value_slice),
+    similar,
+    floor,
+    selected_weight_values(layers, value_slice, protocol.plan_of(selection, "weights")),
     gradient_values,
     train_losses,
     heldout_loss,
+    selected_activation_values(acts, protocol.plan_of(selection, "activations")),
   )
+
+
+def selected_similarities(acts, reference, floor_key, selection) -> tuple[dict, dict | None]:
+  """({component: {name: ...}} against the reference, the noise floors or None)."""
+  plan = protocol.plan_of(selection, "activations", "similarity")
+  floor = None if floor_key is None else selected_floors(reference, floor_key, plan)
+  return selected_similarity(acts, reference, plan), floor
 
 
 def batched_checkpoint_metrics(
@@ -173,6 +190,7 @@ def batched_checkpoint_metrics(
   grads: dict | None = None,
   train_losses: Any = None,
   heldout_loss: Any = None,
+  selection: Selection | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
   """`checkpoint_metrics` of C checkpoints stacked on a leading axis, one dict each.
 
@@ -183,19 +201,33 @@ def batched_checkpoint_metrics(
     heldout_loss: [C].
   No noise floor: it belongs to the final checkpoint, which the sweep runs on its own.
   """
+  selection = selection or default_selection()
+  similarity_plan = protocol.plan_of(selection, "activations", "similarity")
+  weight_plan = protocol.plan_of(selection, "weights")
+  activation_plan = protocol.plan_of(selection, "activations")
+  gradient_entries_plan = protocol.plan_of(selection, "gradients", "entries")
+  gradient_values = None
+  if grads is not None:
+    gradient_values = batched_gradient_metrics(grads, layers, value_slice, _refines(selection))
+    if gradient_entries_plan:
+      entries = batched_gradient_entries(grads, layers, value_slice, gradient_entries_plan)
+      _merge_gradient_entries(gradient_values, entries)
+  # (an empty plan computes nothing: vmap needs an input to map over)
+  each = lambda fn, plan, x: jax.vmap(lambda a: fn(a, plan))(x) if plan else None  # noqa: E731
   parts = jax.device_get(
     (
-      batched_cka_against(acts, reference),
-      batched_weight_metrics(layers, value_slice),
-      batched_gradient_metrics(grads, layers, value_slice) if grads is not None else None,
+      each(lambda a, plan: selected_similarity(a, reference, plan), similarity_plan, acts),
+      each(lambda p, plan: selected_weight_values(p, value_slice, plan), weight_plan, layers),
+      gradient_values,
       train_losses,
       heldout_loss,
+      each(selected_activation_values, activation_plan, acts),
     )
   )
-  count = len(jax.tree.leaves(acts)[0])
+  count = len(jax.tree.leaves(layers)[0])
   return [
-    _gather(cka, None, weights, grad, losses, heldout)
-    for cka, weights, grad, losses, heldout in zip(
+    _gather(similar, None, weights, grad, losses, heldout, act)
+    for similar, weights, grad, losses, heldout, act in zip(
       *[[None] * count if p is None else _unstack(p, count) for p in parts]
     )
   ]
@@ -205,19 +237,20 @@ def _unstack(tree: Any, count: int) -> list:
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(count)]
 
 
-def _gather(cka, floor, weights, grads, train_losses, heldout_loss) -> dict:
+def _gather(similar, floor, weights, grads, train_losses, heldout_loss, activations=None) -> dict:
   """One checkpoint's results under the tables' names: {component: {metric: value}}."""
   out: dict[str, dict[str, Any]] = {}
-  for (component, estimator), value in cka.items():
-    out.setdefault(component, {})[estimator] = value
-  if floor is not None:
-    for (component, estimator), value in floor.items():
-      out[component][analysis.noise_floor_name(estimator)] = value
-  for component, metrics in weights.items():
-    out[component].update(metrics)
+  for part in (similar, floor):
+    for component, metrics in (part or {}).items():
+      out.setdefault(component, {}).update(metrics)
+  for component, metrics in (weights or {}).items():
+    out.setdefault(component, {}).update(metrics)
   if grads is not None:
     for component, metrics in grads.items():
-      out[component].update(metrics)
+      out.setdefault(component, {}).update(metrics)
+  for component, metrics in (activations or {}).items():
+    named = {analysis.METRICS[n].table_name("activations"): v for n, v in metrics.items()}
+    out.setdefault(component, {}).update(named)
   model = {}
   if train_losses is not None:
     model["train_loss"] = np.mean(np.asarray(train_losses))
@@ -268,6 +301,67 @@ def weight_metrics(layers: dict, value_slice: str) -> dict:
 def batched_weight_metrics(layers: dict, value_slice: str) -> dict:
   """`weight_metrics` of stacked layers (leaves [C, L, ...]): values [C, ...]."""
   return jax.vmap(functools.partial(weight_metrics, value_slice=value_slice))(layers)
+
+
+# ----- what a selection computes (analysis.protocol), one compiled call per data type --
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def selected_similarity(acts: dict, ref: dict, plan: tuple) -> dict:
+  """{component: {name: [L] | [L, H]}}: the plan's similarity metrics against `ref`."""
+  return protocol.similarity_values(acts, ref, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "num_permutations"))
+def selected_floors(ref: dict, key: jax.Array, plan: tuple, num_permutations: int = 8) -> dict:
+  """{component: {'<name>_floor': ...}} of the plan's CKA estimators (docs/method.md)."""
+  return protocol.floor_values(ref, key, plan, num_permutations)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def selected_weight_values(layers: dict, value_slice: str, plan: tuple) -> dict:
+  """{component: {name: ...}} of the weights (analysis.protocol.weight_values)."""
+  return protocol.weight_values(_f32(layers), value_slice, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def selected_activation_values(acts: dict, plan: tuple) -> dict:
+  """{component: {name: ...}} of the activation matrices themselves (spectra, sparsity)."""
+  return protocol.activation_values(acts, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
+  """{component: {name: ...}} of one batch's gradient matrices (protocol.gradient_entries)."""
+  return protocol.gradient_entries(grads, _f32(layers), value_slice, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def batched_gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
+  """The G-batch mean of `gradient_entries` for C checkpoints (leaves [C, G, ...])."""
+
+  def one(g, p):
+    per_batch = jax.lax.map(lambda b: protocol.gradient_entries(b, _f32(p), value_slice, plan), g)
+    return jax.tree.map(lambda x: x.mean(0), per_batch)
+
+  return jax.vmap(one)(grads, layers)
+
+
+def _merge_gradient_entries(values: dict, entries: dict) -> None:
+  """Adds the gradient entries metrics (registry names) under their table names."""
+  for component, metrics in entries.items():
+    for name, value in metrics.items():
+      values[component][analysis.gradient_name(name)] = value
+
+
+def _refines(selection: Selection) -> bool:
+  """Whether a selected gradient metric reads float64-refined singular values."""
+  names = {n for names in selection.of("gradients").values() for n in names}
+  return any(analysis.METRICS[n].refined for n in names)
 
 
 def gradient_weights(value_slice: str) -> tuple[str, ...]:
@@ -326,8 +420,8 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   return fn
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine"))
+def gradient_metrics(grads: dict, layers: dict, value_slice: str, refine: bool = True) -> dict:
   """{component: {metric: ...}} of G gradients (docs/method.md: mean singular values over the
   batches, norms, consecutive cosine).
 
@@ -336,7 +430,7 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
   one program; the stacked path runs this one on a single device.
   """
   layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
-  return analysis.gradient_spectra(grads, layers, value_slice)
+  return analysis.gradient_spectra(grads, layers, value_slice, refine=refine)
 
 
 @functools.partial(jax.jit, static_argnames=("value_slice",))
@@ -346,8 +440,10 @@ def first_gradient_carry(grads: dict, value_slice: str) -> dict:
   return analysis.first_gradient_carry(grads, value_slice)
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",), donate_argnames=("grads",))
-def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine"), donate_argnames=("grads",))
+def gradient_terms(
+  grads: dict, carry: dict, layers: dict, value_slice: str, refine: bool = True
+) -> tuple:
   """One batch's gradients reduced (analysis.gradient_batch_terms): (singular values, norms,
   cosines with the previous batch, carry for the next batch).
 
@@ -358,7 +454,7 @@ def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> 
   deadlock), run on a single device.
   """
   layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
-  return analysis.gradient_batch_terms(grads, carry, layers, value_slice)
+  return analysis.gradient_batch_terms(grads, carry, layers, value_slice, refine=refine)
 
 
 @jax.jit
@@ -369,7 +465,12 @@ def gradient_summary(terms: list, layers: dict) -> dict:
   return analysis.gradient_summary(svals, norms, cosines, layers)
 
 
-def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice: str) -> dict:
+def streamed_gradient_metrics(
+  batches: Iterable[dict],
+  layers: dict,
+  value_slice: str,
+  selection: Selection | None = None,
+) -> dict:
   """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
   (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
   whatever G. No host sync: the calls queue behind one another on the device.
@@ -379,20 +480,32 @@ def streamed_gradient_metrics(batches: Iterable[dict], layers: dict, value_slice
       device the spectra run on), e.g. a generator calling `batch_gradient_fn`. Each is
       donated to `gradient_terms`.
     layers: params['layers'] (leaves [L, ...]) on that device.
+    selection: what is computed beyond the gradient statistics (analysis.selection):
+      float64 refinement only for a selected refined metric (grad_condition_number),
+      the 'entries' metrics (grad_gini, ...) only when selected, averaged over the batches.
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
+  selection = selection or default_selection()
+  refine = _refines(selection)
+  entries_plan = protocol.plan_of(selection, "gradients", "entries")
+  entries = []
   # Cast once here, not in each batch's call (a float32 copy of the weights per batch).
   layers = jax.tree.map(lambda x: x.astype(jnp.float32), layers)
   carry, terms = None, []
   for grads in batches:
     if carry is None:
       carry = first_gradient_carry(grads, value_slice)
-    *batch_terms, carry = gradient_terms(grads, carry, layers, value_slice)
+    if entries_plan:  # before gradient_terms, which takes (donates) the buffers
+      entries.append(gradient_entries(grads, layers, value_slice, entries_plan))
+    *batch_terms, carry = gradient_terms(grads, carry, layers, value_slice, refine)
     terms.append(tuple(batch_terms))
   if not terms:
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
-  return gradient_summary(terms, layers)
+  out = gradient_summary(terms, layers)
+  if entries:
+    _merge_gradient_entries(out, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *entries))
+  return out
 
 
 @functools.cache
@@ -402,10 +515,11 @@ def batched_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "n
   return jax.jit(jax.vmap(gradient_fn(config, value_slice, remat)))
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine"))
+def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str, refine=True) -> dict:
   """`gradient_metrics` of C checkpoints (leaves [C, G, ...] and [C, L, ...])."""
-  return jax.vmap(functools.partial(gradient_metrics, value_slice=value_slice))(grads, layers)
+  fn = functools.partial(gradient_metrics, value_slice=value_slice, refine=refine)
+  return jax.vmap(fn)(grads, layers)
 
 
 @functools.cache

@@ -66,10 +66,11 @@ class ChunkWork:
     where = loaded.directory or f"{m.name} step {step}"
     tokens, idx = self._fixed_inputs(m, config, where)
     layout = self.layouts.get(m.name)
-    acts = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)(
-      params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
-    )
-    acts = {k: place.host(v) for k, v in acts.items()}
+    acts = {}
+    if o.chosen.needs_activations:  # no forward pass when no selected metric reads it
+      fn = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)
+      acts = fn(params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
+      acts = {k: place.host(v) for k, v in acts.items()}
     if step == m.final_step:
       self.references[m.name] = acts
     reference = acts if step == m.final_step else self.reference(m)
@@ -78,7 +79,7 @@ class ChunkWork:
     # repeat them), and they are small next to the forward and backward passes.
     layers = place.single_device(params["layers"])
     gradient_values = losses = heldout = None
-    if o.gradients:
+    if o.computes_gradients:
       batches = self._gradient_batches(m, step, config)
       remat = layout.remat if layout else "none"
       one_batch = study.batch_gradient_fn(config, o.value_slice, remat)
@@ -96,7 +97,9 @@ class ChunkWork:
           batch_losses.append(loss)
           yield place.single_device(grads)
 
-      gradient_values = study.streamed_gradient_metrics(batch_gradients(), layers, o.value_slice)
+      gradient_values = study.streamed_gradient_metrics(
+        batch_gradients(), layers, o.value_slice, o.chosen
+      )
       beat(f"gradients, {len(batches)} batches queued: waiting for the device")
       losses = np.array([place.host(loss) for loss in batch_losses])
     if o.loss_sequences:
@@ -114,6 +117,7 @@ class ChunkWork:
       gradient_values=gradient_values,
       train_losses=losses,
       heldout_loss=heldout,
+      selection=o.chosen,
     )
     return self._rows(m, step, values), acts
 
@@ -131,16 +135,18 @@ class ChunkWork:
     params = study.stack_params([place.params(loaded.params, config) for loaded in chunk])
     where = chunk[0].directory or f"{m.name} step {steps[0]}"
     tokens, idx = self._fixed_inputs(m, config, where)
-    fn = study.batched_activation_fn(
-      config, o.value_slice, layout.capture_microbatch if layout else 0
-    )
-    acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
+    acts = {}
+    if o.chosen.needs_activations:
+      fn = study.batched_activation_fn(
+        config, o.value_slice, layout.capture_microbatch if layout else 0
+      )
+      acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
     reference = self.reference(m)
     for i, loaded in enumerate(chunk):
       here = loaded.directory or f"{m.name} step {loaded.step}"
       check_like_reference({k: a[i] for k, a in acts.items()}, reference, here)
     grads = losses = heldout = None
-    if o.gradients:
+    if o.computes_gradients:
       beat("gradients")
       batches = np.stack([self._gradient_batches(m, step, config) for step in steps])
       remat = layout.remat if layout else "none"
@@ -158,6 +164,7 @@ class ChunkWork:
       grads=grads,
       train_losses=losses,
       heldout_loss=heldout,
+      selection=o.chosen,
     )
     return [
       (self._rows(m, step, v), {k: a[i] for k, a in acts.items()})
@@ -193,12 +200,16 @@ class ChunkWork:
     return batches
 
   def _rows(self, m: ModelSource, step: int, values: dict) -> pd.DataFrame:
+    """The selected rows (metric and layers: `Selection.keeps`) of one checkpoint."""
+    keeps = self.options.chosen.keeps
     frames = [
       results.metric_rows(m.name, step, component, metric, self.placement.host(value))
       for component, metrics in values.items()
       for metric, value in metrics.items()
     ]
-    return pd.concat(frames, ignore_index=True)
+    rows = pd.concat(frames, ignore_index=True)
+    kept = [keeps(c, n, layer) for c, n, layer in zip(rows.component, rows.metric, rows.layer)]
+    return rows[np.asarray(kept, bool)].reset_index(drop=True)
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
     """The batch of the final step: in the stream, but no checkpoint trained on it."""

@@ -165,7 +165,7 @@ class Sweep:
         f"--n_sequences={o.n_sequences}: with --positions={o.positions} it gives {samples} "
         "samples; the debiased CKA needs at least 4"
       )
-    if o.gradients:
+    if o.computes_gradients:
       if not self.source.has_training_steps:
         raise SweepError(
           f"gradients need the training batch of each step, which "
