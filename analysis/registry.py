@@ -149,3 +149,57 @@ def unregister_user_metrics() -> None:
   """Forget the metrics a --metrics_module registered (tests, a second run in a process)."""
   for name in [n for n, m in _REGISTRY.items() if m.user]:
     del _REGISTRY[name]
+
+
+def mark_user(names) -> None:
+  """Flag metrics as registered by a --metrics_module (`unregister_user_metrics` drops them)."""
+  for name in names:
+    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], user=True)
+
+
+def _probe_inputs(metric: Metric):
+  """(args, the shape the result must have) of a small call in the metric's family."""
+  import jax.numpy as jnp  # here: the registry itself needs no jax
+
+  ramp = jnp.linspace(1.0, 2.0, 2 * 3 * 40, dtype=jnp.float32)
+  if metric.family == "spectral":
+    s = jnp.sort(ramp[:48].reshape(2, 3, 8), axis=-1)[..., ::-1]
+    return ((s, 8) if metric.needs_rank_bound else (s,)), (2, 3)
+  if metric.family == "entries":
+    return (ramp[:96].reshape(2, 3, 16) - 1.5,), (2, 3)
+  if metric.family == "similarity":
+    x = jnp.sin(ramp[:240].reshape(2, 40, 3) * jnp.arange(1, 4))
+    y = jnp.cos(ramp[:160].reshape(2, 40, 2) * jnp.arange(1, 3))
+    return (x, y), (2,)
+  if metric.family == "gradient":
+    return (ramp[:24].reshape(4, 2, 3),), (2, 3)
+  return (ramp[:4],), ()
+
+
+def probe(metric: Metric) -> str | None:
+  """None if `metric` runs under jit on a small input of its family and returns the shape
+  its family promises (module doc); else one line saying what went wrong."""
+  import jax
+
+  _NOT_JITABLE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.UnexpectedTracerError,
+  )
+  args, want = _probe_inputs(metric)
+  static = (1,) if metric.family == "spectral" and metric.needs_rank_bound else ()
+  try:
+    out = jax.jit(metric.fn, static_argnums=static)(*args)
+  except _NOT_JITABLE as e:  # bool(tracer), np.asarray(tracer), leaked tracers
+    return f"metric {metric.name!r} is not jit-able: {type(e).__name__}: {str(e).splitlines()[0]}"
+  except Exception as e:  # noqa: BLE001 - a user's function may raise anything
+    first = (str(e).splitlines() or [""])[0]
+    return f"metric {metric.name!r} raised {type(e).__name__}: {first}"
+  shape = getattr(out, "shape", None)
+  if shape != want:
+    return (
+      f"metric {metric.name!r} ({metric.family}) returned shape {shape} for inputs "
+      f"{[getattr(a, 'shape', a) for a in args]}; expected {want}"
+    )
+  return None

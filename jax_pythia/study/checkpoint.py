@@ -42,6 +42,16 @@ from analysis.selection import default as default_selection
 from jax_pythia.errors import ConfigError
 from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.study.selected import (
+  batched_gradient_entries,
+  gradient_entries,
+  merge_gradient_entries,
+  refines,
+  selected_activation_values,
+  selected_floors,
+  selected_similarity,
+  selected_weight_values,
+)
 
 
 def check_value_slice(config: Any, value_slice: str) -> None:
@@ -208,10 +218,10 @@ def batched_checkpoint_metrics(
   gradient_entries_plan = protocol.plan_of(selection, "gradients", "entries")
   gradient_values = None
   if grads is not None:
-    gradient_values = batched_gradient_metrics(grads, layers, value_slice, _refines(selection))
+    gradient_values = batched_gradient_metrics(grads, layers, value_slice, refines(selection))
     if gradient_entries_plan:
       entries = batched_gradient_entries(grads, layers, value_slice, gradient_entries_plan)
-      _merge_gradient_entries(gradient_values, entries)
+      merge_gradient_entries(gradient_values, entries)
   # (an empty plan computes nothing: vmap needs an input to map over)
   each = lambda fn, plan, x: jax.vmap(lambda a: fn(a, plan))(x) if plan else None  # noqa: E731
   parts = jax.device_get(
@@ -301,67 +311,6 @@ def weight_metrics(layers: dict, value_slice: str) -> dict:
 def batched_weight_metrics(layers: dict, value_slice: str) -> dict:
   """`weight_metrics` of stacked layers (leaves [C, L, ...]): values [C, ...]."""
   return jax.vmap(functools.partial(weight_metrics, value_slice=value_slice))(layers)
-
-
-# ----- what a selection computes (analysis.protocol), one compiled call per data type --
-
-
-def _f32(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
-@functools.partial(jax.jit, static_argnames=("plan",))
-def selected_similarity(acts: dict, ref: dict, plan: tuple) -> dict:
-  """{component: {name: [L] | [L, H]}}: the plan's similarity metrics against `ref`."""
-  return protocol.similarity_values(acts, ref, plan)
-
-
-@functools.partial(jax.jit, static_argnames=("plan", "num_permutations"))
-def selected_floors(ref: dict, key: jax.Array, plan: tuple, num_permutations: int = 8) -> dict:
-  """{component: {'<name>_floor': ...}} of the plan's CKA estimators (docs/method.md)."""
-  return protocol.floor_values(ref, key, plan, num_permutations)
-
-
-@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
-def selected_weight_values(layers: dict, value_slice: str, plan: tuple) -> dict:
-  """{component: {name: ...}} of the weights (analysis.protocol.weight_values)."""
-  return protocol.weight_values(_f32(layers), value_slice, plan)
-
-
-@functools.partial(jax.jit, static_argnames=("plan",))
-def selected_activation_values(acts: dict, plan: tuple) -> dict:
-  """{component: {name: ...}} of the activation matrices themselves (spectra, sparsity)."""
-  return protocol.activation_values(acts, plan)
-
-
-@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
-def gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
-  """{component: {name: ...}} of one batch's gradient matrices (protocol.gradient_entries)."""
-  return protocol.gradient_entries(grads, _f32(layers), value_slice, plan)
-
-
-@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
-def batched_gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
-  """The G-batch mean of `gradient_entries` for C checkpoints (leaves [C, G, ...])."""
-
-  def one(g, p):
-    per_batch = jax.lax.map(lambda b: protocol.gradient_entries(b, _f32(p), value_slice, plan), g)
-    return jax.tree.map(lambda x: x.mean(0), per_batch)
-
-  return jax.vmap(one)(grads, layers)
-
-
-def _merge_gradient_entries(values: dict, entries: dict) -> None:
-  """Adds the gradient entries metrics (registry names) under their table names."""
-  for component, metrics in entries.items():
-    for name, value in metrics.items():
-      values[component][analysis.gradient_name(name)] = value
-
-
-def _refines(selection: Selection) -> bool:
-  """Whether a selected gradient metric reads float64-refined singular values."""
-  names = {n for names in selection.of("gradients").values() for n in names}
-  return any(analysis.METRICS[n].refined for n in names)
 
 
 def gradient_weights(value_slice: str) -> tuple[str, ...]:
@@ -487,7 +436,7 @@ def streamed_gradient_metrics(
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
   selection = selection or default_selection()
-  refine = _refines(selection)
+  refine = refines(selection)
   entries_plan = protocol.plan_of(selection, "gradients", "entries")
   entries = []
   # Cast once here, not in each batch's call (a float32 copy of the weights per batch).
@@ -504,7 +453,7 @@ def streamed_gradient_metrics(
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
   out = gradient_summary(terms, layers)
   if entries:
-    _merge_gradient_entries(out, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *entries))
+    merge_gradient_entries(out, jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *entries))
   return out
 
 
@@ -552,3 +501,25 @@ def pairwise_matrix(acts: jax.Array, debiased: bool) -> jax.Array:
   for _ in range(x.ndim - 3):
     fn = jax.vmap(fn)
   return fn(x)
+
+
+@functools.partial(jax.jit, static_argnames=("name",))
+def pairwise_similarity(acts: jax.Array, name: str) -> jax.Array:
+  """A registered similarity metric between every pair of checkpoints: acts
+  [C, *lead, n, e] -> [*lead, C, C], entry (i, j) = metric(acts[i], acts[j]). CKA by
+  `pairwise_matrix`; SVCCA / PWCCA by analysis.pairwise_cca (one SVD per checkpoint; NaN
+  where n <= e, as against the final checkpoint); any other metric pair by pair."""
+  if name in analysis.CKA_ESTIMATORS:
+    return pairwise_matrix(acts, analysis.CKA_ESTIMATORS[name])
+  c, *lead, n, e = acts.shape
+  if name in analysis.CCA_METRICS:
+    if n <= e:
+      return jnp.full((*lead, c, c), jnp.nan, jnp.float32)
+    fn = functools.partial(analysis.pairwise_cca, metric=name)
+    x = jnp.moveaxis(acts, 0, -3)
+    for _ in range(x.ndim - 3):
+      fn = jax.vmap(fn)
+    return fn(x)
+  metric = analysis.METRICS[name].fn
+  rows = jax.lax.map(lambda a: jax.vmap(lambda b: metric(a, b))(acts), acts)  # [C, C, *lead]
+  return jnp.moveaxis(rows, (0, 1), (-2, -1))

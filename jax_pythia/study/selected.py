@@ -1,0 +1,75 @@
+"""What a selection of the registry computes at one checkpoint, one compiled call per data
+type (the jitted forms of `analysis.protocol`; `checkpoint.checkpoint_metrics` gathers them).
+
+Plans are static: ((component, (registry names...)), ...) from `protocol.plan_of`, so each
+selection compiles once and an unselected metric costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import analysis
+from analysis import protocol
+from analysis.selection import Selection
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def selected_similarity(acts: dict, ref: dict, plan: tuple) -> dict:
+  """{component: {name: [L] | [L, H]}}: the plan's similarity metrics against `ref`."""
+  return protocol.similarity_values(acts, ref, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "num_permutations"))
+def selected_floors(ref: dict, key: jax.Array, plan: tuple, num_permutations: int = 8) -> dict:
+  """{component: {'<name>_floor': ...}} of the plan's CKA estimators (docs/method.md)."""
+  return protocol.floor_values(ref, key, plan, num_permutations)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def selected_weight_values(layers: dict, value_slice: str, plan: tuple) -> dict:
+  """{component: {name: ...}} of the weights (analysis.protocol.weight_values)."""
+  return protocol.weight_values(_f32(layers), value_slice, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def selected_activation_values(acts: dict, plan: tuple) -> dict:
+  """{component: {name: ...}} of the activation matrices themselves (spectra, sparsity)."""
+  return protocol.activation_values(acts, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
+  """{component: {name: ...}} of one batch's gradient matrices (protocol.gradient_entries)."""
+  return protocol.gradient_entries(grads, _f32(layers), value_slice, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def batched_gradient_entries(grads: dict, layers: dict, value_slice: str, plan: tuple) -> dict:
+  """The G-batch mean of `gradient_entries` for C checkpoints (leaves [C, G, ...])."""
+
+  def one(g, p):
+    per_batch = jax.lax.map(lambda b: protocol.gradient_entries(b, _f32(p), value_slice, plan), g)
+    return jax.tree.map(lambda x: x.mean(0), per_batch)
+
+  return jax.vmap(one)(grads, layers)
+
+
+def merge_gradient_entries(values: dict, entries: dict) -> None:
+  """Adds the gradient entries metrics (registry names) under their table names."""
+  for component, metrics in entries.items():
+    for name, value in metrics.items():
+      values[component][analysis.gradient_name(name)] = value
+
+
+def refines(selection: Selection) -> bool:
+  """Whether a selected gradient metric reads float64-refined singular values."""
+  names = {n for names in selection.of("gradients").values() for n in names}
+  return any(analysis.METRICS[n].refined for n in names)
