@@ -369,8 +369,20 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   return fn
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice", "refine"))
+def registered_names() -> tuple:
+  """The registered metric names: a static argument of the compiled calls that compute
+  every registered metric of a family, so a metric registered later (--metrics_module)
+  compiles them again instead of reusing a trace without it."""
+  return tuple(analysis.METRICS)
+
+
 def gradient_metrics(grads: dict, layers: dict, value_slice: str, refine: bool = True) -> dict:
+  """`gradient_metrics_jit` (below) of the metrics registered now."""
+  return gradient_metrics_jit(grads, layers, value_slice, refine, registered_names())
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine", "registered"))
+def gradient_metrics_jit(grads, layers, value_slice, refine, registered) -> dict:
   """{component: {metric: ...}} of G gradients (docs/method.md: mean singular values over the
   batches, norms, consecutive cosine).
 
@@ -406,10 +418,14 @@ def gradient_terms(
   return analysis.gradient_batch_terms(grads, carry, layers, value_slice, refine=refine)
 
 
-@jax.jit
 def gradient_summary(terms: list, layers: dict) -> dict:
   """{component: {metric: ...}} from G batches' `gradient_terms` outputs [(singular values,
   norms, cosines)], stacked here (analysis.gradient_summary)."""
+  return _gradient_summary(terms, layers, registered_names())
+
+
+@functools.partial(jax.jit, static_argnames=("registered",))
+def _gradient_summary(terms: list, layers: dict, registered: tuple) -> dict:
   svals, norms, cosines = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
   return analysis.gradient_summary(svals, norms, cosines, layers)
 
@@ -464,10 +480,16 @@ def batched_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "n
   return jax.jit(jax.vmap(gradient_fn(config, value_slice, remat)))
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice", "refine"))
 def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str, refine=True) -> dict:
   """`gradient_metrics` of C checkpoints (leaves [C, G, ...] and [C, L, ...])."""
-  fn = functools.partial(gradient_metrics, value_slice=value_slice, refine=refine)
+  return _batched_gradient_metrics(grads, layers, value_slice, refine, registered_names())
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine", "registered"))
+def _batched_gradient_metrics(grads, layers, value_slice, refine, registered) -> dict:
+  fn = functools.partial(
+    gradient_metrics_jit, value_slice=value_slice, refine=refine, registered=registered
+  )
   return jax.vmap(fn)(grads, layers)
 
 
