@@ -28,6 +28,11 @@ def plan_of(selection, data: str, family: str | None = None) -> tuple:
   return tuple(sorted(selection.of(data, family).items()))
 
 
+def refines(plan: tuple) -> bool:
+  """Whether the plan has a metric that reads float64-refined singular values."""
+  return any(_split(names)[2] for _, names in plan)
+
+
 def _split(names) -> tuple[list, list, bool]:
   """(spectral names, entries names, whether a refined metric is among them)."""
   metrics = [registry.METRICS[n] for n in names]

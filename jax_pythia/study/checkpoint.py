@@ -222,8 +222,10 @@ def batched_checkpoint_metrics(
     if gradient_entries_plan:
       entries = batched_gradient_entries(grads, layers, value_slice, gradient_entries_plan)
       merge_gradient_entries(gradient_values, entries)
-  # (an empty plan computes nothing: vmap needs an input to map over)
-  each = lambda fn, plan, x: jax.vmap(lambda a: fn(a, plan))(x) if plan else None  # noqa: E731
+
+  def each(fn, plan, x):  # an empty plan computes nothing (vmap needs an input)
+    return over_checkpoints(lambda a: fn(a, plan), x, protocol.refines(plan)) if plan else None
+
   parts = jax.device_get(
     (
       each(lambda a, plan: selected_similarity(a, reference, plan), similarity_plan, acts),
@@ -490,7 +492,15 @@ def _batched_gradient_metrics(grads, layers, value_slice, refine, registered) ->
   fn = functools.partial(
     gradient_metrics_jit, value_slice=value_slice, refine=refine, registered=registered
   )
-  return jax.vmap(fn)(grads, layers)
+  return over_checkpoints(lambda g: fn(*g), (grads, layers), refine)
+
+
+def over_checkpoints(fn, xs, refines: bool):
+  """fn over the leading (checkpoint) axis of xs: vmap, or, when fn refines in float64, a
+  compiled loop (lax.map). vmap batches a jaxpr after it was traced, outside the
+  `jax.enable_x64` island the float64 refinement is traced in (analysis.spectra), and its
+  float64 operations would come out float32; lax.map traces fn once, as it is."""
+  return jax.lax.map(fn, xs) if refines else jax.vmap(fn)(xs)
 
 
 @functools.cache
