@@ -189,3 +189,15 @@ def test_broken_user_metric_is_named_in_one_line(tmp_path, body, why):
   message = str(e.value)
   assert "\n" not in message and "'bad_metric'" in message and why in message
   assert "my_metrics.py" in message
+
+
+def test_plan_counts_only_the_selected_work(suite_dir):
+  from jax_pythia.scale import plan
+
+  models = sources.resolve_models([str(suite_dir)])
+  cka = sweep.SweepOptions(**OPTIONS, selection=selection_lib.select(["cka"]))
+  full = sweep.SweepOptions(**OPTIONS)
+  assert plan.sweep_work(full, 16).gradients and not plan.sweep_work(cka, 16).gradients
+  # The batches read: the fixed inputs and the held-out batch, no gradient windows.
+  assert set(sweep.batches_needed(models, "all", cka)) == {7, 8}
+  assert len(sweep.batches_needed(models, "all", full)) > 2
