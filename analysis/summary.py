@@ -238,16 +238,20 @@ def gradient_batch_terms(
   cosines = {c: _cosine(dots[c], carry["norms"][c], norms[c]) for c in COMPONENTS}
   svals = {"ov_head": s_head, "ov": s_whole, "mlp": s_mlp}
   if refine:
-    bounds = gradient_rank_bounds(layers)
-    redo = {
-      "ov_head": (lambda lr: product_singular_values(*lr, route=route), (left, right)),
-      "ov": (lambda w: singular_values(w, route), whole),
-      "mlp": (lambda w: singular_values(w, route), mlp),
-    }
-    svals["refined"] = {
-      c: refine_singular_values(svals[c], bounds[c], fn, x) for c, (fn, x) in redo.items()
-    }
+    svals["refined"] = _refined(svals, (left, right), whole, mlp, layers, route)
   return svals, norms, cosines, {"grads": current, "norms": norms}
+
+
+def _refined(svals, head_factors, whole, mlp, layers, route) -> dict:
+  """svals recomputed in float64 where float32 cannot resolve the condition number
+  (analysis.spectra.refine_singular_values), each from the matrices it came from."""
+  bounds = gradient_rank_bounds(layers)
+  redo = {
+    "ov_head": (lambda lr: product_singular_values(*lr, route=route), head_factors),
+    "ov": (lambda w: singular_values(w, route), whole),
+    "mlp": (lambda w: singular_values(w, route), mlp),
+  }
+  return {c: refine_singular_values(svals[c], bounds[c], fn, x) for c, (fn, x) in redo.items()}
 
 
 def gradient_rank_bounds(layers: dict, head_gradient_rank_bound: int | None = None) -> dict:

@@ -42,13 +42,17 @@ from analysis.selection import default as default_selection
 from jax_pythia.errors import ConfigError
 from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
-from jax_pythia.study.selected import (
+from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where callers find them
   batched_gradient_entries,
   gradient_entries,
   merge_gradient_entries,
+  over_checkpoints,
+  pairwise_matrix,
+  pairwise_similarity,
   refines,
   selected_activation_values,
   selected_floors,
+  selected_similarities,
   selected_similarity,
   selected_weight_values,
 )
@@ -182,13 +186,6 @@ def checkpoint_metrics(
     heldout_loss,
     selected_activation_values(acts, protocol.plan_of(selection, "activations")),
   )
-
-
-def selected_similarities(acts, reference, floor_key, selection) -> tuple[dict, dict | None]:
-  """({component: {name: ...}} against the reference, the noise floors or None)."""
-  plan = protocol.plan_of(selection, "activations", "similarity")
-  floor = None if floor_key is None else selected_floors(reference, floor_key, plan)
-  return selected_similarity(acts, reference, plan), floor
 
 
 def batched_checkpoint_metrics(
@@ -495,14 +492,6 @@ def _batched_gradient_metrics(grads, layers, value_slice, refine, registered) ->
   return over_checkpoints(lambda g: fn(*g), (grads, layers), refine)
 
 
-def over_checkpoints(fn, xs, refines: bool):
-  """fn over the leading (checkpoint) axis of xs: vmap, or, when fn refines in float64, a
-  compiled loop (lax.map). vmap batches a jaxpr after it was traced, outside the
-  `jax.enable_x64` island the float64 refinement is traced in (analysis.spectra), and its
-  float64 operations would come out float32; lax.map traces fn once, as it is."""
-  return jax.lax.map(fn, xs) if refines else jax.vmap(fn)(xs)
-
-
 @functools.cache
 def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
   """jit fn(params, tokens [b, s+1]) -> mean next-token loss, on `microbatch` sequences
@@ -523,35 +512,3 @@ def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
 def batched_loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
   """jit fn(stacked params [C, ...], tokens [b, s+1]) -> [C] losses on the same tokens."""
   return jax.jit(jax.vmap(loss_fn(config, microbatch), in_axes=(0, None)))
-
-
-@functools.partial(jax.jit, static_argnames=("debiased",))
-def pairwise_matrix(acts: jax.Array, debiased: bool) -> jax.Array:
-  """CKA between every pair of checkpoints: acts [C, *lead, n, e] -> [*lead, C, C]."""
-  x = jnp.moveaxis(acts, 0, -3)  # [*lead, C, n, e]
-  fn = functools.partial(analysis.pairwise_cka, debiased=debiased)
-  for _ in range(x.ndim - 3):
-    fn = jax.vmap(fn)
-  return fn(x)
-
-
-@functools.partial(jax.jit, static_argnames=("name",))
-def pairwise_similarity(acts: jax.Array, name: str) -> jax.Array:
-  """A registered similarity metric between every pair of checkpoints: acts
-  [C, *lead, n, e] -> [*lead, C, C], entry (i, j) = metric(acts[i], acts[j]). CKA by
-  `pairwise_matrix`; SVCCA / PWCCA by analysis.pairwise_cca (one SVD per checkpoint; NaN
-  where n <= e, as against the final checkpoint); any other metric pair by pair."""
-  if name in analysis.CKA_ESTIMATORS:
-    return pairwise_matrix(acts, analysis.CKA_ESTIMATORS[name])
-  c, *lead, n, e = acts.shape
-  if name in analysis.CCA_METRICS:
-    if n <= e:
-      return jnp.full((*lead, c, c), jnp.nan, jnp.float32)
-    fn = functools.partial(analysis.pairwise_cca, metric=name)
-    x = jnp.moveaxis(acts, 0, -3)
-    for _ in range(x.ndim - 3):
-      fn = jax.vmap(fn)
-    return fn(x)
-  metric = analysis.METRICS[name].fn
-  rows = jax.lax.map(lambda a: jax.vmap(lambda b: metric(a, b))(acts), acts)  # [C, C, *lead]
-  return jnp.moveaxis(rows, (0, 1), (-2, -1))

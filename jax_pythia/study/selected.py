@@ -73,3 +73,50 @@ def refines(selection: Selection) -> bool:
   """Whether a selected gradient metric reads float64-refined singular values."""
   names = {n for names in selection.of("gradients").values() for n in names}
   return any(analysis.METRICS[n].refined for n in names)
+
+
+def over_checkpoints(fn, xs, refines: bool):
+  """fn over the leading (checkpoint) axis of xs: vmap, or, when fn refines in float64, a
+  compiled loop (lax.map). vmap batches a jaxpr after it was traced, outside the
+  `jax.enable_x64` island the float64 refinement is traced in (analysis.spectra), and its
+  float64 operations would come out float32; lax.map traces fn once, as it is."""
+  return jax.lax.map(fn, xs) if refines else jax.vmap(fn)(xs)
+
+
+@functools.partial(jax.jit, static_argnames=("debiased",))
+def pairwise_matrix(acts: jax.Array, debiased: bool) -> jax.Array:
+  """CKA between every pair of checkpoints: acts [C, *lead, n, e] -> [*lead, C, C]."""
+  x = jnp.moveaxis(acts, 0, -3)  # [*lead, C, n, e]
+  fn = functools.partial(analysis.pairwise_cka, debiased=debiased)
+  for _ in range(x.ndim - 3):
+    fn = jax.vmap(fn)
+  return fn(x)
+
+
+@functools.partial(jax.jit, static_argnames=("name",))
+def pairwise_similarity(acts: jax.Array, name: str) -> jax.Array:
+  """A registered similarity metric between every pair of checkpoints: acts
+  [C, *lead, n, e] -> [*lead, C, C], entry (i, j) = metric(acts[i], acts[j]). CKA by
+  `pairwise_matrix`; SVCCA / PWCCA by analysis.pairwise_cca (one SVD per checkpoint; NaN
+  where n <= e, as against the final checkpoint); any other metric pair by pair."""
+  if name in analysis.CKA_ESTIMATORS:
+    return pairwise_matrix(acts, analysis.CKA_ESTIMATORS[name])
+  c, *lead, n, e = acts.shape
+  if name in analysis.CCA_METRICS:
+    if n <= e:
+      return jnp.full((*lead, c, c), jnp.nan, jnp.float32)
+    fn = functools.partial(analysis.pairwise_cca, metric=name)
+    x = jnp.moveaxis(acts, 0, -3)
+    for _ in range(x.ndim - 3):
+      fn = jax.vmap(fn)
+    return fn(x)
+  metric = analysis.METRICS[name].fn
+  rows = jax.lax.map(lambda a: jax.vmap(lambda b: metric(a, b))(acts), acts)  # [C, C, *lead]
+  return jnp.moveaxis(rows, (0, 1), (-2, -1))
+
+
+def selected_similarities(acts, reference, floor_key, selection) -> tuple[dict, dict | None]:
+  """({component: {name: ...}} against the reference, the noise floors or None)."""
+  plan = protocol.plan_of(selection, "activations", "similarity")
+  floor = None if floor_key is None else selected_floors(reference, floor_key, plan)
+  return selected_similarity(acts, reference, plan), floor

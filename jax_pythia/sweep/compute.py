@@ -64,13 +64,8 @@ class ChunkWork:
     beat("activations")
     params = place.params(loaded.params, config)
     where = loaded.directory or f"{m.name} step {step}"
-    tokens, idx = self._fixed_inputs(m, config, where)
     layout = self.layouts.get(m.name)
-    acts = {}
-    if o.chosen.needs_activations:  # no forward pass when no selected metric reads it
-      fn = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)
-      acts = fn(params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
-      acts = {k: place.host(v) for k, v in acts.items()}
+    acts = self._activations(m, config, params, where)
     if step == m.final_step:
       self.references[m.name] = acts
     reference = acts if step == m.final_step else self.reference(m)
@@ -120,6 +115,18 @@ class ChunkWork:
       selection=o.chosen,
     )
     return self._rows(m, step, values), acts
+
+  def _activations(self, m: ModelSource, config, params, where: str) -> dict:
+    """{component: array} captured on the fixed inputs (on the host); none when no
+    selected metric reads activations (no forward pass then)."""
+    if not self.options.chosen.needs_activations:
+      return {}
+    tokens, idx = self._fixed_inputs(m, config, where)
+    layout, place = self.layouts.get(m.name), self.placement
+    microbatch = layout.capture_microbatch if layout else 0
+    fn = study.activation_fn(config, self.options.value_slice, microbatch)
+    acts = fn(params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
+    return {k: place.host(v) for k, v in acts.items()}
 
   def stacked(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
     """`one` of C non-final checkpoints of `m` (one config) stacked, one compiled call
