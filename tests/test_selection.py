@@ -201,3 +201,19 @@ def test_plan_counts_only_the_selected_work(suite_dir):
   # The batches read: the fixed inputs and the held-out batch, no gradient windows.
   assert set(sweep.batches_needed(models, "all", cka)) == {7, 8}
   assert len(sweep.batches_needed(models, "all", full)) > 2
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--metrics=cka,perr", "--metrics=cka,perr: unknown metric 'perr'"),
+    ("--components=ov,attn", "--components=ov,attn: unknown component 'attn'"),
+  ],
+)
+def test_cli_names_a_bad_selection_in_one_line(tmp_path, flag, message):
+  from tests.tool_runs import run_tool
+
+  result = run_tool("sweep", flag, f"--out={tmp_path / 'out'}")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], result.stderr
