@@ -22,9 +22,11 @@ Which directions are kept (k_x of them):
     of X, canonical variate h_i accounts for). Like their code, the weights are taken on
     the side with fewer features: x when dx <= dy, else y (PWCCA is not symmetric).
 
-n <= d is refused (ValueError at trace time, shapes are static): with no more samples than
-features the centred columns span the whole (n-1)-dim sample space and every canonical
-correlation is 1 whatever the data, so the value says nothing (Raghu et al. ask for n >> d).
+n <= dx + dy is refused (ValueError at trace time, shapes are static): the two column
+spaces live in the (n-1)-dim space of centred samples, so they share at least dx + dy - n + 1
+directions and that many canonical correlations are 1 whatever the data; PWCCA's weights
+are then not even defined (L1 weights change with the basis chosen inside the repeated
+correlations). Raghu et al. ask for n >> d.
 A constant x or y (no variance) gives NaN.
 """
 
@@ -54,11 +56,12 @@ def _check(x, y) -> None:
   n = x.shape[-2]
   if y.shape[-2] != n:
     raise ValueError(f"x and y need the same number of samples (axis -2): x {x.shape}, y {y.shape}")
-  d = max(x.shape[-1], y.shape[-1])
+  d = x.shape[-1] + y.shape[-1]
   if n <= d:
     raise ValueError(
-      f"CCA needs more samples than features (n > d): n={n}, d={d} (x {x.shape}, y {y.shape}); "
-      "with n <= d every canonical correlation is 1"
+      f"CCA needs more samples than features of x and y together (n > dx + dy): n={n}, "
+      f"dx + dy={d} (x {x.shape}, y {y.shape}); with fewer, dx + dy - n + 1 canonical "
+      "correlations are 1 whatever the data"
     )
 
 
@@ -116,7 +119,7 @@ def cca_similarity(x: jax.Array, y: jax.Array) -> jax.Array:
   """Mean canonical correlation of x and y over their column spaces (no SVD truncation).
 
   Args:
-    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > max(dx, dy).
+    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > dx + dy.
   Returns:
     [...], in [0, 1]; NaN for a constant x or y.
   """
@@ -135,7 +138,7 @@ def svcca(x: jax.Array, y: jax.Array, variance: float = SVCCA_VARIANCE) -> jax.A
   x and y that explain `variance` of each one's variance (module doc for the rule).
 
   Args:
-    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > max(dx, dy).
+    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > dx + dy.
     variance: fraction of variance kept by the SVD step (static float in (0, 1]).
   Returns:
     [...], in [0, 1]; symmetric in x and y; NaN for a constant x or y.
@@ -156,7 +159,7 @@ def pwcca(x: jax.Array, y: jax.Array) -> jax.Array:
   neurons each canonical variate accounts for (module doc for the formula).
 
   Args:
-    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > max(dx, dy).
+    x: [..., n, dx]. y: [..., n, dy]; leading axes broadcast; n > dx + dy.
   Returns:
     [...], in [0, 1]; NaN for a constant x or y. Weights come from x if dx <= dy, else
     from y.
@@ -175,7 +178,7 @@ def pairwise_cca(acts: jax.Array, metric: str = "svcca") -> jax.Array:
   Each checkpoint's SVD is taken once ([C] SVDs of n x d), then every pair costs one
   d x d SVD (compiled loop over rows, vmapped over columns).
   Args:
-    acts: [C, n, d] (vmap over a layer axis for [L, C, n, d]); n > d.
+    acts: [C, n, d] (vmap over a layer axis for [L, C, n, d]); n > 2d.
     metric: 'svcca' or 'pwcca'.
   Returns:
     [C, C]: entry (i, j) = metric(acts[i], acts[j]); ones on the diagonal up to rounding.

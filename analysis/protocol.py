@@ -130,7 +130,7 @@ def similarity_values(acts: dict, reference: dict, plan: tuple) -> dict:
   """{component: {name: [L, H] | [L]}}: each selected similarity metric of a checkpoint's
   activations against the reference's (the final checkpoint's).
 
-  SVCCA and PWCCA need n > d (analysis.cca); where a component has n <= d they give NaN
+  SVCCA and PWCCA need n > dx + dy (analysis.cca); where a component has fewer they give NaN
   (docs/metrics.md), the other metrics their values.
   """
   out = {}
@@ -141,7 +141,7 @@ def similarity_values(acts: dict, reference: dict, plan: tuple) -> dict:
 
 
 def _similarity(name: str, x, y):
-  if name in CCA_METRICS and x.shape[-2] <= max(x.shape[-1], y.shape[-1]):
+  if name in CCA_METRICS and x.shape[-2] <= x.shape[-1] + y.shape[-1]:
     return jnp.full(jnp.broadcast_shapes(x.shape[:-2], y.shape[:-2]), jnp.nan, jnp.float32)
   return registry.METRICS[name].fn(x, y)
 

@@ -110,12 +110,13 @@ def test_pairwise_matches_pairs(metric):
       assert abs(matrix[i, j] - ref(acts[i].astype(np.float64), acts[j].astype(np.float64))) < 1e-4
 
 
-def test_n_not_above_d_refused():
-  x = np.ones((16, 16), np.float32)
-  with pytest.raises(ValueError, match="n > d"):
+def test_n_not_above_dx_plus_dy_refused():
+  x = np.ones((16, 8), np.float32)
+  with pytest.raises(ValueError, match="n > dx \\+ dy"):
     cca.pwcca(x, x)
-  with pytest.raises(ValueError, match="n=16, d=20"):
-    cca.svcca(x, np.ones((16, 20), np.float32))
+  with pytest.raises(ValueError, match="n=16, dx \\+ dy=17"):
+    cca.svcca(x, np.ones((16, 9), np.float32))
+  assert np.isfinite(float(cca.svcca(*inputs("random", n=17, dx=8, dy=8))))
 
 
 def test_constant_input_is_nan():

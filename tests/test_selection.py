@@ -36,10 +36,10 @@ def suite_dir(tmp_path_factory):
   return sf.write_suite(tmp_path_factory.mktemp("suite"), models=shape, steps=(0, 4, 8))
 
 
-def run(suite_dir, out, selection=None, per_call=0):
+def run(suite_dir, out, selection=None, per_call=0, **changes):
   models = sources.resolve_models([str(suite_dir)])
   source = sources.open_data(None, models, None, None)
-  options = sweep.SweepOptions(**OPTIONS, selection=selection)
+  options = sweep.SweepOptions(**{**OPTIONS, **changes}, selection=selection)
   sweep.Sweep(models, "all", source, str(out), options, checkpoints_per_call=per_call).run()
   results.finalize(str(out), options.chosen)
   read = lambda name: pd.read_parquet(os.path.join(out, name + ".parquet"))  # noqa: E731
@@ -217,3 +217,34 @@ def test_cli_names_a_bad_selection_in_one_line(tmp_path, flag, message):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_svcca_and_pwcca_through_a_sweep_equal_numpy(suite_dir, tmp_path):
+  from tests.test_analysis_cca import np_pwcca, np_svcca
+
+  selection = selection_lib.select(["svcca", "pwcca"], ["ov_head", "mlp"])
+  # every position: 96 tokens, above dx + dy for a head (8 + 8) and the MLP (32 + 32)
+  metrics, pair = run(suite_dir, tmp_path / "out", selection, positions="all")
+  acts = {
+    s: results.load_activations(results.checkpoint_paths(str(tmp_path / "out"), MODEL, s)[1])
+    for s in (4, 8)
+  }
+  # (PWCCA only on the head: this toy MLP's outputs at steps 4 and 8 share three directions
+  # exactly, canonical correlations 1, 1, 1, where PWCCA's weights are not defined)
+  cases = (
+    ("ov_head", 1, 2, lambda a: a["ov_head"][1, 2], (("svcca", np_svcca), ("pwcca", np_pwcca))),
+    ("mlp", 0, -1, lambda a: a["mlp"][0], (("svcca", np_svcca),)),
+  )
+  for component, layer, head, take, metric_refs in cases:
+    x, y = (take(acts[s]).astype(np.float64) for s in (4, 8))
+    for name, ref in metric_refs:
+
+      def here(t, name=name, component=component, layer=layer, head=head):
+        return (
+          (t.metric == name) & (t.component == component) & (t.layer == layer) & (t["head"] == head)
+        )
+
+      row = metrics[here(metrics) & (metrics.step == 4)]
+      assert abs(float(row.value.iloc[0]) - ref(x, y)) < 1e-4, (component, name)
+      cell = pair[here(pair) & (pair.step == 8) & (pair.other_step == 4)]
+      assert abs(float(cell.value.iloc[0]) - ref(y, x)) < 1e-4, (component, name)

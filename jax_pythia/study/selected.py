@@ -98,12 +98,12 @@ def pairwise_similarity(acts: jax.Array, name: str) -> jax.Array:
   """A registered similarity metric between every pair of checkpoints: acts
   [C, *lead, n, e] -> [*lead, C, C], entry (i, j) = metric(acts[i], acts[j]). CKA by
   `pairwise_matrix`; SVCCA / PWCCA by analysis.pairwise_cca (one SVD per checkpoint; NaN
-  where n <= e, as against the final checkpoint); any other metric pair by pair."""
+  where n <= 2e, as against the final checkpoint); any other metric pair by pair."""
   if name in analysis.CKA_ESTIMATORS:
     return pairwise_matrix(acts, analysis.CKA_ESTIMATORS[name])
   c, *lead, n, e = acts.shape
   if name in analysis.CCA_METRICS:
-    if n <= e:
+    if n <= 2 * e:
       return jnp.full((*lead, c, c), jnp.nan, jnp.float32)
     fn = functools.partial(analysis.pairwise_cca, metric=name)
     x = jnp.moveaxis(acts, 0, -3)
