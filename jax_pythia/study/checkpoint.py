@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import analysis
 from analysis import protocol
@@ -44,6 +43,7 @@ from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where callers find them
   batched_gradient_entries,
+  gather,
   gradient_entries,
   merge_gradient_entries,
   over_checkpoints,
@@ -55,6 +55,7 @@ from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where caller
   selected_similarities,
   selected_similarity,
   selected_weight_values,
+  unstack,
 )
 
 
@@ -177,7 +178,7 @@ def checkpoint_metrics(
   if grads is not None:
     gradient_values = gradient_metrics(grads, layers, value_slice)
   similar, floor = selected_similarities(acts, reference, floor_key, selection)
-  return _gather(
+  return gather(
     similar,
     floor,
     selected_weight_values(layers, value_slice, protocol.plan_of(selection, "weights")),
@@ -235,39 +236,11 @@ def batched_checkpoint_metrics(
   )
   count = len(jax.tree.leaves(layers)[0])
   return [
-    _gather(similar, None, weights, grad, losses, heldout, act)
+    gather(similar, None, weights, grad, losses, heldout, act)
     for similar, weights, grad, losses, heldout, act in zip(
-      *[[None] * count if p is None else _unstack(p, count) for p in parts]
+      *[[None] * count if p is None else unstack(p, count) for p in parts]
     )
   ]
-
-
-def _unstack(tree: Any, count: int) -> list:
-  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(count)]
-
-
-def _gather(similar, floor, weights, grads, train_losses, heldout_loss, activations=None) -> dict:
-  """One checkpoint's results under the tables' names: {component: {metric: value}}."""
-  out: dict[str, dict[str, Any]] = {}
-  for part in (similar, floor):
-    for component, metrics in (part or {}).items():
-      out.setdefault(component, {}).update(metrics)
-  for component, metrics in (weights or {}).items():
-    out.setdefault(component, {}).update(metrics)
-  if grads is not None:
-    for component, metrics in grads.items():
-      out.setdefault(component, {}).update(metrics)
-  for component, metrics in (activations or {}).items():
-    named = {analysis.METRICS[n].table_name("activations"): v for n, v in metrics.items()}
-    out.setdefault(component, {}).update(named)
-  model = {}
-  if train_losses is not None:
-    model["train_loss"] = np.mean(np.asarray(train_losses))
-  if heldout_loss is not None:
-    model["heldout_loss"] = heldout_loss
-  if model:
-    out["model"] = model
-  return out
 
 
 @jax.jit

@@ -8,9 +8,11 @@ selection compiles once and an unselected metric costs nothing.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import analysis
 from analysis import protocol
@@ -120,3 +122,31 @@ def selected_similarities(acts, reference, floor_key, selection) -> tuple[dict, 
   plan = protocol.plan_of(selection, "activations", "similarity")
   floor = None if floor_key is None else selected_floors(reference, floor_key, plan)
   return selected_similarity(acts, reference, plan), floor
+
+
+def unstack(tree: Any, count: int) -> list:
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(count)]
+
+
+def gather(similar, floor, weights, grads, train_losses, heldout_loss, activations=None) -> dict:
+  """One checkpoint's results under the tables' names: {component: {metric: value}}."""
+  out: dict[str, dict[str, Any]] = {}
+  for part in (similar, floor):
+    for component, metrics in (part or {}).items():
+      out.setdefault(component, {}).update(metrics)
+  for component, metrics in (weights or {}).items():
+    out.setdefault(component, {}).update(metrics)
+  if grads is not None:
+    for component, metrics in grads.items():
+      out.setdefault(component, {}).update(metrics)
+  for component, metrics in (activations or {}).items():
+    named = {analysis.METRICS[n].table_name("activations"): v for n, v in metrics.items()}
+    out.setdefault(component, {}).update(named)
+  model = {}
+  if train_losses is not None:
+    model["train_loss"] = np.mean(np.asarray(train_losses))
+  if heldout_loss is not None:
+    model["heldout_loss"] = heldout_loss
+  if model:
+    out["model"] = model
+  return out
