@@ -144,7 +144,8 @@ def check_finished(metrics_path: str, acts_path: str, status: Mapping[str, Any] 
     return f"{metrics_path} holds {rows} rows, expected {expected or 'some'}"
   try:
     with np.load(acts_path) as f:
-      if not f.files:
+      # (none is whole when the status says none were captured: no activation metric selected)
+      if not f.files and (status or {}).get("activations", True):
         return f"{acts_path} holds no activations"
   except FileNotFoundError:
     return f"{acts_path} is missing"

@@ -361,6 +361,8 @@ class Sweep:
     status.update(
       status="ok", message="", compute_s=seconds or time.perf_counter() - start, rows=len(rows)
     )
+    if not acts:  # a selection without activation metrics captures none (analysis.selection)
+      status["activations"] = False
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
