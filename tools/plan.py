@@ -102,6 +102,7 @@ def sweep_options():
     loss_sequences=FLAGS.loss_sequences,
     dtype=FLAGS.dtype,
     matmul_precision=FLAGS.matmul_precision,
+    selection=_cli.selection(),  # only the selected work is counted
   )
 
 
@@ -145,7 +146,7 @@ def main(argv):
   mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
   work = plan.Work(
     FLAGS.n_sequences,
-    FLAGS.gradients,
+    options.computes_gradients,  # no gradient pass without a selected gradient metric
     FLAGS.gradient_window,
     FLAGS.gradient_sequences,
     FLAGS.gradient_microbatch,

@@ -677,7 +677,7 @@ def sweep_work(options, seq_len: int) -> Work:
   """The Work of sweep.SweepOptions on sequences of seq_len tokens."""
   return Work(
     options.n_sequences,
-    options.gradients,
+    options.computes_gradients,  # no gradient pass without a selected gradient metric
     options.gradient_window,
     options.gradient_sequences,
     options.gradient_microbatch,

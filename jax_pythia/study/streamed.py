@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
+from analysis import protocol
+from jax_pythia.study import selected
 
 
 def by_layer(fn, *trees):
@@ -102,12 +104,21 @@ def spread_first_carry(value_slice: str, mesh: jax.sharding.Mesh):
   return jax.jit(lambda grads: first_gradient_carry(grads, value_slice), out_shardings=out)
 
 
-@jax.jit
 def gradient_summary(terms: list, layers: dict) -> dict:
   """{component: {metric: ...}} from G batches' `gradient_terms` outputs [(singular values,
   norms, cosines)], stacked here (analysis.gradient_summary). `layers`: only the shapes are
   read (`layer_shapes` will do)."""
-  svals, norms, cosines = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
+  # Stacked with float64 on: the float64-refined singular values (host arrays by now) would
+  # otherwise enter the compiled summary as float32, and their condition numbers be NaN.
+  with jax.enable_x64(True):
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *terms)
+  return _gradient_summary(*stacked, layers, tuple(analysis.METRICS))
+
+
+# `registered` (the registry's metric names) keys the compiled summary: a user metric
+# registered later must not reuse a summary traced without it.
+@functools.partial(jax.jit, static_argnames=("registered",))
+def _gradient_summary(svals, norms, cosines, layers: dict, registered: tuple) -> dict:
   return analysis.gradient_summary(svals, norms, cosines, layers)
 
 
@@ -128,6 +139,7 @@ def streamed_gradient_metrics(
   mesh: jax.sharding.Mesh | None = None,
   to_host=jax.device_get,
   carry_on_host: bool = False,
+  selection=None,
 ) -> dict:
   """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
   (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
@@ -145,6 +157,8 @@ def streamed_gradient_metrics(
       (moved down after each reduction and up for the next), so the gradient call runs
       beside no carry: two transfers of a batch's gradients per batch for one batch's
       device memory (jax_pythia.scale.plan chooses it when nothing else fits).
+    selection: what is computed beyond the gradient statistics (analysis.selection): the
+      'entries' metrics (grad_gini, ...) only when selected, averaged over the batches.
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
@@ -153,8 +167,11 @@ def streamed_gradient_metrics(
     if mesh is None
     else spread_gradient_terms(value_slice, mesh)
   )
-  carry, terms = None, []
+  entries_plan = protocol.plan_of(selection, "gradients", "entries") if selection else ()
+  carry, terms, entries = None, [], []
   for grads in batches:
+    if entries_plan:  # before the reduction, which takes (donates) the buffers
+      entries.append(selected.gradient_entries(grads, layers, value_slice, entries_plan))
     shardings = jax.tree.map(lambda x: x.sharding, grads)
     if carry is None:
       first = first_gradient_carry if mesh is None else spread_first_carry(value_slice, mesh)
@@ -168,4 +185,8 @@ def streamed_gradient_metrics(
   if not terms:
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
   terms = [jax.tree.map(to_host, t) for t in terms]
-  return gradient_summary(terms, layer_shapes(layers))
+  out = gradient_summary(terms, layer_shapes(layers))
+  if entries:
+    mean = jax.tree.map(lambda *xs: jnp.mean(jnp.stack([to_host(x) for x in xs]), 0), *entries)
+    selected.merge_gradient_entries(out, mean)
+  return out
