@@ -102,7 +102,7 @@ def test_spectra_plan_covers_xla(dims, streamed):
     planned = parts["total"] - parts["params"]  # the params' shard waits beside the call
   else:  # one checkpoint's G batches at once, as each of C stacked checkpoints holds them
     measured = compiled_bytes(
-      study.gradient_metrics.lower(gradients(G), layers, "per_head").compile()
+      study.gradient_metrics_jit.lower(gradients(G), layers, "per_head").compile()
     )
     planned = plan.spectra_call_bytes(shape, work, 2)["total"] / 2
   # The streamed (layer by layer) call within 25%; the stacked one is held above XLA.
