@@ -29,6 +29,12 @@ from analysis.circuits import (
   value_kernel,
   value_vectors,
 )
+from analysis.cka_stream import (
+  cka_stream_init,
+  cka_stream_result,
+  cka_stream_update,
+  streaming_linear_cka,
+)
 from analysis.convergence import (
   area_under_log_step_curve,
   average_ranks,
@@ -45,16 +51,12 @@ from analysis.gradients import (
 from analysis.registry import METRICS, metrics_in_family, register_metric
 from analysis.similarity import (
   cka_noise_floor,
-  cka_stream_init,
-  cka_stream_result,
-  cka_stream_update,
   cka_to_reference,
   hsic,
   linear_cka,
   linear_cka_gram,
   pairwise_cka,
   per_head_cka_to_reference,
-  streaming_linear_cka,
 )
 from analysis.sparsity import gini, hoyer
 from analysis.spectra import (

@@ -306,7 +306,7 @@ def test_plan_counts_gqa_swiglu_and_tied_embeddings(tmp_path):
   table has them, and the layer matmuls with H_kv key/value heads and three MLP matrices."""
   import dataclasses
 
-  from jax_pythia.scale import plan
+  from jax_pythia.scale import memory, plan
 
   hf = tiny_llama("llama", seed=2, tie_word_embeddings=True)
   hf.save_pretrained(tmp_path / "m" / "step0")
@@ -317,5 +317,5 @@ def test_plan_counts_gqa_swiglu_and_tied_embeddings(tmp_path):
   assert shape.layer_params == L * (2 * d * d + 2 * d * kv + 3 * d * f)
   untied = dataclasses.replace(shape, tied_embeddings=False)
   work = plan.Work(dtype="float32")
-  extra = plan._param_bytes(untied, work, {}) - plan._param_bytes(shape, work, {})
+  extra = memory._param_bytes(untied, work, {}) - memory._param_bytes(shape, work, {})
   assert extra == 4 * 97 * d  # a tied model holds one V x d table
