@@ -84,6 +84,7 @@ from analysis.summary import (
   gradient_summary,
   metric_table,
   noise_floor_name,
+  weight_rank_bounds,
   weight_spectra,
 )
 from analysis.validation import check_finite
@@ -161,4 +162,5 @@ __all__ = [
   "value_kernel",
   "value_vectors",
   "weight_spectra",
+  "weight_rank_bounds",
 ]

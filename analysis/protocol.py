@@ -21,6 +21,7 @@ from analysis import circuits, registry
 from analysis.cca import CCA_METRICS
 from analysis.similarity import cka_noise_floor
 from analysis.spectra import refine_singular_values, singular_values, spectral_metrics
+from analysis.summary import weight_rank_bounds
 
 
 def plan_of(selection, data: str, family: str | None = None) -> tuple:
@@ -63,23 +64,22 @@ def _entries(names, matrices) -> dict:
 
 def _weight_routes(layers: dict, value_slice: str) -> dict:
   """{component: (singular values fn of layers, matrices fn of layers, rank bound k)}."""
-  _, d, _, head_dim = layers["attn"]["value"]["kernel"].shape
-  d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
+  k = weight_rank_bounds(layers)  # the whole OV's is H_kv * dh under grouped-query attention
   return {
     "ov_head": (
       lambda p: circuits.ov_head_singular_values(p["attn"], value_slice),
       lambda p: circuits.ov_head_weights(p["attn"], value_slice),
-      head_dim,
+      k["ov_head"],
     ),
     "ov": (
       lambda p: circuits.ov_singular_values(p["attn"], value_slice),
       lambda p: circuits.ov_weights(p["attn"], value_slice),
-      d,
+      k["ov"],
     ),
     "mlp": (
       lambda p: circuits.mlp_singular_values(p["mlp"]),
       lambda p: circuits.mlp_weight(p["mlp"]),
-      d_mlp,
+      k["mlp"],
     ),
   }
 

@@ -134,16 +134,20 @@ def weight_spectra(layers: dict, value_slice: str = "per_head") -> dict[str, dic
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
+  bounds = weight_rank_bounds(layers)
+  s = weight_singular_values(layers, value_slice)
+  return {c: spectral_metrics(s[c], bounds[c]) for c in ("ov_head", "ov", "mlp")}
+
+
+def weight_rank_bounds(layers: dict) -> dict:
+  """{component: k} of the weight spectra (module doc), from the study factors' shapes
+  (value.kernel [L, d, H_kv, dh]: the family's key/value heads): d_head for a head's OV,
+  min(d, H_kv d_head) for the whole OV, min(f, d) for the MLP."""
   d, kv_heads, head_dim = _dims(layers)
   d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
-  s = weight_singular_values(layers, value_slice)
-  return {
-    "ov_head": spectral_metrics(s["ov_head"], head_dim),
-    # W_OV = sum_h W_O[:, h] W_V[kv(h)] factors through the H_kv * dh values: its rank
-    # bound is d, or H_kv * dh under grouped-query attention (docs/method.md).
-    "ov": spectral_metrics(s["ov"], min(d, kv_heads * head_dim)),
-    "mlp": spectral_metrics(s["mlp"], d_mlp),
-  }
+  # W_OV = sum_h W_O[:, h] W_V[kv(h)] factors through the H_kv * dh values: its rank
+  # bound is d, or H_kv * dh under grouped-query attention (docs/method.md).
+  return {"ov_head": head_dim, "ov": min(d, kv_heads * head_dim), "mlp": d_mlp}
 
 
 def _cosine(dot, norm_a, norm_b):
