@@ -52,6 +52,13 @@ class Selection:
     return bool(self.of("gradients")) or any(n == "train_loss" for _, n, _ in self.entries)
 
   @property
+  def refines_gradients(self) -> bool:
+    """Whether a selected gradient metric reads float64-refined singular values (the
+    condition number): the gradient spectra then refine them (analysis.spectra)."""
+    names = {n for names in self.of("gradients").values() for n in names}
+    return any(registry.METRICS[n].refined for n in names)
+
+  @property
   def needs_activations(self) -> bool:
     return bool(self.of("activations"))
 

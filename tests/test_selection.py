@@ -198,6 +198,14 @@ def test_plan_counts_only_the_selected_work(suite_dir):
   cka = sweep.SweepOptions(**OPTIONS, selection=selection_lib.select(["cka"]))
   full = sweep.SweepOptions(**OPTIONS)
   assert plan.sweep_work(full, 16).gradients and not plan.sweep_work(cka, 16).gradients
+  # The float64 refinement's memory only with a selected gradient condition number.
+  no_condition = sweep.SweepOptions(**OPTIONS, selection=selection_lib.select(["grad_per"]))
+  shape = plan.Shape("t", 2, 64, 4, 256, 64, 16, (0,))
+  refine = {
+    name: plan.spectra_call_bytes(shape, plan.sweep_work(o, 16))["refine"]
+    for name, o in (("full", full), ("grad_per", no_condition))
+  }
+  assert refine["full"] == 20 * 2 * 64 * 64 + 20 * 256 * 64 and refine["grad_per"] == 0
   # The batches read: the fixed inputs and the held-out batch, no gradient windows.
   assert set(sweep.batches_needed(models, "all", cka)) == {7, 8}
   assert len(sweep.batches_needed(models, "all", full)) > 2

@@ -175,6 +175,9 @@ class Work:
   dtype: str = "float32"
   kept_positions: int = 1  # token positions captured per sequence (--positions)
   checkpoints_per_call: int = 1  # C checkpoints stacked in one compiled call (memory x C)
+  # Gradient condition numbers refined in float64 (a selected refined metric): the spectra
+  # call holds float64 copies and SVD workspace beside the float32 ones (memory.py).
+  refine: bool = True
 
   @property
   def gradient_batches(self) -> int:

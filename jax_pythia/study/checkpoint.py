@@ -48,7 +48,6 @@ from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where caller
   over_checkpoints,
   pairwise_matrix,
   pairwise_similarity,
-  refines,
   selected_activation_values,
   selected_floors,
   selected_similarities,
@@ -221,7 +220,9 @@ def batched_checkpoint_metrics(
   gradient_entries_plan = protocol.plan_of(selection, "gradients", "entries")
   gradient_values = None
   if grads is not None:
-    gradient_values = batched_gradient_metrics(grads, layers, value_slice, refines(selection))
+    gradient_values = batched_gradient_metrics(
+      grads, layers, value_slice, selection.refines_gradients
+    )
     if gradient_entries_plan:
       entries = batched_gradient_entries(grads, layers, value_slice, gradient_entries_plan)
       merge_gradient_entries(gradient_values, entries)

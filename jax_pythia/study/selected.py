@@ -16,7 +16,6 @@ import numpy as np
 
 import analysis
 from analysis import protocol
-from analysis.selection import Selection
 
 
 def _f32(tree):
@@ -69,12 +68,6 @@ def merge_gradient_entries(values: dict, entries: dict) -> None:
   for component, metrics in entries.items():
     for name, value in metrics.items():
       values[component][analysis.gradient_name(name)] = value
-
-
-def refines(selection: Selection) -> bool:
-  """Whether a selected gradient metric reads float64-refined singular values."""
-  names = {n for names in selection.of("gradients").values() for n in names}
-  return any(analysis.METRICS[n].refined for n in names)
 
 
 def over_checkpoints(fn, xs, refines: bool):

@@ -57,10 +57,10 @@ def first_gradient_carry(grads: dict, value_slice: str) -> dict:
   return {**carry, "norms": jax.tree.map(lambda x: x.astype(jnp.float32), carry["norms"])}
 
 
-def _gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+def _gradient_terms(grads, carry, layers, value_slice: str, refine: bool = True) -> tuple:
   def one_layer(grad, previous, norms, weights):
     terms = analysis.gradient_batch_terms(
-      grad, {"grads": previous, "norms": norms}, weights, value_slice
+      grad, {"grads": previous, "norms": norms}, weights, value_slice, refine=refine
     )
     return terms[:3]
 
@@ -68,13 +68,14 @@ def _gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) ->
   return svals, norms, cosines, {"grads": grads, "norms": norms}
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",), donate_argnames=("grads",))
-def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine"), donate_argnames=("grads",))
+def gradient_terms(grads, carry, layers, value_slice: str, refine: bool = True) -> tuple:
   """One batch's gradients reduced (analysis.gradient_batch_terms) layer by layer
   (`by_layer`): (singular values, norms, cosines with the previous batch, carry for the
   next batch). Each layer's gradients, the previous batch's and its weights are cast to
   float32 in turn, so beyond its inputs the call holds one layer's float32 matrices and
-  SVD workspace, whatever L.
+  SVD workspace, whatever L; with `refine`, the singular values recomputed in float64 where
+  float32 cannot resolve the condition number (analysis.spectra.refine_singular_values).
 
   `grads` (one batch, leaves shaped like the weights, in their dtype) is donated: the
   returned carry is those buffers, so a device holds the previous and the current batch's
@@ -82,17 +83,17 @@ def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> 
   the gradient call (collectives and LAPACK in one XLA:CPU program can deadlock); on a mesh
   `spread_gradient_terms` runs it split by layer.
   """
-  return _gradient_terms(grads, carry, layers, value_slice)
+  return _gradient_terms(grads, carry, layers, value_slice, refine)
 
 
 @functools.cache
-def spread_gradient_terms(value_slice: str, mesh: jax.sharding.Mesh):
+def spread_gradient_terms(value_slice: str, mesh: jax.sharding.Mesh, refine: bool = True):
   """jit fn(grads, carry, layers) -> `gradient_terms`, on a mesh with one axis 'layers':
   every input's leaves are split on their leading L axis (L a multiple of the axis), each
   device reduces its own layers (no collective), the outputs and the carry stay split
   alike. So the previous batch's gradients live beside the current ones, L / n layers per
   device, and no device holds the whole model's gradients or weights. `grads` donated."""
-  fn = functools.partial(_gradient_terms, value_slice=value_slice)
+  fn = functools.partial(_gradient_terms, value_slice=value_slice, refine=refine)
   return on_layers(fn, mesh, 3, donate=(0,))
 
 
@@ -158,14 +159,16 @@ def streamed_gradient_metrics(
       beside no carry: two transfers of a batch's gradients per batch for one batch's
       device memory (jax_pythia.scale.plan chooses it when nothing else fits).
     selection: what is computed beyond the gradient statistics (analysis.selection): the
-      'entries' metrics (grad_gini, ...) only when selected, averaged over the batches.
+      'entries' metrics (grad_gini, ...) only when selected, averaged over the batches, and
+      the float64 refinement only with a selected refined metric (grad_condition_number).
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
+  refine = selection is None or selection.refines_gradients
   reduce = (
-    functools.partial(gradient_terms, value_slice=value_slice)
+    functools.partial(gradient_terms, value_slice=value_slice, refine=refine)
     if mesh is None
-    else spread_gradient_terms(value_slice, mesh)
+    else spread_gradient_terms(value_slice, mesh, refine)
   )
   entries_plan = protocol.plan_of(selection, "gradients", "entries") if selection else ()
   carry, terms, entries = None, [], []
