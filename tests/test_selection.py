@@ -4,6 +4,7 @@ user's metric runs through a sweep (checked against numpy on the torch weights).
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 
@@ -119,8 +120,26 @@ def test_analysis_entries_choose_data_components_and_layers(suite_dir, tmp_path,
 def test_rerun_with_another_selection_is_refused_naming_the_flag(suite_dir, tmp_path):
   out = tmp_path / "out"
   run(suite_dir, out, selection_lib.select(["cka"]))
+  record = json.loads((out / "sweep.json").read_text())
+  # --out records the selection: (component, table name, layers) entries.
+  assert {(c, n) for c, n, _ in record["options"]["metrics"]} == {
+    (c, "cka") for c in ("ov_head", "ov", "mlp", "resid")
+  }
   with pytest.raises(SweepError, match="--metrics: old"):
     run(suite_dir, out, selection_lib.select(["per"]))
+
+
+def test_record_from_before_metrics_is_read_and_refused_naming_the_flag(suite_dir, tmp_path):
+  out = tmp_path / "out"
+  run(suite_dir, out, selection_lib.select(["cka"]))
+  record = json.loads((out / "sweep.json").read_text())
+  del record["options"]["metrics"]  # as written before --metrics existed
+  (out / "sweep.json").write_text(json.dumps(record))
+  with pytest.raises(SweepError) as e:
+    run(suite_dir, out)
+  message = str(e.value)
+  assert "\n" not in message and '--metrics: old "the protocol before --metrics' in message
+  assert 'new "default"' in message
 
 
 def test_unknown_names_are_refused():
