@@ -230,6 +230,50 @@ def test_plan_counts_only_the_selected_work(suite_dir):
   assert len(sweep.batches_needed(models, "all", full)) > 2
 
 
+def test_sparsity_and_activation_spectra_through_a_sweep_equal_numpy(suite_dir, tmp_path):
+  selection = selection_lib.select(["gini", "hoyer", "act_gini", "act_per", "act_nuclear_norm"])
+  metrics, _ = run(suite_dir, tmp_path / "out", selection)
+  assert set(metrics.metric) == {"gini", "hoyer", "act_gini", "act_per", "act_nuclear_norm"}
+  tm = GPTNeoXForCausalLM.from_pretrained(suite_dir / MODEL / "step4", dtype=torch.float32)
+  acts = results.load_activations(results.checkpoint_paths(str(tmp_path / "out"), MODEL, 4)[1])
+
+  def value(name, layer):
+    row = metrics[
+      (metrics.step == 4)
+      & (metrics.metric == name)
+      & (metrics.component == "mlp")
+      & (metrics.layer == layer)
+    ]
+    return float(row.value.iloc[0])
+
+  for layer in range(2):
+    w = tm.gpt_neox.layers[layer].mlp.dense_4h_to_h.weight.detach().double().numpy().ravel()
+    a = np.sort(np.abs(w))  # Gini (Hurley & Rickard): 1 - 2 sum_k a_k/|a|_1 (m - k + 1/2)/m
+    m = a.size
+    gini = 1 - 2 * np.sum(a / a.sum() * (m - np.arange(1, m + 1) + 0.5) / m)
+    hoyer = (np.sqrt(m) - a.sum() / np.sqrt((a**2).sum())) / (np.sqrt(m) - 1)
+    assert abs(value("gini", layer) - gini) < 1e-5 and abs(value("hoyer", layer) - hoyer) < 1e-5
+    x = acts["mlp"][layer].astype(np.float64)  # [n, d], as captured (not centred)
+    b = np.sort(np.abs(x.ravel()))
+    gini = 1 - 2 * np.sum(b / b.sum() * (b.size - np.arange(1, b.size + 1) + 0.5) / b.size)
+    assert abs(value("act_gini", layer) - gini) < 1e-5
+    s = np.linalg.svd(x, compute_uv=False)
+    p = s / s.sum()  # k = min(n, d): every singular value
+    assert abs(value("act_per", layer) - np.exp(-(p * np.log(p)).sum()) / s.size) < 1e-4
+    assert abs(value("act_nuclear_norm", layer) / s.sum() - 1) < 1e-5
+
+
+def test_help_lists_the_registry():
+  from tests.tool_runs import run_tool
+
+  result = run_tool("sweep", "--help")  # absl's --help exits 1 after printing
+  text = " ".join(result.stdout.split())  # absl wraps the help text
+  text = text[text.index("--metrics:") : text.index("--metrics_module:")]
+  for name in ("svcca", "pwcca", "act_gini", "grad_hoyer", "nuclear_norm", "act_per", "cka"):
+    assert name in text
+  assert all(name in text for name in registry.table_names())
+
+
 @pytest.mark.parametrize(
   "flag, message",
   [
