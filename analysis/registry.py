@@ -145,6 +145,16 @@ def table_names() -> dict[str, tuple[Metric, str]]:
   return {m.table_name(d): (m, d) for m in _REGISTRY.values() for d in m.data}
 
 
+def formula(table_name: str) -> str:
+  """How a `metric` column's rows were formed: data type and formula, from the registry
+  ('' for a name registered nowhere here, e.g. another process's --metrics_module)."""
+  if table_name.endswith("_floor"):  # written beside a CKA estimator (analysis.summary)
+    of = table_name[: -len("_floor")]
+    return f"activations: noise floor of {of}, the final checkpoint against itself rows permuted"
+  metric, data = table_names().get(table_name, (None, ""))
+  return f"{data}: {metric.description}" if metric else ""
+
+
 def unregister_user_metrics() -> None:
   """Forget the metrics a --metrics_module registered (tests, a second run in a process)."""
   for name in [n for n, m in _REGISTRY.items() if m.user]:
