@@ -225,6 +225,17 @@ def test_plan_counts_only_the_selected_work(suite_dir):
     for name, o in (("full", full), ("grad_per", no_condition))
   }
   assert refine["full"] == 20 * 2 * 64 * 64 + 20 * 256 * 64 and refine["grad_per"] == 0
+  # FLOPs: CKA alone captures and takes no SVD; PER of the weights alone captures nothing
+  # and takes one set of SVDs where the full run takes 1 + G (G = 3 gradient batches).
+  per = sweep.SweepOptions(**OPTIONS, selection=selection_lib.select(["per"]))
+  flops = {
+    name: plan.flops_per_checkpoint(shape, plan.sweep_work(o, 16))
+    for name, o in (("full", full), ("cka", cka), ("per", per))
+  }
+  assert flops["cka"]["capture"] == flops["full"]["capture"] > 0
+  assert flops["cka"]["spectra"] == flops["cka"]["gradients"] == 0
+  assert flops["per"]["capture"] == flops["per"]["gradients"] == 0
+  assert flops["per"]["spectra"] * 4 == flops["full"]["spectra"] > 0
   # The batches read: the fixed inputs and the held-out batch, no gradient windows.
   assert set(sweep.batches_needed(models, "all", cka)) == {7, 8}
   assert len(sweep.batches_needed(models, "all", full)) > 2

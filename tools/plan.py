@@ -152,7 +152,7 @@ def main(argv):
     FLAGS.gradient_microbatch,
     FLAGS.loss_sequences,
     FLAGS.dtype,
-    refine=options.chosen.refines_gradients,  # float64 workspace only when a metric reads it
+    **plan.selected_work(options.chosen),  # only the selected work is counted
   )
   device_bytes, memory_source = device_memory_and_source()
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)

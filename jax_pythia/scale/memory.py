@@ -18,6 +18,7 @@ from jax_pythia.scale.shapes import (
   Work,
   device_memory,
   of_source,
+  selected_work,
   si,
 )
 
@@ -475,7 +476,7 @@ def sweep_work(options, seq_len: int) -> Work:
     options.loss_sequences,
     options.dtype,
     kept_positions(options.positions, seq_len),
-    refine=options.chosen.refines_gradients,
+    **selected_work(options.chosen),
   )
 
 
