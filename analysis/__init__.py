@@ -1,13 +1,14 @@
 """The mathematics of the study as pure JAX functions (arrays in, arrays out).
 
 jit- and vmap-able, no file or network I/O, independent of how checkpoints are loaded.
-Modules: similarity (CKA), spectra (singular values, effective rank), circuits (OV and MLP
-matrices from the stacked Flax params), gradients, sparsity, convergence, summary (one-call
-per-checkpoint metrics for the sweep, and the component x metric table `metric_table`),
-registry (METRICS: the spectral metrics the sweep runs). `__all__` is what a caller uses;
-the modules hold their helpers too.
+Modules: similarity (CKA), cca (SVCCA, PWCCA), spectra (singular values, effective rank,
+condition numbers resolved in float64), circuits (OV and MLP matrices from the stacked Flax
+params), gradients, sparsity, convergence, summary (one-call per-checkpoint metrics for the
+sweep, and the component x metric table `metric_table`), registry (METRICS: every metric
+the sweep can run). `__all__` is what a caller uses; the modules hold their helpers too.
 """
 
+from analysis.cca import CCA_METRICS, cca_similarity, pairwise_cca, pwcca, svcca
 from analysis.circuits import (
   fused_qkv_weight,
   mlp_singular_values,
@@ -59,9 +60,14 @@ from analysis.similarity import (
 )
 from analysis.sparsity import gini, hoyer
 from analysis.spectra import (
+  activation_spectra,
   effective_rank,
+  float64_supported,
+  nuclear_norm,
   product_singular_values,
   proportional_effective_rank,
+  refine_singular_values,
+  resolved_condition_number,
   singular_values,
   spectral_metrics,
 )
@@ -78,11 +84,22 @@ from analysis.summary import (
   gradient_summary,
   metric_table,
   noise_floor_name,
+  weight_rank_bounds,
   weight_spectra,
 )
 from analysis.validation import check_finite
 
 __all__ = [
+  "CCA_METRICS",
+  "cca_similarity",
+  "pairwise_cca",
+  "pwcca",
+  "svcca",
+  "activation_spectra",
+  "float64_supported",
+  "nuclear_norm",
+  "refine_singular_values",
+  "resolved_condition_number",
   "ACTIVATION_COMPONENTS",
   "CKA_ESTIMATORS",
   "COMPONENTS",
@@ -145,4 +162,5 @@ __all__ = [
   "value_kernel",
   "value_vectors",
   "weight_spectra",
+  "weight_rank_bounds",
 ]

@@ -1,6 +1,7 @@
 """Sparsity measures over the last axis: Gini index (Hurley & Rickard 2009) and Hoyer.
 
-Both use |x|; to measure a whole matrix, reshape it to [..., m] first. An all-zero vector
+Both use |x|; to measure a whole matrix, reshape it to [..., m] first (the study does:
+registered as 'entries' metrics, they run on weights, gradients and activations). An all-zero vector
 has no defined sparsity and returns NaN.
 """
 
@@ -9,9 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from analysis.registry import register_metric
 from analysis.validation import require_ndim, require_nonempty
 
 
+@register_metric(
+  "gini", "entries", description="Gini index of |x|: sum_i (2i - m - 1) c_(i) / (m sum c)"
+)
 def gini(x: jax.Array) -> jax.Array:
   """Gini index of |x|: sum_i (2i - m - 1) c_(i) / (m sum c), c sorted ascending, i = 1..m.
 
@@ -25,6 +30,9 @@ def gini(x: jax.Array) -> jax.Array:
   return jnp.sum(weights * c, axis=-1) / (m * jnp.sum(c, axis=-1))
 
 
+@register_metric(
+  "hoyer", "entries", description="Hoyer: (sqrt(m) - ||x||_1 / ||x||_2) / (sqrt(m) - 1)"
+)
 def hoyer(x: jax.Array) -> jax.Array:
   """Hoyer sparsity (sqrt(m) - ||x||_1 / ||x||_2) / (sqrt(m) - 1), in [0, 1].
 

@@ -257,7 +257,7 @@ def top_k(s: jax.Array, k: int) -> jax.Array:
   return jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, k - m)])
 
 
-@register_metric("effective_rank", "spectral")
+@register_metric("effective_rank", "spectral", default=("weights", "gradients"))
 def effective_rank(s: jax.Array) -> jax.Array:
   """Effective rank (Roy & Vetterli 2007): exp of the entropy of p_i = s_i / sum(s).
 
@@ -278,7 +278,7 @@ def effective_rank(s: jax.Array) -> jax.Array:
   return jnp.exp(entropy)
 
 
-@register_metric("per", "spectral", needs_rank_bound=True)
+@register_metric("per", "spectral", needs_rank_bound=True, default=("weights", "gradients"))
 def proportional_effective_rank(s: jax.Array, k: int) -> jax.Array:
   """Proportional effective rank PER = ER(top-k singular values) / k (docs/method.md).
 
@@ -300,7 +300,14 @@ def condition_resolution(s: jax.Array) -> jax.Array:
   return SVD_ERROR_PER_SQRT_DIM * math.sqrt(s.shape[-1]) * eps / CONDITION_RELATIVE_ERROR
 
 
-@register_metric("condition_number", "spectral", needs_rank_bound=True)
+@register_metric(
+  "condition_number",
+  "spectral",
+  needs_rank_bound=True,
+  refined=True,
+  default=("weights", "gradients"),
+  description="s_1 / s_k over the top-k singular values (k the rank bound), refined in float64",
+)
 def condition_number(s: jax.Array, k: int) -> jax.Array:
   """s_1 / s_k over the top-k singular values (k = rank bound, so a head's d x d OV
   matrix, which has rank <= d_head, is not trivially infinite).
@@ -321,7 +328,7 @@ def condition_number(s: jax.Array, k: int) -> jax.Array:
   return jnp.where(unresolved, jnp.nan, first / last)
 
 
-@register_metric("stable_rank", "spectral")
+@register_metric("stable_rank", "spectral", default=("weights", "gradients"))
 def stable_rank(s: jax.Array) -> jax.Array:
   """Stable rank ||A||_F^2 / ||A||_2^2 = sum(s^2) / max(s)^2.
 
@@ -336,7 +343,7 @@ def stable_rank(s: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(s / s_max[..., None]), axis=-1)
 
 
-@register_metric("frobenius_norm", "spectral")
+@register_metric("frobenius_norm", "spectral", default=("weights", "gradients"))
 def frobenius_norm(s: jax.Array) -> jax.Array:
   """Frobenius norm sqrt(sum(s^2)). s: [..., m] -> [...]."""
   require_ndim("s", s, 1)
@@ -345,24 +352,126 @@ def frobenius_norm(s: jax.Array) -> jax.Array:
   return scale * jnp.sqrt(jnp.sum(jnp.square(s / scale[..., None]), axis=-1))
 
 
-@register_metric("spectral_norm", "spectral")
+@register_metric("spectral_norm", "spectral", default=("weights", "gradients"))
 def spectral_norm(s: jax.Array) -> jax.Array:
   """Spectral norm max(s). s: [..., m] -> [...]."""
   require_ndim("s", s, 1)
   return jnp.max(s, axis=-1)
 
 
-def spectral_metrics(s: jax.Array, k: int) -> dict[str, jax.Array]:
+@register_metric("nuclear_norm", "spectral", default=("weights", "gradients"))
+def nuclear_norm(s: jax.Array) -> jax.Array:
+  """Nuclear (trace) norm sum(s). s: [..., m] -> [...]."""
+  require_ndim("s", s, 1)
+  return jnp.sum(s, axis=-1)
+
+
+# ----- condition numbers float32 cannot resolve -------------------------------------------
+#
+# A float32 SVD resolves s_k only down to ~sqrt(m) eps32 s_1 (`condition_resolution`), so a
+# condition number above ~1800 (m = 512) is NaN from float32 values. `refine_singular_values`
+# recomputes, for the matrices where that happens, their singular values in float64 from
+# the same (float32) entries. float64 normally needs jax_enable_x64 for the whole process,
+# which would change every default dtype; instead the recomputation is traced inside
+# `jax.enable_x64(True)`, a context that switches x64 on for that part of the trace only:
+# it works inside a jitted float32 program (one compiled program, a float64 island), under
+# vmap and lax.map. It runs under lax.cond, so only when some matrix of the batch needs it
+# (under vmap both branches run). TPUs have no float64: there the values are left as they
+# are and an unresolved condition number stays NaN (`float64_supported`). Even float64
+# resolves s_k only to ~sqrt(m) eps64 s_1 (a condition number ~1e12 for m = 512); beyond
+# that it stays NaN.
+
+
+def float64_supported(platform: str | None = None) -> bool:
+  """Whether the backend computes float64 SVDs (CPU, GPU: yes; TPU: no)."""
+  return (platform or jax.default_backend()) != "tpu"
+
+
+def unresolved(s: jax.Array, k: int) -> jax.Array:
+  """Where condition_number(s, k) is NaN because s_k is below this dtype's resolution.
+  s: [..., m] -> [...] bool."""
+  top = top_k(s, k)
+  first, last = top[..., 0], top[..., -1]
+  return (last > 0) & (last < first * condition_resolution(s))
+
+
+def refine_singular_values(s: jax.Array, k: int, fn, inputs) -> jax.Array:
+  """s where float32 resolves the condition number, else fn(inputs in float64): float64.
+
+  Args:
+    s: [..., m] float32 singular values of some matrices; k: the rank bound (static int).
+    fn: inputs -> [..., m], how s was computed (e.g. `singular_values`), traced again on
+      `inputs` (a pytree of arrays) cast to float64.
+  Returns:
+    [..., m] float64 (x64 on for that part of the trace only, see above); s itself,
+    unchanged, where float64 is not supported (TPU).
+  """
+  if not float64_supported():
+    return s
+  need = unresolved(s, k)
+  with jax.enable_x64(True):
+    wide = s.astype(jnp.float64)
+
+    def recompute():
+      s64 = fn(jax.tree.map(lambda x: x.astype(jnp.float64), inputs))
+      return jnp.where(need[..., None], s64, wide)
+
+    return jax.lax.cond(jnp.any(need), recompute, lambda: wide)
+
+
+def spectral_metrics(
+  s: jax.Array, k: int, refined: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Every registered 'spectral' metric of a batch of singular values, in one call.
 
   Args:
     s: [..., m] singular values. k: static int, the rank bound (used by metrics that
       take one, e.g. 'per' and 'condition_number').
+    refined: `refine_singular_values(s, ...)` (float64, [..., m]) or None; the metrics
+      registered with `refined=True` (the condition number) read it instead of s, in
+      float64, and return s's dtype.
   Returns:
     {metric name: [...]}, one entry per registered spectral metric.
   """
   k = require_rank_bound(k)
   out = {}
   for name, metric in metrics_in_family("spectral").items():
-    out[name] = metric.fn(s, k) if metric.needs_rank_bound else metric.fn(s)
+    if metric.refined and refined is not None and refined.dtype != s.dtype:
+      with jax.enable_x64(True):
+        out[name] = _call(metric, refined, k).astype(s.dtype)
+    else:
+      out[name] = _call(metric, s, k)
   return out
+
+
+def _call(metric, s, k):
+  return metric.fn(s, k) if metric.needs_rank_bound else metric.fn(s)
+
+
+def resolved_condition_number(matrices: jax.Array, k: int, route: str = "auto") -> jax.Array:
+  """s_1 / s_k of a batch of matrices, refined in float64 where float32 cannot resolve s_k
+  (`refine_singular_values`). matrices: [..., a, b] float32; k: static int -> [...] float32;
+  NaN only where float64 cannot resolve it either (or on TPU, where float32's limit holds)."""
+  s = singular_values(matrices, route)
+  refined = refine_singular_values(s, k, lambda m: singular_values(m, route), matrices)
+  if refined.dtype == s.dtype:
+    return condition_number(s, k)
+  with jax.enable_x64(True):
+    return condition_number(refined, k).astype(s.dtype)
+
+
+def activation_spectra(acts: jax.Array, route: str = "auto") -> dict[str, jax.Array]:
+  """The spectral metrics of captured activation matrices, as they are (not centred, like
+  the weights' and gradients'), with the rank bound k = min(n, d) and the condition number
+  refined in float64 where float32 cannot resolve it.
+
+  Args:
+    acts: [..., n, d] (n tokens; e.g. [L, H, n, dh] per head, [L, n, d] per layer).
+  Returns:
+    {metric: [...]}, one per registered spectral metric.
+  """
+  require_ndim("acts", acts, 2)
+  k = min(acts.shape[-2:])
+  s = singular_values(acts, route)
+  refined = refine_singular_values(s, k, lambda a: singular_values(a, route), acts)
+  return spectral_metrics(s, k, refined)

@@ -1,7 +1,7 @@
 """One-call summaries for the sweep, and the study's component x metric table.
 
-`METRIC_TABLE` (via `metric_table()`) is the one list of every (component, metric) the
-sweep writes; the study, these summaries and the report read it. Components:
+`metric_table(selection)` is the list of every (component, metric) a sweep writes, read
+from the registry (analysis.registry) and a selection (analysis.selection). Components:
 'ov_head' -> arrays [L, H]; 'ov' -> [L]; 'mlp' -> [L] (weights, gradients, activations);
 'resid' -> [L] (activations only); 'model' -> [] (losses). Weight metrics are the
 registered 'spectral' metrics ('effective_rank', 'per', 'condition_number',
@@ -20,19 +20,62 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from analysis import circuits
+from analysis import circuits, registry
 from analysis.gradients import factored_inner_product, mean_singular_values
-from analysis.registry import metrics_in_family
-from analysis.spectra import product_singular_values, singular_values, spectral_metrics
+from analysis.registry import ACTIVATION_COMPONENTS, COMPONENTS, register_metric
+from analysis.similarity import linear_cka
+from analysis.spectra import (
+  product_singular_values,
+  refine_singular_values,
+  singular_values,
+  spectral_metrics,
+)
 
-#: Components with weights (and gradients): the OV circuit per head and whole, the MLP.
-COMPONENTS = ("ov_head", "ov", "mlp")
-#: Components whose activations are compared by CKA.
-ACTIVATION_COMPONENTS = (*COMPONENTS, "resid")
+__all__ = ["ACTIVATION_COMPONENTS", "COMPONENTS"]  # re-exported: where callers found them
+
 #: CKA estimators by metric name: whether each is the debiased one.
 CKA_ESTIMATORS = {"cka": False, "cka_debiased": True}
 #: Whole-model metrics (component 'model').
 MODEL_METRICS = ("train_loss", "heldout_loss")
+
+
+@register_metric("cka", "similarity", default=("activations",))
+def cka(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Linear CKA ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), columns centred (Kornblith 2019)."""
+  return linear_cka(x, y)
+
+
+@register_metric("cka_debiased", "similarity", default=("activations",))
+def cka_debiased(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Linear CKA with each HSIC the unbiased U-statistic of Song et al. (2007)."""
+  return linear_cka(x, y, debiased=True)
+
+
+@register_metric("norm", "gradient", default=("gradients",))
+def mean_norm(norms: jax.Array) -> jax.Array:
+  """Mean over the G batches of the gradient's Frobenius norm. [G, ...] -> [...]."""
+  return jnp.mean(norms, axis=0)
+
+
+@register_metric("cosine", "gradient", default=("gradients",))
+def mean_cosine(cosines: jax.Array) -> jax.Array:
+  """Mean cosine of consecutive batches' gradients (NaN if G == 1). [G, ...] -> [...]; the
+  first entry (against the zero carry) is dropped."""
+  if cosines.shape[0] < 2:
+    return jnp.full_like(cosines[0], jnp.nan)
+  return jnp.mean(cosines[1:], axis=0)
+
+
+@register_metric("train_loss", "model", default=("model",))
+def train_loss(losses: jax.Array) -> jax.Array:
+  """Mean next-token loss over the G gradient batches. [G] -> []."""
+  return jnp.mean(losses)
+
+
+@register_metric("heldout_loss", "model", default=("model",))
+def heldout_loss(loss: jax.Array) -> jax.Array:
+  """Next-token loss on the final step's batch, which no checkpoint trained on. [] -> []."""
+  return loss
 
 
 def noise_floor_name(estimator: str) -> str:
@@ -45,15 +88,19 @@ def gradient_name(metric: str) -> str:
   return f"grad_{metric}"
 
 
-def metric_table() -> dict[str, tuple[str, ...]]:
-  """{component: metric names}: every value the sweep writes (the module doc)."""
-  cka = tuple(CKA_ESTIMATORS) + tuple(noise_floor_name(e) for e in CKA_ESTIMATORS)
-  spectral = tuple(metrics_in_family("spectral"))
-  gradient = tuple(gradient_name(m) for m in spectral) + ("grad_norm", "grad_cosine")
-  table = {c: cka + spectral + gradient for c in COMPONENTS}
-  table["resid"] = cka
-  table["model"] = MODEL_METRICS
-  return table
+def metric_table(selection=None) -> dict[str, tuple[str, ...]]:
+  """{component: metric names}: every value a sweep of `selection` writes (default: the
+  paper's protocol), floors included."""
+  from analysis.selection import default
+
+  selection = selection or default()
+  table: dict[str, list[str]] = {}
+  for component, name, _ in selection.entries:
+    names = table.setdefault(component, [])
+    names.append(name)
+    if name in CKA_ESTIMATORS:
+      names.append(noise_floor_name(name))
+  return {c: tuple(names) for c, names in table.items()}
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -87,16 +134,20 @@ def weight_spectra(layers: dict, value_slice: str = "per_head") -> dict[str, dic
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
+  bounds = weight_rank_bounds(layers)
+  s = weight_singular_values(layers, value_slice)
+  return {c: spectral_metrics(s[c], bounds[c]) for c in ("ov_head", "ov", "mlp")}
+
+
+def weight_rank_bounds(layers: dict) -> dict:
+  """{component: k} of the weight spectra (module doc), from the study factors' shapes
+  (value.kernel [L, d, H_kv, dh]: the family's key/value heads): d_head for a head's OV,
+  min(d, H_kv d_head) for the whole OV, min(f, d) for the MLP."""
   d, kv_heads, head_dim = _dims(layers)
   d_mlp = min(layers["mlp"]["fc_out"]["kernel"].shape[-2:])
-  s = weight_singular_values(layers, value_slice)
-  return {
-    "ov_head": spectral_metrics(s["ov_head"], head_dim),
-    # W_OV = sum_h W_O[:, h] W_V[kv(h)] factors through the H_kv * dh values: its rank
-    # bound is d, or H_kv * dh under grouped-query attention (docs/method.md).
-    "ov": spectral_metrics(s["ov"], min(d, kv_heads * head_dim)),
-    "mlp": spectral_metrics(s["mlp"], d_mlp),
-  }
+  # W_OV = sum_h W_O[:, h] W_V[kv(h)] factors through the H_kv * dh values: its rank
+  # bound is d, or H_kv * dh under grouped-query attention (docs/method.md).
+  return {"ov_head": head_dim, "ov": min(d, kv_heads * head_dim), "mlp": d_mlp}
 
 
 def _cosine(dot, norm_a, norm_b):
@@ -142,6 +193,7 @@ def gradient_batch_terms(
   layers: dict,
   value_slice: str = "per_head",
   route: str = "auto",
+  refine: bool = True,
 ) -> tuple[dict, dict, dict, dict]:
   """One gradient batch reduced to what the statistics need, and the carry for the next.
 
@@ -157,8 +209,11 @@ def gradient_batch_terms(
       the previous one.
     layers: params['layers'] at the checkpoint (leaves [L, ...], float32).
     route: how singular values are computed (analysis.spectra.singular_values).
+    refine: add svals['refined'], the singular values recomputed in float64 where float32
+      cannot resolve the condition number (analysis.spectra.refine_singular_values).
   Returns:
-    (singular values {'ov_head': [L, H, 2dh], 'ov': [L, d], 'mlp': [L, min(f, d)]},
+    (singular values {'ov_head': [L, H, 2dh], 'ov': [L, d], 'mlp': [L, min(f, d)]}
+    (and 'refined': the same, float64, with `refine`),
     Frobenius norms {'ov_head': [L, H], 'ov': [L], 'mlp': [L]},
     cosines with the previous batch (same shapes as the norms; 0 against the first carry),
     the carry for the next batch).
@@ -186,7 +241,21 @@ def gradient_batch_terms(
   }
   cosines = {c: _cosine(dots[c], carry["norms"][c], norms[c]) for c in COMPONENTS}
   svals = {"ov_head": s_head, "ov": s_whole, "mlp": s_mlp}
+  if refine:
+    svals["refined"] = _refined(svals, (left, right), whole, mlp, layers, route)
   return svals, norms, cosines, {"grads": current, "norms": norms}
+
+
+def _refined(svals, head_factors, whole, mlp, layers, route) -> dict:
+  """svals recomputed in float64 where float32 cannot resolve the condition number
+  (analysis.spectra.refine_singular_values), each from the matrices it came from."""
+  bounds = gradient_rank_bounds(layers)
+  redo = {
+    "ov_head": (lambda lr: product_singular_values(*lr, route=route), head_factors),
+    "ov": (lambda w: singular_values(w, route), whole),
+    "mlp": (lambda w: singular_values(w, route), mlp),
+  }
+  return {c: refine_singular_values(svals[c], bounds[c], fn, x) for c, (fn, x) in redo.items()}
 
 
 def gradient_rank_bounds(layers: dict, head_gradient_rank_bound: int | None = None) -> dict:
@@ -217,17 +286,20 @@ def gradient_summary(
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
   bounds = gradient_rank_bounds(layers, head_gradient_rank_bound)
-  num_batches = norms["ov"].shape[0]
+  refined = svals.get("refined")
+  statistics = registry.metrics_in_family("gradient")
   out = {}
   for component in COMPONENTS:
-    spectral = spectral_metrics(mean_singular_values(svals[component]), bounds[component])
+    mean = mean_singular_values(svals[component])
+    wide = None
+    if refined is not None and refined[component].dtype != mean.dtype:
+      with jax.enable_x64(True):
+        wide = mean_singular_values(refined[component])
+    spectral = spectral_metrics(mean, bounds[component], wide)
     metrics = {gradient_name(name): value for name, value in spectral.items()}
-    metrics["grad_norm"] = jnp.mean(norms[component], axis=0)
-    metrics["grad_cosine"] = (
-      jnp.mean(cosines[component][1:], axis=0)
-      if num_batches > 1
-      else jnp.full_like(norms[component][0], jnp.nan)
-    )
+    per_batch = {"norm": norms[component], "cosine": cosines[component]}
+    for name, metric in statistics.items():
+      metrics[gradient_name(name)] = metric.fn(per_batch[name])
     out[component] = metrics
   return out
 
@@ -238,6 +310,7 @@ def gradient_spectra(
   value_slice: str = "per_head",
   head_gradient_rank_bound: int | None = None,
   route: str = "auto",
+  refine: bool = True,
 ) -> dict[str, dict[str, jax.Array]]:
   """All gradient metrics of one checkpoint from G gradient batches.
 
@@ -257,6 +330,7 @@ def gradient_spectra(
     head_gradient_rank_bound: k for 'ov_head' (default 2 * d_head).
     route: how singular values are computed (analysis.spectra.singular_values; 'auto'
       picks per backend and shape, 'svd' is the plain SVD everywhere).
+    refine: condition numbers refined in float64 where float32 cannot resolve them.
   Returns:
     {'ov_head': {metric: [L, H]}, 'ov': {metric: [L]}, 'mlp': {metric: [L]}}.
   """
@@ -269,7 +343,9 @@ def gradient_spectra(
   xs = _gradient_leaves(grads, value_slice)
 
   def step(carry, grad):
-    svals, norms, cosines, carry = gradient_batch_terms(grad, carry, layers, value_slice, route)
+    svals, norms, cosines, carry = gradient_batch_terms(
+      grad, carry, layers, value_slice, route, refine
+    )
     return carry, (svals, norms, cosines)
 
   init = first_gradient_carry(jax.tree.map(lambda leaf: leaf[0], xs), value_slice)

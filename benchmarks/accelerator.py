@@ -333,7 +333,12 @@ def study_checkpoint(config, protocol: Protocol, dtype: str, seed: int, keep: bo
   # The spectra cost does not depend on the values: the one gradient stands for all 11.
   stacked = jax.tree.map(lambda g: jnp.concatenate([g] * GRADIENT_BATCHES), grads)
   spectra_exe, compile_s["gradient_spectra"] = compiled(
-    study.gradient_metrics, stacked, layers, value_slice=VALUE_SLICE
+    study.gradient_metrics_jit,
+    stacked,
+    layers,
+    value_slice=VALUE_SLICE,
+    refine=True,
+    registered=study.registered_names(),
   )
   start = time.perf_counter()
   gradient_metrics = jax.block_until_ready(spectra_exe(stacked, layers))

@@ -2,6 +2,8 @@
 
 Run: python -m benchmarks.bench_spectra [--sizes 70m,410m] [--grad-batches 11]
      [--grad-layers-410m 2]
+     python -m benchmarks.bench_spectra --refine
+       the cost of resolving condition numbers in float64, as a ratio (`bench_refinement`)
      python -m benchmarks.bench_spectra --routes [--repeats 3]
        per-route timings (analysis.spectra: svd, qr_svd, gram_eigh; one call over a batch
        vs a compiled loop) on the study's shapes, then the 70m gradient spectra (11 batches)
@@ -34,6 +36,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/bench_spectra.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import analysis  # noqa: E402
+from analysis import spectra  # noqa: E402
 from benchmarks import shapes  # noqa: E402
 
 SHAPES = {name: shapes.spectra_shape(name) for name in ("70m", "410m")}
@@ -373,6 +376,60 @@ def bench_gradient_routes(grad_batches):
   )
 
 
+def bench_refinement(repeats=None):
+  """The cost of resolving condition numbers in float64 (analysis.spectra.refine_
+  singular_values) on 70m-shaped weights: every spectral metric of the three components
+  with the condition number (refined where float32 cannot resolve it) against the same
+  without it (no refinement), as a ratio. Twice: random weights (float32 resolves them:
+  only the check runs) and weights whose spectra span 1e6 (every matrix recomputed)."""
+  from analysis import protocol
+
+  shape = SHAPES["70m"]
+  layers, _ = random_checkpoint(shape, 1, 0)
+  dh, d = shape["head_dim"], shape["d"]
+  wide = {
+    "attn": {
+      "value": {"kernel": layers["attn"]["value"]["kernel"] * np.logspace(0, -6, dh)},
+      "out": layers["attn"]["out"],
+    },
+    "mlp": {"fc_out": {"kernel": layers["mlp"]["fc_out"]["kernel"] * np.logspace(0, -6, d)}},
+  }
+  wide = jax.tree.map(lambda x: np.asarray(x, np.float32), wide)
+  spectral = tuple(analysis.metrics_in_family("spectral"))
+  plain = tuple(n for n in spectral if n != "condition_number")
+  plan = lambda names: tuple((c, names) for c in ("mlp", "ov", "ov_head"))  # noqa: E731
+  print(f"float64 refinement of condition numbers, 70m weights, {jax.devices()[0].platform}")
+  for label, params in (("random, as drawn", layers), ("spectra over 1e6", wide)):
+    times = {}
+    for key, names in (("without", plain), ("with", spectral)):
+      fn = jax.jit(lambda p, names=names: protocol.weight_values(p, "per_head", plan(names)))
+      times[key] = best_of(fn, params, repeats=repeats)
+    out = jax.jit(lambda p: protocol.weight_values(p, "per_head", plan(("condition_number",))))(
+      params
+    )
+    nan = sum(int(np.isnan(np.asarray(v["condition_number"])).sum()) for v in out.values())
+    total = sum(np.asarray(v["condition_number"]).size for v in out.values())
+    unresolved = _float32_unresolved(params, shape)
+    ratio = times["with"][0] / times["without"][0]
+    cpu = times["with"][1] / times["without"][1]
+    print(
+      f"  {label:26s} without {times['without'][0]:.3f} s, with {times['with'][0]:.3f} s: "
+      f"{ratio:.2f}x wall, {cpu:.2f}x process CPU; unresolved in float32: {unresolved} "
+      f"of {total}, NaN after: {nan}"
+    )
+
+
+def _float32_unresolved(params, shape):
+  """How many of the weights' condition numbers float32 alone leaves NaN."""
+  attn = params["attn"]
+  s_k = (
+    (analysis.ov_head_singular_values(attn), shape["head_dim"]),
+    (analysis.ov_singular_values(attn), shape["d"]),
+    (analysis.mlp_singular_values(params["mlp"]), shape["d"]),
+  )
+  return sum(int(np.isnan(np.asarray(spectra.condition_number(s, k))).sum()) for s, k in s_k)
+
+
 def main(argv=None):
   global REPEATS
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -387,10 +444,16 @@ def main(argv=None):
   )
   parser.add_argument("--routes", action="store_true", help="per-route and old-vs-new timings")
   parser.add_argument(
+    "--refine", action="store_true", help="the cost of the float64 condition-number refinement"
+  )
+  parser.add_argument(
     "--no-route-table", action="store_true", help="with --routes: only the old-vs-new timing"
   )
   args = parser.parse_args(argv)
   REPEATS = args.repeats
+  if args.refine:
+    bench_refinement()
+    return 0
   if args.routes:
     print(f"jax {jax.__version__}; float32; {os.cpu_count()} cores")
     if not args.no_route_table:

@@ -190,9 +190,12 @@ def test_correlations_against_scipy():
 
 
 def test_registry():
-  # What is registered is what the sweep runs: the spectral family, nothing else.
-  assert set(analysis.METRICS) == set(analysis.metrics_in_family("spectral"))
-  assert {"per", "effective_rank", "condition_number", "stable_rank"} <= set(analysis.METRICS)
+  # The registry says what exists; the default protocol is the paper's (and nuclear norm).
+  spectral = set(analysis.metrics_in_family("spectral"))
+  assert {"per", "effective_rank", "condition_number", "stable_rank", "nuclear_norm"} <= spectral
+  assert {"gini", "hoyer"} == set(analysis.metrics_in_family("entries"))
+  assert {"cka", "cka_debiased", "svcca", "pwcca"} == set(analysis.metrics_in_family("similarity"))
+  assert analysis.METRICS["svcca"].default == () and analysis.METRICS["cka"].default
   assert analysis.METRICS["per"].fn is analysis.proportional_effective_rank
   with pytest.raises(TypeError):
     analysis.METRICS["per"] = None  # read-only mapping

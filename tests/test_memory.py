@@ -76,12 +76,15 @@ def test_plan_tracks_xla_memory_analysis(dims, remat, checkpoints):
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "stacked"])
 @pytest.mark.parametrize("dims", [(2, 64, 4, 256, 3), (3, 192, 6, 768, 5)])
-def test_spectra_plan_covers_xla(dims, streamed):
+@pytest.mark.parametrize("refine", [True, False], ids=["refined", "float32"])
+def test_spectra_plan_covers_xla(dims, streamed, refine):
   L, d, H, f, G = dims
   config = GPTNeoXConfig(vocab_size=64, d_model=d, n_layers=L, n_heads=H, d_mlp=f, max_seq_len=8)
   layers = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))["layers"]
   shape = plan.Shape("t", L, d, H, f, 64, 8, (0,))
-  work = plan.Work(gradient_window=(G - 1) // 2)
+  # refine: the condition numbers' float64 refinement (a selected grad_condition_number),
+  # whose copies and workspace XLA holds beside the float32 ones.
+  work = plan.Work(gradient_window=(G - 1) // 2, refine=refine)
 
   def gradients(*lead):
     return model.nest(
@@ -96,13 +99,15 @@ def test_spectra_plan_covers_xla(dims, streamed):
     carry = jax.eval_shape(lambda g: streaming.first_gradient_carry(g, "per_head"), grads)
     weights = study.spectra_weights(layers, "per_head")
     measured = compiled_bytes(
-      streaming.gradient_terms.lower(grads, carry, weights, "per_head").compile()
+      streaming.gradient_terms.lower(grads, carry, weights, "per_head", refine).compile()
     )
     parts = plan.spectra_call_bytes(shape, work)
     planned = parts["total"] - parts["params"]  # the params' shard waits beside the call
   else:  # one checkpoint's G batches at once, as each of C stacked checkpoints holds them
     measured = compiled_bytes(
-      study.gradient_metrics.lower(gradients(G), layers, "per_head").compile()
+      study.gradient_metrics_jit.lower(
+        gradients(G), layers, "per_head", refine, study.registered_names()
+      ).compile()
     )
     planned = plan.spectra_call_bytes(shape, work, 2)["total"] / 2
   # The streamed (layer by layer) call within 25%; the stacked one is held above XLA.

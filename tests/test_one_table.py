@@ -64,3 +64,15 @@ def test_pairwise_stays_within_a_model(swept):
     assert set(rows.step) == set(rows.other_step) == set(STEPS)
     # 3 checkpoints: 9 ordered pairs per (layer, component, head, metric) of one model.
     assert (rows.groupby(["layer", "component", "head", "metric"]).size() == 9).all()
+
+
+def test_report_lists_each_metric_with_its_formula(swept):
+  # The formulas come from the registry (analysis.registry.formula): one row per metric.
+  text = open(f"{swept}/report.md").read()
+  section = text[text.index("## Metrics") :]
+  metrics = pd.read_parquet(f"{swept}/metrics.parquet")
+  for name in metrics.metric.unique():
+    assert f"\n| {name} | " in section
+  assert "| per | weights: Proportional effective rank PER = ER(top-k singular values)" in section
+  assert "| cka_floor | activations: noise floor of cka" in section
+  assert "| condition_number | weights: s_1 / s_k" in section and "float64" in section

@@ -14,6 +14,8 @@ from absl import logging as absl_logging
 
 from jax_pythia.errors import JaxPythiaError
 
+FLAGS = flags.FLAGS
+
 flags.DEFINE_bool("traceback", False, "On error, print the full traceback instead of one line.")
 
 # Errors caused by input (files, flags, configs). Anything else is a bug and keeps its
@@ -135,6 +137,7 @@ def define_work_flags() -> None:
     "(a device holds two batches' gradients, whatever W, unless checkpoints are stacked).",
   )
   flags.DEFINE_integer("gradient_sequences", 128, "Sequences of each gradient batch.")
+  define_selection_flags()
   flags.DEFINE_integer(
     "gradient_microbatch",
     0,
@@ -275,3 +278,103 @@ def checkpoints_per_call() -> int:
       ">= 1, or auto (0)"
     )
   return c
+
+
+def define_selection_flags() -> None:
+  """--metrics, --components, --analysis, --metrics_module: what a sweep computes (and
+  tools.plan prices). The help lists the registry (analysis.registry)."""
+  from analysis import registry
+
+  names = ", ".join(registry.table_names())
+  flags.DEFINE_list(
+    "metrics",
+    ["default"],
+    "Metrics to compute: 'default' (the paper's protocol), 'all', or metric names as in "
+    f"metrics.parquet: {names}. Work no selected metric needs is skipped (no gradient "
+    "pass without a grad_ metric or train_loss). docs/metrics.md.",
+  )
+  flags.DEFINE_list(
+    "components",
+    None,
+    f"Components to compute them on (default all): {', '.join(registry.ACTIVATION_COMPONENTS)}.",
+  )
+  flags.DEFINE_string(
+    "analysis",
+    None,
+    'A JSON analysis file choosing per metric: [{"metric": "per", "data": '
+    '["weights"], "components": ["ov"], "layers": [0, 1]}, "cka", ...] '
+    "(replaces --metrics; docs/metrics.md).",
+  )
+  flags.DEFINE_string(
+    "metrics_module",
+    None,
+    "A Python file registering metrics of your own (analysis.register_metric), run like the "
+    "built-in ones; select them by name with --metrics (docs/metrics.md).",
+  )
+
+
+def selection():
+  """The analysis.selection.Selection the flags ask for; bad values are one line naming the
+  flag (and a user metric that fails, its name and why)."""
+  import json
+
+  from analysis import selection as selection_lib
+  from jax_pythia.errors import ConfigError
+
+  if FLAGS.metrics_module:
+    load_metrics_module(FLAGS.metrics_module)
+  entries = None
+  if FLAGS.analysis:
+    try:
+      with open(FLAGS.analysis, encoding="utf-8") as f:
+        entries = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConfigError(f"--analysis={FLAGS.analysis}: {e}") from None
+    entries = entries.get("metrics") if isinstance(entries, dict) else entries
+    if not isinstance(entries, list):
+      raise ConfigError(
+        f"--analysis={FLAGS.analysis}: a JSON list of entries, or {{'metrics': [...]}}"
+      )
+  try:
+    if FLAGS.components is not None:
+      selection_lib.select(["all"], FLAGS.components)  # checks the components alone
+  except ValueError as e:
+    raise ConfigError(f"--components={','.join(FLAGS.components)}: {e}") from None
+  try:
+    return selection_lib.select(FLAGS.metrics, FLAGS.components, entries)
+  except ValueError as e:
+    flag = (
+      f"--analysis={FLAGS.analysis}"
+      if entries is not None
+      else f"--metrics={','.join(FLAGS.metrics)}"
+    )
+    raise ConfigError(f"{flag}: {e}") from None
+
+
+def load_metrics_module(path: str) -> list[str]:
+  """Imports a --metrics_module file, which registers metrics (analysis.register_metric),
+  and probes each new one (analysis.registry.probe); their names. One line if the file
+  cannot be imported or a metric raises, returns the wrong shape or is not jit-able."""
+  import importlib.util
+
+  from analysis import registry
+  from jax_pythia.errors import ConfigError
+
+  before = set(registry.METRICS)
+  spec = importlib.util.spec_from_file_location("user_metrics", path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f"--metrics_module={path}: no such Python file")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - the user's module may raise anything
+    raise ConfigError(
+      f"--metrics_module={path}: importing it raised {type(e).__name__}: {e}"
+    ) from None
+  added = [n for n in registry.METRICS if n not in before]
+  registry.mark_user(added)
+  for name in added:
+    problem = registry.probe(registry.METRICS[name])
+    if problem:
+      raise ConfigError(f"--metrics_module={path}: {problem}")
+  return added

@@ -102,6 +102,7 @@ def sweep_options():
     loss_sequences=FLAGS.loss_sequences,
     dtype=FLAGS.dtype,
     matmul_precision=FLAGS.matmul_precision,
+    selection=_cli.selection(),  # only the selected work is counted
   )
 
 
@@ -139,7 +140,7 @@ def main(argv):
   per_device, source = flops_per_device()
   device_bytes, memory_source = device_memory_and_source()
   shapes = plan.resolve(FLAGS.models, FLAGS.seq_len)
-  works, meshes = works_and_meshes(shapes, devices, device_bytes)
+  works, meshes = works_and_meshes(shapes, devices, device_bytes, options)
   if FLAGS.measure:
     c = max(w.checkpoints_per_call for w in works)
     per_device = plan.measure_flops_per_device(checkpoints_per_call=c)
@@ -173,7 +174,7 @@ def check_flags() -> None:
   _cli.require_positive("utilisation", FLAGS.utilisation, at_most=1)
 
 
-def works_and_meshes(shapes, devices: int, device_bytes: int | None):
+def works_and_meshes(shapes, devices: int, device_bytes: int | None, options):
   """Each model's work (kept positions, checkpoints per call) and mesh, as the sweep
   would choose them on such a device."""
   import jax
@@ -184,12 +185,13 @@ def works_and_meshes(shapes, devices: int, device_bytes: int | None):
   mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
   work = plan.Work(
     FLAGS.n_sequences,
-    FLAGS.gradients,
+    options.computes_gradients,  # no gradient pass without a selected gradient metric
     FLAGS.gradient_window,
     FLAGS.gradient_sequences,
     FLAGS.gradient_microbatch,
     FLAGS.loss_sequences,
     FLAGS.dtype,
+    **plan.selected_work(options.chosen),  # only the selected work is counted
   )
   works = [
     dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))

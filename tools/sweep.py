@@ -152,6 +152,7 @@ def sweep_options():
     dtype=FLAGS.dtype,
     matmul_precision=FLAGS.matmul_precision,
     seed=FLAGS.seed,
+    selection=_cli.selection(),  # --metrics, --components, --analysis, --metrics_module
   )
 
 
@@ -179,12 +180,13 @@ def ensure_default_suite(placement) -> None:
   placement.barrier("toy_suite")
 
 
-def finish(heartbeat) -> None:
-  """Process 0 gathers the tables and draws the figures."""
+def finish(heartbeat, selection) -> None:
+  """Process 0 gathers the tables (the pairwise one: the selection's similarity metrics)
+  and draws the figures."""
   from jax_pythia.sweep import report, results
 
   heartbeat.beat(phase="gathering results")
-  for path in results.finalize(FLAGS.out).values():
+  for path in results.finalize(FLAGS.out, selection).values():
     print(f"wrote {path}")
   if FLAGS.figures:
     heartbeat.beat(phase="drawing figures")
@@ -260,7 +262,7 @@ def main(argv):
   heartbeat.beat(phase="waiting for the other processes")
   placement.barrier("done")
   if placement.process_index == 0:
-    finish(heartbeat)
+    finish(heartbeat, options.chosen)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from jax_pythia.scale.shapes import (
   Work,
   device_memory,
   of_source,
+  selected_work,
   si,
   split_problem,
 )
@@ -160,6 +161,12 @@ def layer_gradient_values(shape: Shape) -> int:
   return 2 * shape.d_model**2 + shape.d_mlp * shape.d_model
 
 
+#: Bytes per value of one layer's gradient matrices that the float64 refinement of their
+#: condition numbers holds (analysis.spectra.refine_singular_values: the matrices cast to
+#: float64 and their float64 SVD's workspace), fit to XLA:CPU's figures (tests/test_memory.py).
+REFINE_BYTES_PER_VALUE = 20
+
+
 def spectra_call_bytes(
   shape: Shape, work: Work, checkpoints_per_call: int = 1, mesh: dict[str, int] | None = None
 ) -> dict[str, float]:
@@ -169,7 +176,9 @@ def spectra_call_bytes(
   mesh streamed.spread_gradient_terms), split by layer over all devices (`spectra_layers` per
   device): the current and the previous batch's gradients and the weights the spectra
   read, in the weights' dtype, and one layer's float32 copies and SVD workspace
-  (`workspace`), whatever L and G; beside it the rest of the params' shard.
+  (`workspace`), whatever L and G; beside it the rest of the params' shard. With
+  `work.refine`, the float64 refinement's workspace (`refine`): one layer's, or every
+  layer's at C > 1.
   C > 1 is the stacked call (study.batched_gradient_metrics) on one device: G batches'
   float32 gradients and workspace, the layer weights in float32, times C. Held within 25%
   of XLA's figure on CPU for float32 (tests/test_memory.py; XLA:CPU computes bfloat16 in
@@ -185,6 +194,7 @@ def spectra_call_bytes(
       "gradients": 2 * held,  # G = 1: the first carry's zeros
       "weights": held,
       "workspace": 4 * 4 * layer_gradient_values(shape),
+      "refine": work.refine * REFINE_BYTES_PER_VALUE * layer_gradient_values(shape),
       # The rest of the params' shard waits beside the call (on one device the weights
       # the spectra read are the params themselves).
       "params": _param_bytes(shape, work, mesh) - (held if devices == 1 else 0),
@@ -196,6 +206,7 @@ def spectra_call_bytes(
     "gradients": 4 * G * L * (2 * d * d + f * d),
     "weights": 4 * (shape.layer_params + L * (3 * d + f)),
     "workspace": 4 * G * L * f * d,
+    "refine": work.refine * REFINE_BYTES_PER_VALUE * L * layer_gradient_values(shape),
   }
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
   parts["total"] = sum(parts.values())
@@ -459,13 +470,14 @@ def sweep_work(options, seq_len: int) -> Work:
   """The Work of sweep.SweepOptions on sequences of seq_len tokens."""
   return Work(
     options.n_sequences,
-    options.gradients,
+    options.computes_gradients,  # no gradient pass without a selected gradient metric
     options.gradient_window,
     options.gradient_sequences,
     options.gradient_microbatch,
     options.loss_sequences,
     options.dtype,
     kept_positions(options.positions, seq_len),
+    **selected_work(options.chosen),
   )
 
 

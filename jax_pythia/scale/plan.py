@@ -70,6 +70,7 @@ from jax_pythia.scale.shapes import (  # noqa: F401
   of_source,
   parse_bytes,
   resolve,
+  selected_work,
   si,
   split_problem,
   svd_flops,

@@ -187,10 +187,25 @@ class Work:
   dtype: str = "float32"
   kept_positions: int = 1  # token positions captured per sequence (--positions)
   checkpoints_per_call: int = 1  # C checkpoints stacked in one compiled call (memory x C)
+  # Gradient condition numbers refined in float64 (a selected refined metric): the spectra
+  # call holds float64 copies and SVD workspace beside the float32 ones (memory.py).
+  refine: bool = True
+  captures: bool = True  # the forward capture pass (a selected activation metric)
+  weight_spectra: bool = True  # the weights' SVDs (a selected spectral weight metric)
 
   @property
   def gradient_batches(self) -> int:
     return 2 * self.gradient_window + 1 if self.gradients else 0
+
+
+def selected_work(selection) -> dict:
+  """The Work fields a selection (analysis.selection.Selection) decides, so the plan counts
+  only the selected work (the gradient pass: SweepOptions.computes_gradients)."""
+  return {
+    "refine": selection.refines_gradients,
+    "captures": selection.needs_activations,
+    "weight_spectra": bool(selection.of("weights", "spectral")),
+  }
 
 
 def attention_flops(shape: Shape, sequences: int) -> float:
@@ -210,12 +225,13 @@ def flops_per_checkpoint(shape: Shape, work: Work) -> dict[str, float]:
   with_unembed = shape.layer_params + d * shape.vocab
   # The capture pass stops before the unembedding (no logits).
   capture = 2 * shape.layer_params * work.n_sequences * s + attention_flops(shape, work.n_sequences)
+  capture *= work.captures
   g_seqs = work.gradient_batches * work.gradient_sequences
   gradients = 6 * with_unembed * g_seqs * s + 3 * attention_flops(shape, g_seqs)
   loss = 2 * with_unembed * work.loss_sequences * s + attention_flops(shape, work.loss_sequences)
   # Weights once, gradients once per batch: MLP (f x d), whole OV (d x d), heads' cores.
   per_set = L * (svd_flops(f, d) + svd_flops(d, d) + H * (2 * svd_flops(d, dh) + svd_flops(dh, dh)))
-  spectra = per_set * (1 + work.gradient_batches)
+  spectra = per_set * (work.weight_spectra + work.gradient_batches)
   parts = {"capture": capture, "gradients": gradients, "loss": loss, "spectra": spectra}
   parts["total"] = sum(parts.values())
   return parts

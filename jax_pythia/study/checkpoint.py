@@ -32,12 +32,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import analysis
+from analysis import protocol
+from analysis.selection import Selection
+from analysis.selection import default as default_selection
 from jax_pythia.errors import ConfigError
 from jax_pythia.models import model as model_lib
 from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where callers find them
+  batched_gradient_entries,
+  gather,
+  gradient_entries,
+  merge_gradient_entries,
+  over_checkpoints,
+  pairwise_matrix,
+  pairwise_similarity,
+  selected_activation_values,
+  selected_floors,
+  selected_similarities,
+  selected_similarity,
+  selected_weight_values,
+  unstack,
+)
 from jax_pythia.study.streamed import by_layer, on_layers
 
 
@@ -140,9 +157,10 @@ def checkpoint_metrics(
   gradient_values: dict | None = None,
   train_losses: Any = None,
   heldout_loss: Any = None,
+  selection: Selection | None = None,
 ) -> dict[str, dict[str, Any]]:
-  """Every metric of one checkpoint: {component: {metric: [L, H] | [L] | []}}, named as in
-  the tables (`analysis.metric_table`).
+  """The selected metrics of one checkpoint: {component: {metric: [L, H] | [L] | []}},
+  named as in the tables (`analysis.metric_table`).
 
   Args:
     acts, reference: `activation_fn` outputs of this checkpoint and of the final one.
@@ -154,16 +172,24 @@ def checkpoint_metrics(
     gradient_values: instead of `grads`, their metrics already computed
       (`streamed.streamed_gradient_metrics`).
     heldout_loss: the loss on a batch no checkpoint trained on.
+    selection: what to compute (analysis.selection; default: the paper's protocol).
+  Values of metrics not selected may be present (the gradient statistics come together);
+  the sweep writes only the selected rows (`Selection.keeps`).
   """
+  selection = selection or default_selection()
   if grads is not None:
     gradient_values = gradient_metrics(grads, layers, value_slice)
-  return _gather(
-    cka_against(acts, reference),
-    cka_noise_floor(acts, floor_key) if floor_key is not None else None,
-    weight_metrics(layers, value_slice) if weight_values is None else weight_values,
+  similar, floor = selected_similarities(acts, reference, floor_key, selection)
+  return gather(
+    similar,
+    floor,
+    weight_values
+    if weight_values is not None
+    else selected_weight_values(layers, value_slice, protocol.plan_of(selection, "weights")),
     gradient_values,
     train_losses,
     heldout_loss,
+    selected_activation_values(acts, protocol.plan_of(selection, "activations")),
   )
 
 
@@ -176,6 +202,7 @@ def batched_checkpoint_metrics(
   grads: dict | None = None,
   train_losses: Any = None,
   heldout_loss: Any = None,
+  selection: Selection | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
   """`checkpoint_metrics` of C checkpoints stacked on a leading axis, one dict each.
 
@@ -186,49 +213,40 @@ def batched_checkpoint_metrics(
     heldout_loss: [C].
   No noise floor: it belongs to the final checkpoint, which the sweep runs on its own.
   """
+  selection = selection or default_selection()
+  similarity_plan = protocol.plan_of(selection, "activations", "similarity")
+  weight_plan = protocol.plan_of(selection, "weights")
+  activation_plan = protocol.plan_of(selection, "activations")
+  gradient_entries_plan = protocol.plan_of(selection, "gradients", "entries")
+  gradient_values = None
+  if grads is not None:
+    gradient_values = batched_gradient_metrics(
+      grads, layers, value_slice, selection.refines_gradients
+    )
+    if gradient_entries_plan:
+      entries = batched_gradient_entries(grads, layers, value_slice, gradient_entries_plan)
+      merge_gradient_entries(gradient_values, entries)
+
+  def each(fn, plan, x):  # an empty plan computes nothing (vmap needs an input)
+    return over_checkpoints(lambda a: fn(a, plan), x, protocol.refines(plan)) if plan else None
+
   parts = jax.device_get(
     (
-      batched_cka_against(acts, reference),
-      batched_weight_metrics(layers, value_slice),
-      batched_gradient_metrics(grads, layers, value_slice) if grads is not None else None,
+      each(lambda a, plan: selected_similarity(a, reference, plan), similarity_plan, acts),
+      each(lambda p, plan: selected_weight_values(p, value_slice, plan), weight_plan, layers),
+      gradient_values,
       train_losses,
       heldout_loss,
+      each(selected_activation_values, activation_plan, acts),
     )
   )
-  count = len(jax.tree.leaves(acts)[0])
+  count = len(jax.tree.leaves(layers)[0])
   return [
-    _gather(cka, None, weights, grad, losses, heldout)
-    for cka, weights, grad, losses, heldout in zip(
-      *[[None] * count if p is None else _unstack(p, count) for p in parts]
+    gather(similar, None, weights, grad, losses, heldout, act)
+    for similar, weights, grad, losses, heldout, act in zip(
+      *[[None] * count if p is None else unstack(p, count) for p in parts]
     )
   ]
-
-
-def _unstack(tree: Any, count: int) -> list:
-  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(count)]
-
-
-def _gather(cka, floor, weights, grads, train_losses, heldout_loss) -> dict:
-  """One checkpoint's results under the tables' names: {component: {metric: value}}."""
-  out: dict[str, dict[str, Any]] = {}
-  for (component, estimator), value in cka.items():
-    out.setdefault(component, {})[estimator] = value
-  if floor is not None:
-    for (component, estimator), value in floor.items():
-      out[component][analysis.noise_floor_name(estimator)] = value
-  for component, metrics in weights.items():
-    out[component].update(metrics)
-  if grads is not None:
-    for component, metrics in grads.items():
-      out[component].update(metrics)
-  model = {}
-  if train_losses is not None:
-    model["train_loss"] = np.mean(np.asarray(train_losses))
-  if heldout_loss is not None:
-    model["heldout_loss"] = heldout_loss
-  if model:
-    out["model"] = model
-  return out
 
 
 @jax.jit
@@ -355,8 +373,20 @@ def gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "none"):
   return fn
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+def registered_names() -> tuple:
+  """The registered metric names: a static argument of the compiled calls that compute
+  every registered metric of a family, so a metric registered later (--metrics_module)
+  compiles them again instead of reusing a trace without it."""
+  return tuple(analysis.METRICS)
+
+
+def gradient_metrics(grads: dict, layers: dict, value_slice: str, refine: bool = True) -> dict:
+  """`gradient_metrics_jit` (below) of the metrics registered now."""
+  return gradient_metrics_jit(grads, layers, value_slice, refine, registered_names())
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine", "registered"))
+def gradient_metrics_jit(grads, layers, value_slice, refine, registered) -> dict:
   """{component: {metric: ...}} of G gradients (docs/method.md: mean singular values over the
   batches, norms, consecutive cosine).
 
@@ -365,7 +395,7 @@ def gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
   one program; the stacked path runs this one on a single device.
   """
   layers = jax.tree.map(lambda x: x.astype(jnp.float32), model_lib.study_factors(layers))
-  return analysis.gradient_spectra(grads, layers, value_slice)
+  return analysis.gradient_spectra(grads, layers, value_slice, refine=refine)
 
 
 @functools.cache
@@ -375,10 +405,17 @@ def batched_gradient_fn(config: GPTNeoXConfig, value_slice: str, remat: str = "n
   return jax.jit(jax.vmap(gradient_fn(config, value_slice, remat)))
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str) -> dict:
+def batched_gradient_metrics(grads: dict, layers: dict, value_slice: str, refine=True) -> dict:
   """`gradient_metrics` of C checkpoints (leaves [C, G, ...] and [C, L, ...])."""
-  return jax.vmap(functools.partial(gradient_metrics, value_slice=value_slice))(grads, layers)
+  return _batched_gradient_metrics(grads, layers, value_slice, refine, registered_names())
+
+
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine", "registered"))
+def _batched_gradient_metrics(grads, layers, value_slice, refine, registered) -> dict:
+  fn = functools.partial(
+    gradient_metrics_jit, value_slice=value_slice, refine=refine, registered=registered
+  )
+  return over_checkpoints(lambda g: fn(*g), (grads, layers), refine)
 
 
 @functools.cache
@@ -401,13 +438,3 @@ def loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
 def batched_loss_fn(config: GPTNeoXConfig, microbatch: int = 0):
   """jit fn(stacked params [C, ...], tokens [b, s+1]) -> [C] losses on the same tokens."""
   return jax.jit(jax.vmap(loss_fn(config, microbatch), in_axes=(0, None)))
-
-
-@functools.partial(jax.jit, static_argnames=("debiased",))
-def pairwise_matrix(acts: jax.Array, debiased: bool) -> jax.Array:
-  """CKA between every pair of checkpoints: acts [C, *lead, n, e] -> [*lead, C, C]."""
-  x = jnp.moveaxis(acts, 0, -3)  # [*lead, C, n, e]
-  fn = functools.partial(analysis.pairwise_cka, debiased=debiased)
-  for _ in range(x.ndim - 3):
-    fn = jax.vmap(fn)
-  return fn(x)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import analysis
+from analysis import protocol
+from jax_pythia.study import selected
 
 
 def by_layer(fn, *trees):
@@ -55,10 +57,10 @@ def first_gradient_carry(grads: dict, value_slice: str) -> dict:
   return {**carry, "norms": jax.tree.map(lambda x: x.astype(jnp.float32), carry["norms"])}
 
 
-def _gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+def _gradient_terms(grads, carry, layers, value_slice: str, refine: bool = True) -> tuple:
   def one_layer(grad, previous, norms, weights):
     terms = analysis.gradient_batch_terms(
-      grad, {"grads": previous, "norms": norms}, weights, value_slice
+      grad, {"grads": previous, "norms": norms}, weights, value_slice, refine=refine
     )
     return terms[:3]
 
@@ -66,13 +68,14 @@ def _gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) ->
   return svals, norms, cosines, {"grads": grads, "norms": norms}
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",), donate_argnames=("grads",))
-def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> tuple:
+@functools.partial(jax.jit, static_argnames=("value_slice", "refine"), donate_argnames=("grads",))
+def gradient_terms(grads, carry, layers, value_slice: str, refine: bool = True) -> tuple:
   """One batch's gradients reduced (analysis.gradient_batch_terms) layer by layer
   (`by_layer`): (singular values, norms, cosines with the previous batch, carry for the
   next batch). Each layer's gradients, the previous batch's and its weights are cast to
   float32 in turn, so beyond its inputs the call holds one layer's float32 matrices and
-  SVD workspace, whatever L.
+  SVD workspace, whatever L; with `refine`, the singular values recomputed in float64 where
+  float32 cannot resolve the condition number (analysis.spectra.refine_singular_values).
 
   `grads` (one batch, leaves shaped like the weights, in their dtype) is donated: the
   returned carry is those buffers, so a device holds the previous and the current batch's
@@ -80,17 +83,17 @@ def gradient_terms(grads: dict, carry: dict, layers: dict, value_slice: str) -> 
   the gradient call (collectives and LAPACK in one XLA:CPU program can deadlock); on a mesh
   `spread_gradient_terms` runs it split by layer.
   """
-  return _gradient_terms(grads, carry, layers, value_slice)
+  return _gradient_terms(grads, carry, layers, value_slice, refine)
 
 
 @functools.cache
-def spread_gradient_terms(value_slice: str, mesh: jax.sharding.Mesh):
+def spread_gradient_terms(value_slice: str, mesh: jax.sharding.Mesh, refine: bool = True):
   """jit fn(grads, carry, layers) -> `gradient_terms`, on a mesh with one axis 'layers':
   every input's leaves are split on their leading L axis (L a multiple of the axis), each
   device reduces its own layers (no collective), the outputs and the carry stay split
   alike. So the previous batch's gradients live beside the current ones, L / n layers per
   device, and no device holds the whole model's gradients or weights. `grads` donated."""
-  fn = functools.partial(_gradient_terms, value_slice=value_slice)
+  fn = functools.partial(_gradient_terms, value_slice=value_slice, refine=refine)
   return on_layers(fn, mesh, 3, donate=(0,))
 
 
@@ -102,12 +105,21 @@ def spread_first_carry(value_slice: str, mesh: jax.sharding.Mesh):
   return jax.jit(lambda grads: first_gradient_carry(grads, value_slice), out_shardings=out)
 
 
-@jax.jit
 def gradient_summary(terms: list, layers: dict) -> dict:
   """{component: {metric: ...}} from G batches' `gradient_terms` outputs [(singular values,
   norms, cosines)], stacked here (analysis.gradient_summary). `layers`: only the shapes are
   read (`layer_shapes` will do)."""
-  svals, norms, cosines = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
+  # Stacked with float64 on: the float64-refined singular values (host arrays by now) would
+  # otherwise enter the compiled summary as float32, and their condition numbers be NaN.
+  with jax.enable_x64(True):
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *terms)
+  return _gradient_summary(*stacked, layers, tuple(analysis.METRICS))
+
+
+# `registered` (the registry's metric names) keys the compiled summary: a user metric
+# registered later must not reuse a summary traced without it.
+@functools.partial(jax.jit, static_argnames=("registered",))
+def _gradient_summary(svals, norms, cosines, layers: dict, registered: tuple) -> dict:
   return analysis.gradient_summary(svals, norms, cosines, layers)
 
 
@@ -128,6 +140,7 @@ def streamed_gradient_metrics(
   mesh: jax.sharding.Mesh | None = None,
   to_host=jax.device_get,
   carry_on_host: bool = False,
+  selection=None,
 ) -> dict:
   """`gradient_metrics` of gradient batches that arrive one at a time: each is reduced
   (`gradient_terms`) as it comes and dropped, so memory holds two batches' gradients
@@ -145,16 +158,23 @@ def streamed_gradient_metrics(
       (moved down after each reduction and up for the next), so the gradient call runs
       beside no carry: two transfers of a batch's gradients per batch for one batch's
       device memory (jax_pythia.scale.plan chooses it when nothing else fits).
+    selection: what is computed beyond the gradient statistics (analysis.selection): the
+      'entries' metrics (grad_gini, ...) only when selected, averaged over the batches, and
+      the float64 refinement only with a selected refined metric (grad_condition_number).
   Returns:
     {component: {metric: [L, H] | [L]}}, as `gradient_metrics` of the stacked batches.
   """
+  refine = selection is None or selection.refines_gradients
   reduce = (
-    functools.partial(gradient_terms, value_slice=value_slice)
+    functools.partial(gradient_terms, value_slice=value_slice, refine=refine)
     if mesh is None
-    else spread_gradient_terms(value_slice, mesh)
+    else spread_gradient_terms(value_slice, mesh, refine)
   )
-  carry, terms = None, []
+  entries_plan = protocol.plan_of(selection, "gradients", "entries") if selection else ()
+  carry, terms, entries = None, [], []
   for grads in batches:
+    if entries_plan:  # before the reduction, which takes (donates) the buffers
+      entries.append(selected.gradient_entries(grads, layers, value_slice, entries_plan))
     shardings = jax.tree.map(lambda x: x.sharding, grads)
     if carry is None:
       first = first_gradient_carry if mesh is None else spread_first_carry(value_slice, mesh)
@@ -168,4 +188,8 @@ def streamed_gradient_metrics(
   if not terms:
     raise ValueError("streamed_gradient_metrics needs at least one gradient batch")
   terms = [jax.tree.map(to_host, t) for t in terms]
-  return gradient_summary(terms, layer_shapes(layers))
+  out = gradient_summary(terms, layer_shapes(layers))
+  if entries:
+    mean = jax.tree.map(lambda *xs: jnp.mean(jnp.stack([to_host(x) for x in xs]), 0), *entries)
+    selected.merge_gradient_entries(out, mean)
+  return out

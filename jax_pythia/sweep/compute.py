@@ -63,12 +63,8 @@ class ChunkWork:
     beat("activations")
     params = place.params(loaded.params, config)
     where = loaded.directory or f"{m.name} step {step}"
-    tokens, idx = self._fixed_inputs(m, config, where)
     layout = self.layouts.get(m.name)
-    acts = study.activation_fn(config, o.value_slice, layout.capture_microbatch if layout else 0)(
-      params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx)
-    )
-    acts = {k: place.host(v) for k, v in acts.items()}
+    acts = self._activations(m, config, params, where)
     if step == m.final_step:
       self.references[m.name] = acts
     reference = acts if step == m.final_step else self.reference(m)
@@ -82,7 +78,7 @@ class ChunkWork:
       weight_values = study.spread_weight_metrics(o.value_slice, spread)(layers)
       weight_values = jax.tree.map(place.host, weight_values)
     gradient_values = losses = heldout = None
-    if o.gradients:
+    if o.computes_gradients:
       gradient_values, losses = self._gradient_values(m, step, config, params, layers, spread)
     if o.loss_sequences:
       beat("heldout loss")
@@ -100,6 +96,7 @@ class ChunkWork:
       gradient_values=gradient_values,
       train_losses=losses,
       heldout_loss=heldout,
+      selection=o.chosen,
     )
     return self._rows(m, step, values), acts
 
@@ -134,9 +131,22 @@ class ChunkWork:
       spread,
       place.host,
       carry_on_host=bool(layout and layout.carry == "host"),
+      selection=o.chosen,
     )
     self.heartbeat.beat(m.name, step, f"gradients, {len(batches)} batches: waiting for the device")
     return values, np.array([place.host(loss) for loss in batch_losses])
+
+  def _activations(self, m: ModelSource, config, params, where: str) -> dict:
+    """{component: array} captured on the fixed inputs (on the host); none when no
+    selected metric reads activations (no forward pass then)."""
+    if not self.options.chosen.needs_activations:
+      return {}
+    tokens, idx = self._fixed_inputs(m, config, where)
+    layout, place = self.layouts.get(m.name), self.placement
+    microbatch = layout.capture_microbatch if layout else 0
+    fn = study.activation_fn(config, self.options.value_slice, microbatch)
+    acts = fn(params, place.batch(tokens, 0, "--n_sequences"), place.replicate(idx))
+    return {k: place.host(v) for k, v in acts.items()}
 
   def stacked(self, m: ModelSource, chunk: list[Loaded]) -> list[tuple[pd.DataFrame, dict]]:
     """`one` of C non-final checkpoints of `m` (one config) stacked, one compiled call
@@ -152,16 +162,18 @@ class ChunkWork:
     params = study.stack_params([place.params(loaded.params, config) for loaded in chunk])
     where = chunk[0].directory or f"{m.name} step {steps[0]}"
     tokens, idx = self._fixed_inputs(m, config, where)
-    fn = study.batched_activation_fn(
-      config, o.value_slice, layout.capture_microbatch if layout else 0
-    )
-    acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
+    acts = {}
+    if o.chosen.needs_activations:
+      fn = study.batched_activation_fn(
+        config, o.value_slice, layout.capture_microbatch if layout else 0
+      )
+      acts = {k: place.host(v) for k, v in fn(params, tokens, idx).items()}
     reference = self.reference(m)
     for i, loaded in enumerate(chunk):
       here = loaded.directory or f"{m.name} step {loaded.step}"
       check_like_reference({k: a[i] for k, a in acts.items()}, reference, here)
     grads = losses = heldout = None
-    if o.gradients:
+    if o.computes_gradients:
       beat("gradients")
       batches = np.stack([self._gradient_batches(m, step, config) for step in steps])
       remat = layout.remat if layout else "none"
@@ -179,6 +191,7 @@ class ChunkWork:
       grads=grads,
       train_losses=losses,
       heldout_loss=heldout,
+      selection=o.chosen,
     )
     return [
       (self._rows(m, step, v), {k: a[i] for k, a in acts.items()})
@@ -214,12 +227,16 @@ class ChunkWork:
     return batches
 
   def _rows(self, m: ModelSource, step: int, values: dict) -> pd.DataFrame:
+    """The selected rows (metric and layers: `Selection.keeps`) of one checkpoint."""
+    keeps = self.options.chosen.keeps
     frames = [
       results.metric_rows(m.name, step, component, metric, self.placement.host(value))
       for component, metrics in values.items()
       for metric, value in metrics.items()
     ]
-    return pd.concat(frames, ignore_index=True)
+    rows = pd.concat(frames, ignore_index=True)
+    kept = [keeps(c, n, layer) for c, n, layer in zip(rows.component, rows.metric, rows.layer)]
+    return rows[np.asarray(kept, bool)].reset_index(drop=True)
 
   def heldout_tokens(self, m: ModelSource) -> np.ndarray:
     """The batch of the final step: in the stream, but no checkpoint trained on it."""

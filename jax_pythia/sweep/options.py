@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from analysis.selection import Selection
+from analysis.selection import default as default_selection
 from jax_pythia import data, suite
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import SweepError
@@ -30,6 +32,9 @@ class SweepOptions:
   dtype: str = "float32"  # forward/backward compute dtype (metric inputs: float32, HIGHEST)
   matmul_precision: str = "default"  # of the forward/backward: default | high | highest
   seed: int = 0
+  # What is computed (analysis.selection: --metrics, --components, --analysis); None: the
+  # paper's protocol. Recorded in --out as 'metrics': a rerun with another is refused.
+  selection: Selection | None = None
 
   def __post_init__(self):
     if self.n_sequences < 2:
@@ -75,10 +80,24 @@ class SweepOptions:
         )
 
   def fingerprint(self) -> dict[str, Any]:
-    options = dataclasses.asdict(self)
+    options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     if options["matmul_precision"] == "default":  # runs from before the option still resume
       del options["matmul_precision"]
+    # Recorded as --metrics: the selection's (component, metric, layers) entries.
+    del options["selection"]
+    chosen = self.chosen
+    options["metrics"] = "default" if chosen == default_selection() else chosen.record()
     return options
+
+  @property
+  def chosen(self) -> Selection:
+    """The selection (the paper's protocol when none was given)."""
+    return self.selection or default_selection()
+
+  @property
+  def computes_gradients(self) -> bool:
+    """Whether a gradient pass runs: --gradients and a selected metric that needs it."""
+    return self.gradients and self.chosen.needs_gradients
 
 
 # jax.default_matmul_precision values for the model's forward/backward. 'default' is the
@@ -128,7 +147,7 @@ def batches_needed(
 
   for m in models:
     need(fixed_input_step(options, m), options.n_sequences)
-    if options.gradients:
+    if options.computes_gradients:
       for s in selected_steps(m, steps):
         for g in gradient_steps(s, options.gradient_window, m.final_step - 1):
           need(g, options.gradient_sequences)

@@ -51,7 +51,13 @@ _DATA_FLAGS = {
 
 
 #: Options a record may lack, and what their absence means (SweepOptions.fingerprint).
-_ABSENT_OPTIONS = {"matmul_precision": "default"}
+#: A record from before --metrics computed another protocol than today's default (float32
+#: condition numbers, NaN where unresolved; no nuclear norm): a rerun into it is refused,
+#: naming --metrics and what the old run computed, rather than mixing the two in one table.
+_ABSENT_OPTIONS = {
+  "matmul_precision": "default",
+  "metrics": "the protocol before --metrics (float32 condition numbers, no nuclear norm)",
+}
 #: What every record holds: without one of these it no longer says what computed its results.
 _RECORD_SECTIONS = ("options", "data", "models")
 _REQUIRED_DATA = {"kind": str, "seq_len": int}

@@ -10,6 +10,7 @@ Figures (PNG and PDF under <out>/figures):
   per_vs_convergence     each layer's PER against its convergence (CKA area over log-steps)
   evals                  downstream accuracy on the same step axis (with --evals_dir)
   pairwise_cka           CKA between every pair of checkpoints, mean over layers
+report.md ends with the metrics in the tables and their formulas (analysis.registry).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import analysis  # noqa: E402
+from analysis import registry  # noqa: E402
 from jax_pythia.errors import SweepError  # noqa: E402
 from jax_pythia.files import atomic_write  # noqa: E402
 
@@ -355,6 +357,7 @@ def write_report(
     _report_text(metrics, models, stats, estimators, evals_note, labels)
     + _models_text(models, status)
     + _flagged_text(flagged)
+    + _metrics_text(metrics)
   )
   atomic_write(report_path, lambda tmp: _write_text(tmp, text), ".md")
   return written + [report_path]
@@ -483,4 +486,13 @@ def _flagged_text(flagged: pd.DataFrame) -> str:
   ]
   for row in flagged.itertuples():
     lines.append(f"| {row.model} | {row.step} | {row.status} | {row.flag} |")
+  return "\n".join(lines + [""])
+
+
+def _metrics_text(metrics: pd.DataFrame) -> str:
+  """report.md's list of the metrics in the tables, each with its formula (the registry)."""
+  lines = ["## Metrics", "", "| metric | data: formula |", "|---|---|"]
+  for name in sorted(metrics.metric.unique()):
+    how = registry.formula(name) or "not registered in this process (a --metrics_module?)"
+    lines.append(f"| {name} | {how.replace('|', '/')} |")
   return "\n".join(lines + [""])

@@ -144,7 +144,8 @@ def check_finished(metrics_path: str, acts_path: str, status: Mapping[str, Any] 
     return f"{metrics_path} holds {rows} rows, expected {expected or 'some'}"
   try:
     with np.load(acts_path) as f:
-      if not f.files:
+      # (none is whole when the status says none were captured: no activation metric selected)
+      if not f.files and (status or {}).get("activations", True):
         return f"{acts_path} holds no activations"
   except FileNotFoundError:
     return f"{acts_path} is missing"
@@ -209,8 +210,14 @@ def collect(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   return metrics, status.sort_values(["model", "step"], ignore_index=True)
 
 
-def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
-  """CKA between every pair of swept checkpoints of one model, per layer and component."""
+def pairwise(
+  out_dir: str, model: str, steps: Sequence[int], plan: dict | None = None
+) -> pd.DataFrame:
+  """The similarity metrics between every pair of swept checkpoints of one model, per layer
+  and component. plan: {component: registry names} (default: both CKA estimators on every
+  component: `Selection.of('activations', 'similarity')` of the paper's protocol)."""
+  if plan is None:
+    plan = {c: tuple(analysis.CKA_ESTIMATORS) for c in analysis.ACTIVATION_COMPONENTS}
   paths = [checkpoint_paths(out_dir, model, s)[1] for s in steps]
   present = [(s, p) for s, p in zip(steps, paths) if os.path.exists(p)]
   if len(present) < 2:
@@ -220,8 +227,8 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
   frames = []
   for component in loaded[0]:
     stacked = np.stack([a[component] for a in loaded])  # [C, L, (H,) n, e]
-    for metric, debiased in analysis.CKA_ESTIMATORS.items():
-      matrix = np.asarray(study.pairwise_matrix(stacked, debiased))  # [L, (H,) C, C]
+    for metric in plan.get(component, ()):
+      matrix = np.asarray(study.pairwise_similarity(stacked, metric))  # [L, (H,) C, C]
       lead = matrix.shape[:-2]
       for index in np.ndindex(*lead):
         layer = index[0]
@@ -242,12 +249,17 @@ def pairwise(out_dir: str, model: str, steps: Sequence[int]) -> pd.DataFrame:
             }
           )
         )
+  if not frames:
+    return pd.DataFrame(columns=PAIRWISE_COLUMNS)
   return pd.concat(frames, ignore_index=True)
 
 
-def finalize(out_dir: str) -> dict[str, str]:
+def finalize(out_dir: str, selection=None) -> dict[str, str]:
   """Writes metrics.parquet, checkpoints.parquet and pairwise_cka.parquet from everything
-  in `out_dir` (every model any run put there, not only the last run's); their paths."""
+  in `out_dir` (every model any run put there, not only the last run's); their paths.
+  selection: the sweep's (analysis.selection; default the paper's protocol): its
+  similarity metrics are the pairwise ones (none: an empty pairwise table)."""
+  plan = None if selection is None else selection.of("activations", "similarity")
   check_gatherable(out_dir)
   metrics, status = collect(out_dir)
   if metrics.empty:
@@ -261,7 +273,7 @@ def finalize(out_dir: str) -> dict[str, str]:
   # the final.
   write_parquet(integrity.flag_duplicates(status), paths["checkpoints"])
   pair = [
-    pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()))
+    pairwise(out_dir, name, sorted(metrics.loc[metrics.model == name, "step"].unique()), plan)
     for name in sorted(metrics["model"].unique())
   ]
   write_parquet(pd.concat(pair, ignore_index=True), paths["pairwise_cka"])

@@ -205,7 +205,7 @@ class Sweep:
         f"--n_sequences={o.n_sequences}: with --positions={o.positions} it gives {samples} "
         "samples; the debiased CKA needs at least 4"
       )
-    if o.gradients:
+    if o.computes_gradients:
       if not self.source.has_training_steps:
         raise SweepError(
           f"gradients need the training batch of each step, which "
@@ -401,6 +401,8 @@ class Sweep:
     status.update(
       status="ok", message="", compute_s=seconds or time.perf_counter() - start, rows=len(rows)
     )
+    if not acts:  # a selection without activation metrics captures none (analysis.selection)
+      status["activations"] = False
     results.write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
