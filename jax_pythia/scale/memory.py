@@ -17,6 +17,7 @@ from jax_pythia.scale.shapes import (
   Shape,
   Work,
   device_memory,
+  kept_positions,
   of_source,
   selected_work,
   si,
@@ -453,17 +454,6 @@ def stacked_peaks(
     )["total"]
     peaks["spectra"] = spectra_call_bytes(shape, work, c)["total"]
   return peaks
-
-
-def kept_positions(spec: str, seq_len: int) -> int:
-  """Token positions per sequence a --positions spec keeps."""
-  from jax_pythia.models import model as model
-
-  try:
-    kind, arg = model.parse_positions(spec, "--positions")
-  except ValueError as e:
-    raise PlanError(str(e)) from None
-  return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
 
 
 def sweep_work(options, seq_len: int) -> Work:

@@ -297,3 +297,14 @@ def si(x: float, unit: str) -> str:
 def format_bytes(x: float) -> str:
   """1.6e10 -> '16 GB' (decimal prefixes, as --device_memory reads them)."""
   return si(x, "B")
+
+
+def kept_positions(spec: str, seq_len: int) -> int:
+  """Token positions per sequence a --positions spec keeps."""
+  from jax_pythia.models import model as model
+
+  try:
+    kind, arg = model.parse_positions(spec, "--positions")
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+  return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
