@@ -1,14 +1,15 @@
 """Where a steady checkpoint's time goes in bench_sweep's sweep (issue 21, item 5).
 
-  python -m benchmarks.bench_account [--checkpoints 3 --seq 128 --n_sequences 128 \
-      --gradient_sequences 16]
+  python -m benchmarks.bench_account [--size 70m --checkpoints 3 --seq 128 \
+      --n_sequences 128 --gradient_sequences 16]
 
-The same suite and options as `benchmarks.bench_sweep` (random pythia-70m-shaped fp16
-checkpoints). First the sweep as it runs, its phases timed from its heartbeat, compiles
-counted per checkpoint (`jax.monitoring`); then the same steady checkpoints again, each
-loaded first (no prefetch beside it), their compute (`ChunkWork.one`) timed alone, then
-their load (read, hash, convert) alone and the writes of their files alone. Prints seconds
-per steady checkpoint for each.
+The same suite and options as `benchmarks.bench_sweep` (random Pythia-shaped fp16
+checkpoints, 70m by default). First the sweep as it runs, its phases timed from its
+heartbeat, its process CPU time per checkpoint and its compiles counted
+(`jax.monitoring`); then the same steady checkpoints again, each loaded first (no
+prefetch beside it), their compute (`ChunkWork.one`) timed alone, their load (read, hash,
+convert) alone and the writes of their files alone. Process CPU time is reported beside
+wall time: on a shared machine it is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import time
 
 import jax
 import numpy as np
+import torch
+from transformers import GPTNeoXConfig as HFConfig
+from transformers import GPTNeoXForCausalLM
 
-from benchmarks import bench_sweep
+from benchmarks import bench_sweep, shapes
 from jax_pythia import data, sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.files import save_npz
@@ -30,28 +34,26 @@ from jax_pythia.sweep import loading, results, watchdog
 
 
 class PhaseClock(watchdog.Heartbeat):
-  """A heartbeat that also records how long each (step, phase) lasted."""
+  """A heartbeat that also records each (step, phase)'s wall time and each step's CPU."""
 
   def __init__(self):
     super().__init__()
     self.spans: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    self._last: tuple[int | None, str, float] | None = None
+    self.cpu: collections.Counter = collections.Counter()  # process CPU seconds per step
+    self._last: tuple | None = None
 
   def beat(self, model=None, step=None, phase=""):
-    now = time.perf_counter()
+    now, cpu = time.perf_counter(), time.process_time()
     if self._last is not None and self._last[0] is not None:
-      step0, phase0, t0 = self._last
-      self.spans[step0][_phase(phase0)] += now - t0
-    self._last = (step, phase, now)
+      step0, phase0, t0, cpu0 = self._last
+      self.spans[step0][phase0.split(",")[0].split(" (")[0]] += now - t0
+      self.cpu[step0] += cpu - cpu0
+    self._last = (step, phase, now, cpu)
     super().beat(model, step, phase)
 
 
-def _phase(text: str) -> str:
-  return text.split(",")[0].split(" (")[0]
-
-
 def compile_counter() -> collections.Counter:
-  """Counts compiles and traces as JAX reports them (every process-wide event)."""
+  """Counts compiles and traces as JAX reports them."""
   counts: collections.Counter = collections.Counter()
 
   def listen(event, duration, **kwargs):
@@ -62,57 +64,83 @@ def compile_counter() -> collections.Counter:
   return counts
 
 
+def write_suite(root, size, n_checkpoints, seq, sequences_per_step):
+  """bench_sweep's suite (random fp16 checkpoints, a token stream) at any Pythia size."""
+  steps = [bench_sweep.STEP_EVERY * i for i in range(n_checkpoints)]
+  rng = np.random.default_rng(0)
+  kwargs = shapes.hf_kwargs(size)
+  n_items = (steps[-1] + 1) * sequences_per_step
+  data.write_mmap_indexed_dataset(
+    os.path.join(root, "data", "train"),
+    (rng.integers(0, kwargs["vocab_size"], seq + 1) for _ in range(n_items)),
+  )
+  for step in steps:
+    torch.manual_seed(step)
+    model = GPTNeoXForCausalLM(HFConfig(**kwargs)).to(torch.float16)
+    model.save_pretrained(os.path.join(root, "shaped", f"step{step}"))
+  return steps
+
+
+def in_sweep(runner, clock, counts, steps):
+  """Runs the sweep; prints each checkpoint's phases; the status table by step."""
+  per_step = {}
+  runner.progress = lambda name, step: per_step.setdefault(step, dict(counts))
+  start = time.perf_counter()
+  runner.run()
+  wall = time.perf_counter() - start
+  _, status = results.collect(runner.out_dir)
+  status = status.set_index("step")
+  final = steps[-1]
+  steady = (wall - status.loc[final, "compute_s"]) / (len(steps) - 1)
+  print(f"sweep: {wall:.1f} s, {len(steps)} checkpoints; after the first {steady:.2f} s each")
+  for step in [final] + steps[:-1]:
+    spans = ", ".join(f"{k} {v:.2f}" for k, v in clock.spans[step].items())
+    print(
+      f"  step {step}: compute_s {status.loc[step, 'compute_s']:.2f}, load_s "
+      f"{status.loc[step, 'load_s']:.2f}; phases: {spans}; process CPU "
+      f"{clock.cpu[step]:.2f} s; compiles/traces so far {per_step.get(step)}",
+      flush=True,
+    )
+  return status, steady
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--size", default="70m", help="a Pythia size (bench_sweep: 70m)")
   parser.add_argument("--checkpoints", type=int, default=3)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--n_sequences", type=int, default=128)
   parser.add_argument("--gradient_sequences", type=int, default=16)
   args = parser.parse_args()
   root = tempfile.mkdtemp(prefix="bench_account_")
-  steps = bench_sweep.write_suite(root, args.checkpoints, args.seq, args.n_sequences)
-  final, others = steps[-1], steps[:-1]
+  steps = write_suite(root, args.size, args.checkpoints, args.seq, args.n_sequences)
   source = data.open_token_source(
     os.path.join(root, "data", "train"), sequences_per_step=args.n_sequences
   )
-  models = sources.resolve_models([os.path.join(root, "pythia-70m-shaped")])
+  models = sources.resolve_models([os.path.join(root, "shaped")])
   options = sweep.SweepOptions(
     n_sequences=args.n_sequences, gradient_sequences=args.gradient_sequences
   )
-  counts = compile_counter()
-  clock = PhaseClock()
-  out = os.path.join(root, "out")
-  runner = sweep.Sweep(models, "all", source, out, options, heartbeat=clock)
-  runner.prepare()
-  per_step_compiles = {}
-  runner.progress = lambda name, step: per_step_compiles.setdefault(step, dict(counts))
-  start = time.perf_counter()
-  runner.run()
-  wall = time.perf_counter() - start
-  _, status = results.collect(out)
-  status = status.set_index("step")
-  steady_wall = (wall - status.loc[final, "compute_s"]) / len(others)
-  print(f"sweep: {wall:.1f} s, {len(steps)} checkpoints; after the first {steady_wall:.2f} s each")
-  for step in [final] + others:
-    spans = ", ".join(f"{k} {v:.2f}" for k, v in clock.spans[step].items())
-    print(
-      f"  step {step}: compute_s {status.loc[step, 'compute_s']:.2f}, load_s "
-      f"{status.loc[step, 'load_s']:.2f}; phases: {spans}; compiles/traces so far "
-      f"{per_step_compiles.get(step)}"
-    )
-  m = models[0]
-  alone, loads, writes = [], [], []
+  counts, clock = compile_counter(), PhaseClock()
+  runner = sweep.Sweep(models, "all", source, os.path.join(root, "out"), options, heartbeat=clock)
+  status, steady = in_sweep(runner, clock, counts, steps)
+  m, others = models[0], steps[:-1]
+  alone, cpu, loads, load_cpu, writes = [], [], [], [], []
   for step in others:
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     loaded = loading.load(m, step, options.dtype)
     loads.append(time.perf_counter() - t)
+    load_cpu.append(time.process_time() - c)
     before = dict(counts)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rows, acts = runner.work.one(m, loaded)
     alone.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+    new = {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)}
     print(
-      f"  step {step} alone: compute {alone[-1]:.2f} s; new compiles/traces "
-      f"{ {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)} }"
+      f"  step {step} alone: compute {alone[-1]:.2f} s (CPU {cpu[-1]:.2f} s), load "
+      f"{loads[-1]:.2f} s (CPU {load_cpu[-1]:.2f} s); new compiles/traces {new}",
+      flush=True,
     )
     t = time.perf_counter()
     scratch = os.path.join(root, "scratch")
@@ -121,10 +149,14 @@ def main():
     results.write_json(os.path.join(scratch, "s.json"), {"step": step})
     writes.append(time.perf_counter() - t)
   compute = np.mean([status.loc[s, "compute_s"] for s in others])
+  in_cpu = np.mean([clock.cpu[s] for s in others])
   print(
-    f"per steady checkpoint: in the sweep {compute:.2f} s compute ({steady_wall:.2f} s wall); "
-    f"alone {np.mean(alone):.2f} s; load alone {np.mean(loads):.2f} s; "
-    f"writes {np.mean(writes):.3f} s; ratio in-sweep / alone {compute / np.mean(alone):.3f}"
+    f"per steady checkpoint: in the sweep {compute:.2f} s compute ({steady:.2f} s wall, "
+    f"process CPU {in_cpu:.2f} s); alone {np.mean(alone):.2f} s (CPU {np.mean(cpu):.2f} s); "
+    f"load alone {np.mean(loads):.2f} s (CPU {np.mean(load_cpu):.2f} s); writes "
+    f"{np.mean(writes):.3f} s; in-sweep / alone: wall {compute / np.mean(alone):.3f}, CPU "
+    f"{in_cpu / np.mean(cpu):.3f}; (in-sweep CPU - alone CPU) / load CPU "
+    f"{(in_cpu - np.mean(cpu)) / np.mean(load_cpu):.2f}"
   )
 
 

@@ -74,10 +74,6 @@ class Sweep:
     self.on_duplicate = on_duplicate
     self._hashes: dict[str, dict[str, int]] = {}  # model -> {weights hash: first step}
     self.models, self.source = list(models), source
-    # --out as given (a folder or an fsspec URL); the sweep reads and writes `out_dir`, a
-    # local folder (the URL's staging mirror: jax_pythia.sweep.store).
-    self.store = store.OutStore(out_dir)
-    self.out_dir = self.store.local
     self.options, self.on_error = options or SweepOptions(), on_error
     self.keep = keep_checkpoints
     self.progress = progress
@@ -104,6 +100,11 @@ class Sweep:
     self.requested_per_call = checkpoints_per_call  # 0: automatic
     self.per_call: dict[str, int] = {}  # per model, set by prepare()
     self.plan = {m.name: selected_steps(m, steps) for m in self.models}
+    # --out as given (a folder or an fsspec URL); the sweep reads and writes `out_dir`, a
+    # local folder (the URL's staging mirror: jax_pythia.sweep.store). Last: nothing above
+    # may refuse the run once a staging folder exists.
+    self.store = store.OutStore(out_dir)
+    self.out_dir = self.store.local
 
   # -- planning
 
