@@ -18,6 +18,7 @@ import argparse
 import collections
 import os
 import tempfile
+import threading
 import time
 
 import jax
@@ -111,6 +112,7 @@ def main():
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--n_sequences", type=int, default=128)
   parser.add_argument("--gradient_sequences", type=int, default=16)
+  parser.add_argument("--rounds", type=int, default=2, help="repeats of the runs alone")
   args = parser.parse_args()
   root = tempfile.mkdtemp(prefix="bench_account_")
   steps = write_suite(root, args.size, args.checkpoints, args.seq, args.n_sequences)
@@ -125,39 +127,44 @@ def main():
   runner = sweep.Sweep(models, "all", source, os.path.join(root, "out"), options, heartbeat=clock)
   status, steady = in_sweep(runner, clock, counts, steps)
   m, others = models[0], steps[:-1]
-  alone, cpu, loads, load_cpu, writes = [], [], [], [], []
-  for step in others:
-    t, c = time.perf_counter(), time.process_time()
-    loaded = loading.load(m, step, options.dtype)
-    loads.append(time.perf_counter() - t)
-    load_cpu.append(time.process_time() - c)
-    before = dict(counts)
-    t, c = time.perf_counter(), time.process_time()
-    rows, acts = runner.work.one(m, loaded)
-    alone.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-    new = {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)}
-    print(
-      f"  step {step} alone: compute {alone[-1]:.2f} s (CPU {cpu[-1]:.2f} s), load "
-      f"{loads[-1]:.2f} s (CPU {load_cpu[-1]:.2f} s); new compiles/traces {new}",
-      flush=True,
-    )
-    t = time.perf_counter()
-    scratch = os.path.join(root, "scratch")
-    save_npz(os.path.join(scratch, "a.npz"), acts)
-    results.write_parquet(rows, os.path.join(scratch, "m.parquet"))
-    results.write_json(os.path.join(scratch, "s.json"), {"step": step})
-    writes.append(time.perf_counter() - t)
+  timed = collections.defaultdict(list)  # what -> [(wall, CPU)]
+  writes = []
+  with jax.default_matmul_precision(options.matmul_precision):  # as the sweep runs them
+    for _ in range(args.rounds):
+      for step in others:
+        loaded = measure(timed["load alone"], loading.load, m, step, options.dtype)
+        rows, acts = measure(timed["compute alone"], runner.work.one, m, loaded)
+        # As in the sweep: the next checkpoint (here the final) loads in a thread beside.
+        beside = threading.Thread(target=loading.load, args=(m, steps[-1], options.dtype))
+        beside.start()
+        measure(timed["compute, a load beside"], runner.work.one, m, loaded)
+        beside.join()
+        t = time.perf_counter()
+        scratch = os.path.join(root, "scratch")
+        save_npz(os.path.join(scratch, "a.npz"), acts)
+        results.write_parquet(rows, os.path.join(scratch, "m.parquet"))
+        results.write_json(os.path.join(scratch, "s.json"), {"step": step})
+        writes.append(time.perf_counter() - t)
+  print(f"compiles/traces after the sweep's, in the runs alone: {dict(counts)}")
   compute = np.mean([status.loc[s, "compute_s"] for s in others])
   in_cpu = np.mean([clock.cpu[s] for s in others])
   print(
-    f"per steady checkpoint: in the sweep {compute:.2f} s compute ({steady:.2f} s wall, "
-    f"process CPU {in_cpu:.2f} s); alone {np.mean(alone):.2f} s (CPU {np.mean(cpu):.2f} s); "
-    f"load alone {np.mean(loads):.2f} s (CPU {np.mean(load_cpu):.2f} s); writes "
-    f"{np.mean(writes):.3f} s; in-sweep / alone: wall {compute / np.mean(alone):.3f}, CPU "
-    f"{in_cpu / np.mean(cpu):.3f}; (in-sweep CPU - alone CPU) / load CPU "
-    f"{(in_cpu - np.mean(cpu)) / np.mean(load_cpu):.2f}"
+    f"per steady checkpoint, mean of {len(others) * args.rounds}: in the sweep {compute:.2f} s "
+    f"compute (process CPU {in_cpu:.2f} s), {steady:.2f} s wall as bench_sweep counts it"
   )
+  for what, pairs in timed.items():
+    wall, cpu = np.mean(pairs, axis=0)
+    ratio = compute / wall
+    print(f"  {what}: {wall:.2f} s (process CPU {cpu:.2f} s); in the sweep / this {ratio:.3f}")
+  print(f"  writing one checkpoint's files: {np.mean(writes):.3f} s")
+
+
+def measure(into, fn, *args):
+  """fn(*args), its (wall, process CPU) seconds appended to `into`."""
+  t, c = time.perf_counter(), time.process_time()
+  out = fn(*args)
+  into.append((time.perf_counter() - t, time.process_time() - c))
+  return out
 
 
 if __name__ == "__main__":
