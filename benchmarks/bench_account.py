@@ -126,6 +126,7 @@ def main():
   counts, clock = compile_counter(), PhaseClock()
   runner = sweep.Sweep(models, "all", source, os.path.join(root, "out"), options, heartbeat=clock)
   status, steady = in_sweep(runner, clock, counts, steps)
+  sweep_cpu = dict(clock.cpu)  # the runs alone beat the same clock
   m, others = models[0], steps[:-1]
   timed = collections.defaultdict(list)  # what -> [(wall, CPU)]
   writes = []
@@ -147,10 +148,10 @@ def main():
         writes.append(time.perf_counter() - t)
   print(f"compiles/traces after the sweep's, in the runs alone: {dict(counts)}")
   compute = np.mean([status.loc[s, "compute_s"] for s in others])
-  in_cpu = np.mean([clock.cpu[s] for s in others])
+  in_cpu = np.mean([sweep_cpu[s] for s in others])
   print(
-    f"per steady checkpoint, mean of {len(others) * args.rounds}: in the sweep {compute:.2f} s "
-    f"compute (process CPU {in_cpu:.2f} s), {steady:.2f} s wall as bench_sweep counts it"
+    f"per steady checkpoint: in the sweep {compute:.2f} s compute (process CPU {in_cpu:.2f} s), "
+    f"{steady:.2f} s wall as bench_sweep counts it; below, means of {len(others) * args.rounds}"
   )
   for what, pairs in timed.items():
     wall, cpu = np.mean(pairs, axis=0)
@@ -164,6 +165,8 @@ def measure(into, fn, *args):
   t, c = time.perf_counter(), time.process_time()
   out = fn(*args)
   into.append((time.perf_counter() - t, time.process_time() - c))
+  wall, cpu = into[-1]
+  print(f"    {getattr(fn, '__name__', fn)}: {wall:.2f} s (CPU {cpu:.2f} s)", flush=True)
   return out
 
 
