@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from jax_pythia import sweep
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import SweepError
-from jax_pythia.scale import plan
+from jax_pythia.scale import plan, sharding
 from jax_pythia.sweep import results
 from tests import suite_fixtures as sf
 
@@ -161,3 +162,27 @@ def test_bad_checkpoints_per_call(suite_dir, tmp_path):
   assert proc.stderr.strip().splitlines() == [
     "sweep: error: --checkpoints_per_call=x: a number of checkpoints >= 1, or auto (0)"
   ]
+
+
+def test_stacked_checkpoints_never_run_on_a_mesh(suite_dir, tmp_path):
+  """The stacked path's spectra run where its checkpoints are, one device: on a mesh it
+  would hold every layer of C checkpoints on one device where the one-checkpoint path
+  splits them by layer (docs/tpu.md), so a mesh refuses C > 1 and chooses C = 1."""
+  models = sources.resolve_models([str(suite_dir)])
+  source = sources.open_data(None, models, None, None)
+  options = sweep.SweepOptions(**OPTIONS)
+  mesh = sharding.Placement(sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  with pytest.raises(SweepError, match=r"^--checkpoints_per_call=2 with --mesh: stacked"):
+    sweep.Sweep(
+      models, "all", source, str(tmp_path / "a"), options, placement=mesh, checkpoints_per_call=2
+    )
+  runner = sweep.Sweep(
+    models, "all", source, str(tmp_path / "b"), options, placement=mesh, device_memory=1e12
+  )
+  runner.prepare()
+  assert runner.per_call == {"small-2l": 1}
+  alone = sweep.Sweep(
+    models, "all", source, str(tmp_path / "c"), options, device_memory=1e12, checkpoints_per_call=3
+  )
+  alone.prepare()
+  assert alone.per_call == {"small-2l": 3}

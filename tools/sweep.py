@@ -35,7 +35,12 @@ flags.DEFINE_list(
   f"The default, {DEFAULT_TOY_SUITE}, is the offline toy suite, built first "
   "if missing.",
 )
-flags.DEFINE_string("out", os.path.join("runs", "sweep"), "Output directory.")
+flags.DEFINE_string(
+  "out",
+  os.path.join("runs", "sweep"),
+  "Output directory, or an fsspec URL (gs://bucket/run, with gcsfs) for hosts that share no "
+  "disk: each host stages its files locally and uploads each as it is written.",
+)
 flags.DEFINE_string(
   "data",
   None,
@@ -180,18 +185,11 @@ def ensure_default_suite(placement) -> None:
   placement.barrier("toy_suite")
 
 
-def finish(heartbeat, selection) -> None:
-  """Process 0 gathers the tables (the pairwise one: the selection's similarity metrics)
-  and draws the figures."""
-  from jax_pythia.sweep import report, results
-
+def finish(runner, heartbeat) -> None:
+  """Process 0 gathers the tables and draws the figures."""
   heartbeat.beat(phase="gathering results")
-  for path in results.finalize(FLAGS.out, selection).values():
+  for path in runner.finish(FLAGS.figures, FLAGS.evals_dir):
     print(f"wrote {path}")
-  if FLAGS.figures:
-    heartbeat.beat(phase="drawing figures")
-    for path in report.write_report(FLAGS.out, evals_dir=FLAGS.evals_dir):
-      print(f"wrote {path}")
 
 
 def open_inputs(heartbeat, data_timeout: float):
@@ -252,17 +250,20 @@ def main(argv):
     device_memory=device_memory,
     checkpoints_per_call=per_call,
   )
-  # Checks the data, fits each model to the device's memory and checks --out, before
-  # any checkpoint loads.
-  runner.prepare()
-  bar.reset(total=announce(runner, models, placement))
-  with bar:
-    runner.run()
-  # Every process's files are on the shared --out before process 0 gathers them.
-  heartbeat.beat(phase="waiting for the other processes")
-  placement.barrier("done")
-  if placement.process_index == 0:
-    finish(heartbeat, options.chosen)
+  try:
+    # Checks the data, fits each model to the device's memory and checks --out, before
+    # any checkpoint loads.
+    runner.prepare()
+    bar.reset(total=announce(runner, models, placement))
+    with bar:
+      runner.run()
+    # Every process's files are on --out before process 0 gathers them.
+    heartbeat.beat(phase="waiting for the other processes")
+    placement.barrier("done")
+    if placement.process_index == 0:
+      finish(runner, heartbeat)
+  finally:
+    runner.store.close()  # the staging folder of a URL --out
 
 
 if __name__ == "__main__":

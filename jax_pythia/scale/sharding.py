@@ -4,7 +4,8 @@ Everything here is JAX's own runtime: a `jax.sharding.Mesh` with named axes, GSP
 shardings on the inputs of the study's compiled functions (the compiler partitions the
 rest), `jax.distributed` for several processes and `multihost_utils` barriers. No
 scheduler of our own: the only shared state between processes is the sweep's --out
-directory, whose per-checkpoint files already make results idempotent.
+(a directory, or an fsspec URL for hosts that share no disk), whose per-checkpoint files
+already make results idempotent.
 
 Mesh axes (`--mesh=data:4,model:2`; a size of -1 takes the remaining devices):
   data   token batches: the activation batch [n, s] and each gradient microbatch are
@@ -20,7 +21,8 @@ Several processes (`Placement.split`):
                computes every model's final checkpoint (the CKA reference) first while
                the others wait at a barrier, then the pending non-final checkpoints are
                dealt round-robin (process i takes i, i+P, ...); each process fetches only
-               its own checkpoints and writes their files to the shared --out.
+               its own checkpoints and writes their files to the shared --out (a
+               folder every host sees, or a URL: jax_pythia.sweep.store).
   shard        every process runs every checkpoint together on one global mesh (for
                models too big for one host); all of them compute, process 0 writes.
 Either way the caller runs `results.finalize` on process 0 only, after `barrier("done")`.

@@ -269,12 +269,14 @@ def _same_type(old: Any, new: Any) -> bool:
 def verify_finished(
   paths: Mapping[tuple[str, int], tuple[str, str, str]],
   notify: Callable[[str], None],
+  changed: Callable[..., None] = lambda *paths: None,
 ) -> list[tuple[str, int]]:
   """Checks every finished checkpoint (`paths`: (model, step) -> (metrics .parquet,
   activations .npz, status .json)); returns those that must be computed again.
 
   A damaged one has its files removed and is named in one line through `notify`. One whose
   status record was lost (the run died between its rows and its status) gets it back.
+  `changed(*paths)` is told of each file removed or restored (`store.OutStore.sync`).
   """
   redo = []
   for (model, step), (metrics_path, acts_path, status_path) in paths.items():
@@ -292,6 +294,7 @@ def verify_finished(
       for path in (metrics_path, acts_path, status_path):
         with contextlib.suppress(FileNotFoundError):
           os.unlink(path)
+      changed(metrics_path, acts_path, status_path)
       redo.append((model, step))
     elif status is None:
       import pyarrow.parquet as pq
@@ -308,4 +311,5 @@ def verify_finished(
           "rows": pq.read_metadata(metrics_path).num_rows,
         },
       )
+      changed(status_path)
   return redo

@@ -36,7 +36,7 @@ from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
 from jax_pythia.models import model as model
 from jax_pythia.scale import plan, sharding
-from jax_pythia.sweep import compute, loading, outdir, results, watchdog
+from jax_pythia.sweep import compute, loading, outdir, results, store, watchdog
 from jax_pythia.sweep.loading import Loaded, parameter_count
 from jax_pythia.sweep.options import SweepOptions, batches_needed, fixed_input_step, selected_steps
 
@@ -73,7 +73,7 @@ class Sweep:
       raise SweepError(f"--on_duplicate={on_duplicate!r}: keep or skip")
     self.on_duplicate = on_duplicate
     self._hashes: dict[str, dict[str, int]] = {}  # model -> {weights hash: first step}
-    self.models, self.source, self.out_dir = list(models), source, out_dir
+    self.models, self.source = list(models), source
     self.options, self.on_error = options or SweepOptions(), on_error
     self.keep = keep_checkpoints
     self.progress = progress
@@ -100,6 +100,11 @@ class Sweep:
     self.requested_per_call = checkpoints_per_call  # 0: automatic
     self.per_call: dict[str, int] = {}  # per model, set by prepare()
     self.plan = {m.name: selected_steps(m, steps) for m in self.models}
+    # --out as given (a folder or an fsspec URL); the sweep reads and writes `out_dir`, a
+    # local folder (the URL's staging mirror: jax_pythia.sweep.store). Last: nothing above
+    # may refuse the run once a staging folder exists.
+    self.store = store.OutStore(out_dir)
+    self.out_dir = self.store.local
 
   # -- planning
 
@@ -134,14 +139,20 @@ class Sweep:
 
   def _check_output_dir(self):
     """Claims --out for these inputs (see jax_pythia.sweep.outdir), then checks what it holds."""
+    self.store.pull()
     locations = {
       m.name: m.location if m.is_hub else os.path.realpath(m.location) for m in self.models
     }
     identity = outdir.data_identity(self.source, self._batch_hashes)
     outdir.claim(self.out_dir, self.options.fingerprint(), identity, locations)
+    lead = self.placement.process_index == 0  # every process checks; one says so (and syncs)
+    if lead:
+      self.store.sync(os.path.join(self.out_dir, outdir.RECORD_FILE))
     finished = {(m.name, s): self.paths(m.name, s) for m in self.models for s in self.plan[m.name]}
-    lead = self.placement.process_index == 0  # every process checks; one says so
-    outdir.verify_finished(finished, self.notify if lead else lambda line: None)
+    quiet = lambda *paths: None  # noqa: E731
+    outdir.verify_finished(
+      finished, self.notify if lead else quiet, self.store.sync if lead else quiet
+    )
 
   def _check_value_slice(self):
     """--value_slice=reference on a local model of another family than GPT-NeoX, refused
@@ -257,6 +268,7 @@ class Sweep:
     self.heartbeat.beat(phase="waiting for the other processes")
     with jax.default_matmul_precision(self.options.matmul_precision):
       for queue in self.placement.schedule(everything):  # this process's share, in phases
+        self.store.pull()  # what the other processes wrote before the barrier (the finals)
         self._run_queue(queue)
         self.heartbeat.beat(phase="waiting for the other processes")
 
@@ -376,7 +388,7 @@ class Sweep:
       if first != loaded.step and self.on_duplicate == "skip" and loaded.step != m.final_step:
         message = f"same weights as step {first}; skipped (--on_duplicate=skip)"
         if self.placement.is_writer:
-          results.write_json(status_path, {**status, "status": "duplicate", "message": message})
+          self._write_json(status_path, {**status, "status": "duplicate", "message": message})
         return
     error, start, seconds = loaded.error, time.perf_counter(), None
     if error is None:
@@ -390,7 +402,7 @@ class Sweep:
         why = " (the final checkpoint is the CKA reference)" if loaded.step == m.final_step else ""
         raise SweepError(f"{m.name} step {loaded.step}: {error}{why}")
       if self.placement.is_writer:
-        results.write_json(status_path, {**status, "status": "failed", "message": error})
+        self._write_json(status_path, {**status, "status": "failed", "message": error})
       return
     if not self.placement.is_writer:
       return
@@ -398,14 +410,33 @@ class Sweep:
     save_npz(acts_path, acts)
     results.write_parquet(rows, metrics_path)  # its existence marks the step done; a rerun
     # restores the status below if the process dies first (outdir.verify_finished).
+    self.store.sync(acts_path, metrics_path)  # in this order, for the same reason
     status.update(
       status="ok", message="", compute_s=seconds or time.perf_counter() - start, rows=len(rows)
     )
     if not acts:  # a selection without activation metrics captures none (analysis.selection)
       status["activations"] = False
-    results.write_json(status_path, status)
+    self._write_json(status_path, status)
     if not self.keep and m.is_hub and loaded.directory:
       checkpoints.evict_snapshot(loaded.directory)
+
+  def _write_json(self, path: str, record: dict) -> None:
+    results.write_json(path, record)
+    self.store.sync(path)
+
+  def finish(self, figures: bool = False, evals_dir: str | None = None) -> list[str]:
+    """Gathers the tables (and with `figures` draws the report) from every process's
+    files; process 0 calls it once all have finished. The paths written, as --out names
+    them."""
+    from jax_pythia.sweep import report
+
+    self.store.pull()
+    written = list(results.finalize(self.out_dir, self.options.chosen).values())
+    if figures:
+      self.heartbeat.beat(phase="drawing figures")
+      written += report.write_report(self.out_dir, evals_dir=evals_dir)
+    self.store.sync(*written)
+    return [self.store.named(path) for path in written]
 
 
 def _overflow(acts: dict[str, np.ndarray], dtype: str) -> str | None:
