@@ -64,3 +64,22 @@ def test_pairwise_stays_within_a_model(swept):
     assert set(rows.step) == set(rows.other_step) == set(STEPS)
     # 3 checkpoints: 9 ordered pairs per (layer, component, head, metric) of one model.
     assert (rows.groupby(["layer", "component", "head", "metric"]).size() == 9).all()
+
+
+def test_labels_name_what_tells_the_models_apart():
+  """Suites and families: each named only when the models differ in it (families by title)."""
+  status = pd.DataFrame(
+    {
+      "model": ["a", "a", "b", "c"],
+      "suite": ["toy", "toy", "toy", "toy"],
+      "family": ["gpt_neox", "gpt_neox", "llama", "olmo2"],
+    }
+  )
+  assert report.suite_labels(["a", "b", "c"], status) == {
+    "a": "a (GPT-NeoX)",
+    "b": "b (Llama)",
+    "c": "c (OLMo-2)",
+  }
+  status["suite"] = ["x", "x", "y", "y"]
+  assert report.suite_labels(["a", "b"], status) == {"a": "a (x, GPT-NeoX)", "b": "b (y, Llama)"}
+  assert report.suite_labels(["b", "c"], status.assign(family="llama")) == {"b": "b", "c": "c"}
