@@ -32,7 +32,7 @@ from jax_pythia.files import atomic_write  # noqa: E402
 COMPONENT_LABELS = {
   "ov": "attention OV (whole layer)",
   "ov_head": "attention OV (per head)",
-  "mlp": "MLP (dense_4h_to_h)",
+  "mlp": "MLP output (dense_4h_to_h, down_proj)",
   "resid": "residual stream",
 }
 BAND_COMPONENTS = ("ov", "mlp")
