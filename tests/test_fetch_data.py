@@ -88,3 +88,41 @@ def test_fetch_data_stages_what_the_sweep_reads(suite_dir, tmp_path):
   sweep.Sweep(models, "0", source, str(tmp_path / "out"), options).prepare()
   with pytest.raises(data.DataError, match=r"\(step 3\) were not staged"):
     sweep.Sweep(models, "4", source, str(tmp_path / "out4"), options).prepare()
+
+
+def test_fetch_data_stages_olmo_batches(tmp_path, monkeypatch):
+  """--data=olmo:CONFIG.yaml: OLMo's training order (batch s = global_indices[s*B:(s+1)*B],
+  B from its config) staged like Pythia's stream, read back as OLMo trained on them."""
+  from tests.test_olmo_data import B, _expected_instances, olmo_dir
+
+  root, files, order = olmo_dir.__wrapped__(tmp_path, monkeypatch)
+  suite_dir = sf.write_suite(tmp_path / "suite", models={"small-2l": sf.SUITE_MODELS["small-2l"]},
+                             steps=(0, 2))  # fmt: skip
+  staged = tmp_path / "staged"
+  options = dict(n_sequences=3, gradient_window=1, gradient_sequences=2, loss_sequences=0)
+
+  def fetch(*extra):
+    return subprocess.run(
+      [sys.executable, "-m", "tools.fetch_data", f"--models={suite_dir / 'small-2l'}",
+       "--steps=all", f"--data=olmo:{root / 'OLMo-tiny.yaml'}", f"--out={staged}",
+       *[f"--{k}={v}" for k, v in options.items()], *extra],
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+  refused = fetch("--sequences_per_step=1024")
+  assert refused.returncode != 0 and "trains on batches of 3" in refused.stderr
+  assert not staged.exists()
+  proc = fetch()
+  assert proc.returncode == 0, proc.stderr
+  models = sources.resolve_models([str(suite_dir / "small-2l")])
+  needs = sweep.batches_needed(models, "all", sweep.SweepOptions(**options))
+  # Step 0's window 0..1; the final step 2's shifts to end at the fixed inputs' step 1 (3
+  # rows), as Pythia's 143000 does to 142999.
+  assert needs == {0: 2, 1: 3}
+  table = _expected_instances(files)
+  source = sources.open_data(str(staged), models, None, None)
+  for step, n in needs.items():
+    np.testing.assert_array_equal(source.batch(step, n), table[order[step * B : step * B + n]])
+  with pytest.raises(data.DataError, match=r"\(step 2\) were not staged"):
+    source.batch(2, 2)

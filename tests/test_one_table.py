@@ -76,3 +76,22 @@ def test_report_lists_each_metric_with_its_formula(swept):
   assert "| per | weights: Proportional effective rank PER = ER(top-k singular values)" in section
   assert "| cka_floor | activations: noise floor of cka" in section
   assert "| condition_number | weights: s_1 / s_k" in section and "float64" in section
+
+
+def test_labels_name_what_tells_the_models_apart():
+  """Suites and families: each named only when the models differ in it (families by title)."""
+  status = pd.DataFrame(
+    {
+      "model": ["a", "a", "b", "c"],
+      "suite": ["toy", "toy", "toy", "toy"],
+      "family": ["gpt_neox", "gpt_neox", "llama", "olmo2"],
+    }
+  )
+  assert report.suite_labels(["a", "b", "c"], status) == {
+    "a": "a (GPT-NeoX)",
+    "b": "b (Llama)",
+    "c": "c (OLMo-2)",
+  }
+  status["suite"] = ["x", "x", "y", "y"]
+  assert report.suite_labels(["a", "b"], status) == {"a": "a (x, GPT-NeoX)", "b": "b (y, Llama)"}
+  assert report.suite_labels(["b", "c"], status.assign(family="llama")) == {"b": "b", "c": "c"}

@@ -25,14 +25,19 @@ flags.DEFINE_string(
   None,
   "The stream to read: hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled (the "
   "default for -deduped models; pile-standard-... for the others), any fsspec URL, a "
-  "folder of shards, or a joined .bin/.idx prefix.",
+  "folder of shards, a joined .bin/.idx prefix, or OLMo's training order "
+  "(olmo:CONFIG.yaml[,GLOBAL_INDICES], docs/suites.md; its batch size is the config's).",
 )
 flags.DEFINE_string(
   "cache_dir",
   None,
   "Range-read cache (default: $JAX_PYTHIA_DATA_CACHE or ~/.cache/jax_pythia/data).",
 )
-flags.DEFINE_integer("sequences_per_step", 1024, "Sequences per training batch (Pythia: 1024).")
+flags.DEFINE_integer(
+  "sequences_per_step",
+  1024,
+  "Sequences per training batch (Pythia: 1024; an olmo: --data's config gives its own).",
+)
 _cli.define_data_timeout()
 _cli.define_work_flags()  # the sweep's own flags: what it computes is what is staged
 flags.adopt_module_key_flags(_cli)  # --help lists them with this tool's own
@@ -51,11 +56,35 @@ flags.DEFINE_integer(
 )
 
 
+def open_stream(location: str, timeout_s: float):
+  """(the stream of items at --data, its sequences per step): OLMo's training order with
+  its config's batch size (a different --sequences_per_step is refused), else
+  --sequences_per_step."""
+  from jax_pythia import data
+  from jax_pythia.data import olmo, streams
+
+  if olmo.is_olmo_location(location):
+    source = olmo.open_olmo(location)
+    given = FLAGS["sequences_per_step"]
+    if given.present and given.value != source.batch_size:
+      raise ValueError(
+        f"--sequences_per_step={given.value}: {location} trains on batches of "
+        f"{source.batch_size} (global_train_batch_size); leave the flag out"
+      )
+    return source, source.batch_size
+  if streams.is_stream_location(location):
+    cache_dir = FLAGS.cache_dir or "default"
+    return streams.open_stream(location, cache_dir=cache_dir, timeout_s=timeout_s), (
+      FLAGS.sequences_per_step
+    )
+  return data.MMapIndexedDataset(location), FLAGS.sequences_per_step
+
+
 def main(argv):
   _cli.reject_extra_args(argv)
   from tqdm import tqdm
 
-  from jax_pythia import data, sweep
+  from jax_pythia import sweep
   from jax_pythia.checkpoints import sources
   from jax_pythia.data import staged, streams
   from jax_pythia.sweep import watchdog
@@ -74,18 +103,13 @@ def main(argv):
     gradient_sequences=FLAGS.gradient_sequences,
     loss_sequences=FLAGS.loss_sequences,
   )
-  options.check_batch_counts(FLAGS.sequences_per_step, "--data")
   heartbeat.beat(phase="resolving --models")
   models = sources.resolve_models(FLAGS.models, FLAGS.revisions)
-  needs = sweep.batches_needed(models, FLAGS.steps, options)
   location = FLAGS.data or streams.pile_for_models([m.name for m in models])
   heartbeat.beat(phase=f"reading the index of {location} (--data)")
-  if streams.is_stream_location(location):
-    stream = streams.open_stream(
-      location, cache_dir=FLAGS.cache_dir or "default", timeout_s=timeout_s
-    )
-  else:
-    stream = data.MMapIndexedDataset(location)
+  stream, sequences_per_step = open_stream(location, timeout_s)
+  options.check_batch_counts(sequences_per_step, "--data")
+  needs = sweep.batches_needed(models, FLAGS.steps, options)
   print(
     f"staging {len(needs)} batches ({sum(needs.values())} sequences) of {location} into {FLAGS.out}"
   )
@@ -98,7 +122,7 @@ def main(argv):
     heartbeat.beat(phase=f"reading {what} (--data)")
 
   with tqdm(total=len(needs), unit="batch", dynamic_ncols=True, delay=0.5) as bar:
-    manifest = staged.stage(stream, needs, FLAGS.out, FLAGS.sequences_per_step, progress=staged_one)
+    manifest = staged.stage(stream, needs, FLAGS.out, sequences_per_step, progress=staged_one)
   size = streams.batch_bytes(needs, manifest["item_size"], stream.dtype.itemsize)
   print(f"wrote {FLAGS.out}: {size / 1e6:.3g} MB; sweep with --data={FLAGS.out}")
 

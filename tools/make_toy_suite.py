@@ -3,8 +3,8 @@
   python -m tools.make_toy_suite --out=runs/toy_suite            # the default suite
   python -m tools.make_toy_suite --out=/tmp/tiny --preset=tiny   # seconds, for tests
 
-Several GPT-NeoX sizes trained on the Python standard library's source, byte-level
-tokenized, with Pythia's recipe scaled down; see jax_pythia/toy/build.py (layout, build),
+Several GPT-NeoX and Llama sizes trained on the Python standard library's source,
+byte-level tokenized, with Pythia's recipe scaled down; see jax_pythia/toy/build.py (layout, build),
 jax_pythia/toy/corpus.py (corpus, tokenizer) and jax_pythia/toy/train.py (schedule,
 training). Rerunning the same command continues an interrupted build to the same bits; on
 a complete suite it returns at once.
@@ -27,7 +27,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
   "sizes",
   None,
-  "Comma list of LAYERSxD_MODEL[xHEADS] (heads default to d_model/16), e.g. 2x32,3x48,4x64,4x96.",
+  "Comma list of LAYERSxD_MODEL[xHEADS] (GPT-NeoX; heads default to d_model/16) and "
+  "llama:LAYERSxD_MODEL[xHEADS[xKV_HEADS]][:tied] (Llama: GQA with KV_HEADS key/value heads, "
+  "SwiGLU, tied embeddings), e.g. llama:2x32x2x1:tied,2x32,3x48,llama:4x64x4x2,4x64,4x96.",
 )
 flags.DEFINE_integer("seq_len", None, "Tokens (bytes) per training sequence.")
 flags.DEFINE_integer("sequences_per_step", None, "Sequences per training batch (B).")

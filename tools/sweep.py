@@ -46,7 +46,8 @@ flags.DEFINE_string(
   None,
   "Token data: Pythia's training stream read by byte range "
   "(hf://datasets/EleutherAI/pile-deduped-pythia-preshuffled, any fsspec URL, a folder "
-  "of its shards, or a folder staged by tools.fetch_data), a joined .bin/.idx prefix, a "
+  "of its shards, or a folder staged by tools.fetch_data), OLMo's training order "
+  "(olmo:CONFIG.yaml[,GLOBAL_INDICES], docs/suites.md), a joined .bin/.idx prefix, a "
   ".npy [batch, seq] array, or a .txt file with --tokenizer. Default: the Hub stream the "
   "models trained on (deduped or standard Pile), or the data of their local suite.",
 )
@@ -54,7 +55,8 @@ flags.DEFINE_string("tokenizer", None, "tokenizer.json for a .txt --data.")
 flags.DEFINE_integer(
   "sequences_per_step",
   None,
-  "Sequences per training batch in --data (Pythia: 1024; a suite's manifest says its own).",
+  "Sequences per training batch in --data (Pythia: 1024; a suite's manifest, a staged "
+  "folder or an OLMo config says its own).",
 )
 flags.DEFINE_integer(
   "data_step",

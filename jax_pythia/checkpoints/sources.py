@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from jax_pythia import data, suite
 from jax_pythia.checkpoints import revisions as hub_revisions
-from jax_pythia.data import olmo
+from jax_pythia.data import olmo, staged
 from jax_pythia.errors import SweepError
 
 MANIFEST_FILE = "suite.json"
@@ -202,6 +202,9 @@ def open_data(
     tokenizer = tokenizer or (
       os.path.join(suite_dir, manifest["tokenizer"]) if manifest.get("tokenizer") else None
     )
+  if sequences_per_step is None and path and "://" not in path and staged.is_staged(path):
+    # A staged folder records its stream's batch size (OLMo's is its config's, not Pythia's).
+    sequences_per_step = staged.StagedStream(path).sequences_per_step
   if sequences_per_step is None:
     sequences_per_step = manifest.get("sequences_per_step", suite.SEQUENCES_PER_STEP)
   return data.open_token_source(

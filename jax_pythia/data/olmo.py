@@ -184,6 +184,17 @@ class OlmoTokenSource:
   def fixed_inputs(self, n_sequences: int) -> np.ndarray:
     return self.batch(self.fixed_step, n_sequences)[:, :-1]
 
+  # The rows in training order as a stream of items (row i of step s is item s * B + i),
+  # what `staged.stage` copies: tools.fetch_data stages OLMo's batches as it does Pythia's.
+
+  def __len__(self) -> int:
+    return self.n_steps * self.batch_size
+
+  def read_items(self, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of the training order: [stop - start, L] in the files' dtype."""
+    raw = self.indices.read(start * _INDEX_DTYPE.itemsize, stop * _INDEX_DTYPE.itemsize)
+    return np.stack([self.read_instance(i) for i in np.frombuffer(raw, _INDEX_DTYPE)])
+
   def __repr__(self) -> str:
     return (
       f"OlmoTokenSource({len(self.files)} files, indices={self.indices.location!r}, "

@@ -74,7 +74,7 @@ def gradient_call_bytes(
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
   d, f, L, V, H, s, vocab_split = _dims(shape, M)
-  grad_values = L * (2 * d * d + f * d) / M  # value, out and fc_out kernels
+  grad_values = L * layer_gradient_values(shape) / M  # value, out and fc_out kernels
   streamed = checkpoints_per_call == 1
   G = work.gradient_batches
   batches = 1 if streamed else G  # gradient batches the call computes
@@ -94,7 +94,7 @@ def gradient_call_bytes(
     # The running sum and one microbatch's gradient of the attention kernels: XLA adds the
     # MLP's fc_out gradient into the sum in place (the dot's output fused with the add;
     # XLA:CPU's buffer assignment, float32).
-    "accumulators": b * (grad_values + L * 2 * d * d / M),
+    "accumulators": b * (grad_values + L * (d * shape.kv_width + d * d) / M),
     "activations": tokens * per_token + logits,
     "tokens": 4 * batches * work.gradient_sequences / D * (s + 1),
   }
@@ -108,12 +108,18 @@ def gradient_call_bytes(
 
 def _param_bytes(shape: Shape, work: Work, mesh: dict[str, int]) -> float:
   M = mesh.get("model", 1)
-  d, f, L, V = shape.d_model, shape.d_mlp, shape.n_layers, shape.vocab
+  d, L, V = shape.d_model, shape.n_layers, shape.vocab
   vocab_split = M if V % M == 0 else 1
   embeddings = (1 if shape.tied_embeddings else 2) * V * d / vocab_split
-  layers = (shape.layer_params + L * (3 * d + f)) / M  # kernels and split biases
-  small = L * (6 * d) + 2 * d  # LayerNorms, out/fc_out biases: replicated
+  layers = (shape.layer_params + _split_biases(shape)) / M  # kernels and split biases
+  # GPT-NeoX: LayerNorms, out/fc_out biases; Llama: the norms' scales. Replicated.
+  small = L * 6 * d + 2 * d if not shape.gated_mlp else L * 2 * d + d
   return DTYPE_BYTES[work.dtype] * (embeddings + layers + small)
+
+
+def _split_biases(shape: Shape) -> int:
+  """GPT-NeoX's qkv and fc_in biases (split with their kernels); the Llama family has none."""
+  return 0 if shape.gated_mlp else shape.n_layers * (3 * shape.d_model + shape.d_mlp)
 
 
 def forward_call_bytes(
@@ -134,7 +140,8 @@ def forward_call_bytes(
   D, M = mesh.get("data", 1), mesh.get("model", 1)
   b = DTYPE_BYTES[work.dtype]
   d, f, L, V, H, s, vocab_split = _dims(shape, M)
-  per_token = max(b * 6 * d + 4 * 2 * (H / M) * s, b * (3 * d + 2 * f / M))
+  mlp_values = 3 if shape.gated_mlp else 2  # SwiGLU's gate, linear branch and product
+  per_token = max(b * 6 * d + 4 * 2 * (H / M) * s, b * (3 * d + mlp_values * f / M))
   if logits:
     per_token += 3 * 4 * V / vocab_split
   # ov_head, ov, mlp and resid of every kept token, float32, twice (result and stacking).
@@ -157,9 +164,11 @@ def spectra_layers(shape: Shape, mesh: dict[str, int]) -> int:
 
 
 def layer_gradient_values(shape: Shape) -> int:
-  """Values of one layer's gradients (and of the weights the spectra read): the value and
-  out kernels (d x d each) and fc_out (f x d); 'reference' adds query and key, not counted."""
-  return 2 * shape.d_model**2 + shape.d_mlp * shape.d_model
+  """Values of one layer's gradients (and of the weights the spectra read): the value
+  (d x H_kv dh) and out (d x d) kernels and fc_out (f x d); 'reference' adds query and
+  key, not counted."""
+  d = shape.d_model
+  return d * shape.kv_width + d * d + shape.d_mlp * d
 
 
 #: Bytes per value of one layer's gradient matrices that the float64 refinement of their
@@ -204,8 +213,8 @@ def spectra_call_bytes(
     return parts
   G = work.gradient_batches
   parts = {
-    "gradients": 4 * G * L * (2 * d * d + f * d),
-    "weights": 4 * (shape.layer_params + L * (3 * d + f)),
+    "gradients": 4 * G * L * layer_gradient_values(shape),
+    "weights": 4 * (shape.layer_params + _split_biases(shape)),
     "workspace": 4 * G * L * f * d,
     "refine": work.refine * REFINE_BYTES_PER_VALUE * L * layer_gradient_values(shape),
   }

@@ -52,10 +52,15 @@ class Shape:
   param_count: int | None = None  # exact, from the family's layout table, when known
 
   @property
+  def kv_width(self) -> int:
+    """H_kv * dh: the width of the key and of the value projection (d without GQA)."""
+    return self.d_model * (self.n_kv_heads or self.n_heads) // self.n_heads
+
+  @property
   def layer_params(self) -> int:
     """Matmul weights of the layers (what every token passes through): q and o (d x d),
     k and v (d x H_kv*dh each), and two MLP matrices (three when gated)."""
-    d, kv = self.d_model, self.d_model * (self.n_kv_heads or self.n_heads) // self.n_heads
+    d, kv = self.d_model, self.kv_width
     mlp = (3 if self.gated_mlp else 2) * d * self.d_mlp
     return self.n_layers * (2 * d * d + 2 * d * kv + mlp)
 

@@ -34,7 +34,7 @@ from jax_pythia.files import atomic_write  # noqa: E402
 COMPONENT_LABELS = {
   "ov": "attention OV (whole layer)",
   "ov_head": "attention OV (per head)",
-  "mlp": "MLP (dense_4h_to_h)",
+  "mlp": "MLP output (dense_4h_to_h, down_proj)",
   "resid": "residual stream",
 }
 BAND_COMPONENTS = ("ov", "mlp")
@@ -71,14 +71,25 @@ def model_order(metrics: pd.DataFrame, status: pd.DataFrame | None = None) -> li
 
 
 def suite_labels(models: Sequence[str], status: pd.DataFrame | None) -> dict[str, str]:
-  """{model: what figures and report.md call it}: `model (suite)` when the models come
-  from several suites (checkpoints.parquet's `suite`), else the model's name."""
-  suites = {}
-  if status is not None and "suite" in status:
-    suites = status.dropna(subset=["suite"]).groupby("model")["suite"].first().to_dict()
-  if len({suites.get(m) for m in models}) < 2:
-    return {m: m for m in models}
-  return {m: f"{m} ({suites[m]})" if suites.get(m) else m for m in models}
+  """{model: what figures and report.md call it}: the model's name, followed by what tells
+  the models apart when they differ in it: `model (suite, family)`, `model (suite)` or
+  `model (family)` (checkpoints.parquet's `suite` and `family`; families by their title,
+  GPT-NeoX, Llama, ...)."""
+  from jax_pythia.models.family import FAMILIES
+
+  titles = {f.model_type: f.title for f in FAMILIES.values()}
+  columns = []
+  for column in ("suite", "family"):
+    if status is None or column not in status:
+      continue
+    values = status.dropna(subset=[column]).groupby("model")[column].first().to_dict()
+    if len({values.get(m) for m in models}) > 1:
+      columns.append({m: titles.get(v, v) if column == "family" else v for m, v in values.items()})
+  labels = {}
+  for m in models:
+    shown = [str(c[m]) for c in columns if c.get(m)]
+    labels[m] = f"{m} ({', '.join(shown)})" if shown else m
+  return labels
 
 
 def _shown(labels: dict[str, str] | None, model: str) -> str:

@@ -33,7 +33,7 @@ METRIC_COLUMNS = ("model", "step", "layer", "component", "head", "metric", "valu
 PAIRWISE_COLUMNS = ("model", "step", "other_step", "layer", "component", "head", "metric", "value")
 STATUS_COLUMNS = (
   "model",
-  "family",  # the model's architecture: config.json's model_type (gpt_neox for Pythia)
+  "family",  # the model's architecture: models.family's model_type (gpt_neox for Pythia)
   "suite",  # the checkpoint suite it comes from (jax_pythia.checkpoints.suites)
   "step",
   "status",
@@ -44,12 +44,6 @@ STATUS_COLUMNS = (
   integrity.HASH_COLUMN,
   integrity.SHARDS_COLUMN,
 )
-
-
-def family_of(config: Any) -> str:
-  """A model's family: its config's `model_type` (config.json's; `gpt_neox` for Pythia)."""
-  family = getattr(config, "model_type", None)
-  return str(family or config.to_hf_dict()["model_type"])
 
 
 def checkpoint_paths(out_dir: str, model: str, step: int) -> tuple[str, str, str]:

@@ -379,7 +379,7 @@ class Sweep:
     status = {"model": m.name, "suite": m.suite, "step": loaded.step, "load_s": loaded.seconds}
     if loaded.config is not None:
       status["parameters"] = parameter_count(loaded.config)
-      status["family"] = results.family_of(loaded.config)
+      status["family"] = model.family_of(loaded.config).model_type
     if loaded.weights_hash is not None:
       status[integrity.HASH_COLUMN] = loaded.weights_hash.digest
       status[integrity.SHARDS_COLUMN] = ",".join(loaded.weights_hash.shards)

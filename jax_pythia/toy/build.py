@@ -1,4 +1,4 @@
-"""An offline mini-Pythia suite: GPT-NeoX models of several sizes, trained here.
+"""An offline mini-Pythia suite: GPT-NeoX and Llama models of several sizes, trained here.
 
 The one source of truth for the toy suite's layout and its build. The parts:
 
@@ -10,13 +10,17 @@ The one source of truth for the toy suite's layout and its build. The parts:
 
 Checkpoints are `<out>/<model>/step<N>/{config.json,model.safetensors}` in float32, which
 `checkpoints.resolve_checkpoint(<out>/<model>, step=N)` and
-`transformers.GPTNeoXForCausalLM.from_pretrained` read.
+`transformers.GPTNeoXForCausalLM.from_pretrained` (`LlamaForCausalLM` for the Llama
+models) read.
 
-Defaults (`DEFAULT_OPTIONS`, about 5 minutes on 2 idle CPU cores): models `toy-2l-32d`,
-`toy-3l-48d`, `toy-4l-64d`, `toy-4l-96d` (d_head 16), 200 steps of 128 sequences x 64
-tokens (128 because the study takes the first 128 sequences of a step's batch), peak lr
-4.19e-3, 3.01e-3, 2.38e-3, 1.91e-3, checkpoints 0, 1, 2, 4, ..., 128 and every 20 steps
-(19 per model). `TINY_OPTIONS` builds two models in seconds, for tests.
+Defaults (`DEFAULT_OPTIONS`, see README for the time on 2 CPU cores), smallest first:
+`toy-llama-2l-32d` (Llama: 2 heads, 1 key/value head, SwiGLU 88 wide, tied embeddings),
+`toy-2l-32d`, `toy-3l-48d`, `toy-llama-4l-64d` (Llama: 4 heads, 2 key/value heads, SwiGLU
+176 wide, untied), `toy-4l-64d`, `toy-4l-96d` (GPT-NeoX as Pythia), d_head 16; peak lr
+4.26e-3, 4.19e-3, 3.01e-3, 2.42e-3, 2.38e-3, 1.91e-3; 200 steps of 128 sequences x 64
+tokens (128 because the study takes the first 128 sequences of a step's batch),
+checkpoints 0, 1, 2, 4, ..., 128 and every 20 steps (19 per model). Every model reads the
+same batches. `TINY_OPTIONS` builds two GPT-NeoX models in seconds, for tests.
 
 Layout of a suite directory `<out>`::
 
@@ -55,7 +59,6 @@ import numpy as np
 
 from jax_pythia.checkpoints import sources
 from jax_pythia.errors import ToySuiteError
-from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.toy.corpus import (
   EOD_ID,
   VOCAB_SIZE,
@@ -164,9 +167,12 @@ def _model_record(size: ToySize, options: ToySuiteOptions, final_loss: float) ->
   return {
     "name": size.name,
     "path": size.name,
+    "family": size.family,
     "n_layers": size.n_layers,
     "d_model": size.d_model,
     "n_heads": size.n_heads,
+    "n_kv_heads": size.n_kv_heads or size.n_heads,
+    "tie_embeddings": size.tied,
     "d_head": size.d_head,
     "d_mlp": config.d_mlp,
     "n_params": sum(math.prod(s) for s in _leaf_shapes(config)),
@@ -184,14 +190,14 @@ def _recipe(options: ToySuiteOptions) -> dict[str, Any]:
     "adam_betas": [options.adam_b1, options.adam_b2],
     "adam_eps": options.adam_eps,
     "weight_decay": options.weight_decay,
-    "weight_decay_on": "kernels and embeddings (not biases, not LayerNorms)",
+    "weight_decay_on": "kernels and embeddings (not biases, not norm scales)",
     "grad_clip_norm": options.grad_clip_norm,
     "warmup_steps": options.warmup_steps,
     "lr_decay": "cosine",
     "min_lr_fraction": options.min_lr_fraction,
     "lr_law": {
-      "form": "lr = lr_scale * exp(a) * N^b, N = 12 L d^2, least squares on "
-      "Pythia's table, 3 significant digits",
+      "form": "lr = lr_scale * exp(a) * N^b, N = the layers' matrix weights (12 L d^2 "
+      "for GPT-NeoX), least squares on Pythia's table, 3 significant digits",
       "a": a,
       "b": b,
       "lr_scale": options.lr_scale,
@@ -227,7 +233,7 @@ def _manifest(
   }
 
 
-def _leaf_shapes(config: GPTNeoXConfig) -> list[tuple[int, ...]]:
+def _leaf_shapes(config: Any) -> list[tuple[int, ...]]:
   from jax_pythia.models import weights
 
   def leaves(tree):

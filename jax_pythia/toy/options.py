@@ -1,5 +1,6 @@
-"""The toy suite's options: its model sizes, Pythia's learning-rate law scaled down to
-them, and `ToySuiteOptions`, everything that determines the suite's bits."""
+"""The toy suite's options: its model sizes (GPT-NeoX and Llama), Pythia's learning-rate
+law scaled down to them, and `ToySuiteOptions`, everything that determines the suite's
+bits."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import numpy as np
 from jax_pythia import suite
 from jax_pythia.errors import ToySuiteError
 from jax_pythia.models.config import GPTNeoXConfig
+from jax_pythia.models.llama_config import LlamaConfig
 from jax_pythia.toy.corpus import VOCAB_SIZE
 
 #: Pythia's rotary fraction needs an even rotary dimension: d_head a multiple of 8.
 DEFAULT_D_HEAD = 16
+#: The families a toy size may be (models.family.FAMILIES' names) and their name prefixes.
+FAMILIES = {"gpt_neox": "toy", "llama": "toy-llama"}
 
 
 # --------------------------------------------------------------------------- sizes and lr
@@ -25,66 +29,121 @@ DEFAULT_D_HEAD = 16
 
 @dataclasses.dataclass(frozen=True)
 class ToySize:
-  """One model shape of the toy suite; the MLP is 4 d wide as in every Pythia size."""
+  """One model of the toy suite: a GPT-NeoX (MLP 4 d wide, as in every Pythia size) or a
+  Llama (SwiGLU 8 d / 3 wide, rounded up to a multiple of 8, so its three MLP matrices hold
+  as many weights as GPT-NeoX's two; grouped-query attention with `n_kv_heads` key/value
+  heads; the unembedding tied to the embedding when `tied`)."""
 
   n_layers: int
   d_model: int
   n_heads: int
+  family: str = "gpt_neox"
+  n_kv_heads: int = 0  # Llama: key/value heads (0: n_heads)
+  tied: bool = False  # Llama: tie_word_embeddings
 
   def __post_init__(self):
     for field in ("n_layers", "d_model", "n_heads"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         raise ToySuiteError(f"toy size {self.spec}: {field} must be a positive integer")
-    if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 8:
-      raise ToySuiteError(
-        f"toy size {self.spec}: d_head = d_model / n_heads must be a multiple of 8 (the "
-        "rotary quarter of a head must be even)"
-      )
+    if self.family not in FAMILIES:
+      raise ToySuiteError(f"toy size {self.spec}: family one of {', '.join(FAMILIES)}")
+    if self.family == "gpt_neox":
+      if self.n_kv_heads or self.tied:
+        raise ToySuiteError(f"toy size {self.spec}: GPT-NeoX has no GQA and no tied embeddings")
+      if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 8:
+        raise ToySuiteError(
+          f"toy size {self.spec}: d_head = d_model / n_heads must be a multiple of 8 (the "
+          "rotary quarter of a head must be even)"
+        )
+      return
+    if not self.n_kv_heads:
+      object.__setattr__(self, "n_kv_heads", self.n_heads)
+    if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+      raise ToySuiteError(f"toy size {self.spec}: d_head = d_model / n_heads must be even")
+    if self.n_heads % self.n_kv_heads:
+      raise ToySuiteError(f"toy size {self.spec}: n_kv_heads must divide n_heads")
 
   @property
   def name(self) -> str:
-    return f"toy-{self.n_layers}l-{self.d_model}d"
+    return f"{FAMILIES[self.family]}-{self.n_layers}l-{self.d_model}d"
 
   @property
   def spec(self) -> str:
-    return f"{self.n_layers}x{self.d_model}x{self.n_heads}"
+    """`LxDxH` (GPT-NeoX), `llama:LxDxHxKV[:tied]` (Llama): what parse_sizes reads."""
+    dims = f"{self.n_layers}x{self.d_model}x{self.n_heads}"
+    if self.family == "gpt_neox":
+      return dims
+    return f"{self.family}:{dims}x{self.n_kv_heads}" + (":tied" if self.tied else "")
 
   @property
   def d_head(self) -> int:
     return self.d_model // self.n_heads
 
   @property
-  def non_embedding_params(self) -> int:
-    """12 L d^2: the count Pythia's lr law is fitted on (biases and norms left out)."""
-    return 12 * self.n_layers * self.d_model**2
+  def d_mlp(self) -> int:
+    if self.family == "gpt_neox":
+      return 4 * self.d_model
+    return -(-8 * self.d_model // 24) * 8  # ceil(8 d / 3) to a multiple of 8
 
-  def config(self, seq_len: int) -> GPTNeoXConfig:
-    return GPTNeoXConfig(
+  @property
+  def non_embedding_params(self) -> int:
+    """The layers' matrix weights, what Pythia's lr law is fitted on (biases and norms left
+    out): 12 L d^2 for GPT-NeoX; q, o (d x d), k, v (d x H_kv dh) and three MLP matrices
+    for Llama."""
+    d, L = self.d_model, self.n_layers
+    if self.family == "gpt_neox":
+      return 12 * L * d**2
+    return L * (2 * d * d + 2 * d * self.n_kv_heads * self.d_head + 3 * d * self.d_mlp)
+
+  def config(self, seq_len: int):
+    if self.family == "gpt_neox":
+      return GPTNeoXConfig(
+        vocab_size=VOCAB_SIZE,
+        d_model=self.d_model,
+        n_layers=self.n_layers,
+        n_heads=self.n_heads,
+        d_mlp=self.d_mlp,
+        max_seq_len=seq_len,
+        stored_dtype="float32",
+      )
+    return LlamaConfig(
       vocab_size=VOCAB_SIZE,
       d_model=self.d_model,
       n_layers=self.n_layers,
       n_heads=self.n_heads,
-      d_mlp=4 * self.d_model,
+      n_kv_heads=self.n_kv_heads,
+      d_mlp=self.d_mlp,
       max_seq_len=seq_len,
+      tie_embeddings=self.tied,
+      family=self.family,
       stored_dtype="float32",
     )
 
 
+def _parse_size(part: str) -> ToySize:
+  """`LxD[xH]` (GPT-NeoX) or `llama:LxD[xH[xKV]][:tied]` -> a ToySize."""
+  fields = part.strip().lower().split(":")
+  family = fields.pop(0) if len(fields) > 1 else "gpt_neox"
+  flag = fields.pop() if len(fields) == 2 else ""
+  bits = fields[0].split("x") if len(fields) == 1 and flag in ("", "tied") else []
+  most = 3 if family == "gpt_neox" else 4
+  if not 2 <= len(bits) <= most or not all(b.isdigit() for b in bits) or family not in FAMILIES:
+    raise ToySuiteError(
+      f"toy size {part!r}: expected LAYERSxD_MODEL[xHEADS] (GPT-NeoX) or "
+      "llama:LAYERSxD_MODEL[xHEADS[xKV_HEADS]][:tied], e.g. 4x64 or llama:4x64x4x2"
+    )
+  n_layers, d_model, *heads = (int(b) for b in bits)
+  n_heads = heads[0] if heads else max(1, d_model // DEFAULT_D_HEAD)
+  kv_heads = heads[1] if len(heads) > 1 else 0
+  return ToySize(n_layers, d_model, n_heads, family, kv_heads, flag == "tied")
+
+
 def parse_sizes(spec: str | Sequence[ToySize | str]) -> tuple[ToySize, ...]:
-  """`"2x32,4x64x8"` (LAYERSxD_MODEL[xHEADS], heads default to d_model/16) -> ToySizes."""
+  """`"2x32,4x64x8,llama:4x64x4x2"` -> ToySizes (heads default to d_model/16, key/value
+  heads to the heads)."""
   parts = spec.split(",") if isinstance(spec, str) else list(spec)
-  sizes = []
-  for part in parts:
-    if isinstance(part, ToySize):
-      sizes.append(part)
-      continue
-    bits = part.strip().lower().split("x")
-    if len(bits) not in (2, 3) or not all(b.isdigit() for b in bits):
-      raise ToySuiteError(f"toy size {part!r}: expected LAYERSxD_MODEL[xHEADS], e.g. 4x64")
-    n_layers, d_model = int(bits[0]), int(bits[1])
-    n_heads = int(bits[2]) if len(bits) == 3 else max(1, d_model // DEFAULT_D_HEAD)
-    sizes.append(ToySize(n_layers, d_model, n_heads))
+  sizes = [part if isinstance(part, ToySize) else _parse_size(part) for part in parts]
   if not sizes:
     raise ToySuiteError("no toy sizes given")
   names = [s.name for s in sizes]
@@ -121,7 +180,10 @@ def pythia_learning_rate(size: ToySize, scale: float = 1.0) -> float:
 # --------------------------------------------------------------------------- options
 
 
-DEFAULT_SIZES = parse_sizes("2x32,3x48,4x64,4x96")
+#: Two families side by side, smallest first (by non_embedding_params): GPT-NeoX as Pythia,
+#: and Llama with grouped-query attention (H_kv = H / 2), SwiGLU, tied (the smaller) and
+#: untied embeddings.
+DEFAULT_SIZES = parse_sizes("llama:2x32x2x1:tied,2x32,3x48,llama:4x64x4x2,4x64,4x96")
 
 
 @dataclasses.dataclass(frozen=True)

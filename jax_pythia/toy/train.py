@@ -1,12 +1,15 @@
 """Training the toy suite's models: sizes, Pythia's learning-rate law, the options of a
 build, the schedule and optimizer, and the resumable training loop of one model.
 
-- **Recipe**: the project's Flax GPT-NeoX, optax AdamW (0.9, 0.95, eps 1e-8), weight
-  decay 0.1 on kernels and embeddings (GPT-NeoX exempts biases and LayerNorms), gradient
-  clipping at global norm 1.0, linear warmup over 1% of the steps, cosine decay to 10% of
-  the peak. Peak learning rates follow Pythia's own law: a least-squares power law of lr
-  against non-embedding parameter count `12 L d^2` fitted on the real suite table
-  (`suite.SIZES`), so smaller models get larger rates in Pythia's proportions.
+- **Recipe**: the project's Flax models of either family, trained through the family seam
+  (`models.model`'s init_params and lm_loss; nothing here is family-specific), optax AdamW
+  (0.9, 0.95, eps 1e-8), weight decay 0.1 on kernels and embeddings (GPT-NeoX exempts
+  biases and LayerNorms; Llama's RMSNorm scales are exempt alike), gradient clipping at
+  global norm 1.0, linear warmup over 1% of the steps, cosine decay to 10% of the peak.
+  Peak learning rates follow Pythia's own law: a least-squares power law of lr against the
+  layers' matrix weights (`12 L d^2` for GPT-NeoX, `ToySize.non_embedding_params`) fitted on
+  the real suite table (`suite.SIZES`), so smaller models get larger rates in Pythia's
+  proportions, whatever their family.
 - **Checkpoints**: step 0 (init), 1, 2, 4, ... (powers of two up to `log_checkpoints_until`)
   and every `checkpoint_every` steps to `n_steps`, as `<out>/<model>/step<N>/{config.json,
   model.safetensors}` in float32. Checkpoint step N holds the parameters after N updates;
@@ -32,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from jax_pythia.files import atomic_write
-from jax_pythia.models.config import GPTNeoXConfig
 from jax_pythia.toy.options import ToySize, ToySuiteOptions
 
 TRAIN_LOSS_FILE = "train_loss.csv"
@@ -68,7 +70,8 @@ def learning_rate_schedule(
 
 
 def weight_decay_mask(params: Mapping[str, Any]) -> Any:
-  """True for kernels and embeddings: GPT-NeoX exempts biases and LayerNorm parameters."""
+  """True for kernels and embeddings: GPT-NeoX exempts biases and LayerNorm parameters,
+  and Llama's RMSNorm scales are exempt alike (their leaves are `bias` and `scale`)."""
   import jax
 
   def decays(path, _):
@@ -96,7 +99,7 @@ def make_optimizer(options: ToySuiteOptions, peak_lr: float):
   ), schedule
 
 
-def make_train_step(config: GPTNeoXConfig, optimizer):
+def make_train_step(config: Any, optimizer):
   """A jitted `(params, opt_state, tokens [B, s+1]) -> (params, opt_state, loss)`."""
   import jax
   import optax
