@@ -6,7 +6,6 @@ against XLA's memory_analysis in tests/test_memory.py."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from jax_pythia.scale.shapes import (
   DTYPE_BYTES,
@@ -18,9 +17,11 @@ from jax_pythia.scale.shapes import (
   Work,
   device_memory,
   kept_positions,
+  layer_gradient_values,
   of_source,
   selected_work,
   si,
+  spectra_layers,
   split_problem,
 )
 
@@ -155,20 +156,6 @@ def forward_call_bytes(
   parts = {k: v * checkpoints_per_call for k, v in parts.items()}
   parts["total"] = sum(parts.values())
   return parts
-
-
-def spectra_layers(shape: Shape, mesh: dict[str, int]) -> int:
-  """Layers each device holds in the spectra: L / gcd(L, devices) (sharding.layer_mesh)."""
-  devices = mesh.get("data", 1) * mesh.get("model", 1)
-  return shape.n_layers // math.gcd(shape.n_layers, devices)
-
-
-def layer_gradient_values(shape: Shape) -> int:
-  """Values of one layer's gradients (and of the weights the spectra read): the value
-  (d x H_kv dh) and out (d x d) kernels and fc_out (f x d); 'reference' adds query and
-  key, not counted."""
-  d = shape.d_model
-  return d * shape.kv_width + d * d + shape.d_mlp * d
 
 
 #: Bytes per value of one layer's gradient matrices that the float64 refinement of their

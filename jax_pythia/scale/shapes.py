@@ -313,3 +313,17 @@ def kept_positions(spec: str, seq_len: int) -> int:
   except ValueError as e:
     raise PlanError(str(e)) from None
   return {"last": 1, "all": seq_len, "random": arg}.get(kind) or len(arg)
+
+
+def spectra_layers(shape: Shape, mesh: dict[str, int]) -> int:
+  """Layers each device holds in the spectra: L / gcd(L, devices) (sharding.layer_mesh)."""
+  devices = mesh.get("data", 1) * mesh.get("model", 1)
+  return shape.n_layers // math.gcd(shape.n_layers, devices)
+
+
+def layer_gradient_values(shape: Shape) -> int:
+  """Values of one layer's gradients (and of the weights the spectra read): the value
+  (d x H_kv dh) and out (d x d) kernels and fc_out (f x d); 'reference' adds query and
+  key, not counted."""
+  d = shape.d_model
+  return d * shape.kv_width + d * d + shape.d_mlp * d

@@ -30,6 +30,7 @@ import analysis  # noqa: E402
 from analysis import registry  # noqa: E402
 from jax_pythia.errors import SweepError  # noqa: E402
 from jax_pythia.files import atomic_write  # noqa: E402
+from jax_pythia.sweep.labels import label_of, model_order, suite_labels  # noqa: E402, F401
 
 COMPONENT_LABELS = {
   "ov": "attention OV (whole layer)",
@@ -58,42 +59,6 @@ def _log_axis(ax):
   ax.set_xscale("symlog", linthresh=1)
   ax.set_xlim(left=0)
   ax.set_xlabel("training step")
-
-
-def model_order(metrics: pd.DataFrame, status: pd.DataFrame | None = None) -> list[str]:
-  """Models smallest first: by parameter count (checkpoints.parquet's `parameters`), then
-  by name (models without a count last)."""
-  sizes = {}
-  if status is not None and "parameters" in status:
-    sizes = status.dropna(subset=["parameters"]).groupby("model")["parameters"].max().to_dict()
-  names = list(dict.fromkeys(metrics["model"]))
-  return sorted(names, key=lambda n: (n not in sizes, sizes.get(n, 0), n))
-
-
-def suite_labels(models: Sequence[str], status: pd.DataFrame | None) -> dict[str, str]:
-  """{model: what figures and report.md call it}: the model's name, followed by what tells
-  the models apart when they differ in it: `model (suite, family)`, `model (suite)` or
-  `model (family)` (checkpoints.parquet's `suite` and `family`; families by their title,
-  GPT-NeoX, Llama, ...)."""
-  from jax_pythia.models.family import FAMILIES
-
-  titles = {f.model_type: f.title for f in FAMILIES.values()}
-  columns = []
-  for column in ("suite", "family"):
-    if status is None or column not in status:
-      continue
-    values = status.dropna(subset=[column]).groupby("model")[column].first().to_dict()
-    if len({values.get(m) for m in models}) > 1:
-      columns.append({m: titles.get(v, v) if column == "family" else v for m, v in values.items()})
-  labels = {}
-  for m in models:
-    shown = [str(c[m]) for c in columns if c.get(m)]
-    labels[m] = f"{m} ({', '.join(shown)})" if shown else m
-  return labels
-
-
-def _shown(labels: dict[str, str] | None, model: str) -> str:
-  return labels.get(model, model) if labels else model
 
 
 def cka_table(
@@ -168,7 +133,7 @@ def figure_cka_bands(
         )
       _mark_flagged(ax, flagged, model)
       _log_axis(ax)
-      ax.set_title(f"{_shown(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
+      ax.set_title(f"{label_of(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
       if col == 0:
         ax.set_ylabel(f"{'debiased ' if 'debiased' in estimator else ''}CKA to final")
   axes[0, 0].legend(fontsize=7, loc="lower right")
@@ -198,7 +163,7 @@ def figure_per(
         if rows.empty:
           continue
         curve = rows.groupby("step")["value"].mean()
-        shown = _shown(labels, model)
+        shown = label_of(labels, model)
         ax.plot(curve.index, curve.values, marker=".", ms=3, color=f"C{i}", label=shown)
         _mark_flagged(ax, flagged, model, color=f"C{i}")
       _log_axis(ax)
@@ -247,7 +212,7 @@ def figure_per_vs_convergence(
     if points.empty:
       continue
     for i, (model, group) in enumerate(points.groupby("model", sort=False)):
-      ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=_shown(labels, model))
+      ax.scatter(group.per, group.cka_auc, color=f"C{i}", s=18, label=label_of(labels, model))
     if len(points) >= 3:
       corr = analysis.per_convergence_correlation(
         jax.numpy.asarray(points.per.to_numpy(np.float32)),
@@ -285,7 +250,7 @@ def figure_evals(
     for i, model in enumerate(models):
       rows = evals[(evals.model == model) & (evals.task == task) & (evals.metric == "acc")]
       rows = rows.sort_values("step")
-      ax.plot(rows.step, rows.value, marker=".", color=f"C{i}", label=_shown(labels, model))
+      ax.plot(rows.step, rows.value, marker=".", color=f"C{i}", label=label_of(labels, model))
     _log_axis(ax)
     ax.set_title(task, fontsize=9)
     ax.set_ylabel("accuracy (zero-shot)")
@@ -327,7 +292,7 @@ def figure_pairwise(
       tick_labels = [str(matrix.index[t]) for t in ticks]
       ax.set_xticks(ticks, tick_labels, fontsize=6, rotation=45)
       ax.set_yticks(ticks, tick_labels, fontsize=6)
-      ax.set_title(f"{_shown(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
+      ax.set_title(f"{label_of(labels, model)}\n{COMPONENT_LABELS[component]}", fontsize=9)
   fig.colorbar(image, ax=axes, shrink=0.6, label=f"{estimator}, mean over layers")
   return _save(fig, out_dir, "pairwise_cka")
 
@@ -389,7 +354,7 @@ def _report_text(
 ) -> str:
   lines = ["# Sweep report", ""]
   lines += [
-    f"Models (by parameter count): {', '.join(_shown(labels, m) for m in models)}. "
+    f"Models (by parameter count): {', '.join(label_of(labels, m) for m in models)}. "
     "Checkpoints per model: "
     + ", ".join(f"{m} {metrics[metrics.model == m].step.nunique()}" for m in models)
     + ".",
@@ -411,7 +376,7 @@ def _report_text(
       g = final[
         (final.component == component) & (final.metric == analysis.gradient_name("per"))
       ].value.mean()
-      lines.append(f"| {_shown(labels, model)} | {component} | {w:.3f} | {g:.3f} |")
+      lines.append(f"| {label_of(labels, model)} | {component} | {w:.3f} | {g:.3f} |")
   lines += ["", "## PER vs convergence (layers pooled over models)", ""]
   for component, s in stats.items():
     lines.append(
@@ -458,7 +423,7 @@ def _convergence_lines(
           & (metrics["head"] == -1)
         ]
         lines.append(
-          f"| {_shown(labels, model)} | {component} | {estimator} | {median[0]:.3f} | {first} | "
+          f"| {label_of(labels, model)} | {component} | {estimator} | {median[0]:.3f} | {first} | "
           f"{floor.value.mean():.3f} |"
         )
   return lines
