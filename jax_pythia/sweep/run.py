@@ -36,7 +36,7 @@ from jax_pythia.errors import JaxPythiaError, SweepError
 from jax_pythia.files import save_npz
 from jax_pythia.models import model as model
 from jax_pythia.scale import plan, sharding
-from jax_pythia.sweep import compute, loading, outdir, results, store, watchdog
+from jax_pythia.sweep import checks, compute, loading, outdir, results, store, watchdog
 from jax_pythia.sweep.loading import Loaded, parameter_count
 from jax_pythia.sweep.options import SweepOptions, batches_needed, fixed_input_step, selected_steps
 
@@ -118,13 +118,13 @@ class Sweep:
     outdir.check_is_directory(self.out_dir)
     # Inputs first: a run refused for its flags must not claim --out for them.
     self._check_data()
-    self._check_value_slice()
+    checks.check_value_slice(self.models, self.options)
     self.heartbeat.beat(phase="planning memory and claiming --out")
     mesh = sharding.mesh_sizes(self.placement.mesh) if self.placement.mesh else {"data": 1}
     seq_len = self.inputs(self.models[0]).shape[1]
     self.layouts = plan.sweep_layouts(self.models, self.options, seq_len, mesh, self.device_memory)
     self.per_call = self._checkpoints_per_call(seq_len, mesh)
-    self._check_data_axis(mesh.get("data", 1))
+    checks.check_data_axis(self.options, self.models, self.layouts, mesh.get("data", 1))
     self.work = compute.ChunkWork(
       self.options,
       self.source,
@@ -154,44 +154,6 @@ class Sweep:
       finished, self.notify if lead else quiet, self.store.sync if lead else quiet
     )
 
-  def _check_value_slice(self):
-    """--value_slice=reference on a local model of another family than GPT-NeoX, refused
-    before --out is claimed (a Hub model's family is known once its config is fetched)."""
-    if self.options.value_slice != "reference":
-      return
-    from jax_pythia.models import family
-    from jax_pythia.study import checkpoint as study
-
-    for m in self.models:
-      path = os.path.join(m.location, m.revision(m.final_step), "config.json")
-      if not m.is_hub and os.path.isfile(path):
-        try:
-          study.check_value_slice(family.load_config(path), "reference")
-        except JaxPythiaError as e:
-          raise SweepError(f"{m.name}: {e}") from None
-
-  def _check_data_axis(self, n: int) -> None:
-    """Every batch a call splits over the mesh's data axis divides by it, checked before
-    --out is claimed (not at the final checkpoint's first call, after)."""
-    o = self.options
-    counts = [(f"--n_sequences={o.n_sequences}", o.n_sequences)]
-    if o.loss_sequences:
-      counts.append((f"--loss_sequences={o.loss_sequences}", o.loss_sequences))
-    for m in self.models if o.gradients else ():
-      layout = self.layouts.get(m.name)
-      chosen = (layout.gradient_microbatch if layout else 0) or o.gradient_sequences
-      if o.gradient_microbatch:
-        counts.append((f"--gradient_microbatch={o.gradient_microbatch}", o.gradient_microbatch))
-      else:  # the microbatch chosen to fit memory, or the whole batch
-        what = f"--gradient_sequences={o.gradient_sequences} (microbatches of {chosen})"
-        counts.append((what, chosen))
-    for what, count in counts:
-      if count % n:
-        raise SweepError(
-          f"{what}: {count} sequences cannot be split over the data axis of {n} devices "
-          f"(--mesh); choose a multiple of {n}"
-        )
-
   def _check_data(self):
     o = self.options
     self.heartbeat.beat(phase="reading the fixed inputs (--data)")
@@ -202,31 +164,8 @@ class Sweep:
     )
     with _naming_flag(*flag):
       tokens = self.inputs(self.models[0])  # raises naming the file when it lacks the batch
-    try:  # indices past the sequence, before --out is claimed
-      model.position_index(
-        o.positions, tokens.shape[1], n=o.n_sequences, seed=o.seed, what="--positions"
-      )
-    except ValueError as e:
-      raise SweepError(str(e)) from None
-    kind, k = model.parse_positions(o.positions, "--positions")
-    per_sequence = {"last": 1, "all": tokens.shape[1], "random": k}.get(kind)
-    samples = o.n_sequences * (len(k) if per_sequence is None else per_sequence)
-    if samples < 4:  # found here, not by the estimator after compiling
-      raise SweepError(
-        f"--n_sequences={o.n_sequences}: with --positions={o.positions} it gives {samples} "
-        "samples; the debiased CKA needs at least 4"
-      )
-    if o.computes_gradients:
-      if not self.source.has_training_steps:
-        raise SweepError(
-          f"gradients need the training batch of each step, which "
-          f"{self.source.name} does not have; pass --nogradients or "
-          "give --data a .bin/.idx training stream"
-        )
-    if o.loss_sequences and not self.source.has_training_steps:
-      raise SweepError(
-        f"--loss_sequences needs a .bin/.idx training stream; {self.source.name} is not one"
-      )
+    checks.check_positions(o, tokens.shape[1])
+    checks.check_training_data(o, self.source)
     if self.source.has_training_steps:
       # Every batch the run will read, now: one that is missing (past the stream's end, not
       # staged) fails here naming file and step, not hours in; a remote stream caches them.
