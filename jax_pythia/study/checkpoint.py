@@ -185,7 +185,7 @@ def checkpoint_metrics(
     floor,
     weight_values
     if weight_values is not None
-    else selected_weight_values(layers, value_slice, protocol.plan_of(selection, "weights")),
+    else weight_metrics(layers, value_slice, protocol.plan_of(selection, "weights")),
     gradient_values,
     train_losses,
     heldout_loss,
@@ -279,29 +279,27 @@ def cka_noise_floor(ref: dict, key: jax.Array, num_permutations: int = 8) -> dic
   return out
 
 
-def _weight_metrics(layers: dict, value_slice: str) -> dict:
-  return by_layer(lambda w: analysis.weight_spectra(w, value_slice), layers)
+def _weight_metrics(layers: dict, value_slice: str, plan: tuple | None) -> dict:
+  plan = protocol.plan_of(default_selection(), "weights") if plan is None else plan
+  return by_layer(lambda w: protocol.weight_values(w, value_slice, plan), layers)
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def weight_metrics(layers: dict, value_slice: str) -> dict:
-  """{component: {metric: [L, H] | [L]}} of the weights (analysis.weight_spectra), one layer
-  at a time (`streamed.by_layer`), of the leaves the spectra read (`spectra_weights`)."""
-  return _weight_metrics(spectra_weights(layers, value_slice), value_slice)
+@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
+def weight_metrics(layers: dict, value_slice: str, plan: tuple | None = None) -> dict:
+  """{component: {metric: [L, H] | [L]}} of the weights: the plan's metrics
+  (analysis.protocol.weight_values; None: the paper's) one layer at a time
+  (`streamed.by_layer`), of the leaves the spectra read (`spectra_weights`)."""
+  return _weight_metrics(spectra_weights(layers, value_slice), value_slice, plan)
 
 
 @functools.cache
-def spread_weight_metrics(value_slice: str, mesh: jax.sharding.Mesh):
+def spread_weight_metrics(value_slice: str, mesh: jax.sharding.Mesh, plan: tuple | None = None):
   """jit fn(spectra_weights(layers)) -> `weight_metrics`, on a mesh with one axis 'layers'
   over which the leaves are split on L (see `streamed.spread_gradient_terms`): each device
-  the spectra of its own layers, the outputs split alike."""
-  return on_layers(functools.partial(_weight_metrics, value_slice=value_slice), mesh, 1)
-
-
-@functools.partial(jax.jit, static_argnames=("value_slice",))
-def batched_weight_metrics(layers: dict, value_slice: str) -> dict:
-  """`weight_metrics` of stacked layers (leaves [C, L, ...]): values [C, ...]."""
-  return jax.vmap(functools.partial(weight_metrics, value_slice=value_slice))(layers)
+  the spectra of its own layers, the outputs split alike. The same function as on one
+  device, so the float64-refined condition numbers come out alike."""
+  fn = functools.partial(_weight_metrics, value_slice=value_slice, plan=plan)
+  return on_layers(fn, mesh, 1)
 
 
 def gradient_weights(value_slice: str) -> tuple[str, ...]:

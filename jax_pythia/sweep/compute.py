@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pandas as pd
 
+from analysis import protocol
+
 from jax_pythia import data
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import ConfigError, SweepError
@@ -75,7 +77,8 @@ class ChunkWork:
     layers = place.onto_layers(study.spectra_weights(params["layers"], o.value_slice), spread)
     weight_values = None
     if spread is not None:
-      weight_values = study.spread_weight_metrics(o.value_slice, spread)(layers)
+      weight_plan = protocol.plan_of(o.chosen, "weights")
+      weight_values = study.spread_weight_metrics(o.value_slice, spread, weight_plan)(layers)
       weight_values = jax.tree.map(place.host, weight_values)
     gradient_values = losses = heldout = None
     if o.computes_gradients:
