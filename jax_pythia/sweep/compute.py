@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from analysis import protocol
-
 from jax_pythia import data
 from jax_pythia.checkpoints.sources import ModelSource
 from jax_pythia.errors import ConfigError, SweepError
