@@ -236,6 +236,19 @@ def test_plan_counts_only_the_selected_work(suite_dir):
   assert flops["cka"]["spectra"] == flops["cka"]["gradients"] == 0
   assert flops["per"]["capture"] == flops["per"]["gradients"] == 0
   assert flops["per"]["spectra"] * 4 == flops["full"]["spectra"] > 0
+  # Memory: PER of the weights alone runs no capture call; its weights hold their
+  # bytes (float32 GPT-NeoX: embedding and unembedding; per layer two LayerNorms, qkv,
+  # out, fc_in and fc_out with their biases; the final LayerNorm).
+  layouts = {
+    name: plan.choose_layout(shape, plan.sweep_work(o, 16), {}, 1e12)
+    for name, o in (("full", full), ("per", per))
+  }
+  assert "capture" in layouts["full"].peaks and "capture" not in layouts["per"].peaks
+  d, f, L, V = 64, 256, 2, 64
+  weights = 2 * V * d + L * (4 * d * d + 2 * d * f + 9 * d + f) + 2 * d
+  assert layouts["per"].peaks["weights"] == pytest.approx(4 * weights, rel=0.02)
+  assert layouts["full"].peaks["capture"] > layouts["per"].peaks["weights"]
+  assert layouts["per"].peak == layouts["per"].peaks["loss"]  # --loss_sequences=4
   # The batches read: the fixed inputs and the held-out batch, no gradient windows.
   assert set(sweep.batches_needed(models, "all", cka)) == {7, 8}
   assert len(sweep.batches_needed(models, "all", full)) > 2

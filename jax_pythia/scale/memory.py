@@ -246,7 +246,7 @@ class Layout:
   remat: str
   capture_microbatch: int
   loss_microbatch: int
-  peaks: dict[str, float]  # {call: bytes}: capture, gradients, spectra, loss
+  peaks: dict[str, float]  # {call: bytes}: weights, capture, gradients, spectra, loss
   limit: float
   carry: str = "device"  # where the previous batch's gradients wait: device or host
 
@@ -263,7 +263,8 @@ class Layout:
     grad += ", carry in host memory), " if self.carry == "host" else "), "
     return (
       (grad if "gradients" in self.peaks else "")
-      + f"capture microbatch {self.capture_microbatch}: peak {si(self.peak, 'B')} of "
+      + (f"capture microbatch {self.capture_microbatch}: " if "capture" in self.peaks else "")
+      + f"peak {si(self.peak, 'B')} of "
       f"{si(self.limit, 'B')} per device"
     )
 
@@ -316,12 +317,14 @@ def choose_layout(shape: Shape, work: Work, mesh: dict[str, int], device_bytes: 
   microbatches (`stacked_peaks`)."""
   limit = HEADROOM * device_bytes
   D = mesh.get("data", 1)
-  peaks = {}
-  capture, peaks["capture"] = _first_fit(
-    _microbatches(work.n_sequences, D),
-    lambda m: forward_call_bytes(shape, work, mesh, work.n_sequences, m)["total"],
-    limit,
-  )
+  # The weights alone: the whole peak when no forward or gradient call is selected.
+  peaks, capture = {"weights": _param_bytes(shape, work, mesh)}, 0
+  if work.captures:  # no forward capture without a selected activation metric
+    capture, peaks["capture"] = _first_fit(
+      _microbatches(work.n_sequences, D),
+      lambda m: forward_call_bytes(shape, work, mesh, work.n_sequences, m)["total"],
+      limit,
+    )
   loss = 0
   if work.loss_sequences:
     loss, peaks["loss"] = _first_fit(
@@ -374,6 +377,7 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
       "capture": f"capture microbatch {layout.capture_microbatch}",
       "loss": f"loss microbatch {layout.loss_microbatch}",
       "spectra": "the gradient spectra (two batches' gradients, split by layer)",
+      "weights": "the weights alone",
     }[call]
     what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
     if call == "spectra":
@@ -435,11 +439,11 @@ def stacked_peaks(
   if checkpoints < 2:
     raise PlanError(f"stacked_peaks of {checkpoints} checkpoint(s): one runs streamed")
   c = checkpoints
-  peaks = {
-    "capture": forward_call_bytes(
+  peaks = {"weights": c * _param_bytes(shape, work, mesh)}
+  if work.captures:
+    peaks["capture"] = forward_call_bytes(
       shape, work, mesh, work.n_sequences, layout.capture_microbatch, checkpoints_per_call=c
     )["total"]
-  }
   if work.loss_sequences:
     peaks["loss"] = forward_call_bytes(
       shape, work, mesh, work.loss_sequences, layout.loss_microbatch, True, c
