@@ -287,6 +287,40 @@ def test_sparsity_and_activation_spectra_through_a_sweep_equal_numpy(suite_dir, 
     assert abs(value("act_nuclear_norm", layer) / s.sum() - 1) < 1e-5
 
 
+def test_gradient_sparsity_through_a_sweep_equals_torch(suite_dir, tmp_path):
+  """grad_gini / grad_hoyer: the mean over the gradient batches of each batch's Gini and
+  Hoyer of the MLP output matrix's gradient, against torch's gradients and numpy."""
+  metrics, _ = run(suite_dir, tmp_path / "out", selection_lib.select(["grad_gini", "grad_hoyer"]))
+  assert set(metrics.metric) == {"grad_gini", "grad_hoyer"}
+  models = sources.resolve_models([str(suite_dir)])
+  source = sources.open_data(None, models, None, None)
+  tm = GPTNeoXForCausalLM.from_pretrained(suite_dir / MODEL / "step4", dtype=torch.float32)
+  per_batch = []
+  for step in sweep.gradient_steps(4, 1, 7):  # the batches of steps 3, 4, 5
+    batch = torch.tensor(source.batch(step, 4).astype(np.int64))
+    tm.zero_grad()
+    logits = tm(batch[:, :-1]).logits
+    torch.nn.functional.cross_entropy(
+      logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    ).backward()
+    per_batch.append([b.mlp.dense_4h_to_h.weight.grad.double().numpy() for b in tm.gpt_neox.layers])
+  for layer in range(2):
+    gini, hoyer = [], []
+    for grads in per_batch:
+      a = np.sort(np.abs(grads[layer].ravel()))
+      m = a.size
+      gini.append(1 - 2 * np.sum(a / a.sum() * (m - np.arange(1, m + 1) + 0.5) / m))
+      hoyer.append((np.sqrt(m) - a.sum() / np.sqrt((a**2).sum())) / (np.sqrt(m) - 1))
+    for name, expected in (("grad_gini", np.mean(gini)), ("grad_hoyer", np.mean(hoyer))):
+      row = metrics[
+        (metrics.step == 4)
+        & (metrics.metric == name)
+        & (metrics.component == "mlp")
+        & (metrics.layer == layer)
+      ]
+      assert float(row.value.iloc[0]) == pytest.approx(expected, rel=1e-4), (name, layer)
+
+
 def test_help_lists_the_registry():
   from tests.tool_runs import run_tool
 
