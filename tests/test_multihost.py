@@ -7,8 +7,6 @@ import os
 import socket
 import subprocess
 
-import pytest
-
 from tests.test_sharding import (
   ROOT,
   SWEEP_ARGS,
@@ -18,6 +16,7 @@ from tests.test_sharding import (
   run_sweep,
   sweep_cmd,
 )
+from tests.tool_runs import finish_all
 
 GRADIENT_ARGS = (
   "--n_sequences=8",
@@ -54,17 +53,7 @@ def run_two(suite: str, out: str, *extra: str, devices: int = 1, timeout: float 
     )
     for i in range(2)
   ]
-  try:
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"two-process sweep hung: no result in {timeout:.0f} s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (stdout, stderr) in zip(procs, outputs):
-    assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
-  return outputs
+  return finish_all(procs, timeout, "two-process sweep")
 
 
 def test_split_checkpoints_two_processes(tmp_path):

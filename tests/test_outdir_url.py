@@ -19,6 +19,7 @@ from jax_pythia.sweep import store
 from tests import suite_fixtures as sf
 from tests.test_multihost import GRADIENT_ARGS, free_port
 from tests.test_sharding import assert_same_table, env_with_devices, make_suite, run_sweep
+from tests.tool_runs import finish_all
 
 OPTIONS = dict(
   n_sequences=6, positions="random:2", gradient_window=1, gradient_sequences=4, loss_sequences=4
@@ -109,16 +110,7 @@ def test_two_processes_share_only_the_url(tmp_path):
         command, env=env, cwd=host, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
       )
     )
-  try:
-    outputs = [p.communicate(timeout=420) for p in procs]
-  except subprocess.TimeoutExpired:
-    pytest.fail("two-process sweep into a URL hung: no result in 420 s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (stdout, stderr) in zip(procs, outputs):
-    assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+  outputs = finish_all(procs, 420, "two-process sweep into a URL")
   assert "process 1 of 2" in outputs[1][0]
   # Each process wrote its own checkpoints' files to the URL, none into its own folder
   # (its staging folder is gone), and process 0 gathered them all there.

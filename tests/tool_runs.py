@@ -29,3 +29,21 @@ def run_tool(tool, *args, env=None, timeout=300, prelude=None):
     text=True,
     timeout=timeout,
   )
+
+
+def finish_all(procs, timeout: float, what: str) -> list[tuple[str, str]]:
+  """[(stdout, stderr)] of processes run side by side, each exited 0; killed and the test
+  failed, naming `what`, when any has not finished in `timeout` seconds (a hang)."""
+  import pytest
+
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{what} hung: no result in {timeout:.0f} s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (stdout, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+  return outputs
