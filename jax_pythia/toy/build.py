@@ -291,7 +291,7 @@ def _resume_partial(out: str, partial_path: str, expected: dict[str, Any]) -> di
   if found and not _matches(found, expected):
     raise ToySuiteError(
       f"{out} holds a partial toy suite of other options or another Python "
-      f"({_difference(found, expected)}); choose another --out or remove it"
+      f"({_difference(found, expected)}); remove it, or build into another folder"
     )
   return {**found, **expected}
 
@@ -318,7 +318,7 @@ def build_toy_suite(
     if not _matches({**manifest, **_options_record_of(manifest)}, expected):
       raise ToySuiteError(
         f"{out} holds a toy suite built with other options or another Python "
-        f"({_difference(manifest, expected)}); choose another --out or remove it"
+        f"({_difference(manifest, expected)}); remove it, or build into another folder"
       )
     return BuildResult(manifest, True, {})
   os.makedirs(out, exist_ok=True)
