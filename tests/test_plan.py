@@ -76,6 +76,18 @@ def test_plan_steps_and_time():
     plan.make_plan(shape, "7", plan.Work(), {"data": 1}, 1e15, 1e8)
 
 
+def test_memory_columns_add_up_to_the_peak_without_gradients():
+  """With --nogradients the capture call is the peak: params + activations of the
+  microbatch the layout chose (not of every sequence at once) make the memory column."""
+  shape = plan.from_suite("pythia-1b")
+  work = plan.Work(gradients=False)
+  p = plan.make_plan(shape, "final", work, {}, 1e14, 1e8, device_bytes=16e9)
+  assert p.layout.capture_microbatch < work.n_sequences and p.layout.fits
+  m = p.memory
+  assert m["grads"] == 0
+  assert m["params"] + m["activations"] == pytest.approx(m["total"]) == p.layout.peaks["capture"]
+
+
 def test_local_suite_and_cli(tmp_path):
   suite_dir = make_suite(str(tmp_path / "suite"))
   [shape] = plan.from_directory(suite_dir, seq_len=16)

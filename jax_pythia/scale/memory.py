@@ -211,11 +211,16 @@ def spectra_call_bytes(
 
 
 def memory_per_device(
-  shape: Shape, work: Work, mesh: dict[str, int], remat: str = "none", carry: str = "device"
+  shape: Shape,
+  work: Work,
+  mesh: dict[str, int],
+  remat: str = "none",
+  carry: str = "device",
+  capture_microbatch: int = 0,
 ) -> dict[str, float]:
   """{params, grads, activations, total}: bytes on one device under `mesh` ({'data': D,
   'model': M}) of the gradient call (work.gradient_microbatch, `remat`) or, without
-  gradients, of the capture forward (all sequences at once)."""
+  gradients, of the capture forward (`capture_microbatch` sequences at a time; 0: all)."""
   if work.gradients:
     g = gradient_call_bytes(
       shape, work, mesh, remat=remat, checkpoints_per_call=work.checkpoints_per_call, carry=carry
@@ -228,7 +233,7 @@ def memory_per_device(
       work,
       mesh,
       work.n_sequences,
-      work.n_sequences,
+      capture_microbatch or work.n_sequences,
       checkpoints_per_call=work.checkpoints_per_call,
     )
     out = {"params": g["params"], "grads": 0.0}

@@ -163,7 +163,12 @@ def make_plan(
     }[layout.remat]
     flops = {**flops, "gradients": flops["gradients"] + extra, "total": flops["total"] + extra}
   memory = memory_per_device(
-    shape, work, mesh, layout.remat if layout else "none", layout.carry if layout else "device"
+    shape,
+    work,
+    mesh,
+    layout.remat if layout else "none",
+    layout.carry if layout else "device",
+    layout.capture_microbatch if layout else 0,
   )
   if layout:
     c = work.checkpoints_per_call
