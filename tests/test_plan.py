@@ -139,3 +139,32 @@ def test_local_suite_and_cli(tmp_path):
     timeout=60,
   )
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+BARS = ("--steps=paper", "--dtype=bfloat16", "--flops_per_device=1e14", "--device_memory=16GB")
+
+
+@pytest.mark.parametrize(
+  "devices, platform, fit, misfit",
+  [
+    # A TPU v5e-8: every size from 2.8b fits (no float64 refinement on TPU).
+    (8, "tpu", ("2.8b", "6.9b", "12b"), ()),
+    # Eight 16 GB GPUs: the refinement's float64 workspace takes 12b's spectra call over.
+    (8, "gpu", ("2.8b", "6.9b"), ("12b",)),
+    # One 16 GB device (a GPU, refinement counted).
+    (1, "gpu", ("1.4b", "2.8b"), ()),
+  ],
+)
+def test_pythia_sizes_on_16gb_devices(devices, platform, fit, misfit):
+  """Issue 21's bars: tools.plan's paper protocol in bfloat16 on 16 GB devices."""
+  from tests.tool_runs import run_tool
+
+  names = [f"pythia-{size}-deduped" for size in fit + misfit]
+  result = run_tool(
+    "plan", f"--models={','.join(names)}", f"--devices={devices}", f"--platform={platform}", *BARS
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  misfits = [line for line in result.stdout.splitlines() if "does not fit" in line]
+  assert [line.split()[1] for line in misfits] == [f"pythia-{size}-deduped" for size in misfit]
+  for line in misfits:
+    assert "spectra call" in line and "leave grad_condition_number out of --metrics" in line

@@ -55,6 +55,14 @@ flags.DEFINE_string(
   "The token data the sweep will read, as tools.sweep's --data (default: the Hub stream the "
   "models trained on, or their suite's data); only its size is read.",
 )
+flags.DEFINE_enum(
+  "platform",
+  None,
+  ["cpu", "gpu", "tpu"],
+  "The devices the sweep will run on (default: this machine's; a CPU with --device_memory "
+  "plans for a GPU). On tpu no float64 refinement of condition numbers runs, so its memory "
+  "is not counted.",
+)
 flags.DEFINE_integer(
   "seq_len", None, "Tokens per sequence (default: 2048 for Pythia, max_seq_len of a local config)."
 )
@@ -183,6 +191,9 @@ def works_and_meshes(shapes, devices: int, device_bytes: int | None, options):
 
   requested = _cli.checkpoints_per_call()
   mesh = plan.mesh_of(sharding.parse_mesh(FLAGS.mesh), devices, FLAGS.mesh)
+  platform = FLAGS.platform or jax.local_devices()[0].platform
+  if platform == "cpu" and FLAGS.device_memory:  # another device's memory: plan for a GPU
+    platform = "gpu"
   work = plan.Work(
     FLAGS.n_sequences,
     options.computes_gradients,  # no gradient pass without a selected gradient metric
@@ -191,15 +202,12 @@ def works_and_meshes(shapes, devices: int, device_bytes: int | None, options):
     FLAGS.gradient_microbatch,
     FLAGS.loss_sequences,
     FLAGS.dtype,
-    **plan.selected_work(options.chosen),  # only the selected work is counted
+    **plan.selected_work(options.chosen, platform),  # only the selected work is counted
   )
   works = [
     dataclasses.replace(work, kept_positions=plan.kept_positions(FLAGS.positions, s.seq_len))
     for s in shapes
   ]
-  # A CPU plans for this machine's memory, unless --device_memory names another device's.
-  local_cpu = jax.local_devices()[0].platform == "cpu" and not FLAGS.device_memory
-  platform = "cpu" if local_cpu else "gpu"
   meshes = [
     mesh if FLAGS.mesh else plan.choose_mesh(s, w, devices, device_bytes)
     for s, w in zip(shapes, works)

@@ -387,6 +387,8 @@ def require_fit(name: str, layout: Layout, work: Work) -> Layout:
     what, hint = f"even {size}", "use more devices (--mesh=model:N) or --dtype=bfloat16"
     if call == "spectra":
       what, hint = size, "use a device with more memory or --nogradients"
+      if work.refine:
+        hint += " (or leave grad_condition_number, refined in float64, out of --metrics)"
   raise PlanError(
     f"{name}: {what} needs an estimated {si(layout.peaks[call], 'B')} per device, over the "
     f"limit of {si(layout.limit, 'B')} ({HEADROOM:.0%} of --device_memory); {hint}"

@@ -116,6 +116,7 @@ class ModelPlan:
   checkpoints_per_call: int = 1  # memory holds this many at once; FLOPs per checkpoint are
   # unchanged (stacking changes the rate reached, which --measure measures at C)
   mesh: dict | None = None  # {'data': D, 'model': M} planned under
+  refine_bytes: float = 0.0  # of the spectra call's peak, the float64 refinement's part
 
   @property
   def fetch_bytes(self) -> int:
@@ -184,6 +185,7 @@ def make_plan(
     layout,
     work.checkpoints_per_call,
     dict(mesh),
+    spectra_call_bytes(shape, work, mesh=mesh)["refine"] if work.gradients else 0.0,
   )
 
 
@@ -281,8 +283,17 @@ def _misfits(plans: Sequence[ModelPlan]) -> list[str]:
         f"{si(p.layout.peaks[call], 'B')} per device"
         + (" even at the smallest microbatch with remat" if call != "spectra" else "")
         + f", over {si(p.layout.limit, 'B')}"
+        + (_refine_words(p.refine_bytes) if call == "spectra" and p.refine_bytes else "")
       )
   return lines
+
+
+def _refine_words(refine_bytes: float) -> str:
+  return (
+    f"; {si(refine_bytes, 'B')} of it is the float64 refinement of gradient condition "
+    "numbers: leave grad_condition_number out of --metrics, or plan for a TPU "
+    "(--platform=tpu: no float64, so no refinement)"
+  )
 
 
 def _stream_words(name: str, size: int | None) -> str:

@@ -203,11 +203,15 @@ class Work:
     return 2 * self.gradient_window + 1 if self.gradients else 0
 
 
-def selected_work(selection) -> dict:
+def selected_work(selection, platform: str | None = None) -> dict:
   """The Work fields a selection (analysis.selection.Selection) decides, so the plan counts
-  only the selected work (the gradient pass: SweepOptions.computes_gradients)."""
+  only the selected work (the gradient pass: SweepOptions.computes_gradients). The float64
+  refinement runs only where `platform` (default: this process's backend) has float64:
+  not on TPU, whose condition numbers stay float32's (analysis.spectra)."""
+  from analysis.spectra import float64_supported
+
   return {
-    "refine": selection.refines_gradients,
+    "refine": selection.refines_gradients and float64_supported(platform),
     "captures": selection.needs_activations,
     "weight_spectra": bool(selection.of("weights", "spectral")),
   }
