@@ -136,6 +136,36 @@ def test_value_slice_reference_on_a_llama_is_refused_before_out_is_claimed(llama
   assert (out / "sweep.json").exists()
 
 
+def test_value_slice_reference_on_a_hub_llama_is_refused_before_any_work(tmp_path, monkeypatch):
+  """A Hub model's family comes from its config.json (here in the Hub cache, offline):
+  --value_slice=reference on a Llama is refused before --out is claimed, like a local one."""
+  from jax_pythia.sweep import checks
+  from tests import hf_fixtures as hf
+  from tests.llama_fixtures import tiny_llama
+
+  cache = tmp_path / "hub"
+  for repo, model in (("acme/tiny-llama", tiny_llama()), ("acme/tiny-neox", hf.tiny_model())):
+    # As the Hub cache holds a revision of which only config.json was fetched.
+    folder = hf.repo_cache_folder(cache, repo)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "step4").write_text("a" * 40)
+    model.config.save_pretrained(folder / "snapshots" / ("a" * 40))
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+  def hub_model(repo):
+    return sources.ModelSource(repo, repo, (4,), is_hub=True, suite="custom", revisions=("step4",))
+
+  from jax_pythia import sweep
+
+  options = sweep.SweepOptions(value_slice="reference")
+  checks.check_value_slice([hub_model("acme/tiny-neox")], options)  # GPT-NeoX: welcome
+  with pytest.raises(SweepError, match="acme/tiny-llama: --value_slice=reference: .* Llama"):
+    checks.check_value_slice([hub_model("acme/tiny-neox"), hub_model("acme/tiny-llama")], options)
+  # Not cached and offline: nothing to read yet; the checkpoint's own fetch names that.
+  checks.check_value_slice([hub_model("acme/absent")], options)
+
+
 @pytest.mark.parametrize(
   "content, why",
   [

@@ -245,6 +245,23 @@ def fetch_from_hub(
   return folder
 
 
+def fetch_config(repo_id: str, revision: str = DEFAULT_REVISION) -> str | None:
+  """The path of `repo_id@revision`'s config.json: from the cache, else (unless offline)
+  downloaded alone; None where it cannot be had now (offline and not cached, or the Hub
+  unreachable), for the load to name later."""
+  cache_dir = _env_cache_dir()
+  folder = _cached_snapshot(repo_id, revision, cache_dir)
+  if folder is None or not os.path.isfile(os.path.join(folder, weights.CONFIG_FILE)):
+    if remote.hub_offline():
+      return None
+    try:
+      folder = _download(repo_id, revision, cache_dir, repo_id, [weights.CONFIG_FILE])
+    except Exception:  # the checkpoint's own fetch names what is wrong
+      return None
+  path = os.path.join(folder, weights.CONFIG_FILE)
+  return path if os.path.isfile(path) else None
+
+
 def _list_revision_files(repo_id: str, revision: str, label: str, why_needed: str) -> list[str]:
   """The revision's file names, with the Hub's refusals and outages as one-line errors."""
   from huggingface_hub import HfApi

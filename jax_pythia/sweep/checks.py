@@ -14,16 +14,21 @@ from jax_pythia.sweep.options import SweepOptions
 
 
 def check_value_slice(models: Sequence[ModelSource], o: SweepOptions) -> None:
-  """--value_slice=reference on a local model of another family than GPT-NeoX is refused
-  (a Hub model's family is known once its config is fetched)."""
+  """--value_slice=reference on a model of another family than GPT-NeoX is refused, its
+  family read from the final checkpoint's config.json (a Hub model's: cached, or fetched
+  alone)."""
   if o.value_slice != "reference":
     return
+  from jax_pythia.checkpoints import hub
   from jax_pythia.models import family
   from jax_pythia.study import checkpoint as study
 
   for m in models:
-    path = os.path.join(m.location, m.revision(m.final_step), "config.json")
-    if not m.is_hub and os.path.isfile(path):
+    if m.is_hub:
+      path = hub.fetch_config(m.location, m.revision(m.final_step))
+    else:
+      path = os.path.join(m.location, m.revision(m.final_step), "config.json")
+    if path and os.path.isfile(path):
       try:
         study.check_value_slice(family.load_config(path), "reference")
       except JaxPythiaError as e:
