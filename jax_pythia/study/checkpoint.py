@@ -52,7 +52,6 @@ from jax_pythia.study.selected import (  # noqa: F401 - pairwise_*: where caller
   selected_floors,
   selected_similarities,
   selected_similarity,
-  selected_weight_values,
   unstack,
 )
 from jax_pythia.study.streamed import by_layer, on_layers
@@ -233,7 +232,7 @@ def batched_checkpoint_metrics(
   parts = jax.device_get(
     (
       each(lambda a, plan: selected_similarity(a, reference, plan), similarity_plan, acts),
-      each(lambda p, plan: selected_weight_values(p, value_slice, plan), weight_plan, layers),
+      each(lambda p, plan: weight_metrics(p, value_slice, plan), weight_plan, layers),
       gradient_values,
       train_losses,
       heldout_loss,

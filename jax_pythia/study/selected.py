@@ -34,12 +34,6 @@ def selected_floors(ref: dict, key: jax.Array, plan: tuple, num_permutations: in
   return protocol.floor_values(ref, key, plan, num_permutations)
 
 
-@functools.partial(jax.jit, static_argnames=("value_slice", "plan"))
-def selected_weight_values(layers: dict, value_slice: str, plan: tuple) -> dict:
-  """{component: {name: ...}} of the weights (analysis.protocol.weight_values)."""
-  return protocol.weight_values(_f32(layers), value_slice, plan)
-
-
 @functools.partial(jax.jit, static_argnames=("plan",))
 def selected_activation_values(acts: dict, plan: tuple) -> dict:
   """{component: {name: ...}} of the activation matrices themselves (spectra, sparsity)."""
